@@ -1,0 +1,495 @@
+"""Local EVM dev chain: anvil with the canonical Permit2, the x402 proxies and two test tokens.
+
+`DevChain().start()` spawns anvil from ``node_modules``, etches Permit2's runtime at its canonical
+address, deploys our x402 exact/upto proxies and copies their runtime to the canonical x402
+addresses, deploys OPG (Permit2 path) and USDC (EIP-3009 path), and funds deterministic accounts:
+facilitator signers, one payee and N agents (each holding 1,000,000 OPG and USDC, with Permit2
+approved for both). `DevChain.description` is the JSON-able summary other components consume.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from eth_abi import decode as abi_decode
+from eth_abi import encode as abi_encode
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
+
+PERMIT2_ADDRESS = "0x000000000022D473030F116dDEE9F6B43aC78BA3"
+EXACT_PROXY_ADDRESS = "0x402085c248EeA27D92E8b30b2C58ed07f9E20001"
+UPTO_PROXY_ADDRESS = "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002"
+DEFAULT_CHAIN_ID = 84532
+FORBIDDEN_CHAIN_ID = 31337  # the etched Permit2 caches its domain separator for this id
+
+ANVIL_BIN = Path("@foundry-rs/anvil-linux-amd64/bin/anvil")
+PERMIT2_SOURCE = Path("@uniswap/v4-periphery/lib/permit2/test/utils/DeployPermit2.sol")
+CONTRACTS_DIR = Path(__file__).resolve().parent / "contracts"
+
+AGENT_TOKEN_UNITS = 1_000_000
+ETH_BALANCE_WEI = 10**24  # 1,000,000 ETH per account
+MAX_UINT256 = 2**256 - 1
+TOKENS = {
+    "OPG": {"contract": "OpgToken", "decimals": 18, "transfer_method": "permit2",
+            "eip712_name": "OpenGradient", "eip712_version": "1"},
+    "USDC": {"contract": "UsdcToken", "decimals": 6, "transfer_method": "eip3009",
+             "eip712_name": "USD Coin", "eip712_version": "2"},
+}
+_DEPLOY_GAS = 5_000_000
+_CALL_GAS = 200_000
+_MAX_FEE = 100 * 10**9
+_PRIORITY_FEE = 10**9
+
+
+class DevChainError(RuntimeError):
+    """The dev chain could not be started or is not in the expected state."""
+
+
+class RpcError(DevChainError):
+    def __init__(self, method: str, error: dict[str, Any]) -> None:
+        self.code = error.get("code")
+        self.data = error.get("data")
+        super().__init__(f"{method}: {error.get('message')} (code {self.code}, data {self.data})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Locating node_modules, compiling, reading Permit2
+
+
+def find_node_modules() -> Path:
+    """$X402_NODE_MODULES, else the first node_modules with anvil above the cwd or this file."""
+    if env := os.environ.get("X402_NODE_MODULES"):
+        path = Path(env).resolve()
+        if not (path / ANVIL_BIN).is_file():
+            raise DevChainError(f"X402_NODE_MODULES={env} has no {ANVIL_BIN}")
+        return path
+    for start in (Path.cwd(), Path(__file__).resolve().parent):
+        for directory in (start, *start.parents):
+            if (directory / "node_modules" / ANVIL_BIN).is_file():
+                return directory / "node_modules"
+    raise DevChainError(f"no node_modules/{ANVIL_BIN} found; run `npm install` or set X402_NODE_MODULES")
+
+
+def _package_version(node_modules: Path, package: str) -> str:
+    return json.loads((node_modules / package / "package.json").read_text())["version"]
+
+
+def _sources_key(node_modules: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(CONTRACTS_DIR.glob("*.sol")) + [CONTRACTS_DIR / "compile.mjs"]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for package in ("solc", "@openzeppelin/contracts"):
+        digest.update(f"{package}@{_package_version(node_modules, package)}\0".encode())
+    return digest.hexdigest()
+
+
+def load_contracts(node_modules: Path | None = None, *, force: bool = False) -> dict[str, dict[str, Any]]:
+    """{ContractName: {abi, bytecode, deployedBytecode}}, compiled with solc-js and cached in
+    ``<project root>/build/contracts.json`` keyed by a hash of the sources and compiler version."""
+    node_modules = node_modules or find_node_modules()
+    key = _sources_key(node_modules)
+    cache = node_modules.parent / "build" / "contracts.json"
+    if not force and cache.is_file():
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("cache_key") == key:
+                return cached["contracts"]
+        except (OSError, ValueError):
+            pass
+    node = shutil.which("node")
+    if node is None:
+        raise DevChainError("`node` is not on PATH; it is needed to compile the contracts")
+    proc = subprocess.run(
+        [node, str(CONTRACTS_DIR / "compile.mjs"), "--node-modules", str(node_modules)],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise DevChainError(f"solc compilation failed:\n{proc.stderr}")
+    contracts = json.loads(proc.stdout)
+    payload = {"cache_key": key, "solc": _package_version(node_modules, "solc"), "contracts": contracts}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # read-only checkout: compile again next time
+    return contracts
+
+
+def permit2_runtime(node_modules: Path) -> str:
+    """The Permit2 runtime Uniswap's own tests etch (0x-hex), read from node_modules."""
+    source = (node_modules / PERMIT2_SOURCE).read_text()
+    literals = re.findall(r'hex"([0-9a-fA-F]+)"', source)
+    if len(literals) != 1:
+        raise DevChainError(f"expected one hex literal in {PERMIT2_SOURCE}, found {len(literals)}")
+    return "0x" + literals[0]
+
+
+def permit2_domain_separator(chain_id: int, permit2: str = PERMIT2_ADDRESS) -> bytes:
+    typehash = keccak(text="EIP712Domain(string name,uint256 chainId,address verifyingContract)")
+    return keccak(abi_encode(["bytes32", "bytes32", "uint256", "address"],
+                             [typehash, keccak(text="Permit2"), chain_id, permit2]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Accounts and descriptions
+
+
+def derive_account(role: str, index: int = 0) -> LocalAccount:
+    """Deterministic dev key: keccak256("x402-devchain:{role}:{index}")."""
+    return Account.from_key(keccak(text=f"x402-devchain:{role}:{index}"))
+
+
+def _account_entry(account: LocalAccount) -> dict[str, str]:
+    return {"address": account.address, "private_key": "0x" + bytes(account.key).hex()}
+
+
+def load_description(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a description file written by `x402-facilitator devchain --out FILE`."""
+    description = json.loads(Path(path).read_text())
+    missing = {"rpc_url", "chain_id", "network", "contracts", "tokens", "accounts"} - description.keys()
+    if missing:
+        raise DevChainError(f"{path}: not a dev chain description (missing {sorted(missing)})")
+    return description
+
+
+def write_description(description: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write atomically (a reader polling for the file never sees half of it), mode 0600."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(description, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON-RPC
+
+
+class JsonRpc:
+    """Minimal blocking JSON-RPC client over one keep-alive HTTP connection, with batching."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        parts = urlsplit(url)
+        self.url = url
+        self._path = parts.path or "/"
+        self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        self._next_id = 0
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _post(self, body: Any) -> Any:
+        data = orjson.dumps(body)
+        for attempt in (0, 1):
+            try:
+                self._conn.request("POST", self._path, data, {"Content-Type": "application/json"})
+                return orjson.loads(self._conn.getresponse().read())
+            except (ConnectionError, http.client.HTTPException):
+                self._conn.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def call(self, method: str, *params: Any) -> Any:
+        self._next_id += 1
+        reply = self._post({"jsonrpc": "2.0", "id": self._next_id, "method": method, "params": list(params)})
+        if "error" in reply:
+            raise RpcError(method, reply["error"])
+        return reply["result"]
+
+    def batch(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
+        """Send calls in one request; anvil may run them concurrently, so none may depend on another."""
+        if not calls:
+            return []
+        first = self._next_id + 1
+        self._next_id += len(calls)
+        body = [{"jsonrpc": "2.0", "id": first + i, "method": m, "params": p} for i, (m, p) in enumerate(calls)]
+        by_id = {r["id"]: r for r in self._post(body)}
+        results = []
+        for i, (method, _) in enumerate(calls):
+            reply = by_id[first + i]
+            if "error" in reply:
+                raise RpcError(method, reply["error"])
+            results.append(reply["result"])
+        return results
+
+
+def calldata(signature: str, types: list[str] | None = None, args: list[Any] | None = None) -> bytes:
+    """Selector of `signature` followed by the ABI-encoded args."""
+    return function_signature_to_4byte_selector(signature) + (abi_encode(types, args) if types else b"")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    # checked before spawning: otherwise our readiness poll could be answered by the other node
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as anvil does: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The chain
+
+
+class DevChain:
+    """An anvil process with Permit2, the x402 proxies, OPG/USDC and funded accounts.
+
+    Use as ``with DevChain(agents=4) as chain: chain.description`` or call start()/stop().
+    """
+
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        chain_id: int = DEFAULT_CHAIN_ID,
+        agents: int = 3,
+        facilitators: int = 3,
+        host: str = "127.0.0.1",
+        node_modules: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if chain_id == FORBIDDEN_CHAIN_ID:
+            raise DevChainError("chain id 31337 breaks the etched Permit2's domain separator; use e.g. 84532")
+        if agents < 0 or facilitators < 1:
+            raise DevChainError("need agents >= 0 and facilitators >= 1")
+        self.host = host
+        self.port = port
+        self.chain_id = chain_id
+        self.node_modules = Path(node_modules).resolve() if node_modules else find_node_modules()
+        self.deployer = derive_account("deployer")
+        self.facilitators = [derive_account("facilitator", i) for i in range(facilitators)]
+        self.payee = derive_account("payee")
+        self.agents = [derive_account("agent", i) for i in range(agents)]
+        self.contracts: dict[str, dict[str, Any]] = {}
+        self.token_addresses: dict[str, str] = {}
+        self.rpc: JsonRpc | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stderr: Any = None
+        self._nonces: dict[str, int] = {}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @property
+    def rpc_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def __enter__(self) -> DevChain:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> dict[str, Any]:
+        """Start anvil and set everything up; returns `description`."""
+        if self._process is not None:
+            raise DevChainError("already started")
+        self.contracts = load_contracts(self.node_modules)
+        self._nonces = {}
+        self._spawn_anvil()
+        try:
+            self._setup()
+        except BaseException:
+            self.stop()
+            raise
+        return self.description
+
+    def stop(self) -> None:
+        """Terminate anvil (by pid) and wait for it; safe to call twice."""
+        atexit.unregister(self.stop)
+        if self.rpc is not None:
+            self.rpc.close()
+            self.rpc = None
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def _spawn_anvil(self, attempts: int = 3) -> None:
+        anvil = self.node_modules / ANVIL_BIN
+        chosen_port = self.port
+        if chosen_port is not None and not _port_is_free(self.host, chosen_port):
+            raise DevChainError(f"port {chosen_port} on {self.host} is in use")
+        for attempt in range(attempts):
+            self.port = chosen_port or free_port(self.host)
+            self._stderr = tempfile.TemporaryFile()
+            self._process = subprocess.Popen(
+                [str(anvil), "--host", self.host, "--port", str(self.port),
+                 "--chain-id", str(self.chain_id), "--silent"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr,
+                start_new_session=True,  # a terminal's Ctrl-C goes to us; we stop anvil ourselves
+            )
+            atexit.register(self.stop)
+            self.rpc = JsonRpc(self.rpc_url)
+            error = self._wait_ready(deadline=time.monotonic() + 10)
+            if error is None:
+                return
+            self.stop()
+            if chosen_port is not None or attempt == attempts - 1:
+                raise DevChainError(f"anvil did not start on {self.rpc_url}: {error}")
+
+    def _wait_ready(self, deadline: float) -> str | None:
+        assert self._process is not None and self.rpc is not None
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self._stderr.seek(0)
+                return f"exited with {self._process.returncode}: {self._stderr.read().decode(errors='replace')}"
+            try:
+                if int(self.rpc.call("eth_chainId"), 16) != self.chain_id:
+                    return "wrong chain id (is another node on this port?)"
+                return None
+            except (OSError, http.client.HTTPException):
+                self.rpc.close()
+                time.sleep(0.01)
+        return "no eth_chainId answer within 10 s"
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        rpc = self.rpc
+        assert rpc is not None
+        everyone = [self.deployer, *self.facilitators, self.payee, *self.agents]
+        rpc.batch([("anvil_setCode", [PERMIT2_ADDRESS, permit2_runtime(self.node_modules)])]
+                  + [("anvil_setBalance", [a.address, hex(ETH_BALANCE_WEI)]) for a in everyone])
+
+        deploys = {
+            "exact": self._deploy_tx("X402ExactPermit2Proxy", ["address"], [PERMIT2_ADDRESS]),
+            "upto": self._deploy_tx("X402UptoPermit2Proxy", ["address"], [PERMIT2_ADDRESS]),
+            **{symbol: self._deploy_tx(spec["contract"]) for symbol, spec in TOKENS.items()},
+        }
+        receipts = self._send_and_wait(list(deploys.values()))
+        deployed = {name: to_checksum_address(r["contractAddress"]) for name, r in zip(deploys, receipts)}
+        self.token_addresses = {symbol: deployed[symbol] for symbol in TOKENS}
+
+        exact_code, upto_code = rpc.batch([("eth_getCode", [deployed["exact"], "latest"]),
+                                           ("eth_getCode", [deployed["upto"], "latest"])])
+        rpc.batch([("anvil_setCode", [EXACT_PROXY_ADDRESS, exact_code]),
+                   ("anvil_setCode", [UPTO_PROXY_ADDRESS, upto_code])])
+
+        txs = []
+        for symbol, spec in TOKENS.items():
+            token = self.token_addresses[symbol]
+            amount = AGENT_TOKEN_UNITS * 10 ** spec["decimals"]
+            for agent in self.agents:
+                txs.append(self._call_tx(self.deployer, token, calldata(
+                    "mint(address,uint256)", ["address", "uint256"], [agent.address, amount])))
+                txs.append(self._call_tx(agent, token, calldata(
+                    "approve(address,uint256)", ["address", "uint256"], [PERMIT2_ADDRESS, MAX_UINT256])))
+        self._send_and_wait(txs)
+        self._check()
+
+    def _next_nonce(self, account: LocalAccount) -> int:
+        nonce = self._nonces.get(account.address, 0)  # all accounts are fresh: the chain is ours
+        self._nonces[account.address] = nonce + 1
+        return nonce
+
+    def _sign(self, account: LocalAccount, tx: dict[str, Any]) -> str:
+        tx |= {"chainId": self.chain_id, "nonce": self._next_nonce(account), "type": 2,
+               "maxFeePerGas": _MAX_FEE, "maxPriorityFeePerGas": _PRIORITY_FEE, "value": 0}
+        return "0x" + bytes(account.sign_transaction(tx).raw_transaction).hex()
+
+    def _deploy_tx(self, contract: str, types: list[str] | None = None, args: list[Any] | None = None) -> str:
+        code = bytes.fromhex(self.contracts[contract]["bytecode"][2:])
+        if types:
+            code += abi_encode(types, args)
+        return self._sign(self.deployer, {"data": code, "gas": _DEPLOY_GAS})
+
+    def _call_tx(self, account: LocalAccount, to: str, data: bytes) -> str:
+        return self._sign(account, {"to": to, "data": data, "gas": _CALL_GAS})
+
+    def _send_and_wait(self, raw_txs: list[str], timeout: float = 10.0) -> list[dict[str, Any]]:
+        assert self.rpc is not None
+        hashes = self.rpc.batch([("eth_sendRawTransaction", [tx]) for tx in raw_txs])
+        deadline = time.monotonic() + timeout
+        while True:
+            receipts = self.rpc.batch([("eth_getTransactionReceipt", [h]) for h in hashes])
+            if all(receipts):
+                break
+            if time.monotonic() > deadline:
+                raise DevChainError("setup transactions were not mined in time")
+            time.sleep(0.005)
+        failed = [h for h, r in zip(hashes, receipts) if int(r["status"], 16) != 1]
+        if failed:
+            raise DevChainError(f"setup transactions reverted: {failed}")
+        return receipts
+
+    def _check(self) -> None:
+        assert self.rpc is not None
+        sep_call = {"to": PERMIT2_ADDRESS, "data": "0x3644e515"}
+        permit2_call = "0x" + calldata("PERMIT2()").hex()
+        separator, exact_permit2, upto_permit2 = self.rpc.batch([
+            ("eth_call", [sep_call, "latest"]),
+            ("eth_call", [{"to": EXACT_PROXY_ADDRESS, "data": permit2_call}, "latest"]),
+            ("eth_call", [{"to": UPTO_PROXY_ADDRESS, "data": permit2_call}, "latest"]),
+        ])
+        if bytes.fromhex(separator[2:]) != permit2_domain_separator(self.chain_id):
+            raise DevChainError(f"Permit2 DOMAIN_SEPARATOR mismatch on chain {self.chain_id}")
+        for name, result in (("exact", exact_permit2), ("upto", upto_permit2)):
+            (address,) = abi_decode(["address"], bytes.fromhex(result[2:]))
+            if to_checksum_address(address) != PERMIT2_ADDRESS:
+                raise DevChainError(f"{name} proxy PERMIT2() is {address}")
+
+    # -- description ---------------------------------------------------------------------------
+
+    @property
+    def description(self) -> dict[str, Any]:
+        if not self.token_addresses:
+            raise DevChainError("the dev chain is not started")
+        return {
+            "rpc_url": self.rpc_url,
+            "chain_id": self.chain_id,
+            "network": f"eip155:{self.chain_id}",
+            "contracts": {"permit2": PERMIT2_ADDRESS, "exact_proxy": EXACT_PROXY_ADDRESS,
+                          "upto_proxy": UPTO_PROXY_ADDRESS},
+            "tokens": {
+                symbol: {"address": self.token_addresses[symbol],
+                         **{k: v for k, v in spec.items() if k != "contract"}}
+                for symbol, spec in TOKENS.items()
+            },
+            "accounts": {
+                "facilitator": [_account_entry(a) for a in self.facilitators],
+                "payee": _account_entry(self.payee),
+                "agents": [_account_entry(a) for a in self.agents],
+            },
+        }

@@ -1,0 +1,190 @@
+"""Sending settlement transactions: per-signer nonces, fees, broadcast and receipt waiting.
+
+Rules that keep money safe:
+- a signer's broadcasts are serialised by one lock, so two settlements never take the same
+  account nonce (the collision reported in daydreamsai/facilitator#46);
+- the signed raw transaction is handed to `persist` *before* it is broadcast, so a crash after
+  the broadcast leaves a record any process can finish (rebroadcasting the same bytes is a no-op);
+- an ambiguous broadcast (timeout, connection reset) is treated as sent: we never sign a second
+  transaction for the same payment, we wait for the first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from facilitator.evm.rpc import Call, JsonRpcClient, RpcError, RpcUnavailableError
+from facilitator.evm.signer import SignedTransaction, Signer
+
+Persist = Callable[[SignedTransaction], Awaitable[None]]
+
+
+class BroadcastRejectedError(Exception):
+    """The node refused the transaction outright; nothing was sent, the nonce is free again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    tx_hash: str
+    status: int
+    block_number: int
+    logs: list[dict[str, Any]]
+    gas_used: int
+
+
+def _is_nonce_error(exc: RpcError) -> bool:
+    msg = exc.message.lower()
+    return "nonce too low" in msg or "nonce too high" in msg or "invalid nonce" in msg or "nonce is too low" in msg
+
+
+def _is_already_known(exc: RpcError) -> bool:
+    msg = exc.message.lower()
+    return "already known" in msg or "already imported" in msg or "known transaction" in msg
+
+
+class NonceManager:
+    """Local pending-nonce counter for one signer, seeded from the chain and re-synced after a
+    nonce error. In-process only: give each facilitator replica its own signer keys."""
+
+    def __init__(self, rpc: JsonRpcClient, address: str) -> None:
+        self._rpc = rpc
+        self.address = address
+        self.lock = asyncio.Lock()
+        self._next: int | None = None
+
+    async def current(self) -> int:
+        if self._next is None:
+            self._next = int(await self._rpc.call("eth_getTransactionCount", [self.address, "pending"]), 16)
+        return self._next
+
+    def advance(self) -> None:
+        assert self._next is not None
+        self._next += 1
+
+    def reset(self) -> None:
+        self._next = None
+
+    @property
+    def local_next(self) -> int | None:
+        return self._next
+
+
+class TransactionSender:
+    def __init__(self, rpc: JsonRpcClient, chain_id: int, *, fee_cache_s: float = 2.0) -> None:
+        self.rpc = rpc
+        self.chain_id = chain_id
+        self._nonces: dict[str, NonceManager] = {}
+        self._fees: tuple[float, int, int] | None = None  # (fetched_at, max_fee, priority)
+        self._fee_cache_s = fee_cache_s
+        self._fee_lock = asyncio.Lock()
+
+    def nonce_manager(self, signer: Signer) -> NonceManager:
+        nm = self._nonces.get(signer.address)
+        if nm is None:
+            nm = self._nonces[signer.address] = NonceManager(self.rpc, signer.address)
+        return nm
+
+    async def _fees_now(self) -> tuple[int, int]:
+        cached = self._fees
+        if cached is not None and time.monotonic() - cached[0] < self._fee_cache_s:
+            return cached[1], cached[2]
+        async with self._fee_lock:
+            cached = self._fees
+            if cached is not None and time.monotonic() - cached[0] < self._fee_cache_s:
+                return cached[1], cached[2]
+            gas_price, priority = await self.rpc.batch([Call("eth_gasPrice", []), Call("eth_maxPriorityFeePerGas", [])])
+            if isinstance(gas_price, RpcError):
+                raise gas_price
+            prio = int(priority, 16) if not isinstance(priority, RpcError) else 1_000_000
+            # Twice the current price leaves room for a base-fee rise over the next blocks;
+            # EIP-1559 charges only base fee + tip, not the cap.
+            max_fee = max(int(gas_price, 16) * 2, prio + 1)
+            self._fees = (time.monotonic(), max_fee, prio)
+            return max_fee, prio
+
+    async def send(self, signer: Signer, *, to: str, data: bytes, gas: int, persist: Persist) -> SignedTransaction:
+        """Sign and broadcast one transaction. Returns the transaction that was (or may have
+        been) broadcast; raises BroadcastRejectedError if the node refused it."""
+        max_fee, priority = await self._fees_now()
+        nm = self.nonce_manager(signer)
+        async with nm.lock:
+            for _attempt in range(3):
+                nonce = await nm.current()
+                signed = signer.sign(
+                    {
+                        "type": 2,
+                        "chainId": self.chain_id,
+                        "nonce": nonce,
+                        "to": to,
+                        "data": data,
+                        "value": 0,
+                        "gas": gas,
+                        "maxFeePerGas": max_fee,
+                        "maxPriorityFeePerGas": priority,
+                    }
+                )
+                await persist(signed)
+                try:
+                    await self.rpc.call("eth_sendRawTransaction", [signed.raw])
+                except RpcError as exc:
+                    if _is_already_known(exc):
+                        nm.advance()
+                        return signed
+                    if _is_nonce_error(exc):
+                        nm.reset()
+                        continue
+                    nm.reset()
+                    raise BroadcastRejectedError(exc.message) from exc
+                except RpcUnavailableError:
+                    # It may have reached the node: the nonce counts as used, the caller waits
+                    # for this hash and rebroadcasts the same bytes if the node does not know it.
+                    nm.advance()
+                    return signed
+                nm.advance()
+                return signed
+            raise BroadcastRejectedError("nonce kept colliding after 3 re-syncs")
+
+    async def rebroadcast(self, raw: str) -> None:
+        try:
+            await self.rpc.call("eth_sendRawTransaction", [raw])
+        except RpcError:
+            pass  # already known, already mined (nonce too low) or replaced: the receipt decides
+        except RpcUnavailableError:
+            pass
+
+    async def wait_receipt(self, tx_hash: str, raw: str | None, timeout_s: float) -> Receipt | None:
+        """Poll for the receipt until `timeout_s`; None when it did not come in time. If the
+        node has forgotten the transaction, the persisted raw bytes are sent again."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.002
+        last_lookup = time.monotonic()
+        while True:
+            try:
+                receipt = await self.rpc.call("eth_getTransactionReceipt", [tx_hash])
+            except (RpcError, RpcUnavailableError):
+                receipt = None
+            if receipt:
+                return Receipt(
+                    tx_hash=tx_hash,
+                    status=int(receipt.get("status", "0x0"), 16),
+                    block_number=int(receipt.get("blockNumber", "0x0"), 16),
+                    logs=list(receipt.get("logs") or []),
+                    gas_used=int(receipt.get("gasUsed", "0x0"), 16),
+                )
+            now = time.monotonic()
+            if now >= deadline:
+                return None
+            if raw and now - last_lookup > 1.0:
+                last_lookup = now
+                try:
+                    known = await self.rpc.call("eth_getTransactionByHash", [tx_hash])
+                except (RpcError, RpcUnavailableError):
+                    known = True
+                if not known:
+                    await self.rebroadcast(raw)
+            await asyncio.sleep(min(delay, max(deadline - now, 0)))
+            delay = min(delay * 2, 0.25)

@@ -1,0 +1,47 @@
+"""What a scheme implementation provides to the facilitator service.
+
+A scheme turns (payload, requirements) into a `PreparedPayment` with local checks only (no I/O),
+whose `confirm()` reads the chain once and returns a `SettlementPlan`: everything `settle` needs
+to send one transaction. verify and settle both go through prepare + confirm, so their checks
+cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from facilitator.x402.types import PaymentPayload, PaymentRequirements
+
+
+@dataclass(frozen=True, slots=True)
+class SettlementPlan:
+    payer: str
+    amount: int  # what the transaction moves (0: nothing to send)
+    asset: str
+    pay_to: str
+    tx_to: str
+    tx_data: bytes
+    gas: int
+    sender: str | None = None  # a signer that must send it (upto: witness.facilitator)
+
+
+class PreparedPayment(Protocol):
+    payer: str
+    record_key: str  # network + nonce space + payer + nonce: unique per on-chain authorization
+    digest: str  # the signed message's EIP-712 digest (hex): same payment <=> same digest
+    nonce_used_reason: str
+    settle_amount: int
+
+    async def confirm(self) -> SettlementPlan: ...
+
+
+class SchemeFacilitator(Protocol):
+    scheme: str
+    network: str
+
+    def prepare(
+        self, payload: PaymentPayload, requirements: PaymentRequirements, *, now: float, settle: bool = False
+    ) -> PreparedPayment: ...
+
+    def supported_extra(self) -> dict | None: ...

@@ -1,0 +1,33 @@
+from facilitator.store.base import (
+    TERMINAL,
+    ClaimResult,
+    SettlementRecord,
+    SettlementState,
+    SettlementStore,
+    StoreUnavailableError,
+)
+
+__all__ = [
+    "TERMINAL",
+    "ClaimResult",
+    "SettlementRecord",
+    "SettlementState",
+    "SettlementStore",
+    "StoreUnavailableError",
+    "open_store",
+]
+
+
+def open_store(url: str, *, prefix: str = "x402:") -> SettlementStore:
+    """`redis://…` / `rediss://…` / `redis+sentinel://…` -> RedisSettlementStore;
+    `sqlite:///path` or `memory://` -> SQLiteSettlementStore (the embedded default)."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from facilitator.store.redis_store import RedisSettlementStore
+
+        return RedisSettlementStore.from_url(url, prefix=prefix)
+    if url.startswith("sqlite://") or url == "memory://":
+        from facilitator.store.sqlite_store import SQLiteSettlementStore
+
+        path = ":memory:" if url == "memory://" else url.removeprefix("sqlite://")
+        return SQLiteSettlementStore(path)
+    raise ValueError(f"unsupported store URL scheme: {url.split(':', 1)[0]!r}")

@@ -1,0 +1,142 @@
+"""Embedded settlement store on SQLite: the single-process default, durable across restarts.
+
+Statements run synchronously on the event loop: each is a few microseconds on a local file
+(WAL mode), cheaper than a thread hop. BEGIN IMMEDIATE makes claim atomic even when several
+processes on one host share the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+from facilitator.store.base import ClaimResult, SettlementRecord, SettlementState, StoreUnavailableError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS settlements (
+    key TEXT PRIMARY KEY,
+    digest TEXT NOT NULL,
+    state TEXT NOT NULL,
+    lease_until_ms INTEGER NOT NULL DEFAULT 0,
+    tx_hash TEXT NOT NULL DEFAULT '',
+    raw_tx TEXT NOT NULL DEFAULT '',
+    signer TEXT NOT NULL DEFAULT '',
+    response TEXT NOT NULL DEFAULT '',
+    updated_ms INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS settlements_state ON settlements (state, updated_ms);
+"""
+
+_COLUMNS = "key, digest, state, lease_until_ms, tx_hash, raw_tx, signer, response, updated_ms"
+
+
+def _row(row: tuple) -> SettlementRecord:
+    return SettlementRecord(
+        key=row[0],
+        digest=row[1],
+        state=SettlementState(row[2]),
+        lease_until_ms=row[3],
+        tx_hash=row[4],
+        raw_tx=row[5],
+        signer=row[6],
+        response=row[7],
+        updated_ms=row[8],
+    )
+
+
+class SQLiteSettlementStore:
+    def __init__(self, path: str) -> None:
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+            if path != ":memory:":
+                self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"cannot open settlement store: {exc}") from exc
+
+    def _get(self, key: str) -> SettlementRecord | None:
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM settlements WHERE key = ?", (key,)).fetchone()
+        return _row(row) if row else None
+
+    async def claim(self, key: str, digest: str, *, now_ms: int, lease_ms: int) -> ClaimResult:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                existing = self._get(key)
+                if existing is None or (
+                    existing.state == SettlementState.CLAIMED and existing.lease_until_ms < now_ms
+                ):
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO settlements (key, digest, state, lease_until_ms, updated_ms)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (key, digest, SettlementState.CLAIMED.value, now_ms + lease_ms, now_ms),
+                    )
+                    self._db.execute("COMMIT")
+                    return ClaimResult(won=True, record=None)
+                self._db.execute("COMMIT")
+                return ClaimResult(won=False, record=existing)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+
+    async def mark_submitted(
+        self, key: str, digest: str, *, tx_hash: str, raw_tx: str, signer: str, response: str, now_ms: int
+    ) -> None:
+        try:
+            cur = self._db.execute(
+                "UPDATE settlements SET state = ?, tx_hash = ?, raw_tx = ?, signer = ?, response = ?, updated_ms = ?"
+                " WHERE key = ? AND digest = ? AND state IN ('claimed', 'submitted')",
+                (SettlementState.SUBMITTED.value, tx_hash, raw_tx, signer, response, now_ms, key, digest),
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        if cur.rowcount != 1:
+            raise StoreUnavailableError(f"settlement record {key} was not in a submittable state")
+
+    async def finish(self, key: str, digest: str, *, state: SettlementState, response: str, now_ms: int) -> None:
+        try:
+            self._db.execute(
+                "UPDATE settlements SET state = ?, response = ?, updated_ms = ? WHERE key = ? AND digest = ?",
+                (state.value, response, now_ms, key, digest),
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+
+    async def release(self, key: str, digest: str) -> None:
+        try:
+            self._db.execute(
+                "DELETE FROM settlements WHERE key = ? AND digest = ? AND state IN ('claimed', 'submitted')", (key, digest)
+            )
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+
+    async def get(self, key: str) -> SettlementRecord | None:
+        try:
+            return self._get(key)
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+
+    async def unfinished(self, *, older_than_ms: int, limit: int = 100) -> list[SettlementRecord]:
+        try:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM settlements WHERE (state = 'submitted' AND updated_ms < ?)"
+                " OR (state = 'claimed' AND lease_until_ms < ?) ORDER BY updated_ms LIMIT ?",
+                (older_than_ms, older_than_ms, limit),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+        return [_row(r) for r in rows]
+
+    async def ping(self) -> None:
+        try:
+            self._db.execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+
+    async def close(self) -> None:
+        self._db.close()
