@@ -7,6 +7,8 @@ Environment overrides (all optional):
   FACILITATOR_CONFIG_FILE   path of the TOML file (same as --config)
   FACILITATOR_SIGNER_KEYS   comma-separated private keys (replaces signer_keys)
   FACILITATOR_STORE_URL     redis://… or sqlite:///path or memory://
+  FACILITATOR_STORE_PREFIX  key prefix in Redis (default "x402:")
+  FACILITATOR_RECEIPT_TIMEOUT_S, FACILITATOR_RECONCILE_INTERVAL_S
   FACILITATOR_HOST / FACILITATOR_PORT
   FACILITATOR_RPC_URL_<CHAINID>   RPC URL of one network, e.g. FACILITATOR_RPC_URL_8453
 """
@@ -144,6 +146,12 @@ def load_settings(
         data["signer_keys"] = [k.strip() for k in keys.split(",") if k.strip()]
     if url := env.get("FACILITATOR_STORE_URL"):
         data["store_url"] = url
+    if prefix := env.get("FACILITATOR_STORE_PREFIX"):
+        data["store_prefix"] = prefix
+    if timeout := env.get("FACILITATOR_RECEIPT_TIMEOUT_S"):
+        data["receipt_timeout_s"] = float(timeout)
+    if interval := env.get("FACILITATOR_RECONCILE_INTERVAL_S"):
+        data["reconcile_interval_s"] = float(interval)
     if host := env.get("FACILITATOR_HOST"):
         data["host"] = host
     if port := env.get("FACILITATOR_PORT"):

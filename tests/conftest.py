@@ -30,3 +30,155 @@ def devchain() -> Iterator[dict[str, Any]]:
         yield chain.description
     finally:
         chain.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# Real processes: redis-server and facilitator services on free ports.
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, deadline_s: float = 15.0, proc: subprocess.Popen | None = None) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=0.5) as r:
+                if r.status < 500:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {deadline_s}s")
+
+
+class RedisServer:
+    """A private redis-server on a free port (tests may stop and restart it)."""
+
+    def __init__(self) -> None:
+        self.port = _port()
+        self.dir = tempfile.mkdtemp(prefix="x402-redis-")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.proc = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise TimeoutError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture(scope="session")
+def devchain_file(devchain: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("devchain") / "devchain.json"
+    path.write_text(json.dumps(devchain))
+    return str(path)
+
+
+class ServiceProcess:
+    def __init__(self, argv: list[str], port: int, env: dict[str, str], log: Path) -> None:
+        self.argv, self.port, self.env, self.log = argv, port, env, log
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "ServiceProcess":
+        self._fh = open(self.log, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=self._fh, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        try:
+            wait_http(self.url + "/healthz", proc=self.proc)
+        except Exception:
+            self.stop()
+            print(self.log.read_text()[-4000:], file=sys.stderr)
+            raise
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no cleanup."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if getattr(self, "_fh", None):
+            self._fh.close()
+
+
+@pytest.fixture
+def spawn_facilitator(devchain_file: str, tmp_path: Path) -> Iterator[Any]:
+    """spawn_facilitator(store_url, **env) -> a started `x402-facilitator serve` process."""
+    started: list[ServiceProcess] = []
+
+    def spawn(store_url: str, *, extra_env: dict[str, str] | None = None, port: int | None = None) -> ServiceProcess:
+        port = port or _port()
+        env = dict(os.environ) | {"FACILITATOR_STORE_URL": store_url} | (extra_env or {})
+        argv = [sys.executable, "-m", "facilitator.cli", "serve", "--devchain", devchain_file, "--port", str(port)]
+        proc = ServiceProcess(argv, port, env, tmp_path / f"facilitator-{port}.log")
+        started.append(proc)
+        return proc.start()
+
+    yield spawn
+    for p in started:
+        p.stop()
