@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Callable
 
-import orjson
 
 from facilitator.errors import ChainUnavailableError, PaymentInvalidError
 from facilitator.evm.chain import EvmChain
@@ -196,7 +195,7 @@ class Settler:
                 await self.store.release(record.key, record.digest)  # expired, nothing broadcast
                 changed += 1
                 continue
-            chain = chains.get(record.key.split(":permit2:")[0]) or chains.get(":".join(record.key.split(":")[:2]))
+            chain = chains.get(":".join(record.key.split(":")[:2]))  # keys start with the CAIP-2 network
             if chain is None:
                 continue
             receipt = await chain.sender.wait_receipt(record.tx_hash, record.raw_tx, 0.5)

@@ -86,6 +86,37 @@ def median(values: Iterable[float]) -> float:
     return statistics.median(vals) if vals else float("nan")
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def proc_cpu_s(pid: int | None = None) -> float:
+    """User+system CPU seconds of a process (this one when pid is None), all threads."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+class CpuMeter:
+    """CPU seconds used by named processes between start() and stop() (None = this process)."""
+
+    def __init__(self, pids: dict[str, int | None]) -> None:
+        self.pids = pids
+        self._start: dict[str, float] = {}
+        self.used: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._start = {name: proc_cpu_s(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        self.used = {name: proc_cpu_s(pid) - self._start[name] for name, pid in self.pids.items()}
+        return self.used
+
+
 @dataclass
 class LoadResult:
     """One bounded load run: `ops` completed in `elapsed_s`, per-op latencies in seconds."""
@@ -95,6 +126,7 @@ class LoadResult:
     failures: dict[str, int] = field(default_factory=dict)
     elapsed_s: float = 0.0
     latencies: list[float] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process during the run
 
     @property
     def rate(self) -> float:
@@ -112,6 +144,8 @@ class LoadResult:
             "ops_per_s": round(self.rate, 2),
             "p50_ms": round(self.p(50) * 1e3, 4),
             "p99_ms": round(self.p(99) * 1e3, 4),
+            "cpu_s": {k: round(v, 3) for k, v in self.cpu_s.items()},
+            "cpu_us_per_op": {k: round(v / self.ops * 1e6, 1) if self.ops else None for k, v in self.cpu_s.items()},
         }
 
 
@@ -122,12 +156,15 @@ async def run_load(
     concurrency: int,
     max_ops: int,
     max_seconds: float,
+    cpu: CpuMeter | None = None,
 ) -> LoadResult:
     """`concurrency` workers take items and await `op(item)` -> (ok, reason) until `max_ops`
     operations were started, `items` is exhausted, or `max_seconds` passed (bounded both ways).
     A single operation is also bounded by max_seconds + 30 s (asyncio.wait_for)."""
     res = LoadResult()
     started = 0
+    if cpu is not None:
+        cpu.start()
     start = time.perf_counter()
     deadline = start + max_seconds
 
@@ -153,6 +190,8 @@ async def run_load(
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     res.elapsed_s = time.perf_counter() - start
+    if cpu is not None:
+        res.cpu_s = cpu.stop()
     return res
 
 

@@ -140,6 +140,8 @@ contract UsdcToken is ERC20, EIP712, Nonces, IERC20Permit {
 
         _authorizationStates[from][nonce] = true;
         emit AuthorizationUsed(from, nonce);
+        // Circle's FiatToken message, which x402's SDK maps to invalid_exact_evm_insufficient_balance
+        require(balanceOf(from) >= value, "ERC20: transfer amount exceeds balance");
         _transfer(from, to, value);
     }
 

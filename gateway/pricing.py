@@ -1,0 +1,181 @@
+"""What a request costs: the route it matches, the model it names, and the payment requirements
+offered for it (one per accepted payment option).
+
+Unpriced paths match nothing and are answered 404: the gateway is never an open proxy.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+
+import orjson
+
+from facilitator.x402.types import PaymentRequirements, PaymentRequirementsV1
+from facilitator.x402.networks import to_v1_name
+from gateway.settings import GatewaySettings, PaymentOption, Route, parse_price
+
+_PARAM = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
+
+
+class PricingError(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    route: Route
+    model: str | None
+    price: Decimal  # display units
+    requirements: tuple[PaymentRequirements, ...]
+
+    @property
+    def route_id(self) -> str:
+        return f"{self.route.method} {self.route.path}"
+
+
+@dataclass(frozen=True, slots=True)
+class _CompiledRoute:
+    route: Route
+    pattern: re.Pattern[str]
+    model_param: str | None  # KServe: the model is in the path
+
+
+def amount_of(price: Decimal, option: PaymentOption) -> int:
+    return int(price * (Decimal(10) ** option.decimals))
+
+
+def requirement_for(option: PaymentOption, amount: int, pay_to: str) -> PaymentRequirements:
+    extra: dict = {"name": option.eip712_name, "version": option.eip712_version}
+    if option.transfer_method == "permit2":
+        extra["assetTransferMethod"] = "permit2"
+    return PaymentRequirements(
+        scheme=option.scheme,
+        network=option.network,
+        asset=option.asset,
+        amount=str(amount),
+        pay_to=option.pay_to or pay_to,
+        max_timeout_seconds=option.max_timeout_seconds,
+        extra=extra,
+    )
+
+
+def to_v1(req: PaymentRequirements, resource: str, description: str, mime_type: str) -> PaymentRequirementsV1:
+    return PaymentRequirementsV1(
+        scheme=req.scheme,
+        network=to_v1_name(req.network),
+        max_amount_required=req.amount,
+        resource=resource,
+        description=description,
+        mime_type=mime_type,
+        pay_to=req.pay_to,
+        max_timeout_seconds=req.max_timeout_seconds,
+        asset=req.asset,
+        extra=req.extra,
+    )
+
+
+class Pricing:
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self._routes: list[_CompiledRoute] = []
+        for route in settings.routes:
+            params = _PARAM.findall(route.path)
+            regex = "^" + _PARAM.sub(lambda m: f"(?P<{m.group(1)}>[^/]+)", re.escape(route.path).replace(r"\{", "{").replace(r"\}", "}")) + "$"
+            model_param = "name" if "name" in params else (params[0] if params else None)
+            self._routes.append(_CompiledRoute(route, re.compile(regex), model_param))
+        self._offers: dict[tuple[int, str | None], Offer] = {}
+
+    def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
+        """The route for (method, path); HEAD matches the route's GET or POST so it can be
+        challenged (never charged)."""
+        for compiled in self._routes:
+            m = compiled.pattern.match(path)
+            if m and (compiled.route.method == method or method == "HEAD"):
+                return compiled.route, m.groupdict()
+        return None
+
+    def path_known(self, path: str) -> bool:
+        return any(c.pattern.match(path) for c in self._routes)
+
+    def offer(self, route: Route, params: dict[str, str], body: bytes) -> Offer:
+        model = self._model_of(route, params, body)
+        index = self.settings.routes.index(route)
+        key = (index, model)
+        cached = self._offers.get(key)
+        if cached is not None:
+            return cached
+        if model is not None and model in route.models:
+            price = parse_price(route.models[model])
+        elif route.models and "*" in route.models:
+            price = parse_price(route.models["*"])
+        elif route.price is not None:
+            price = parse_price(route.price)
+        else:
+            raise PricingError("model_not_offered", f"model {model!r} is not offered on {route.path}")
+        reqs = tuple(requirement_for(o, amount_of(price, o), self.settings.pay_to) for o in self.settings.accepts)
+        offer = Offer(route=route, model=model, price=price, requirements=reqs)
+        if len(self._offers) < 10_000:  # models come from requests: bound the cache
+            self._offers[key] = offer
+        return offer
+
+    def _model_of(self, route: Route, params: dict[str, str], body: bytes) -> str | None:
+        compiled = next(c for c in self._routes if c.route is route)
+        if compiled.model_param and compiled.model_param in params:
+            return params[compiled.model_param]
+        if not route.models:
+            return None
+        if not body:
+            raise PricingError("invalid_request", "request body must be JSON naming a model")
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise PricingError("invalid_request", "request body is not JSON") from None
+        model = doc.get("model") if isinstance(doc, dict) else None
+        if not isinstance(model, str) or not model or len(model) > 200:
+            raise PricingError("invalid_request", "request body must name a model")
+        return model
+
+    def catalog(self) -> list[dict]:
+        """What is offered and at what price (GET /v1/models), free."""
+        out = []
+        for route in self.settings.routes:
+            prices = dict(route.models)
+            if route.price is not None:
+                prices.setdefault("*", route.price)
+            for model, price in prices.items():
+                out.append({
+                    "route": f"{route.method} {route.path}",
+                    "model": model,
+                    "price": [
+                        {"amount": str(amount_of(parse_price(price), o)), "display": f"{price} {o.symbol}",
+                         "asset": o.asset, "network": o.network, "scheme": o.scheme}
+                        for o in self.settings.accepts
+                    ],
+                })
+        return out
+
+
+def matches(accepted: PaymentRequirements, offered: PaymentRequirements) -> str | None:
+    """None when the client accepted exactly what we offer; else the first field that differs.
+    Amount, asset, payTo and network are compared before anything is sent to a facilitator."""
+    if accepted.scheme != offered.scheme:
+        return "scheme"
+    if accepted.network != offered.network:
+        return "network"
+    if accepted.asset.lower() != offered.asset.lower():
+        return "asset"
+    if accepted.amount != offered.amount:
+        return "amount"
+    if accepted.pay_to.lower() != offered.pay_to.lower():
+        return "payTo"
+    if accepted.max_timeout_seconds != offered.max_timeout_seconds:
+        return "maxTimeoutSeconds"
+    for k, v in offered.extra.items():
+        if accepted.extra.get(k) != v:
+            return f"extra.{k}"
+    return None

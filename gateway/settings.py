@@ -1,0 +1,215 @@
+"""Gateway configuration: one TOML file validated by pydantic; secrets and URLs from the
+environment ("$VAR" references, and GATEWAY_* overrides).
+
+    pay_to = "0x…"                       # who receives payments
+    store_url = "redis://redis:6379/0"   # payment records shared by replicas (default: embedded SQLite)
+    public_url = "https://api.example.com"   # how agents reach us (resource URLs in 402s)
+
+    [facilitator]
+    mode = "local"                       # in-process facilitator (its settings: config_file or devchain)
+    # mode = "remote"; url = "http://facilitator:4020"   # our service or any x402 facilitator
+
+    [[accepts]]                          # payment options offered on every priced route
+    network = "eip155:8453"
+    asset = "0xFbC2…"                    # token address
+    symbol = "OPG"
+    decimals = 18
+    transfer_method = "permit2"          # or "eip3009"
+    eip712_name = "OpenGradient"
+    eip712_version = "1"
+
+    [upstreams.openai]
+    urls = ["https://tee-1.example/", "https://tee-2.example/"]   # failover order
+    auth_header = "Authorization"
+    auth_value = "$OPENAI_AUTH"          # "Bearer sk-…" from the environment; never sent by agents
+
+    [[routes]]
+    method = "POST"
+    path = "/v1/chat/completions"
+    upstream = "openai"
+    price = "0.01"                       # per call, in display units of each accepted asset
+    [routes.models]                      # per-model prices (the body's "model"); "*" = any other
+    "gpt-4o" = "0.02"
+
+Environment: GATEWAY_CONFIG_FILE, GATEWAY_PAY_TO, GATEWAY_STORE_URL, GATEWAY_PUBLIC_URL,
+GATEWAY_FACILITATOR_URL (switches to remote mode), GATEWAY_HOST, GATEWAY_PORT,
+GATEWAY_UPSTREAM_<NAME>_URLS (comma-separated), GATEWAY_UPSTREAM_<NAME>_AUTH.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from decimal import Decimal, InvalidOperation
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from facilitator.settings import resolve_env
+
+ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PaymentOption(_Model):
+    network: str = Field(pattern=r"^eip155:[0-9]+$")
+    asset: str = Field(pattern=ADDRESS)
+    symbol: str
+    decimals: int = Field(ge=0, le=36)
+    scheme: Literal["exact"] = "exact"
+    transfer_method: Literal["permit2", "eip3009"]
+    eip712_name: str
+    eip712_version: str
+    max_timeout_seconds: int = Field(default=300, ge=10, le=86400)
+    pay_to: str | None = Field(default=None, pattern=ADDRESS)
+
+
+class FacilitatorRef(_Model):
+    mode: Literal["local", "remote"] = "local"
+    url: str | None = None
+    config_file: str | None = None  # local mode: the facilitator's own TOML
+    devchain_file: str | None = None  # local mode: fill it from a devchain description
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    auth_header: str | None = None
+    auth_value: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> "FacilitatorRef":
+        if self.mode == "remote" and not self.url:
+            raise ValueError("facilitator.mode = 'remote' needs facilitator.url")
+        return self
+
+
+class Upstream(_Model):
+    urls: list[str] = Field(min_length=1)
+    auth_header: str | None = None
+    auth_value: SecretStr | None = None
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    timeout_s: float = Field(default=600.0, gt=0)  # long LLM calls
+
+    @field_validator("urls")
+    @classmethod
+    def _http_urls(cls, urls: list[str]) -> list[str]:
+        for u in urls:
+            if not re.match(r"^https?://", u):
+                raise ValueError(f"upstream URL must be http(s): {u}")
+        return [u.rstrip("/") for u in urls]
+
+
+def parse_price(value: str) -> Decimal:
+    try:
+        price = Decimal(str(value))
+    except InvalidOperation:
+        raise ValueError(f"price {value!r} is not a decimal number") from None
+    if not price.is_finite() or price < 0:
+        raise ValueError(f"price {value!r} must be a non-negative number")
+    return price
+
+
+class Route(_Model):
+    method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
+    path: str = Field(pattern=r"^/")
+    upstream: str
+    price: str | None = None  # per call, display units; None: only the listed models are offered
+    models: dict[str, str] = Field(default_factory=dict)
+    description: str = ""
+    mime_type: str = "application/json"
+
+    @field_validator("price")
+    @classmethod
+    def _price(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_price(v)
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _model_prices(cls, v: dict[str, str]) -> dict[str, str]:
+        for price in v.values():
+            parse_price(price)
+        return v
+
+    @model_validator(mode="after")
+    def _priced(self) -> "Route":
+        if self.price is None and not self.models:
+            raise ValueError(f"route {self.method} {self.path} has neither price nor models")
+        return self
+
+
+class GatewaySettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8402, ge=0, le=65535)
+    pay_to: str = Field(pattern=ADDRESS)
+    public_url: str | None = None
+    store_url: str = "sqlite://.x402-state/gateway.sqlite3"
+    store_prefix: str = "x402gw:"
+    facilitator: FacilitatorRef = Field(default_factory=FacilitatorRef)
+    accepts: list[PaymentOption] = Field(min_length=1)
+    upstreams: dict[str, Upstream] = Field(min_length=1)
+    routes: list[Route] = Field(min_length=1)
+    settle_timeout_s: float = Field(default=45.0, gt=0)
+    verify_timeout_s: float = Field(default=10.0, gt=0)
+    record_lease_s: float = Field(default=120.0, gt=0)
+    replay_cache_bytes: int = Field(default=1 << 20, ge=0)  # responses kept for idempotent replays
+    max_body_bytes: int = Field(default=4 << 20, gt=0)
+    log_level: str = "info"
+
+    @model_validator(mode="after")
+    def _routes_name_known_upstreams(self) -> "GatewaySettings":
+        for r in self.routes:
+            if r.upstream not in self.upstreams:
+                raise ValueError(f"route {r.method} {r.path} names unknown upstream {r.upstream!r}")
+        for opt in self.accepts:
+            for r in self.routes:
+                for price in [p for p in [r.price, *r.models.values()] if p is not None]:
+                    amount = parse_price(price) * (Decimal(10) ** opt.decimals)
+                    if amount != amount.to_integral_value():
+                        raise ValueError(
+                            f"price {price} of {r.path} is finer than {opt.symbol}'s {opt.decimals} decimals"
+                        )
+        return self
+
+
+def _resolve_secrets(data: dict, env: Mapping[str, str]) -> dict:
+    for up in data.get("upstreams", {}).values():
+        if isinstance(up.get("auth_value"), str):
+            up["auth_value"] = resolve_env(up["auth_value"], env)
+        up["urls"] = [resolve_env(u, env) for u in up.get("urls", [])]
+    fac = data.get("facilitator", {})
+    if isinstance(fac.get("auth_value"), str):
+        fac["auth_value"] = resolve_env(fac["auth_value"], env)
+    if isinstance(fac.get("url"), str):
+        fac["url"] = resolve_env(fac["url"], env)
+    return data
+
+
+def load_gateway_settings(
+    config_file: str | None = None, *, env: Mapping[str, str] | None = None, overrides: dict | None = None
+) -> GatewaySettings:
+    env = os.environ if env is None else env
+    data: dict = {}
+    path = config_file or env.get("GATEWAY_CONFIG_FILE")
+    if path:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    data = _resolve_secrets(data, env)
+    for key, name in (("pay_to", "PAY_TO"), ("store_url", "STORE_URL"), ("public_url", "PUBLIC_URL"), ("host", "HOST")):
+        if value := env.get(f"GATEWAY_{name}"):
+            data[key] = value
+    if port := env.get("GATEWAY_PORT"):
+        data["port"] = int(port)
+    if url := env.get("GATEWAY_FACILITATOR_URL"):
+        data.setdefault("facilitator", {}).update({"mode": "remote", "url": url})
+    for name, up in data.get("upstreams", {}).items():
+        if urls := env.get(f"GATEWAY_UPSTREAM_{name.upper()}_URLS"):
+            up["urls"] = [u.strip() for u in urls.split(",") if u.strip()]
+        if auth := env.get(f"GATEWAY_UPSTREAM_{name.upper()}_AUTH"):
+            up["auth_value"] = auth
+    for key, value in (overrides or {}).items():
+        data[key] = value
+    return GatewaySettings.model_validate(data)
