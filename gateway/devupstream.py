@@ -29,6 +29,7 @@ import base64
 import hashlib
 import hmac
 import math
+import os
 import struct
 import time
 import uuid
@@ -217,9 +218,9 @@ class TruncatedResponse(Response):
     """Announces the whole body's Content-Length, sends its first ``keep`` bytes, then drops the connection."""
 
     def __init__(self, full: Response, keep: int) -> None:
-        self.body, self.status_code, self.keep = full.body, full.status_code, keep
+        super().__init__(full.body, full.status_code)
         self.raw_headers = full.raw_headers
-        self.background = None
+        self.keep = keep
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
@@ -330,7 +331,7 @@ def _openai_usage(prompt: int, completion: int) -> dict[str, int]:
 
 
 def _new_id() -> str:
-    return uuid.uuid4().hex[:24]
+    return os.urandom(12).hex()
 
 
 # --- OpenAI -----------------------------------------------------------------------------------
@@ -338,7 +339,8 @@ def _new_id() -> str:
 
 def chat_completions(request: Request, body: dict[str, Any], fault: Fault) -> Response:
     model, messages = _model(body), _messages(body)
-    done = complete([text for _, text in messages], _last_user(messages), _max_tokens(body, "max_completion_tokens", "max_tokens"))
+    limit = _max_tokens(body, "max_completion_tokens", "max_tokens")
+    done = complete([text for _, text in messages], _last_user(messages), limit)
     finish = "length" if done.truncated else "stop"
     base = {"id": f"chatcmpl-{_new_id()}", "object": "chat.completion", "created": int(time.time()), "model": model}
     usage = _openai_usage(done.prompt_tokens, done.completion_tokens)
@@ -347,7 +349,8 @@ def chat_completions(request: Request, body: dict[str, Any], fault: Fault) -> Re
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         return _json({**base, "choices": [choice]} | ({} if fault.no_usage else {"usage": usage}))
     include_usage = bool(_optional(body, "stream_options", dict, {}).get("include_usage")) and not fault.no_usage
-    return EventStreamResponse(_chat_chunks({**base, "object": "chat.completion.chunk"}, done, finish, usage if include_usage else None), fault)
+    chunk_base = {**base, "object": "chat.completion.chunk"}
+    return EventStreamResponse(_chat_chunks(chunk_base, done, finish, usage if include_usage else None), fault)
 
 
 def _chat_chunks(base: dict[str, Any], done: Completion, finish: str, usage: dict[str, int] | None) -> Iterator[bytes]:
@@ -436,14 +439,15 @@ def messages(request: Request, body: dict[str, Any], fault: Fault) -> Response:
     stop = "max_tokens" if done.truncated else "end_turn"
     message_id = f"msg_{_new_id()}"
     if not _optional(body, "stream", bool, False):
-        usage = {} if fault.no_usage else {"usage": {"input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens}}
+        tokens = {"input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens}
+        usage = {} if fault.no_usage else {"usage": tokens}
         content = [{"type": "text", "text": done.text}]
         head = {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": content}
         return _json({**head, "stop_reason": stop, "stop_sequence": None, **usage})
 
     def events() -> Iterator[bytes]:
-        start: dict[str, Any] = {"id": message_id, "type": "message", "role": "assistant", "model": model, "content": []}
-        start |= {"stop_reason": None, "stop_sequence": None}
+        start: dict[str, Any] = {"id": message_id, "type": "message", "role": "assistant", "model": model}
+        start |= {"content": [], "stop_reason": None, "stop_sequence": None}
         if not fault.no_usage:
             start["usage"] = {"input_tokens": done.prompt_tokens, "output_tokens": 1}
         yield _event("message_start", {"type": "message_start", "message": start})
@@ -486,7 +490,7 @@ def kserve_infer(request: Request, body: dict[str, Any], fault: Fault) -> Respon
     outputs = []
     for i, tensor in enumerate(inputs):
         shape = tensor.get("shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise BadRequestError(f"input {i}: 'shape' must be an array of non-negative integers")
         data = _flatten(tensor.get("data"))
         if len(data) != math.prod(shape):

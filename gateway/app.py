@@ -1,0 +1,151 @@
+"""The gateway application: wiring only. The payment flow is in paywall.py."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway.budget_hook import BudgetHook, NoBudgets
+from gateway.facilitator_client import FacilitatorClient, HttpFacilitatorClient, LocalFacilitatorClient
+from gateway.metrics import GatewayMetrics
+from gateway.middleware import RequestIdMiddleware
+from gateway.paywall import Paywall, json_error
+from gateway.pricing import Pricing
+from gateway.proxy import UpstreamPool
+from gateway.records import PaymentRecords, RecordStoreUnavailableError, open_records
+from gateway.settings import GatewaySettings
+
+
+def build_facilitator_client(settings: GatewaySettings) -> FacilitatorClient:
+    ref = settings.facilitator
+    if ref.mode == "remote":
+        assert ref.url is not None
+        headers = {}
+        if ref.auth_header and ref.auth_value is not None:
+            headers[ref.auth_header] = ref.auth_value.get_secret_value()
+        return HttpFacilitatorClient(ref.url, timeout_s=ref.timeout_s, headers=headers)
+    from facilitator.app import build_facilitator
+    from facilitator.settings import load_settings
+
+    fac_settings = load_settings(ref.config_file, devchain_file=ref.devchain_file)
+    return LocalFacilitatorClient(build_facilitator(fac_settings))
+
+
+@dataclass
+class GatewayState:
+    paywall: Paywall
+    records: PaymentRecords
+    facilitator: FacilitatorClient
+    session: aiohttp.ClientSession
+    metrics: GatewayMetrics
+    pricing: Pricing
+
+
+async def read_limited(request: Request, limit: int) -> bytes | None:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(
+    settings: GatewaySettings,
+    *,
+    facilitator: FacilitatorClient | None = None,
+    budgets: BudgetHook | None = None,
+    metrics: GatewayMetrics | None = None,
+) -> Starlette:
+    pricing = Pricing(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        fac = facilitator or build_facilitator_client(settings)
+        records = open_records(settings.store_url, prefix=settings.store_prefix)
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300, keepalive_timeout=30),
+            auto_decompress=False,
+        )
+        m = metrics or GatewayMetrics()
+        pools = {name: UpstreamPool(name, up) for name, up in settings.upstreams.items()}
+        paywall = Paywall(settings, pricing, fac, records, budgets or NoBudgets(), m, pools, session)
+        app.state.gateway = GatewayState(paywall, records, fac, session, m, pricing)
+        try:
+            yield
+        finally:
+            await session.close()
+            await fac.close()
+            await records.close()
+
+    async def paid(request: Request) -> Response:
+        state: GatewayState = request.app.state.gateway
+        request_id = request.scope.get("state", {}).get("request_id", "")
+        body = await read_limited(request, settings.max_body_bytes)
+        if body is None:
+            response = json_error(400, "request_too_large", f"request body exceeds {settings.max_body_bytes} bytes")
+        else:
+            try:
+                response = await state.paywall.handle(request, body, request_id)
+            except RecordStoreUnavailableError:
+                # Fail closed: without the records we cannot promise "served at most once".
+                response = json_error(503, "store_unavailable", "the payment store is unreachable; nothing was charged",
+                                      headers={"Retry-After": "5"})
+        match = state.pricing.match(request.method, request.url.path)
+        route_id = f"{match[0].method} {match[0].path}" if match else "unmatched"
+        state.metrics.requests.labels(route_id, str(response.status_code)).inc()
+        return response
+
+    async def models(request: Request) -> Response:
+        state: GatewayState = request.app.state.gateway
+        return Response(orjson.dumps({"object": "list", "data": state.pricing.catalog()}), media_type="application/json")
+
+    async def healthz(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    async def readyz(request: Request) -> Response:
+        state: GatewayState = request.app.state.gateway
+        checks: dict[str, str] = {}
+        try:
+            await state.records.ping()
+            checks["store"] = "ok"
+        except Exception as exc:
+            checks["store"] = f"unavailable: {type(exc).__name__}"
+        checks["facilitator"] = "ok" if await state.facilitator.ready() else "unavailable"
+        reachable = [await pool.healthy(state.session) for pool in state.paywall.pools.values()]
+        checks["upstream"] = "ok" if any(reachable) else "unavailable"
+        ok = all(v == "ok" for v in checks.values())
+        return Response(orjson.dumps({"status": "ok" if ok else "unavailable", "checks": checks}),
+                        status_code=200 if ok else 503, media_type="application/json")
+
+    async def metrics_endpoint(request: Request) -> Response:
+        state: GatewayState = request.app.state.gateway
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
+    app = Starlette(
+        routes=[
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/{path:path}", paid, methods=methods),
+        ],
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestIdMiddleware)
+    return app

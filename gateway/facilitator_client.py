@@ -1,0 +1,165 @@
+"""How the gateway talks to a facilitator: in-process (our own) or over HTTP (ours or any x402
+facilitator).
+
+The HTTP client trusts nothing: only a 200 whose body is a well-formed SettleResponse with
+`success: true`, a transaction hash and the right network counts as settled. A timeout, an HTML
+502, a 503 carrying a success body, non-JSON, truncated JSON, `settlement_pending` — all are
+failures (with the hash kept when one is known, so the payment can be reconciled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Protocol
+
+import aiohttp
+import orjson
+from pydantic import ValidationError
+
+from facilitator.service import Facilitator
+from facilitator.x402.reasons import ErrorReason as R
+from facilitator.x402.types import (
+    PaymentPayload,
+    PaymentPayloadV1,
+    PaymentRequirements,
+    PaymentRequirementsV1,
+    SettleRequest,
+    SettleResponse,
+    VerifyRequest,
+    VerifyResponse,
+)
+
+TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+AnyPayload = PaymentPayload | PaymentPayloadV1
+AnyRequirements = PaymentRequirements | PaymentRequirementsV1
+
+
+class FacilitatorClient(Protocol):
+    async def verify(self, payload: AnyPayload, requirements: AnyRequirements) -> VerifyResponse: ...
+
+    async def settle(self, payload: AnyPayload, requirements: AnyRequirements) -> SettleResponse: ...
+
+    async def ready(self) -> bool: ...
+
+    async def close(self) -> None: ...
+
+
+def _request_body(payload: AnyPayload, requirements: AnyRequirements) -> dict:
+    return {
+        "x402Version": payload.x402_version,
+        "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
+        "paymentRequirements": requirements.model_dump(by_alias=True, exclude_none=True),
+    }
+
+
+def checked_settlement(resp: SettleResponse, network: str) -> SettleResponse:
+    """A SettleResponse we may act on as paid, or the failure it really is."""
+    if not resp.success:
+        return resp
+    if not TX_HASH.match(resp.transaction or "") and resp.amount != "0":
+        return resp.model_copy(update={"success": False, "error_reason": R.INVALID_TRANSACTION_STATE.value,
+                                       "error_message": "success without a transaction hash"})
+    if resp.network != network:
+        return resp.model_copy(update={"success": False, "error_reason": R.INVALID_TRANSACTION_STATE.value,
+                                       "error_message": f"settled on {resp.network}, expected {network}"})
+    return resp
+
+
+class LocalFacilitatorClient:
+    """Our facilitator, in-process: no HTTP hop."""
+
+    def __init__(self, facilitator: Facilitator) -> None:
+        self.facilitator = facilitator
+
+    async def verify(self, payload: AnyPayload, requirements: AnyRequirements) -> VerifyResponse:
+        return await self.facilitator.verify(VerifyRequest.model_validate(_request_body(payload, requirements)))
+
+    async def settle(self, payload: AnyPayload, requirements: AnyRequirements) -> SettleResponse:
+        return await self.facilitator.settle(SettleRequest.model_validate(_request_body(payload, requirements)))
+
+    async def ready(self) -> bool:
+        try:
+            await self.facilitator.store.ping()
+            for chain in self.facilitator.chains.values():
+                await chain.rpc.call("eth_chainId", [])
+            return True
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        await self.facilitator.close()
+
+
+class HttpFacilitatorClient:
+    def __init__(self, url: str, *, timeout_s: float = 30.0, headers: dict[str, str] | None = None) -> None:
+        self.url = url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._headers = {"Content-Type": "application/json", **(headers or {})}
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=256), timeout=self._timeout, headers=self._headers
+            )
+        return self._session
+
+    async def _post(self, path: str, body: dict) -> tuple[int, bytes]:
+        async with self._client().post(self.url + path, data=orjson.dumps(body)) as resp:
+            return resp.status, await resp.read()
+
+    async def verify(self, payload: AnyPayload, requirements: AnyRequirements) -> VerifyResponse:
+        try:
+            status, raw = await self._post("/verify", _request_body(payload, requirements))
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            return VerifyResponse(is_valid=False, invalid_reason=R.UNEXPECTED_VERIFY_ERROR.value,
+                                  invalid_message=f"facilitator unreachable: {type(exc).__name__}")
+        if status != 200:
+            return VerifyResponse(is_valid=False, invalid_reason=R.UNEXPECTED_VERIFY_ERROR.value,
+                                  invalid_message=f"facilitator answered HTTP {status}")
+        try:
+            return VerifyResponse.model_validate_json(raw)
+        except ValidationError:
+            return VerifyResponse(is_valid=False, invalid_reason=R.UNEXPECTED_VERIFY_ERROR.value,
+                                  invalid_message="facilitator answered a malformed VerifyResponse")
+
+    async def settle(self, payload: AnyPayload, requirements: AnyRequirements) -> SettleResponse:
+        network = _caip2(requirements)
+        try:
+            status, raw = await self._post("/settle", _request_body(payload, requirements))
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            # It may have settled: the caller keeps the payment unresolved, not "free to retry".
+            return SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,
+                                  error_message=f"facilitator unreachable or timed out: {type(exc).__name__}",
+                                  transaction="", network=network)
+        try:
+            parsed = SettleResponse.model_validate_json(raw)
+        except ValidationError:
+            parsed = None
+        if status != 200 or parsed is None:
+            tx = parsed.transaction if parsed is not None and TX_HASH.match(parsed.transaction or "") else ""
+            return SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,
+                                  error_message=f"facilitator answered HTTP {status}"
+                                  + ("" if parsed is not None else " with a malformed body"),
+                                  transaction=tx, network=network)
+        return checked_settlement(parsed, network)
+
+    async def ready(self) -> bool:
+        try:
+            async with self._client().get(self.url + "/supported") as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return False
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def _caip2(requirements: AnyRequirements) -> str:
+    if isinstance(requirements, PaymentRequirementsV1):
+        from facilitator.x402.networks import to_caip2
+
+        return to_caip2(requirements.network)
+    return requirements.network

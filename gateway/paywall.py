@@ -1,0 +1,432 @@
+"""The payment flow, top to bottom.
+
+    match route -> price -> decode payment -> bind to what we offered -> claim the payment record
+    -> verify -> reserve budget -> forward upstream -> (2xx) settle -> record -> respond
+
+Money rules this module keeps:
+- nothing is served before settlement succeeded (streams settle before their first byte);
+- upstream 4xx/5xx or failure: no settlement, the record is dropped, the payment stays usable;
+- one signed payment is served at most once (records keyed by its on-chain identity);
+- a settlement whose outcome is unknown (timeout, pending) is kept PENDING and never treated as
+  free to retry: a resend asks the facilitator again and is served only once it says settled;
+- settlement and its record run shielded from client disconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+import time
+import uuid
+
+import aiohttp
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from facilitator.x402.errors import PaymentHeaderError
+from facilitator.x402.headers import (
+    PAYMENT_RESPONSE_HEADER,
+    X_PAYMENT_RESPONSE_HEADER,
+    decode_payment_header,
+    encode_payment_required,
+    encode_settle_response,
+)
+from facilitator.x402.networks import to_caip2
+from facilitator.x402.reasons import ErrorReason as R
+from facilitator.x402.types import (
+    PaymentPayload,
+    PaymentPayloadV1,
+    PaymentRequired,
+    PaymentRequirements,
+    PaymentRequirementsV1,
+    ResourceInfo,
+    SettleResponse,
+)
+from gateway.budget_hook import BudgetHook, BudgetRefusal, Hold
+from gateway.facilitator_client import FacilitatorClient
+from gateway.metrics import GatewayMetrics
+from gateway.pricing import Offer, Pricing, PricingError, matches, to_v1
+from gateway.proxy import (
+    UpstreamFailedError,
+    UpstreamPool,
+    UpstreamUnavailableError,
+    forward_headers,
+    read_all,
+    response_headers,
+)
+from gateway.records import PaymentRecord, PaymentRecords, RecordState
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("gateway.paywall")
+
+PAYMENT_ID = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+RECORD_TTL_S = 86_400
+# Outcomes where the facilitator may have moved money: keep the payment PENDING, never free.
+AMBIGUOUS = {R.SETTLEMENT_PENDING.value, R.UNEXPECTED_SETTLE_ERROR.value, R.INVALID_TRANSACTION_STATE.value}
+PAYMENT_IDENTIFIER_EXTENSION = {
+    "payment-identifier": {
+        "info": {"required": False},
+        "schema": {
+            "type": "object",
+            "properties": {"id": {"type": "string", "minLength": 16, "maxLength": 128, "pattern": "^[a-zA-Z0-9_-]+$"}},
+        },
+    }
+}
+
+
+def json_error(status: int, error: str, message: str, *, headers: dict[str, str] | None = None, **extra: object) -> Response:
+    body = {"error": error, "message": message, **{k: v for k, v in extra.items() if v not in (None, "")}}
+    h = {"Cache-Control": "no-store", **(headers or {})}
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=h)
+
+
+def payment_identity(payload: PaymentPayload | PaymentPayloadV1, network: str, asset: str) -> tuple[str, str]:
+    """(claimed payer, record key): the key is the payment's on-chain identity, so a re-encoded
+    header or a second gateway replica maps the same payment to the same record."""
+    inner = payload.payload
+    p2 = inner.get("permit2Authorization")
+    if isinstance(p2, dict) and isinstance(p2.get("from"), str) and isinstance(p2.get("nonce"), str):
+        return p2["from"], f"{network}:permit2:{p2['from'].lower()}:{p2['nonce']}"
+    auth = inner.get("authorization")
+    if isinstance(auth, dict) and isinstance(auth.get("from"), str) and isinstance(auth.get("nonce"), str):
+        return auth["from"], f"{network}:{asset.lower()}:{auth['from'].lower()}:{auth['nonce'].lower()}"
+    digest = hashlib.sha256(orjson.dumps(inner, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return "", f"{network}:payload:{digest}"
+
+
+def payment_id_of(payload: PaymentPayload | PaymentPayloadV1) -> str | None:
+    ext = getattr(payload, "extensions", None) or {}
+    info = (ext.get("payment-identifier") or {}).get("info") if isinstance(ext, dict) else None
+    pid = info.get("id") if isinstance(info, dict) else None
+    if pid is None:
+        return None
+    if not isinstance(pid, str) or not PAYMENT_ID.match(pid):
+        raise PaymentHeaderError(R.INVALID_PAYLOAD, "payment-identifier id must be 16-128 of [A-Za-z0-9_-]")
+    return pid
+
+
+class Paywall:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        pricing: Pricing,
+        facilitator: FacilitatorClient,
+        records: PaymentRecords,
+        budgets: BudgetHook,
+        metrics: GatewayMetrics,
+        pools: dict[str, UpstreamPool],
+        session: aiohttp.ClientSession,
+    ) -> None:
+        self.settings = settings
+        self.pricing = pricing
+        self.facilitator = facilitator
+        self.records = records
+        self.budgets = budgets
+        self.metrics = metrics
+        self.pools = pools
+        self.session = session
+        self._challenges: dict[tuple[int, str | None, str, str], str] = {}
+
+    # -- challenges ---------------------------------------------------------------------------
+
+    def _resource(self, request: Request, offer: Offer) -> ResourceInfo:
+        base = self.settings.public_url or f"{request.url.scheme}://{request.url.netloc}"
+        return ResourceInfo(url=base.rstrip("/") + request.url.path, description=offer.route.description or None,
+                            mime_type=offer.route.mime_type)
+
+    def challenge(self, request: Request, offer: Offer, error: str, message: str, *, status: int = 402,
+                  extra_headers: dict[str, str] | None = None) -> Response:
+        resource = self._resource(request, offer)
+        cache_key = (id(offer), offer.model, resource.url, error)
+        header = self._challenges.get(cache_key)
+        if header is None:
+            header = encode_payment_required(PaymentRequired(
+                x402_version=2, error=error, resource=resource, accepts=list(offer.requirements),
+                extensions=PAYMENT_IDENTIFIER_EXTENSION,
+            ))  # fmt: skip
+            if len(self._challenges) < 4096:
+                self._challenges[cache_key] = header
+        body = {
+            "x402Version": 1,  # v2 clients read PAYMENT-REQUIRED; v1 clients read this body
+            "error": error,
+            "message": message,
+            "price": {"amount": str(offer.price), "model": offer.model, "route": offer.route_id},
+            "accepts": [
+                to_v1(r, resource.url, offer.route.description, offer.route.mime_type).model_dump(by_alias=True, exclude_none=True)
+                for r in offer.requirements
+            ],
+        }
+        headers = {"PAYMENT-REQUIRED": header, "Cache-Control": "no-store", **(extra_headers or {})}
+        return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+    # -- the flow -----------------------------------------------------------------------------
+
+    async def handle(self, request: Request, body: bytes, request_id: str) -> Response:
+        match = self.pricing.match(request.method, request.url.path)
+        if match is None:
+            if self.pricing.path_known(request.url.path):
+                return json_error(405, "method_not_allowed", f"{request.method} is not offered on this path")
+            return json_error(404, "not_found", "this path is not offered by the gateway")
+        route, params = match
+        try:
+            offer = self.pricing.offer(route, params, body)
+        except PricingError as exc:
+            return json_error(400, exc.reason, exc.message)
+        has_payment = "payment-signature" in request.headers or "x-payment" in request.headers
+        if request.method == "HEAD" or not has_payment:
+            return self.challenge(request, offer, "payment_required",
+                                  f"This call costs {offer.price} (see accepts). Sign a payment and resend it in PAYMENT-SIGNATURE.")
+        try:
+            payload = decode_payment_header(request.headers)
+            assert payload is not None
+            pid = payment_id_of(payload)
+        except PaymentHeaderError as exc:
+            self.metrics.payments.labels(offer.route_id, "refused", exc.reason.value).inc()
+            return self.challenge(request, offer, exc.reason.value, exc.message, status=400)
+        requirement = self._bind(payload, offer, request)
+        if isinstance(requirement, Response):
+            return requirement
+        network = requirement.network if isinstance(requirement, PaymentRequirements) else to_caip2(requirement.network)
+        payer, key = payment_identity(payload, network, requirement.asset)
+        try:
+            await self.budgets.precheck(payer, network, requirement.asset, offer)
+        except BudgetRefusal as refusal:
+            return self._refusal(offer, refusal)
+        fp = hashlib.sha256(b"%s %s\n" % (request.method.encode(), str(request.url.path).encode() + b"?" + request.url.query.encode()) + body).hexdigest()
+        if pid is not None:
+            bound = await self.records.link_id(pid, key, ttl_s=RECORD_TTL_S)
+            if bound != key:  # a retry under an id already used: the earlier result, no new charge
+                earlier = await self.records.get(bound)
+                if earlier is not None:
+                    return await self._existing(request, offer, earlier, fp, None, None)
+        existing = await self.records.begin(key, fp, now_ms=int(time.time() * 1000), lease_ms=int(self.settings.record_lease_s * 1000))
+        if existing is not None:
+            return await self._existing(request, offer, existing, fp, payload, requirement)
+        return await self._charge(request, offer, body, payload, requirement, key, fp, request_id)
+
+    def _bind(self, payload: PaymentPayload | PaymentPayloadV1, offer: Offer, request: Request
+              ) -> PaymentRequirements | PaymentRequirementsV1 | Response:
+        """The offered requirement this payment is for, compared field for field, before any
+        facilitator call: a payment for a cheaper route, another payTo, asset or network fails here."""
+        if isinstance(payload, PaymentPayload):
+            differences = []
+            for offered in offer.requirements:
+                diff = matches(payload.accepted, offered)
+                if diff is None:
+                    return offered
+                differences.append(diff)
+            return self.challenge(request, offer, R.INVALID_PAYMENT_REQUIREMENTS.value,
+                                  f"the payment does not match what this route offers ({', '.join(sorted(set(differences)))})")
+        for offered in offer.requirements:
+            try:
+                same_network = to_caip2(payload.network) == offered.network
+            except Exception:
+                same_network = False
+            if payload.scheme == offered.scheme and same_network:
+                resource = self._resource(request, offer)
+                return to_v1(offered, resource.url, offer.route.description, offer.route.mime_type)
+        return self.challenge(request, offer, R.INVALID_PAYMENT_REQUIREMENTS.value,
+                              "no offered requirement has this payment's scheme and network")
+
+    def _refusal(self, offer: Offer, refusal: BudgetRefusal) -> Response:
+        self.metrics.payments.labels(offer.route_id, "refused", refusal.reason).inc()
+        return json_error(refusal.status, refusal.reason, refusal.message, headers=refusal.headers, **refusal.details)
+
+    async def _charge(self, request: Request, offer: Offer, body: bytes, payload: PaymentPayload | PaymentPayloadV1,
+                      requirement: PaymentRequirements | PaymentRequirementsV1, key: str, fp: str,
+                      request_id: str) -> Response:
+        route_id = offer.route_id
+        started = time.perf_counter()
+        try:
+            verify = await asyncio.wait_for(self.facilitator.verify(payload, requirement), self.settings.verify_timeout_s)
+        except asyncio.TimeoutError:
+            await self.records.abandon(key)
+            self.metrics.payments.labels(route_id, "refused", R.UNEXPECTED_VERIFY_ERROR.value).inc()
+            return self.challenge(request, offer, R.UNEXPECTED_VERIFY_ERROR.value, "the facilitator did not answer in time")
+        self.metrics.verify_seconds.labels(route_id).observe(time.perf_counter() - started)
+        if not verify.is_valid:
+            await self.records.abandon(key)
+            reason = verify.invalid_reason or R.INVALID_PAYLOAD.value
+            self.metrics.payments.labels(route_id, "refused", reason).inc()
+            return self.challenge(request, offer, reason, verify.invalid_message or "the payment is not valid")
+        network = requirement.network if isinstance(requirement, PaymentRequirements) else to_caip2(requirement.network)
+        amount = int(requirement.amount if isinstance(requirement, PaymentRequirements) else requirement.max_amount_required)
+        payer = verify.payer or ""
+        try:
+            hold = await self.budgets.reserve(payer, network, requirement.asset, amount, offer, request_id)
+        except BudgetRefusal as refusal:
+            await self.records.abandon(key)
+            return self._refusal(offer, refusal)
+
+        pool = self.pools[offer.route.upstream]
+        path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = forward_headers(request.headers.raw, pool.config)
+        headers["x-request-id"] = request_id
+        started = time.perf_counter()
+        try:
+            upstream = await pool.open(self.session, request.method, path_qs, headers, body)
+        except (UpstreamUnavailableError, UpstreamFailedError) as exc:
+            await self._not_charged(key, hold, offer, "upstream_unavailable")
+            return json_error(502, "upstream_unavailable", f"the upstream could not be reached ({exc}); you were not charged")
+        if upstream.status >= 400:
+            try:
+                err_body = await read_all(upstream, self.settings.max_body_bytes)
+            except UpstreamFailedError:
+                err_body = b""
+            finally:
+                upstream.release()
+            await self._not_charged(key, hold, offer, "upstream_error")
+            return Response(err_body, status_code=upstream.status, headers=dict(response_headers(upstream)))
+        streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        try:
+            if streaming:
+                first = await upstream.content.readany()
+            else:
+                content = await read_all(upstream, self.settings.max_body_bytes)
+        except (UpstreamFailedError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            upstream.release()
+            await self._not_charged(key, hold, offer, "upstream_error")
+            return json_error(502, "upstream_error", f"the upstream failed ({type(exc).__name__}); you were not charged")
+        self.metrics.upstream_seconds.labels(route_id, pool.name).observe(time.perf_counter() - started)
+        status, out_headers = upstream.status, response_headers(upstream)
+        cacheable = None if streaming else content
+        record = PaymentRecord(key=key, state=RecordState.PROCESSING, request_fp=fp, status=status,
+                               headers=out_headers, payment=_payment_json(payload, requirement))
+        settle_task = asyncio.ensure_future(self._settle(record, payload, requirement, hold, amount, network, offer, cacheable, request_id))
+        try:
+            settled = await asyncio.shield(settle_task)
+        except asyncio.CancelledError:
+            upstream.release()
+            raise
+        if not settled.success:
+            upstream.release()
+            return self._settle_failure(request, offer, settled, payload)
+        response_header = self._payment_response_header(payload, settled)
+        if not streaming:
+            return Response(content, status_code=status, headers=dict(out_headers) | response_header)
+        return StreamingResponse(_relay(first, upstream), status_code=status, headers=dict(out_headers) | response_header)
+
+    async def _not_charged(self, key: str, hold: Hold, offer: Offer, reason: str) -> None:
+        await self.records.abandon(key)
+        await self.budgets.release(hold)
+        self.metrics.payments.labels(offer.route_id, "not_charged", reason).inc()
+
+    async def _settle(self, record: PaymentRecord, payload: PaymentPayload | PaymentPayloadV1,
+                      requirement: PaymentRequirements | PaymentRequirementsV1, hold: Hold, amount: int,
+                      network: str, offer: Offer, content: bytes | None, request_id: str) -> SettleResponse:
+        started = time.perf_counter()
+        try:
+            settled = await asyncio.wait_for(self.facilitator.settle(payload, requirement), self.settings.settle_timeout_s)
+        except asyncio.TimeoutError:
+            settled = SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,
+                                     error_message="the facilitator did not answer in time", transaction="", network=network)
+        self.metrics.settle_seconds.labels(offer.route_id).observe(time.perf_counter() - started)
+        record.tx = settled.transaction or ""
+        record.settle = settled.model_dump_json(by_alias=True, exclude_none=True)
+        if content is not None and len(content) <= self.settings.replay_cache_bytes:
+            record.body, record.cached = content, True
+        if settled.success:
+            record.state = RecordState.SETTLED
+            await self.records.save(record, ttl_s=RECORD_TTL_S)
+            await self.budgets.commit(hold, amount, settled.transaction, request_id)
+            self.metrics.payments.labels(offer.route_id, "settled", "").inc()
+            self.metrics.revenue.labels(network, requirement.asset.lower()).inc(amount)
+            log.info("payment_settled", extra={"request_id": request_id, "route": offer.route_id, "tx": settled.transaction})
+        elif settled.error_reason in AMBIGUOUS or settled.transaction:
+            # The money may have moved: never free to retry, never served until confirmed settled.
+            record.state = RecordState.PENDING
+            await self.records.save(record, ttl_s=RECORD_TTL_S)
+            await self.budgets.commit(hold, amount, settled.transaction, request_id)  # conservative: counts as spent
+            self.metrics.payments.labels(offer.route_id, "pending", settled.error_reason or "").inc()
+            log.warning("settlement_unresolved", extra={"request_id": request_id, "route": offer.route_id,
+                                                       "tx": settled.transaction, "reason": settled.error_reason})
+        else:
+            await self.records.abandon(record.key)
+            await self.budgets.release(hold)
+            self.metrics.payments.labels(offer.route_id, "settle_failed", settled.error_reason or "").inc()
+        return settled
+
+    def _settle_failure(self, request: Request, offer: Offer, settled: SettleResponse,
+                        payload: PaymentPayload | PaymentPayloadV1) -> Response:
+        reason = settled.error_reason or R.UNEXPECTED_SETTLE_ERROR.value
+        headers = self._payment_response_header(payload, settled)
+        if reason in AMBIGUOUS or settled.transaction:
+            return json_error(402, reason, (settled.error_message or "settlement is not confirmed")
+                              + "; the content was not served. Resend the same payment to get it once settled; do not pay again.",
+                              headers=headers, transaction=settled.transaction, network=settled.network)
+        return self.challenge(request, offer, reason, settled.error_message or "settlement failed; you were not charged",
+                              extra_headers=headers)
+
+    def _payment_response_header(self, payload: PaymentPayload | PaymentPayloadV1, settled: SettleResponse) -> dict[str, str]:
+        name = X_PAYMENT_RESPONSE_HEADER if isinstance(payload, PaymentPayloadV1) else PAYMENT_RESPONSE_HEADER
+        return {name: encode_settle_response(settled), "Cache-Control": "no-store",
+                "Access-Control-Expose-Headers": f"{PAYMENT_RESPONSE_HEADER}, {X_PAYMENT_RESPONSE_HEADER}"}
+
+    async def _existing(self, request: Request, offer: Offer, record: PaymentRecord, fp: str,
+                        payload: PaymentPayload | PaymentPayloadV1 | None,
+                        requirement: PaymentRequirements | PaymentRequirementsV1 | None) -> Response:
+        """The payment (or payment-identifier) was seen before."""
+        route_id = offer.route_id
+        if record.state == RecordState.PROCESSING:
+            self.metrics.payments.labels(route_id, "refused", "payment_in_progress").inc()
+            return json_error(409, "payment_in_progress", "this payment is being processed by another request",
+                              headers={"Retry-After": "2"})
+        if record.request_fp != fp:
+            self.metrics.payments.labels(route_id, "refused", "payment_already_used").inc()
+            return json_error(409 if payload is None else 402, "payment_already_used",
+                              "this payment was already used for another request", transaction=record.tx)
+        if record.state == RecordState.PENDING:
+            stored = orjson.loads(record.payment) if record.payment else None
+            if stored is None:
+                return json_error(402, R.SETTLEMENT_PENDING.value, "settlement not confirmed", transaction=record.tx)
+            p, req = _payment_from_json(stored)
+            settled = await self.facilitator.settle(p, req)
+            if not settled.success:
+                return json_error(402, settled.error_reason or R.SETTLEMENT_PENDING.value,
+                                  (settled.error_message or "settlement not confirmed") + "; do not pay again",
+                                  transaction=settled.transaction or record.tx)
+            record.state, record.tx = RecordState.SETTLED, settled.transaction
+            record.settle = settled.model_dump_json(by_alias=True, exclude_none=True)
+            await self.records.save(record, ttl_s=RECORD_TTL_S)
+            self.metrics.payments.labels(route_id, "settled", "resolved_pending").inc()
+        settled = SettleResponse.model_validate_json(record.settle)
+        if not record.cached:
+            self.metrics.payments.labels(route_id, "refused", "payment_already_used").inc()
+            return json_error(402, "payment_already_used", "this payment was settled and its response was already delivered",
+                              transaction=record.tx)
+        self.metrics.payments.labels(route_id, "replayed", "").inc()
+        header = self._payment_response_header(payload or PaymentPayload.model_construct(), settled)
+        return Response(record.body, status_code=record.status, headers=dict(record.headers) | header)
+
+
+def _payment_json(payload: PaymentPayload | PaymentPayloadV1, requirement: PaymentRequirements | PaymentRequirementsV1) -> str:
+    return orjson.dumps({
+        "payload": payload.model_dump(by_alias=True, exclude_none=True),
+        "requirements": requirement.model_dump(by_alias=True, exclude_none=True),
+    }).decode()
+
+
+def _payment_from_json(stored: dict) -> tuple[PaymentPayload | PaymentPayloadV1, PaymentRequirements | PaymentRequirementsV1]:
+    if stored["payload"].get("x402Version") == 1:
+        return PaymentPayloadV1.model_validate(stored["payload"]), PaymentRequirementsV1.model_validate(stored["requirements"])
+    return PaymentPayload.model_validate(stored["payload"]), PaymentRequirements.model_validate(stored["requirements"])
+
+
+async def _relay(first: bytes, upstream: aiohttp.ClientResponse):
+    """Stream the upstream's bytes through as they come (no buffering)."""
+    try:
+        if first:
+            yield first
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        log.warning("upstream_stream_cut")
+    finally:
+        upstream.release()
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex

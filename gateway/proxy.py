@@ -1,0 +1,125 @@
+"""Forwarding to upstreams: TEE-hosted provider proxies and GPU workers.
+
+aiohttp with one pooled session (httpx collapses under concurrency: feasibility.md §6c). A pool
+fails over to its next healthy URL only when the connection could not be made, i.e. before the
+upstream could have done any work; a failure after that is the call's failure, never retried,
+and never charged. The provider's key lives here; the agent's payment and auth headers never
+reach the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass
+
+import aiohttp
+
+from gateway.settings import Upstream
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) and what the gateway owns.
+_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+        "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding"}
+STRIP_REQUEST = _HOP | {"payment-signature", "x-payment", "authorization", "x-api-key", "cookie",
+                        "access-control-expose-headers"}
+STRIP_RESPONSE = _HOP | {"content-encoding", "set-cookie", "payment-response", "x-payment-response",
+                         "payment-required"}
+_COOLDOWN_S = 5.0
+
+
+class UpstreamUnavailableError(Exception):
+    """No URL of the pool accepted a connection."""
+
+
+class UpstreamFailedError(Exception):
+    """The upstream accepted the call and then failed (timeout, reset, truncated body)."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def forward_headers(headers: list[tuple[bytes, bytes]], upstream: Upstream) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for raw_name, raw_value in headers:
+        name = raw_name.decode("latin-1").lower()
+        if name not in STRIP_REQUEST:
+            out[name] = raw_value.decode("latin-1")
+    out["accept-encoding"] = "identity"  # usage and SSE parsing need plain bodies
+    if upstream.auth_header and upstream.auth_value is not None:
+        out[upstream.auth_header.lower()] = upstream.auth_value.get_secret_value()
+    return out
+
+
+def response_headers(resp: aiohttp.ClientResponse) -> list[tuple[str, str]]:
+    return [(k.lower(), v) for k, v in resp.headers.items() if k.lower() not in STRIP_RESPONSE]
+
+
+class UpstreamPool:
+    def __init__(self, name: str, upstream: Upstream) -> None:
+        self.name = name
+        self.config = upstream
+        self._rr = itertools.count()
+        self._down_until: dict[str, float] = {}
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=upstream.connect_timeout_s, sock_read=upstream.timeout_s
+        )
+
+    def _order(self) -> list[str]:
+        urls = self.config.urls
+        start = next(self._rr) % len(urls)
+        rotated = urls[start:] + urls[:start]
+        now = time.monotonic()
+        healthy = [u for u in rotated if self._down_until.get(u, 0) <= now]
+        return healthy + [u for u in rotated if u not in healthy]  # all down: try them anyway
+
+    async def open(
+        self, session: aiohttp.ClientSession, method: str, path_qs: str, headers: dict[str, str], body: bytes
+    ) -> aiohttp.ClientResponse:
+        """The upstream's response with status and headers read, body not yet read."""
+        errors: list[str] = []
+        for base in self._order():
+            try:
+                resp = await session.request(
+                    method, base + path_qs, headers=headers, data=body or None, timeout=self._timeout,
+                    allow_redirects=False, auto_decompress=False,
+                )  # fmt: skip
+            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+                # Not connected, or dropped before answering a fresh connection: nothing ran.
+                self._down_until[base] = time.monotonic() + _COOLDOWN_S
+                errors.append(f"{base}: {type(exc).__name__}")
+                continue
+            except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+                raise UpstreamFailedError(f"{type(exc).__name__}") from exc
+            self._down_until.pop(base, None)
+            return resp
+        raise UpstreamUnavailableError("; ".join(errors) or "no upstream URL")
+
+    async def healthy(self, session: aiohttp.ClientSession) -> bool:
+        """Reachable means a TCP connection succeeds to at least one URL."""
+        for base in self.config.urls:
+            try:
+                async with session.get(base + "/", timeout=aiohttp.ClientTimeout(total=2)) as r:
+                    await r.read()
+                return True
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                continue
+        return False
+
+
+async def read_all(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise UpstreamFailedError(f"upstream body exceeds {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        raise UpstreamFailedError(f"{type(exc).__name__} while reading the body") from exc

@@ -1,0 +1,305 @@
+"""Payment records of the gateway: each signed payment is served at most once, across replicas
+and restarts.
+
+A record is keyed by the payment's on-chain identity (network, payer, nonce) and moves
+PROCESSING -> SETTLED | PENDING, or is deleted when nothing was charged (verify refused it, the
+upstream failed, the facilitator definitively refused settlement) so the same payment may be
+tried again. SETTLED keeps the settlement and, when small enough, the response, so a resend of
+the same request (or a `payment-identifier` retry) gets the earlier result without a new charge.
+PENDING means the facilitator may have moved the money (timeout, `settlement_pending`): a resend
+asks the facilitator again and never serves before it says settled.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+
+class RecordState(StrEnum):
+    PROCESSING = "processing"
+    SETTLED = "settled"
+    PENDING = "pending"
+
+
+class RecordStoreUnavailableError(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class PaymentRecord:
+    key: str
+    state: RecordState
+    request_fp: str
+    lease_until_ms: int = 0
+    tx: str = ""
+    settle: str = ""  # SettleResponse JSON
+    status: int = 0
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes = b""
+    cached: bool = False  # status/headers/body hold the complete response
+    payment: str = ""  # {"payload", "requirements"} JSON: what a PENDING settlement is retried with
+
+
+class PaymentRecords(Protocol):
+    async def begin(self, key: str, request_fp: str, *, now_ms: int, lease_ms: int) -> PaymentRecord | None:
+        """Create a PROCESSING record and return None (the caller owns the payment), or return the
+        record that exists. A PROCESSING record whose lease expired is taken over (returns None)."""
+        ...
+
+    async def save(self, record: PaymentRecord, *, ttl_s: int) -> None: ...
+
+    async def abandon(self, key: str) -> None: ...
+
+    async def link_id(self, payment_id: str, key: str, *, ttl_s: int) -> str:
+        """Bind a payment-identifier to a payment key; returns the key it is bound to (an earlier
+        one if the id was used before)."""
+        ...
+
+    async def get(self, key: str) -> PaymentRecord | None: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def _encode_headers(headers: list[tuple[str, str]]) -> str:
+    import orjson
+
+    return orjson.dumps(headers).decode()
+
+
+def _decode_headers(raw: str | bytes) -> list[tuple[str, str]]:
+    import orjson
+
+    return [tuple(h) for h in orjson.loads(raw)] if raw else []  # type: ignore[misc]
+
+
+class SQLitePaymentRecords:
+    def __init__(self, path: str) -> None:
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        if path != ":memory:":
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS records (
+                key TEXT PRIMARY KEY, state TEXT NOT NULL, request_fp TEXT NOT NULL,
+                lease_until_ms INTEGER NOT NULL DEFAULT 0, tx TEXT NOT NULL DEFAULT '',
+                settle TEXT NOT NULL DEFAULT '', status INTEGER NOT NULL DEFAULT 0,
+                headers TEXT NOT NULL DEFAULT '', body BLOB, cached INTEGER NOT NULL DEFAULT 0,
+                payment TEXT NOT NULL DEFAULT '', expires_ms INTEGER NOT NULL DEFAULT 0);
+            CREATE TABLE IF NOT EXISTS payment_ids (id TEXT PRIMARY KEY, key TEXT NOT NULL, expires_ms INTEGER NOT NULL);
+            """
+        )
+
+    def _row(self, key: str) -> PaymentRecord | None:
+        row = self._db.execute(
+            "SELECT key, state, request_fp, lease_until_ms, tx, settle, status, headers, body, cached, payment FROM records"
+            " WHERE key = ?",
+            (key,),
+        ).fetchone()
+        if row is None:
+            return None
+        return PaymentRecord(
+            key=row[0], state=RecordState(row[1]), request_fp=row[2], lease_until_ms=row[3], tx=row[4], settle=row[5],
+            status=row[6], headers=_decode_headers(row[7]), body=row[8] or b"", cached=bool(row[9]), payment=row[10],
+        )  # fmt: skip
+
+    async def begin(self, key: str, request_fp: str, *, now_ms: int, lease_ms: int) -> PaymentRecord | None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM records WHERE key = ? AND expires_ms > 0 AND expires_ms < ?", (key, now_ms))
+                existing = self._row(key)
+                if existing is None or (existing.state == RecordState.PROCESSING and existing.lease_until_ms < now_ms):
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO records (key, state, request_fp, lease_until_ms) VALUES (?, ?, ?, ?)",
+                        (key, RecordState.PROCESSING.value, request_fp, now_ms + lease_ms),
+                    )
+                    existing = None
+                self._db.execute("COMMIT")
+                return existing
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise RecordStoreUnavailableError(str(exc)) from exc
+
+    async def save(self, record: PaymentRecord, *, ttl_s: int) -> None:
+        import time
+
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO records (key, state, request_fp, lease_until_ms, tx, settle, status, headers,"
+                " body, cached, payment, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (record.key, record.state.value, record.request_fp, record.lease_until_ms, record.tx, record.settle,
+                 record.status, _encode_headers(record.headers), record.body, int(record.cached), record.payment,
+                 int(time.time() * 1000) + ttl_s * 1000),
+            )  # fmt: skip
+        except sqlite3.Error as exc:
+            raise RecordStoreUnavailableError(str(exc)) from exc
+
+    async def abandon(self, key: str) -> None:
+        try:
+            self._db.execute("DELETE FROM records WHERE key = ? AND state = 'processing'", (key,))
+        except sqlite3.Error as exc:
+            raise RecordStoreUnavailableError(str(exc)) from exc
+
+    async def link_id(self, payment_id: str, key: str, *, ttl_s: int) -> str:
+        import time
+
+        now = int(time.time() * 1000)
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("DELETE FROM payment_ids WHERE id = ? AND expires_ms < ?", (payment_id, now))
+                self._db.execute(
+                    "INSERT OR IGNORE INTO payment_ids (id, key, expires_ms) VALUES (?, ?, ?)",
+                    (payment_id, key, now + ttl_s * 1000),
+                )
+                (bound,) = self._db.execute("SELECT key FROM payment_ids WHERE id = ?", (payment_id,)).fetchone()
+                self._db.execute("COMMIT")
+                return bound
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise RecordStoreUnavailableError(str(exc)) from exc
+
+    async def get(self, key: str) -> PaymentRecord | None:
+        try:
+            return self._row(key)
+        except sqlite3.Error as exc:
+            raise RecordStoreUnavailableError(str(exc)) from exc
+
+    async def ping(self) -> None:
+        self._db.execute("SELECT 1")
+
+    async def close(self) -> None:
+        self._db.close()
+
+
+_BEGIN = """
+local st = redis.call('HGET', KEYS[1], 'state')
+if (not st) or (st == 'processing' and tonumber(redis.call('HGET', KEYS[1], 'lease_until_ms')) < tonumber(ARGV[2])) then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'state', 'processing', 'request_fp', ARGV[1],
+             'lease_until_ms', tonumber(ARGV[2]) + tonumber(ARGV[3]))
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 20)
+  return 1
+end
+return redis.call('HGETALL', KEYS[1])
+"""
+
+_ABANDON = """
+if redis.call('HGET', KEYS[1], 'state') == 'processing' then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisPaymentRecords:
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "x402gw:") -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._begin = client.register_script(_BEGIN)
+        self._abandon = client.register_script(_ABANDON)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "x402gw:") -> "RedisPaymentRecords":
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, socket_timeout=2.0, socket_connect_timeout=2.0, max_connections=64, timeout=2.0
+        )
+        return cls(aioredis.Redis(connection_pool=pool), prefix=prefix)
+
+    def _key(self, key: str) -> str:
+        return f"{self._prefix}pay:{{{key}}}"
+
+    @staticmethod
+    def _record(key: str, raw: dict[bytes, bytes]) -> PaymentRecord:
+        f = {k.decode(): v for k, v in raw.items()}
+        return PaymentRecord(
+            key=key,
+            state=RecordState(f["state"].decode()),
+            request_fp=f.get("request_fp", b"").decode(),
+            lease_until_ms=int(f.get("lease_until_ms", b"0") or 0),
+            tx=f.get("tx", b"").decode(),
+            settle=f.get("settle", b"").decode(),
+            status=int(f.get("status", b"0") or 0),
+            headers=_decode_headers(f.get("headers", b"")),
+            body=f.get("body", b""),
+            cached=f.get("cached", b"0") == b"1",
+            payment=f.get("payment", b"").decode(),
+        )
+
+    async def begin(self, key: str, request_fp: str, *, now_ms: int, lease_ms: int) -> PaymentRecord | None:
+        try:
+            res = await self._begin(keys=[self._key(key)], args=[request_fp, now_ms, lease_ms])
+        except RedisError as exc:
+            raise RecordStoreUnavailableError(f"redis: {exc}") from exc
+        if res == 1:
+            return None
+        return self._record(key, dict(zip(res[::2], res[1::2])))
+
+    async def save(self, record: PaymentRecord, *, ttl_s: int) -> None:
+        k = self._key(record.key)
+        mapping = {
+            "state": record.state.value, "request_fp": record.request_fp, "lease_until_ms": record.lease_until_ms,
+            "tx": record.tx, "settle": record.settle, "status": record.status,
+            "headers": _encode_headers(record.headers), "body": record.body, "cached": "1" if record.cached else "0",
+            "payment": record.payment,
+        }  # fmt: skip
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.delete(k)
+                pipe.hset(k, mapping=mapping)
+                pipe.expire(k, ttl_s)
+                await pipe.execute()
+        except RedisError as exc:
+            raise RecordStoreUnavailableError(f"redis: {exc}") from exc
+
+    async def abandon(self, key: str) -> None:
+        try:
+            await self._abandon(keys=[self._key(key)])
+        except RedisError as exc:
+            raise RecordStoreUnavailableError(f"redis: {exc}") from exc
+
+    async def link_id(self, payment_id: str, key: str, *, ttl_s: int) -> str:
+        k = f"{self._prefix}pid:{{{payment_id}}}"
+        try:
+            await self._redis.set(k, key, nx=True, ex=ttl_s)
+            bound = await self._redis.get(k)
+        except RedisError as exc:
+            raise RecordStoreUnavailableError(f"redis: {exc}") from exc
+        return bound.decode() if bound else key
+
+    async def get(self, key: str) -> PaymentRecord | None:
+        try:
+            raw = await self._redis.hgetall(self._key(key))
+        except RedisError as exc:
+            raise RecordStoreUnavailableError(f"redis: {exc}") from exc
+        return self._record(key, raw) if raw else None
+
+    async def ping(self) -> None:
+        try:
+            await self._redis.ping()
+        except RedisError as exc:
+            raise RecordStoreUnavailableError(f"redis: {exc}") from exc
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def open_records(url: str, *, prefix: str = "x402gw:") -> PaymentRecords:
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return RedisPaymentRecords.from_url(url, prefix=prefix)
+    if url.startswith("sqlite://") or url == "memory://":
+        return SQLitePaymentRecords(":memory:" if url == "memory://" else url.removeprefix("sqlite://"))
+    raise ValueError(f"unsupported store URL scheme: {url.split(':', 1)[0]!r}")
