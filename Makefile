@@ -6,7 +6,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/x402-facilitator demo
+	.venv/bin/x402-gateway demo
 
 test: setup
 	.venv/bin/python -m pytest -q

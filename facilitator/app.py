@@ -111,7 +111,7 @@ def _call(method: str, params: list) -> object:
     return Call(method, params)
 
 
-async def _background(fac: Facilitator, interval_s: float) -> None:
+async def reconcile_forever(fac: Facilitator, interval_s: float) -> None:
     """Finish settlements left unfinished by a crash or a receipt timeout; refresh gauges."""
     while True:
         try:
@@ -131,7 +131,7 @@ def create_app(settings: FacilitatorSettings, *, facilitator: Facilitator | None
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         fac = facilitator or build_facilitator(settings)
         app.state.facilitator = fac
-        task = asyncio.create_task(_background(fac, settings.reconcile_interval_s))
+        task = asyncio.create_task(reconcile_forever(fac, settings.reconcile_interval_s))
         try:
             yield
         finally:

@@ -37,7 +37,7 @@ def build_facilitator_client(settings: GatewaySettings) -> FacilitatorClient:
     from facilitator.settings import load_settings
 
     fac_settings = load_settings(ref.config_file, devchain_file=ref.devchain_file)
-    return LocalFacilitatorClient(build_facilitator(fac_settings))
+    return LocalFacilitatorClient(build_facilitator(fac_settings), reconcile_interval_s=fac_settings.reconcile_interval_s)
 
 
 @dataclass
@@ -76,6 +76,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         fac = facilitator or build_facilitator_client(settings)
+        if isinstance(fac, LocalFacilitatorClient):
+            fac.start()
         records = open_records(settings.store_url, prefix=settings.store_prefix)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300, keepalive_timeout=30),
@@ -149,3 +151,11 @@ def create_app(
     )
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def app_from_env() -> Starlette:
+    """uvicorn factory for multi-worker runs: settings come resolved from the parent process."""
+    import json
+    import os
+
+    return create_app(GatewaySettings.model_validate(json.loads(os.environ["GATEWAY_RESOLVED_SETTINGS"])))

@@ -38,7 +38,7 @@ def dev_settings(devchain: dict[str, Any], *, devchain_file: str | None, upstrea
         "store_url": store_url,
         "facilitator": facilitator,
         "accepts": accepts,
-        "upstreams": {"llm": upstream, "anthropic": anthropic, "gpu": {"urls": upstream_urls, "timeout_s": 120}},
+        "upstreams": {"llm": upstream, "anthropic": anthropic, "gpu": dict(upstream)},
         "routes": [
             {"method": "POST", "path": "/v1/chat/completions", "upstream": "llm", "price": "0.01",
              "models": {"gpt-4o": "0.02", "gpt-4o-mini": "0.005"}, "description": "OpenAI chat completions"},

@@ -10,6 +10,7 @@ failures (with the hash kept when one is known, so the payment can be reconciled
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from typing import Protocol
 
@@ -69,8 +70,17 @@ def checked_settlement(resp: SettleResponse, network: str) -> SettleResponse:
 class LocalFacilitatorClient:
     """Our facilitator, in-process: no HTTP hop."""
 
-    def __init__(self, facilitator: Facilitator) -> None:
+    def __init__(self, facilitator: Facilitator, *, reconcile_interval_s: float = 5.0) -> None:
         self.facilitator = facilitator
+        self._interval = reconcile_interval_s
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Run the facilitator's reconciler in this process (what its own service does)."""
+        from facilitator.app import reconcile_forever
+
+        if self._task is None:
+            self._task = asyncio.create_task(reconcile_forever(self.facilitator, self._interval))
 
     async def verify(self, payload: AnyPayload, requirements: AnyRequirements) -> VerifyResponse:
         return await self.facilitator.verify(VerifyRequest.model_validate(_request_body(payload, requirements)))
@@ -88,6 +98,10 @@ class LocalFacilitatorClient:
             return False
 
     async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         await self.facilitator.close()
 
 

@@ -212,14 +212,14 @@ class Paywall:
         """The offered requirement this payment is for, compared field for field, before any
         facilitator call: a payment for a cheaper route, another payTo, asset or network fails here."""
         if isinstance(payload, PaymentPayload):
-            differences = []
             for offered in offer.requirements:
-                diff = matches(payload.accepted, offered)
-                if diff is None:
+                if matches(payload.accepted, offered) is None:
                     return offered
-                differences.append(diff)
+            # Name the difference from the offer in the same asset, if there is one.
+            same_asset = [o for o in offer.requirements if o.asset.lower() == payload.accepted.asset.lower()]
+            diff = matches(payload.accepted, (same_asset or list(offer.requirements))[0])
             return self.challenge(request, offer, R.INVALID_PAYMENT_REQUIREMENTS.value,
-                                  f"the payment does not match what this route offers ({', '.join(sorted(set(differences)))})")
+                                  f"the payment does not match what this route offers ({diff} differs)")
         for offered in offer.requirements:
             try:
                 same_network = to_caip2(payload.network) == offered.network

@@ -33,7 +33,8 @@ environment ("$VAR" references, and GATEWAY_* overrides).
 
 Environment: GATEWAY_CONFIG_FILE, GATEWAY_PAY_TO, GATEWAY_STORE_URL, GATEWAY_PUBLIC_URL,
 GATEWAY_FACILITATOR_URL (switches to remote mode), GATEWAY_HOST, GATEWAY_PORT,
-GATEWAY_UPSTREAM_<NAME>_URLS (comma-separated), GATEWAY_UPSTREAM_<NAME>_AUTH.
+GATEWAY_UPSTREAM_<NAME>_URLS (comma-separated), GATEWAY_UPSTREAM_<NAME>_AUTH, GATEWAY_SETTLE_TIMEOUT_S,
+GATEWAY_VERIFY_TIMEOUT_S, GATEWAY_RECORD_LEASE_S, GATEWAY_STORE_PREFIX, GATEWAY_LOG_LEVEL.
 """
 
 from __future__ import annotations
@@ -188,6 +189,19 @@ def _resolve_secrets(data: dict, env: Mapping[str, str]) -> dict:
     return data
 
 
+_TUNABLES = {
+    "GATEWAY_SETTLE_TIMEOUT_S": ("settle_timeout_s", float),
+    "GATEWAY_VERIFY_TIMEOUT_S": ("verify_timeout_s", float),
+    "GATEWAY_RECORD_LEASE_S": ("record_lease_s", float),
+    "GATEWAY_STORE_PREFIX": ("store_prefix", str),
+    "GATEWAY_LOG_LEVEL": ("log_level", str),
+}
+
+
+def env_tunables(env: Mapping[str, str]) -> dict:
+    return {field: kind(env[name]) for name, (field, kind) in _TUNABLES.items() if env.get(name)}
+
+
 def load_gateway_settings(
     config_file: str | None = None, *, env: Mapping[str, str] | None = None, overrides: dict | None = None
 ) -> GatewaySettings:
@@ -210,6 +224,7 @@ def load_gateway_settings(
             up["urls"] = [u.strip() for u in urls.split(",") if u.strip()]
         if auth := env.get(f"GATEWAY_UPSTREAM_{name.upper()}_AUTH"):
             up["auth_value"] = auth
+    data.update(env_tunables(env))
     for key, value in (overrides or {}).items():
         data[key] = value
     return GatewaySettings.model_validate(data)

@@ -20,8 +20,10 @@ only; every loop is bounded; anvil and serve processes are always stopped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +45,8 @@ def int_list(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--payments", type=int, default=150,
-                   help="payments settled per configuration and repetition (default 150, half per method)")
+    p.add_argument("--payments", type=int, default=300,
+                   help="payments settled per configuration and repetition (default 300, half per method)")
     p.add_argument("--reps", type=int, default=3, help="repetitions per configuration (default 3)")
     p.add_argument("--conc", type=int_list, default=[1, 16], help="concurrencies (default 1,16)")
     p.add_argument("--keys", type=int_list, default=[1, 3], help="numbers of signer keys (default 1,3)")
@@ -134,27 +136,66 @@ async def run_config(args: argparse.Namespace, d: dict[str, Any], rpc: Any, paym
     return summary
 
 
-async def main_async(args: argparse.Namespace, chain: Any, data: dict[str, Any]) -> None:
+def same_deployment(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Two dev chains with the same contracts, tokens and accounts (only the RPC URL differs), so
+    a payment signed for one is valid on the other."""
+    strip = lambda d: {k: v for k, v in d.items() if k != "rpc_url"}  # noqa: E731
+    return strip(a) == strip(b)
+
+
+@contextlib.asynccontextmanager
+async def facilitator_for(mode: str, d: dict[str, Any], keys: list[str], store_url: str, store_prefix: str,
+                          anvil_pid: int | None, conc: int) -> AsyncIterator[tuple[Any, C.CpuMeter]]:
+    """(settle(payment) -> wire SettleResponse dict, CPU meter) for a fresh facilitator."""
     import aiohttp
     import orjson
 
     from facilitator.app import build_facilitator
-    from facilitator.devchain import JsonRpc
     from facilitator.settings import devchain_overlay, load_settings
     from facilitator.x402.types import SettleRequest
 
-    d = chain.description
-    rpc = JsonRpc(d["rpc_url"])
-    all_keys = [a["private_key"] for a in d["accounts"]["facilitator"]]
-    all_addrs = [a["address"] for a in d["accounts"]["facilitator"]]
-    configs = [SettleRun(mode, k, c) for mode in args.modes for k in args.keys for c in args.conc]
-    per_run = args.payments
-    n_total = per_run * len(configs) * args.reps
+    if mode == "inprocess":
+        fac = build_facilitator(load_settings(None, env={}, overrides=devchain_overlay(d) | {
+            "store_url": store_url, "store_prefix": store_prefix, "signer_keys": keys}))
+
+        async def settle(pay: C.SignedPayment) -> dict[str, Any]:
+            resp = await fac.settle(SettleRequest.model_validate(pay.body))
+            return resp.model_dump(by_alias=True, exclude_none=True)
+
+        try:
+            yield settle, C.CpuMeter({"bench process": None, "anvil": anvil_pid})
+        finally:
+            await fac.close()
+        return
+    with C.ServeProcess(d, store_url=store_url, store_prefix=store_prefix, signer_keys=keys) as serve:
+        url = serve.url + "/settle"
+        headers = {"Content-Type": "application/json"}
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc),
+                                         timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+            async def settle(pay: C.SignedPayment) -> dict[str, Any]:
+                async with session.post(url, data=pay.body_bytes, headers=headers) as resp:
+                    raw = await resp.read()
+                    if resp.status != 200:
+                        return {"success": False, "errorReason": f"http_{resp.status}"}
+                return orjson.loads(raw)
+
+            yield settle, C.CpuMeter({"client (bench process)": None,
+                                      "serve": serve.proc.pid if serve.proc else None, "anvil": anvil_pid})
+
+
+async def main_async(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    from facilitator.devchain import DevChain, JsonRpc
+
+    n_keys = max(args.keys)
+    with DevChain(agents=args.agents, facilitators=n_keys) as ref:
+        d0 = ref.description
+    n_total = args.payments * len(args.modes) * len(args.keys) * len(args.conc) * args.reps
     t0 = time.perf_counter()
     signed: dict[str, list[C.SignedPayment]] = {}
     for i, sym in enumerate(SYMBOLS):
         # distinct amounts so a wrong transfer cannot hide in a sum of equal values
-        signed[sym] = await C.sign_payments(d, sym, (n_total + 1) // 2 + 1, agents=args.agents,
+        signed[sym] = await C.sign_payments(d0, sym, (n_total + 1) // 2 + 1, agents=args.agents,
                                             amount=lambda j, i=i: 1000 + 2 * j + i)
     print(f"signed {sum(map(len, signed.values()))} payments in {time.perf_counter() - t0:.1f} s", flush=True)
     pools = {sym: iter(v) for sym, v in signed.items()}
@@ -163,71 +204,38 @@ async def main_async(args: argparse.Namespace, chain: Any, data: dict[str, Any])
         return [next(pools[SYMBOLS[j % 2]]) for j in range(n)]
 
     results: dict[str, list[dict[str, Any]]] = {}
-    run_id = data["run_id"]
-    try:
-        for rep in range(args.reps):
-            for mode in args.modes:
-                for k in args.keys:
-                    store_url, store_prefix = C.store_for_run(args.store, f"{run_id}:{mode}:{k}:{rep}")
-                    keys, addrs = all_keys[:k], all_addrs[:k]
-                    if mode == "inprocess":
-                        settings = load_settings(None, env={}, overrides=devchain_overlay(d) | {
-                            "store_url": store_url, "store_prefix": store_prefix, "signer_keys": keys})
-                        fac = build_facilitator(settings)
-
-                        async def settle(pay: C.SignedPayment, fac: Any = fac) -> dict[str, Any]:
-                            resp = await fac.settle(SettleRequest.model_validate(pay.body))
-                            return resp.model_dump(by_alias=True, exclude_none=True)
-
-                        cpu = C.CpuMeter({"bench process": None, "anvil": chain.pid})
-                        try:
-                            await run_all_conc(args, d, rpc, mode, k, rep, take, settle, cpu, addrs, all_addrs,
-                                               results, data)
-                        finally:
-                            await fac.close()
-                        await C.purge_redis_prefix(store_url, store_prefix)
-                    else:
-                        with C.ServeProcess(d, store_url=store_url, store_prefix=store_prefix, signer_keys=keys) as serve:
-                            url = serve.url + "/settle"
-                            cpu = C.CpuMeter({"client (bench process)": None,
-                                              "serve": serve.proc.pid if serve.proc else None, "anvil": chain.pid})
-                            connector = aiohttp.TCPConnector(limit=max(args.conc))
-                            async with aiohttp.ClientSession(connector=connector,
-                                                             timeout=aiohttp.ClientTimeout(total=60)) as session:
-
-                                async def settle(pay: C.SignedPayment, session: Any = session,
-                                                 url: str = url) -> dict[str, Any]:
-                                    async with session.post(url, data=pay.body_bytes,
-                                                            headers={"Content-Type": "application/json"}) as resp:
-                                        raw = await resp.read()
-                                        if resp.status != 200:
-                                            return {"success": False, "errorReason": f"http_{resp.status}"}
-                                    return orjson.loads(raw)
-
-                                await run_all_conc(args, d, rpc, mode, k, rep, take, settle, cpu, addrs, all_addrs,
-                                                   results, data)
-                        await C.purge_redis_prefix(store_url, store_prefix)
-    finally:
-        rpc.close()
     data["runs"] = results
-
-
-async def run_all_conc(args: argparse.Namespace, d: dict[str, Any], rpc: Any, mode: str, k: int, rep: int,
-                       take: Any, settle: Any, cpu: C.CpuMeter, addrs: list[str], all_addrs: list[str],
-                       results: dict[str, list[dict[str, Any]]], data: dict[str, Any]) -> None:
-    """Every concurrency against one facilitator; on the last repetition with the most keys, also
-    re-settle some of the payments this facilitator settled."""
-    settled_here: list[tuple[str, C.SignedPayment, dict[str, Any]]] = []
-    for c in args.conc:
-        run = SettleRun(mode, k, c)
-        s = await run_config(args, d, rpc, take(args.payments), run, settle, cpu, addrs)
-        report_line(rep, run, s)
-        settled_here += [(run.label, p, r) for p, r in s.pop("_outcomes") if r.get("success")]
-        results.setdefault(run.label, []).append(s)
-    if args.resettle and rep == args.reps - 1 and k == max(args.keys) and settled_here:
-        step = max(1, len(settled_here) // args.resettle)
-        data.setdefault("resettle", {})[mode] = await resettle_check(
-            d, rpc, settled_here[::step][: args.resettle], settle, all_addrs, mode)
+    all_keys = [a["private_key"] for a in d0["accounts"]["facilitator"]]
+    all_addrs = [a["address"] for a in d0["accounts"]["facilitator"]]
+    for rep in range(args.reps):
+        for mode in args.modes:
+            for k in args.keys:
+                for c in args.conc:
+                    run = SettleRun(mode, k, c)
+                    # A fresh chain per run: anvil's cost per transaction grows with the chain's length
+                    # (README), so runs made later on one chain would be slower for that reason alone.
+                    with DevChain(agents=args.agents, facilitators=n_keys) as chain:
+                        d = chain.description
+                        if not same_deployment(d, d0):
+                            raise RuntimeError("a fresh dev chain differs from the one the payments were signed for")
+                        store_url, store_prefix = C.store_for_run(args.store, f"{data['run_id']}:{mode}:{k}:{c}:{rep}")
+                        rpc = JsonRpc(d["rpc_url"])
+                        try:
+                            async with facilitator_for(mode, d, all_keys[:k], store_url, store_prefix, chain.pid,
+                                                       c) as (settle, cpu):
+                                s = await run_config(args, d, rpc, take(args.payments), run, settle, cpu,
+                                                     all_addrs[:k])
+                                report_line(rep, run, s)
+                                outcomes = [(run.label, p, r) for p, r in s.pop("_outcomes") if r.get("success")]
+                                results.setdefault(run.label, []).append(s)
+                                if (args.resettle and rep == args.reps - 1 and k == n_keys and c == max(args.conc)
+                                        and outcomes):
+                                    step = max(1, len(outcomes) // args.resettle)
+                                    data.setdefault("resettle", {})[mode] = await resettle_check(
+                                        d, rpc, outcomes[::step][: args.resettle], settle, all_addrs, mode)
+                        finally:
+                            rpc.close()
+                            await C.purge_redis_prefix(store_url, store_prefix)
 
 
 async def resettle_check(d: dict[str, Any], rpc: Any, pool: list[tuple[str, C.SignedPayment, dict[str, Any]]],
@@ -267,7 +275,7 @@ def build_report(data: dict[str, Any]) -> str:
              "(automine: each transaction is mined when it arrives), "
              f"{a['payments']} fresh payments per configuration and repetition (alternating Permit2/OPG and "
              f"EIP-3009/USDC, signed by the official x402 client over {a['agents']} agents), each settled once; "
-             f"median of {a['reps']} repetitions. Store `{a['store']}` (a fresh key space per configuration). "
+             f"median of {a['reps']} repetitions. Every run gets a fresh anvil (see Notes). Store `{a['store']}` (a fresh key space per configuration). "
              f"Event loop {data['event_loop']}.", "",
              "## Machine", "", C.md_machine(data["machine"]), "",
              "## Settlements", "",
@@ -281,13 +289,18 @@ def build_report(data: dict[str, Any]) -> str:
         cpu_txt = ", ".join(
             f"{p.split()[0]} {C.fmt(C.median((r['cpu_us_per_op'] or {}).get(p) or float('nan') for r in reps))}"
             for p in procs)
+        per_key: dict[str, int] = {}
+        for r in reps:
+            for addr, n in r["money_check"]["signer_txs_per_key"].items():
+                per_key[addr] = per_key.get(addr, 0) + n
         rows.append([mode, keys.split("=")[1], conc.split("=")[1],
                      C.fmt(C.median(r["ops_per_s"] for r in reps), 1),
                      C.fmt(C.median(r["p50_ms"] for r in reps), 2), C.fmt(C.median(r["p99_ms"] for r in reps), 2),
-                     f"{sum(r['ok'] for r in reps)}/{sum(r['ops'] for r in reps)}", cpu_txt,
+                     f"{sum(r['ok'] for r in reps)}/{sum(r['ops'] for r in reps)}", "/".join(map(str, per_key.values())),
+                     cpu_txt,
                      "yes" if all(r["money_check"]["ok"] for r in reps) else "**NO**"])
     lines += [C.md_table(["mode", "signer keys", "concurrency", "settles/s", "p50 ms", "p99 ms", "succeeded",
-                          "CPU µs/settle", "money check"], rows), ""]
+                          "txs per key", "CPU µs/settle", "money check"], rows), ""]
     # money totals
     tot: dict[str, dict[str, int]] = {}
     for reps in runs.values():
@@ -321,8 +334,6 @@ def build_report(data: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     C.install_sigterm_handler()
-    from facilitator.devchain import DevChain
-
     t_start = time.perf_counter()
     data: dict[str, Any] = {
         "kind": "settle", "run_id": C.new_run_id(), "started": C.now_iso(),
@@ -330,9 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(args), "machine": C.machine_info(), "event_loop": C.loop_name(), "notes": [],
     }
     print(f"bench_settle: run {data['run_id']}, store {args.store}", flush=True)
-    with DevChain(agents=args.agents, facilitators=max(args.keys)) as chain, C.event_loop_runner() as runner:
-        print(f"anvil pid {chain.pid} at {chain.rpc_url}", flush=True)
-        runner.run(main_async(args, chain, data))
+    with C.event_loop_runner() as runner:
+        runner.run(main_async(args, data))
     data["machine"]["loadavg_end"] = list(__import__("os").getloadavg())
     data["finished"] = C.now_iso()
     data["duration_s"] = time.perf_counter() - t_start

@@ -182,3 +182,61 @@ def spawn_facilitator(devchain_file: str, tmp_path: Path) -> Iterator[Any]:
     yield spawn
     for p in started:
         p.stop()
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Any]:
+    """spawn(argv, port, env=None) -> a started process answering GET /healthz on `port`."""
+    started: list[ServiceProcess] = []
+
+    def run(argv: list[str], port: int, env: dict[str, str] | None = None) -> ServiceProcess:
+        proc = ServiceProcess(argv, port, dict(os.environ) | (env or {}), tmp_path / f"{Path(argv[2]).name}-{port}.log")
+        started.append(proc)
+        return proc.start()
+
+    yield run
+    for p in started:
+        p.stop()
+
+
+@pytest.fixture
+def spawn_upstream(spawn: Any) -> Any:
+    """A stand-in AI provider process (gateway.devupstream) requiring the key `sk-upstream`."""
+
+    def run(name: str = "devupstream") -> ServiceProcess:
+        port = _port()
+        return spawn([sys.executable, "-m", "gateway.devupstream", "--port", str(port), "--name", name,
+                      "--require-auth", "sk-upstream"], port)
+
+    return run
+
+
+@pytest.fixture
+def spawn_gateway(spawn: Any, devchain_file: str, tmp_path: Path) -> Any:
+    """A gateway process on the dev chain configuration. The in-process facilitator (when no
+    facilitator_url is given) shares `store_url` with the gateway's records."""
+
+    def run(upstream_url: str, store_url: str, *, facilitator_url: str | None = None, port: int | None = None,
+            env: dict[str, str] | None = None, config: str | None = None) -> ServiceProcess:
+        port = port or _port()
+        argv = [sys.executable, "-m", "gateway.cli", "serve", "--devchain", devchain_file, "--port", str(port),
+                "--store", store_url]
+        argv += ["--config", config] if config else ["--upstream", upstream_url]
+        if facilitator_url:
+            argv += ["--facilitator-url", facilitator_url]
+        fac_store = store_url if store_url.startswith("redis") else f"sqlite://{tmp_path}/facilitator-{port}.sqlite3"
+        base_env = {"FACILITATOR_STORE_URL": fac_store, "GATEWAY_DEV_UPSTREAM_KEY": "sk-upstream"}
+        return spawn(argv, port, base_env | (env or {}))
+
+    return run
+
+
+@pytest.fixture
+def spawn_hostile(spawn: Any) -> Any:
+    """A hostile third-party facilitator forwarding to `real_url` unless told otherwise."""
+
+    def run(real_url: str) -> ServiceProcess:
+        port = _port()
+        return spawn([sys.executable, "-m", "tests.hostile_facilitator", "--port", str(port), "--real", real_url], port)
+
+    return run
