@@ -12,7 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
 from gateway.budget_hook import BudgetHook, NoBudgets
 from gateway.facilitator_client import FacilitatorClient, HttpFacilitatorClient, LocalFacilitatorClient
@@ -64,6 +64,36 @@ async def read_limited(request: Request, limit: int) -> bytes | None:
     return b"".join(chunks)
 
 
+def build_budgets(settings: GatewaySettings):
+    """The budget enforcer and its store from the [budgets] section (None when absent)."""
+    from budgets.enforcer import BudgetEnforcer
+    from budgets.models import DefaultPolicy
+    from budgets.sqlite_store import open_budget_store
+
+    b = settings.budgets
+    if b is None or not b.enabled:
+        return None
+    url = b.store_url or (settings.store_url if settings.store_url.startswith("redis")
+                          else "sqlite://.x402-state/budgets.sqlite3")
+    store = open_budget_store(url, prefix=b.store_prefix)
+    defaults = {
+        (o.network, o.asset.lower()): DefaultPolicy(mode=b.default, policy=b.default_policy(o.network, o.asset, o.decimals))
+        for o in settings.accepts
+    }
+    return BudgetEnforcer(store, defaults=defaults, timezone=b.timezone, hold_s=b.hold_s)
+
+
+async def seed_policies(settings: GatewaySettings, enforcer) -> None:
+    """Policies from the config file are written at start when the store has none for that
+    owner, network and asset; changes made through the admin API persist and win."""
+    assert settings.budgets is not None
+    for entry in settings.budgets.policies:
+        kind, owner = entry.owner()
+        policy = entry.policy()
+        if await enforcer.store.get_policy(kind, owner, policy.network, policy.asset) is None:
+            await enforcer.store.put_policy(kind, owner, policy)
+
+
 def create_app(
     settings: GatewaySettings,
     *,
@@ -72,6 +102,7 @@ def create_app(
     metrics: GatewayMetrics | None = None,
 ) -> Starlette:
     pricing = Pricing(settings)
+    enforcer = build_budgets(settings) if budgets is None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -85,7 +116,10 @@ def create_app(
         )
         m = metrics or GatewayMetrics()
         pools = {name: UpstreamPool(name, up) for name, up in settings.upstreams.items()}
-        paywall = Paywall(settings, pricing, fac, records, budgets or NoBudgets(), m, pools, session)
+        if enforcer is not None:
+            await seed_policies(settings, enforcer)
+        hook = budgets or enforcer or NoBudgets()
+        paywall = Paywall(settings, pricing, fac, records, hook, m, pools, session)
         app.state.gateway = GatewayState(paywall, records, fac, session, m, pricing)
         try:
             yield
@@ -93,6 +127,8 @@ def create_app(
             await session.close()
             await fac.close()
             await records.close()
+            if enforcer is not None:
+                await enforcer.store.close()
 
     async def paid(request: Request) -> Response:
         state: GatewayState = request.app.state.gateway
@@ -139,16 +175,20 @@ def create_app(
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
-    app = Starlette(
-        routes=[
-            Route("/healthz", healthz, methods=["GET"]),
-            Route("/readyz", readyz, methods=["GET"]),
-            Route("/metrics", metrics_endpoint, methods=["GET"]),
-            Route("/v1/models", models, methods=["GET"]),
-            Route("/{path:path}", paid, methods=methods),
-        ],
-        lifespan=lifespan,
-    )
+    routes: list = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+    ]
+    if enforcer is not None and settings.budgets is not None:
+        from budgets.admin import create_admin_app
+        from budgets.settings import admin_token
+
+        assets = {(o.network, o.asset.lower()): (o.symbol, o.decimals) for o in settings.accepts}
+        routes.append(Mount(settings.budgets.admin_prefix, app=create_admin_app(enforcer, admin_token(), assets=assets)))
+    routes.append(Route("/{path:path}", paid, methods=methods))
+    app = Starlette(routes=routes, lifespan=lifespan)
     app.add_middleware(RequestIdMiddleware)
     return app
 

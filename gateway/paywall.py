@@ -45,7 +45,7 @@ from facilitator.x402.types import (
     ResourceInfo,
     SettleResponse,
 )
-from gateway.budget_hook import BudgetHook, BudgetRefusal, Hold
+from gateway.budget_hook import BudgetHook, Hold, Refusal
 from gateway.facilitator_client import FacilitatorClient
 from gateway.metrics import GatewayMetrics
 from gateway.pricing import Offer, Pricing, PricingError, matches, to_v1
@@ -65,6 +65,7 @@ log = logging.getLogger("gateway.paywall")
 PAYMENT_ID = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 RECORD_TTL_S = 86_400
 # Outcomes where the facilitator may have moved money: keep the payment PENDING, never free.
+NONCE_USED = {R.PERMIT2_INVALID_NONCE.value, R.INVALID_EXACT_EVM_NONCE_ALREADY_USED.value}
 AMBIGUOUS = {R.SETTLEMENT_PENDING.value, R.UNEXPECTED_SETTLE_ERROR.value, R.INVALID_TRANSACTION_STATE.value}
 PAYMENT_IDENTIFIER_EXTENSION = {
     "payment-identifier": {
@@ -192,8 +193,8 @@ class Paywall:
         network = requirement.network if isinstance(requirement, PaymentRequirements) else to_caip2(requirement.network)
         payer, key = payment_identity(payload, network, requirement.asset)
         try:
-            await self.budgets.precheck(payer, network, requirement.asset, offer)
-        except BudgetRefusal as refusal:
+            await self.budgets.precheck(payer, network, requirement.asset, offer.route_id, offer.model)
+        except Refusal as refusal:
             return self._refusal(offer, refusal)
         fp = hashlib.sha256(b"%s %s\n" % (request.method.encode(), str(request.url.path).encode() + b"?" + request.url.query.encode()) + body).hexdigest()
         if pid is not None:
@@ -231,9 +232,14 @@ class Paywall:
         return self.challenge(request, offer, R.INVALID_PAYMENT_REQUIREMENTS.value,
                               "no offered requirement has this payment's scheme and network")
 
-    def _refusal(self, offer: Offer, refusal: BudgetRefusal) -> Response:
+    def _refusal(self, offer: Offer, refusal: Refusal) -> Response:
+        """Budget refusals are explicit: the reason, what remains, when the window resets."""
         self.metrics.payments.labels(offer.route_id, "refused", refusal.reason).inc()
-        return json_error(refusal.status, refusal.reason, refusal.message, headers=refusal.headers, **refusal.details)
+        headers = {"Retry-After": str(refusal.retry_after_s)} if refusal.retry_after_s else {}
+        resets = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(refusal.resets_at))
+                  if refusal.resets_at is not None else None)
+        return json_error(refusal.status, refusal.reason, refusal.message, headers=headers, budget=refusal.scope,
+                          remaining=None if refusal.remaining is None else str(refusal.remaining), resets_at=resets)
 
     async def _charge(self, request: Request, offer: Offer, body: bytes, payload: PaymentPayload | PaymentPayloadV1,
                       requirement: PaymentRequirements | PaymentRequirementsV1, key: str, fp: str,
@@ -246,7 +252,13 @@ class Paywall:
             await self.records.abandon(key)
             self.metrics.payments.labels(route_id, "refused", R.UNEXPECTED_VERIFY_ERROR.value).inc()
             return self.challenge(request, offer, R.UNEXPECTED_VERIFY_ERROR.value, "the facilitator did not answer in time")
-        self.metrics.verify_seconds.labels(route_id).observe(time.perf_counter() - started)
+        verify_s = time.perf_counter() - started
+        self.metrics.verify_seconds.labels(route_id).observe(verify_s)
+        if not verify.is_valid and verify.invalid_reason in NONCE_USED:
+            known = await self._already_settled(key, fp, payload, requirement)
+            if known is not None:
+                return json_error(402, "payment_already_used", "this payment was already settled; it is not charged again",
+                                  transaction=known.transaction, network=known.network)
         if not verify.is_valid:
             await self.records.abandon(key)
             reason = verify.invalid_reason or R.INVALID_PAYLOAD.value
@@ -256,8 +268,9 @@ class Paywall:
         amount = int(requirement.amount if isinstance(requirement, PaymentRequirements) else requirement.max_amount_required)
         payer = verify.payer or ""
         try:
-            hold = await self.budgets.reserve(payer, network, requirement.asset, amount, offer, request_id)
-        except BudgetRefusal as refusal:
+            hold = await self.budgets.reserve(payer, network, requirement.asset, amount, offer.route_id, offer.model,
+                                              request_id)
+        except Refusal as refusal:
             await self.records.abandon(key)
             return self._refusal(offer, refusal)
 
@@ -290,11 +303,13 @@ class Paywall:
             upstream.release()
             await self._not_charged(key, hold, offer, "upstream_error")
             return json_error(502, "upstream_error", f"the upstream failed ({type(exc).__name__}); you were not charged")
-        self.metrics.upstream_seconds.labels(route_id, pool.name).observe(time.perf_counter() - started)
+        upstream_s = time.perf_counter() - started
+        self.metrics.upstream_seconds.labels(route_id, pool.name).observe(upstream_s)
         status, out_headers = upstream.status, response_headers(upstream)
         cacheable = None if streaming else content
         record = PaymentRecord(key=key, state=RecordState.PROCESSING, request_fp=fp, status=status,
                                headers=out_headers, payment=_payment_json(payload, requirement))
+        started = time.perf_counter()
         settle_task = asyncio.ensure_future(self._settle(record, payload, requirement, hold, amount, network, offer, cacheable, request_id))
         try:
             settled = await asyncio.shield(settle_task)
@@ -304,10 +319,34 @@ class Paywall:
         if not settled.success:
             upstream.release()
             return self._settle_failure(request, offer, settled, payload)
+        settle_s = time.perf_counter() - started
         response_header = self._payment_response_header(payload, settled)
+        # Where the time went (RFC Server-Timing, milliseconds): lets agents and load tests see
+        # the gateway's own cost apart from the upstream and the chain.
+        response_header["Server-Timing"] = (
+            f"verify;dur={verify_s * 1000:.2f}, upstream;dur={upstream_s * 1000:.2f}, settle;dur={settle_s * 1000:.2f}"
+        )
         if not streaming:
             return Response(content, status_code=status, headers=dict(out_headers) | response_header)
         return StreamingResponse(_relay(first, upstream), status_code=status, headers=dict(out_headers) | response_header)
+
+    async def _already_settled(self, key: str, fp: str, payload: PaymentPayload | PaymentPayloadV1,
+                                requirement: PaymentRequirements | PaymentRequirementsV1) -> SettleResponse | None:
+        """A payment whose nonce is spent may have been settled by us before a crash lost its
+        record: settle is idempotent at our facilitator (it returns the first result and never
+        sends a second transaction), so ask it, and record what it says."""
+        try:
+            earlier = await asyncio.wait_for(self.facilitator.settle(payload, requirement), self.settings.settle_timeout_s)
+        except asyncio.TimeoutError:
+            return None
+        if not earlier.success:
+            return None
+        await self.records.save(
+            PaymentRecord(key=key, state=RecordState.SETTLED, request_fp=fp, tx=earlier.transaction,
+                          settle=earlier.model_dump_json(by_alias=True, exclude_none=True)),
+            ttl_s=RECORD_TTL_S,
+        )
+        return earlier
 
     async def _not_charged(self, key: str, hold: Hold, offer: Offer, reason: str) -> None:
         await self.records.abandon(key)

@@ -48,6 +48,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from budgets.settings import BudgetSettings
 from facilitator.settings import resolve_env
 
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
@@ -159,6 +160,7 @@ class GatewaySettings(_Model):
     replay_cache_bytes: int = Field(default=1 << 20, ge=0)  # responses kept for idempotent replays
     max_body_bytes: int = Field(default=4 << 20, gt=0)
     log_level: str = "info"
+    budgets: BudgetSettings | None = None  # absent: no budgets are enforced
 
     @model_validator(mode="after")
     def _routes_name_known_upstreams(self) -> "GatewaySettings":

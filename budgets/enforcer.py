@@ -1,0 +1,170 @@
+"""Budget enforcement for the gateway: which budgets apply to a payer, the cheap pre-check, and
+reserve / commit / release around each paid call.
+
+Fails closed: if the store cannot be reached, the call is refused with 503 and nothing is
+forwarded or charged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from zoneinfo import ZoneInfo
+
+from budgets.models import DefaultPolicy, Hold, LedgerEntry, Policy, Refusal, Scope, resolve_windows
+from budgets.store import BudgetStore, BudgetStoreUnavailableError, Check
+
+log = logging.getLogger("budgets.enforcer")
+POLICY_CACHE_S = 1.0  # how stale a policy may be on the hot path (suspension takes effect within 1 s)
+
+
+def _unavailable(exc: Exception) -> Refusal:
+    return Refusal("budget_store_unavailable", f"budgets cannot be checked ({type(exc).__name__}); nothing was charged",
+                   status=503, retry_after_s=5)
+
+
+class BudgetEnforcer:
+    def __init__(
+        self,
+        store: BudgetStore,
+        *,
+        defaults: dict[tuple[str, str], DefaultPolicy] | None = None,
+        timezone: str = "UTC",
+        hold_s: float = 600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.defaults = {(n, a.lower()): d for (n, a), d in (defaults or {}).items()}
+        self.tz = ZoneInfo(timezone)
+        self.hold_s = hold_s
+        self.clock = clock
+        self._cache: dict[tuple[str, str, str, str], tuple[float, Policy | None]] = {}
+
+    async def _policy(self, kind: str, id: str, network: str, asset: str) -> Policy | None:
+        key = (kind, id.lower() if kind == "agent" else id, network, asset.lower())
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        policy = await self.store.get_policy(kind, id, network, asset)
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[key] = (now + POLICY_CACHE_S, policy)
+        return policy
+
+    def invalidate(self) -> None:
+        self._cache.clear()
+
+    async def policies_for(self, agent: str, network: str, asset: str) -> tuple[Policy, Policy | None, bool]:
+        """(agent policy, group policy, listed). Unlisted agents get the default, or are refused."""
+        policy = await self._policy("agent", agent, network, asset)
+        listed = policy is not None
+        if policy is None:
+            default = self.defaults.get((network, asset.lower()))
+            if default is None or default.mode == "deny" or default.policy is None:
+                raise Refusal("agent_not_allowed", "this wallet has no budget with this gateway", status=402)
+            policy = default.policy
+        group = await self._policy("group", policy.group, network, asset) if policy.group else None
+        return policy, group, listed
+
+    def scopes(self, agent: str, policy: Policy, network: str, asset: str) -> tuple[Scope, Scope | None]:
+        tag = f"g:{policy.group}" if policy.group else f"a:{agent.lower()}"
+        agent_scope = Scope("agent", agent.lower(), network, asset.lower(), tag)
+        group_scope = Scope("group", policy.group, network, asset.lower(), tag) if policy.group else None
+        return agent_scope, group_scope
+
+    def checks(self, agent: str, policy: Policy, group: Policy | None, network: str, asset: str, now: float,
+               *, with_rate: bool) -> list[Check]:
+        agent_scope, group_scope = self.scopes(agent, policy, network, asset)
+        out = [Check(agent_scope, tuple(resolve_windows(policy.limits, now, self.tz)),
+                     policy.rate_limit if with_rate else None)]
+        if group_scope is not None and group is not None:
+            out.append(Check(group_scope, tuple(resolve_windows(group.limits, now, self.tz)),
+                             group.rate_limit if with_rate else None))
+        return out
+
+    @staticmethod
+    def _allowed(policy: Policy, route: str, model: str | None, who: str) -> None:
+        if policy.suspended:
+            raise Refusal("agent_suspended", f"{who} is suspended by the operator", status=402)
+        if policy.allowed_routes is not None and route not in policy.allowed_routes:
+            raise Refusal("route_not_allowed", f"{route} is not allowed for this {who}", status=402)
+        if policy.allowed_models is not None and (model is None or model not in policy.allowed_models):
+            raise Refusal("model_not_allowed", f"model {model!r} is not allowed for this {who}", status=402)
+
+    # -- the hook the gateway calls ---------------------------------------------------------------
+
+    async def precheck(self, payer: str, network: str, asset: str, route: str, model: str | None) -> None:
+        """Before any signature work, on the *claimed* payer: suspended, not allowed, over its rate
+        limit. Nothing is consumed here (the claim is not verified yet)."""
+        if not payer:
+            return
+        try:
+            policy, group, _ = await self.policies_for(payer, network, asset)
+            self._allowed(policy, route, model, "agent")
+            if group is not None:
+                self._allowed(group, route, model, "group")
+            now = self.clock()
+            for check in self.checks(payer, policy, group, network, asset, now, with_rate=True):
+                if check.rate is not None:
+                    state = await self.store.rate_peek(check.scope, check.rate, now=now)
+                    if not state.allowed:
+                        wait = max(1, int(state.retry_after_s + 0.999))
+                        raise Refusal("rate_limited", "rate limit reached", status=429, scope=check.scope.name,
+                                      retry_after_s=wait, resets_at=now + wait)
+        except BudgetStoreUnavailableError as exc:
+            raise _unavailable(exc) from exc
+
+    async def reserve(self, payer: str, network: str, asset: str, amount: int, route: str, model: str | None,
+                      request_id: str) -> Hold:
+        try:
+            policy, group, _ = await self.policies_for(payer, network, asset)
+            self._allowed(policy, route, model, "agent")
+            if group is not None:
+                self._allowed(group, route, model, "group")
+            for p, who in ((policy, "agent"), (group, "group")):
+                if p is not None and p.per_call_max is not None and amount > p.per_call_max:
+                    raise Refusal("per_call_limit", f"the call costs more than the {who}'s per-call maximum",
+                                  status=402, remaining=p.per_call_max)
+            now = self.clock()
+            checks = self.checks(payer, policy, group, network, asset, now, with_rate=True)
+            refusal = await self.store.reserve(checks, amount, request_id, now=now, hold_s=self.hold_s)
+        except BudgetStoreUnavailableError as exc:
+            raise _unavailable(exc) from exc
+        if refusal is not None:
+            raise refusal
+        return Hold(id=request_id, agent=payer, network=network, asset=asset.lower(), amount=amount, route=route,
+                    model=model, group=policy.group)
+
+    async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str) -> None:
+        """The money moved: count it, even if the hold expired meanwhile. Retried once, then
+        logged loudly (the ledger must reconcile with the chain)."""
+        now = self.clock()
+        entry = LedgerEntry(ts=now, agent=hold.agent, group=hold.group, route=hold.route, model=hold.model,
+                            amount=amount, asset=hold.asset, network=hold.network, tx_hash=tx_hash,
+                            request_id=request_id)
+        for attempt in range(2):
+            try:
+                policy, group, _ = await self.policies_for(hold.agent, hold.network, hold.asset)
+                checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False)
+                await self.store.commit(checks, hold.id, amount, entry, now=now)
+                return
+            except Refusal:
+                # The agent lost its policy between reserve and commit: still record the spend.
+                policy = Policy(network=hold.network, asset=hold.asset, group=hold.group)
+                checks = self.checks(hold.agent, policy, None, hold.network, hold.asset, now, with_rate=False)
+                await self.store.commit(checks, hold.id, amount, entry, now=now)
+                return
+            except BudgetStoreUnavailableError:
+                if attempt == 1:
+                    log.error("budget_commit_lost", extra={"agent": hold.agent, "amount": str(amount),
+                                                            "tx": tx_hash, "request_id": request_id})
+
+    async def release(self, hold: Hold) -> None:
+        try:
+            policy, group, _ = await self.policies_for(hold.agent, hold.network, hold.asset)
+            checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, self.clock(), with_rate=False)
+            await self.store.release(checks, hold.id)
+        except (BudgetStoreUnavailableError, Refusal):
+            pass  # the hold expires by itself

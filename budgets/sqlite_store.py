@@ -1,0 +1,221 @@
+"""Budgets on SQLite: the embedded default. Each operation is one BEGIN IMMEDIATE transaction, so
+it is atomic across processes sharing the file. Amounts are TEXT (SQLite integers are int64;
+18-decimal tokens overflow them) and summed with Python's exact integers."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import orjson
+
+from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope, Window
+from budgets.store import BudgetStoreUnavailableError, Check, RateState
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS counters (scope TEXT, wkey TEXT, bucket INTEGER, amount TEXT NOT NULL, expires REAL NOT NULL,
+                                     PRIMARY KEY (scope, wkey, bucket));
+CREATE TABLE IF NOT EXISTS holds (id TEXT, scope TEXT, amount TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (id, scope));
+CREATE INDEX IF NOT EXISTS holds_scope ON holds (scope, expires);
+CREATE TABLE IF NOT EXISTS rate (scope TEXT PRIMARY KEY, tokens REAL NOT NULL, ts REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS done (id TEXT PRIMARY KEY, ts REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS ledger (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, agent TEXT NOT NULL,
+                                   grp TEXT, route TEXT NOT NULL, model TEXT, amount TEXT NOT NULL, asset TEXT NOT NULL,
+                                   network TEXT NOT NULL, tx_hash TEXT NOT NULL, request_id TEXT NOT NULL, extra TEXT);
+CREATE INDEX IF NOT EXISTS ledger_agent_ts ON ledger (agent, ts);
+CREATE INDEX IF NOT EXISTS ledger_ts ON ledger (ts);
+CREATE TABLE IF NOT EXISTS policies (key TEXT PRIMARY KEY, kind TEXT NOT NULL, id TEXT NOT NULL, body TEXT NOT NULL);
+"""
+
+
+class SQLiteBudgetStore:
+    def __init__(self, path: str) -> None:
+        if path != ":memory:":
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        try:
+            self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+            if path != ":memory:":
+                self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise BudgetStoreUnavailableError(str(exc)) from exc
+
+    # -- helpers (inside a transaction) ---------------------------------------------------------
+
+    def _reserved(self, scope: Scope, now: float) -> int:
+        self._db.execute("DELETE FROM holds WHERE scope = ? AND expires <= ?", (scope.name, now))
+        return sum(int(a) for (a,) in self._db.execute("SELECT amount FROM holds WHERE scope = ?", (scope.name,)))
+
+    def _spent(self, scope: Scope, w: Window) -> int:
+        if w.rolling:
+            self._db.execute("DELETE FROM counters WHERE scope = ? AND wkey = ? AND bucket <= ?",
+                             (scope.name, w.key, w.bucket - 60))
+            rows = self._db.execute("SELECT amount FROM counters WHERE scope = ? AND wkey = ?", (scope.name, w.key))
+        else:
+            rows = self._db.execute("SELECT amount FROM counters WHERE scope = ? AND wkey = ? AND bucket = 0",
+                                    (scope.name, w.key))
+        return sum(int(a) for (a,) in rows)
+
+    def _bucket(self, scope: Scope, rate: RateLimit, now: float, take: bool) -> RateState:
+        cap = rate.burst or rate.per_minute
+        per_s = rate.per_minute / 60.0
+        row = self._db.execute("SELECT tokens, ts FROM rate WHERE scope = ?", (scope.name,)).fetchone()
+        tokens = cap if row is None else min(cap, row[0] + max(0.0, now - row[1]) * per_s)
+        if tokens < 1:
+            return RateState(False, (1 - tokens) / per_s)
+        if take:
+            self._db.execute("INSERT OR REPLACE INTO rate (scope, tokens, ts) VALUES (?, ?, ?)", (scope.name, tokens - 1, now))
+        return RateState(True, 0.0)
+
+    def _tx(self):
+        store = self
+
+        class _T:
+            def __enter__(self) -> None:
+                try:
+                    store._db.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:
+                    raise BudgetStoreUnavailableError(str(exc)) from exc
+
+            def __exit__(self, exc_type, exc, tb) -> bool:
+                try:
+                    store._db.execute("ROLLBACK" if exc_type else "COMMIT")
+                except sqlite3.Error as e:
+                    raise BudgetStoreUnavailableError(str(e)) from e
+                if isinstance(exc, sqlite3.Error):
+                    raise BudgetStoreUnavailableError(str(exc)) from exc
+                return False
+
+        return _T()
+
+    # -- the protocol ----------------------------------------------------------------------------
+
+    async def reserve(self, checks: list[Check], amount: int, reservation_id: str, *, now: float,
+                      hold_s: float) -> Refusal | None:
+        with self._tx():
+            for c in checks:
+                held = self._reserved(c.scope, now)
+                for w in c.windows:
+                    used = self._spent(c.scope, w) + held
+                    if used + amount > w.limit:
+                        kind = "group" if c.scope.kind == "group" else "agent"
+                        return Refusal("budget_exceeded",
+                                       f"{kind} {w.period}{' (rolling)' if w.rolling else ''} budget exceeded",
+                                       scope=c.scope.name, remaining=max(0, w.limit - used), resets_at=w.resets_at)
+            for c in checks:
+                if c.rate is not None:
+                    state = self._bucket(c.scope, c.rate, now, False)
+                    if not state.allowed:
+                        wait = max(1, int(state.retry_after_s + 0.999))
+                        return Refusal("rate_limited", "rate limit reached", status=429, scope=c.scope.name,
+                                       retry_after_s=wait, resets_at=now + wait)
+            for c in checks:
+                if c.rate is not None:
+                    self._bucket(c.scope, c.rate, now, True)
+                self._db.execute("INSERT OR REPLACE INTO holds (id, scope, amount, expires) VALUES (?, ?, ?, ?)",
+                                 (reservation_id, c.scope.name, str(amount), now + hold_s))
+        return None
+
+    async def commit(self, checks: list[Check], reservation_id: str, amount: int, entry: LedgerEntry,
+                     *, now: float) -> bool:
+        with self._tx():
+            if self._db.execute("INSERT OR IGNORE INTO done (id, ts) VALUES (?, ?)", (reservation_id, now)).rowcount == 0:
+                return False
+            for c in checks:
+                self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ?", (reservation_id, c.scope.name))
+                for w in c.windows:
+                    row = self._db.execute("SELECT amount FROM counters WHERE scope = ? AND wkey = ? AND bucket = ?",
+                                           (c.scope.name, w.key, w.bucket)).fetchone()
+                    total = (int(row[0]) if row else 0) + amount
+                    self._db.execute("INSERT OR REPLACE INTO counters (scope, wkey, bucket, amount, expires)"
+                                     " VALUES (?, ?, ?, ?, ?)", (c.scope.name, w.key, w.bucket, str(total), now + w.ttl_s))
+            self._db.execute(
+                "INSERT INTO ledger (ts, agent, grp, route, model, amount, asset, network, tx_hash, request_id, extra)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (entry.ts, entry.agent, entry.group, entry.route, entry.model, str(entry.amount), entry.asset,
+                 entry.network, entry.tx_hash, entry.request_id, orjson.dumps(entry.extra).decode() if entry.extra else None),
+            )
+            self._db.execute("DELETE FROM counters WHERE expires < ?", (now,))
+        return True
+
+    async def release(self, checks: list[Check], reservation_id: str) -> None:
+        with self._tx():
+            for c in checks:
+                self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ?", (reservation_id, c.scope.name))
+
+    async def rate_peek(self, scope: Scope, rate: RateLimit, *, now: float) -> RateState:
+        with self._tx():
+            return self._bucket(scope, rate, now, False)
+
+    async def rate_take(self, scope: Scope, rate: RateLimit, *, now: float) -> RateState:
+        with self._tx():
+            return self._bucket(scope, rate, now, True)
+
+    async def usage(self, check: Check, *, now: float) -> list[BudgetUsage]:
+        with self._tx():
+            held = self._reserved(check.scope, now)
+            out = []
+            for w in check.windows:
+                spent = self._spent(check.scope, w)
+                out.append(BudgetUsage(scope=check.scope.name, period=w.period, rolling=w.rolling, limit=w.limit,
+                                       spent=spent, reserved=held, remaining=max(0, w.limit - spent - held),
+                                       resets_at=w.resets_at))
+            return out
+
+    @staticmethod
+    def _pk(kind: str, id: str, network: str, asset: str) -> str:
+        return f"{kind}:{id.lower() if kind == 'agent' else id}:{network}:{asset.lower()}"
+
+    async def get_policy(self, kind: str, id: str, network: str, asset: str) -> Policy | None:
+        row = self._db.execute("SELECT body FROM policies WHERE key = ?", (self._pk(kind, id, network, asset),)).fetchone()
+        return Policy.model_validate_json(row[0]) if row else None
+
+    async def put_policy(self, kind: str, id: str, policy: Policy) -> None:
+        with self._tx():
+            self._db.execute("INSERT OR REPLACE INTO policies (key, kind, id, body) VALUES (?, ?, ?, ?)",
+                             (self._pk(kind, id, policy.network, policy.asset), kind,
+                              id.lower() if kind == "agent" else id, policy.model_dump_json()))
+
+    async def delete_policy(self, kind: str, id: str, network: str, asset: str) -> bool:
+        with self._tx():
+            return self._db.execute("DELETE FROM policies WHERE key = ?",
+                                    (self._pk(kind, id, network, asset),)).rowcount == 1
+
+    async def list_policies(self) -> list[tuple[str, str, Policy]]:
+        rows = self._db.execute("SELECT kind, id, body FROM policies ORDER BY key").fetchall()
+        return [(kind, id, Policy.model_validate_json(body)) for kind, id, body in rows]
+
+    async def ledger(self, *, agent: str | None, start: float, end: float, limit: int) -> list[LedgerEntry]:
+        sql = ("SELECT ts, agent, grp, route, model, amount, asset, network, tx_hash, request_id, extra FROM ledger"
+               " WHERE ts >= ? AND ts <= ?")
+        args: list = [start, end]
+        if agent is not None:
+            sql += " AND lower(agent) = ?"
+            args.append(agent.lower())
+        sql += " ORDER BY ts, seq LIMIT ?"
+        args.append(limit)
+        return [
+            LedgerEntry(ts=r[0], agent=r[1], group=r[2], route=r[3], model=r[4], amount=int(r[5]), asset=r[6],
+                        network=r[7], tx_hash=r[8], request_id=r[9], extra=orjson.loads(r[10]) if r[10] else {})
+            for r in self._db.execute(sql, args)
+        ]
+
+    async def ping(self) -> None:
+        try:
+            self._db.execute("SELECT 1")
+        except sqlite3.Error as exc:
+            raise BudgetStoreUnavailableError(str(exc)) from exc
+
+    async def close(self) -> None:
+        self._db.close()
+
+
+def open_budget_store(url: str, *, prefix: str = "x402b:"):
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from budgets.redis_store import RedisBudgetStore
+
+        return RedisBudgetStore.from_url(url, prefix=prefix)
+    if url.startswith("sqlite://") or url == "memory://":
+        return SQLiteBudgetStore(":memory:" if url == "memory://" else url.removeprefix("sqlite://"))
+    raise ValueError(f"unsupported budget store URL scheme: {url.split(':', 1)[0]!r}")

@@ -1,0 +1,70 @@
+"""The budget store: atomic check-and-reserve, commit, release, usage, policies and the ledger.
+
+Which budgets apply and what their windows are is decided in Python (budgets/enforcer.py); the
+store only does the atomic part: for every `Check` at once, refuse if spent + reserved + amount
+would pass any window's limit, else hold `amount` under a reservation id that expires by itself
+(so a crashed replica cannot hold budget forever). Reserving more than is finally charged is
+allowed: commit adds the amount actually settled and drops the hold (the `upto` scheme reserves
+its signed maximum and commits what was used).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope, Window
+
+
+class BudgetStoreUnavailableError(Exception):
+    """The store cannot be reached: enforcement fails closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    scope: Scope
+    windows: tuple[Window, ...]
+    rate: RateLimit | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateState:
+    allowed: bool
+    retry_after_s: float
+
+
+class BudgetStore(Protocol):
+    async def reserve(self, checks: list[Check], amount: int, reservation_id: str, *, now: float,
+                      hold_s: float) -> Refusal | None: ...
+
+    async def commit(self, checks: list[Check], reservation_id: str, amount: int, entry: LedgerEntry,
+                     *, now: float) -> bool:
+        """Add `amount` to every window, drop the hold, append the ledger entry. Idempotent per
+        reservation id: returns False if it was already committed."""
+        ...
+
+    async def release(self, checks: list[Check], reservation_id: str) -> None: ...
+
+    async def rate_peek(self, scope: Scope, rate: RateLimit, *, now: float) -> RateState:
+        """Would a call be allowed now? Does not consume (the claimed payer is not verified yet)."""
+        ...
+
+    async def rate_take(self, scope: Scope, rate: RateLimit, *, now: float) -> RateState:
+        """Consume one call from the token bucket (after verification)."""
+        ...
+
+    async def usage(self, check: Check, *, now: float) -> list[BudgetUsage]: ...
+
+    async def get_policy(self, kind: str, id: str, network: str, asset: str) -> Policy | None: ...
+
+    async def put_policy(self, kind: str, id: str, policy: Policy) -> None: ...
+
+    async def delete_policy(self, kind: str, id: str, network: str, asset: str) -> bool: ...
+
+    async def list_policies(self) -> list[tuple[str, str, Policy]]: ...
+
+    async def ledger(self, *, agent: str | None, start: float, end: float, limit: int) -> list[LedgerEntry]: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
