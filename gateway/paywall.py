@@ -203,10 +203,12 @@ class Paywall:
                 earlier = await self.records.get(bound)
                 if earlier is not None:
                     return await self._existing(request, offer, earlier, fp, None, None)
+                # the earlier payment was never charged (its record is gone): this one takes the id
+                await self.records.link_id(pid, key, ttl_s=RECORD_TTL_S, replace=True)
         existing = await self.records.begin(key, fp, now_ms=int(time.time() * 1000), lease_ms=int(self.settings.record_lease_s * 1000))
         if existing is not None:
             return await self._existing(request, offer, existing, fp, payload, requirement)
-        return await self._charge(request, offer, body, payload, requirement, key, fp, request_id)
+        return await self._charge(request, offer, body, payload, requirement, key, fp, request_id, payer)
 
     def _bind(self, payload: PaymentPayload | PaymentPayloadV1, offer: Offer, request: Request
               ) -> PaymentRequirements | PaymentRequirementsV1 | Response:
@@ -243,7 +245,7 @@ class Paywall:
 
     async def _charge(self, request: Request, offer: Offer, body: bytes, payload: PaymentPayload | PaymentPayloadV1,
                       requirement: PaymentRequirements | PaymentRequirementsV1, key: str, fp: str,
-                      request_id: str) -> Response:
+                      request_id: str, claimed_payer: str) -> Response:
         route_id = offer.route_id
         started = time.perf_counter()
         try:
@@ -266,7 +268,7 @@ class Paywall:
             return self.challenge(request, offer, reason, verify.invalid_message or "the payment is not valid")
         network = requirement.network if isinstance(requirement, PaymentRequirements) else to_caip2(requirement.network)
         amount = int(requirement.amount if isinstance(requirement, PaymentRequirements) else requirement.max_amount_required)
-        payer = verify.payer or ""
+        payer = verify.payer or claimed_payer  # a third-party facilitator may omit payer
         try:
             hold = await self.budgets.reserve(payer, network, requirement.asset, amount, offer.route_id, offer.model,
                                               request_id)
@@ -299,6 +301,7 @@ class Paywall:
                 first = await upstream.content.readany()
             else:
                 content = await read_all(upstream, self.settings.max_body_bytes)
+                upstream.release()
         except (UpstreamFailedError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
             upstream.release()
             await self._not_charged(key, hold, offer, "upstream_error")

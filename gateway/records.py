@@ -57,9 +57,9 @@ class PaymentRecords(Protocol):
 
     async def abandon(self, key: str) -> None: ...
 
-    async def link_id(self, payment_id: str, key: str, *, ttl_s: int) -> str:
+    async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False) -> str:
         """Bind a payment-identifier to a payment key; returns the key it is bound to (an earlier
-        one if the id was used before)."""
+        one if the id was used before, unless `replace`)."""
         ...
 
     async def get(self, key: str) -> PaymentRecord | None: ...
@@ -153,14 +153,14 @@ class SQLitePaymentRecords:
         except sqlite3.Error as exc:
             raise RecordStoreUnavailableError(str(exc)) from exc
 
-    async def link_id(self, payment_id: str, key: str, *, ttl_s: int) -> str:
+    async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False) -> str:
         import time
 
         now = int(time.time() * 1000)
         try:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute("DELETE FROM payment_ids WHERE id = ? AND expires_ms < ?", (payment_id, now))
+                self._db.execute("DELETE FROM payment_ids WHERE id = ? AND (expires_ms < ? OR ?)", (payment_id, now, replace))
                 self._db.execute(
                     "INSERT OR IGNORE INTO payment_ids (id, key, expires_ms) VALUES (?, ?, ?)",
                     (payment_id, key, now + ttl_s * 1000),
@@ -271,10 +271,10 @@ class RedisPaymentRecords:
         except RedisError as exc:
             raise RecordStoreUnavailableError(f"redis: {exc}") from exc
 
-    async def link_id(self, payment_id: str, key: str, *, ttl_s: int) -> str:
+    async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False) -> str:
         k = f"{self._prefix}pid:{{{payment_id}}}"
         try:
-            await self._redis.set(k, key, nx=True, ex=ttl_s)
+            await self._redis.set(k, key, nx=not replace, ex=ttl_s)
             bound = await self._redis.get(k)
         except RedisError as exc:
             raise RecordStoreUnavailableError(f"redis: {exc}") from exc

@@ -39,6 +39,7 @@ GATEWAY_VERIFY_TIMEOUT_S, GATEWAY_RECORD_LEASE_S, GATEWAY_STORE_PREFIX, GATEWAY_
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tomllib
@@ -212,7 +213,7 @@ def load_gateway_settings(
     path = config_file or env.get("GATEWAY_CONFIG_FILE")
     if path:
         with open(path, "rb") as fh:
-            data = tomllib.load(fh)
+            data = json.load(fh) if path.endswith(".json") else tomllib.load(fh)
     data = _resolve_secrets(data, env)
     for key, name in (("pay_to", "PAY_TO"), ("store_url", "STORE_URL"), ("public_url", "PUBLIC_URL"), ("host", "HOST")):
         if value := env.get(f"GATEWAY_{name}"):

@@ -38,7 +38,8 @@ class Receipt:
 
 def _is_nonce_error(exc: RpcError) -> bool:
     msg = exc.message.lower()
-    return "nonce too low" in msg or "nonce too high" in msg or "invalid nonce" in msg or "nonce is too low" in msg
+    return ("nonce too low" in msg or "nonce too high" in msg or "invalid nonce" in msg or "nonce is too low" in msg
+            or "replacement transaction underpriced" in msg)
 
 
 def _is_already_known(exc: RpcError) -> bool:
