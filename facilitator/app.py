@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from facilitator.evm.chain import EvmChain, TokenInfo
+from facilitator.evm.nonces import LocalNonces, RedisNonces
 from facilitator.evm.rpc import RpcError, RpcUnavailableError
 from facilitator.evm.signer import Signer, SignerPool
 from facilitator.metrics import FacilitatorMetrics
@@ -46,12 +47,17 @@ def build_facilitator(settings: FacilitatorSettings, *, metrics: FacilitatorMetr
     if not settings.networks:
         raise ValueError("no networks configured")
     signers = SignerPool([Signer.from_key(k.get_secret_value()) for k in settings.signer_keys])
+    # Several processes may share keys (replicas, or gateways with the facilitator in-process):
+    # with a shared store, nonces are coordinated through it.
+    nonces = RedisNonces.from_url(settings.store_url, prefix=settings.store_prefix) if settings.store_url.startswith(
+        ("redis://", "rediss://", "unix://")) else LocalNonces()
     chains: dict[str, EvmChain] = {}
     for net in settings.networks:
         chains[net.network] = EvmChain.connect(
             net.network,
             net.chain_id,
             net.rpc_url.get_secret_value(),
+            nonces=nonces,
             permit2=net.permit2,
             exact_proxy=net.exact_proxy,
             upto_proxy=net.upto_proxy,

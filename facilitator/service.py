@@ -198,8 +198,13 @@ class Facilitator:
         return SupportedResponse(kinds=kinds, extensions=[], signers={"eip155:*": self.signers.addresses})
 
     async def close(self) -> None:
+        closed: set[int] = set()
         for chain in self.chains.values():
             await chain.rpc.close()
+            nonces = chain.sender.nonces
+            if id(nonces) not in closed and hasattr(nonces, "close"):
+                closed.add(id(nonces))
+                await nonces.close()
         await self.store.close()
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from facilitator.errors import ChainUnavailableError, PaymentInvalidError
 from facilitator.evm.chain import EvmChain
 from facilitator.evm.contracts import TRANSFER_TOPIC
+from facilitator.evm.nonces import NonceUnavailableError
 from facilitator.evm.signer import SignedTransaction, SignerPool
 from facilitator.evm.transactions import BroadcastRejectedError, Receipt
 from facilitator.schemes.base import PreparedPayment, SettlementPlan
@@ -127,8 +128,8 @@ class Settler:
 
         try:
             signed = await chain.sender.send(signer, to=plan.tx_to, data=plan.tx_data, gas=plan.gas, persist=persist)
-        except BroadcastRejectedError as exc:
-            await self.store.release(key, digest)  # the node refused it: nothing is on the network
+        except (BroadcastRejectedError, NonceUnavailableError) as exc:
+            await self.store.release(key, digest)  # refused, or never sent: nothing is on the network
             log.warning("settlement_broadcast_rejected", extra={"reason": str(exc), "signer": signer.address})
             return self._failure(chain, plan.payer, R.UNEXPECTED_SETTLE_ERROR, f"broadcast rejected: {exc}")
         receipt = await chain.sender.wait_receipt(signed.tx_hash, signed.raw, self.receipt_timeout_s)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from facilitator.evm import contracts
 from facilitator.evm.eip712 import address_bytes
+from facilitator.evm.nonces import Nonces
 from facilitator.evm.rpc import JsonRpcClient
 from facilitator.evm.transactions import TransactionSender
 
@@ -41,9 +42,10 @@ class EvmChain:
         self.upto_proxy_b = address_bytes(self.upto_proxy)
 
     @classmethod
-    def connect(cls, network: str, chain_id: int, rpc_url: str, **kwargs) -> "EvmChain":
+    def connect(cls, network: str, chain_id: int, rpc_url: str, *, nonces: Nonces | None = None, **kwargs) -> "EvmChain":
         rpc = JsonRpcClient(rpc_url)
-        return cls(network=network, chain_id=chain_id, rpc=rpc, sender=TransactionSender(rpc, chain_id), **kwargs)
+        sender = TransactionSender(rpc, chain_id, nonces=nonces)
+        return cls(network=network, chain_id=chain_id, rpc=rpc, sender=sender, **kwargs)
 
     def token(self, address: str) -> TokenInfo | None:
         return self.tokens.get(address.lower())

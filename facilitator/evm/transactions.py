@@ -1,8 +1,9 @@
 """Sending settlement transactions: per-signer nonces, fees, broadcast and receipt waiting.
 
 Rules that keep money safe:
-- a signer's broadcasts are serialised by one lock, so two settlements never take the same
-  account nonce (the collision reported in daydreamsai/facilitator#46);
+- a signer's broadcasts are serialised by a lock shared by every process using the key
+  (facilitator/evm/nonces.py), so two settlements never take the same account nonce (the
+  collision reported in daydreamsai/facilitator#46);
 - the signed raw transaction is handed to `persist` *before* it is broadcast, so a crash after
   the broadcast leaves a record any process can finish (rebroadcasting the same bytes is a no-op);
 - an ambiguous broadcast (timeout, connection reset) is treated as sent: we never sign a second
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from facilitator.evm.nonces import LocalNonces, Nonces, NonceUnavailableError
 from facilitator.evm.rpc import Call, JsonRpcClient, RpcError, RpcUnavailableError
 from facilitator.evm.signer import SignedTransaction, Signer
 
@@ -47,47 +49,21 @@ def _is_already_known(exc: RpcError) -> bool:
     return "already known" in msg or "already imported" in msg or "known transaction" in msg
 
 
-class NonceManager:
-    """Local pending-nonce counter for one signer, seeded from the chain and re-synced after a
-    nonce error. In-process only: give each facilitator replica its own signer keys."""
-
-    def __init__(self, rpc: JsonRpcClient, address: str) -> None:
-        self._rpc = rpc
-        self.address = address
-        self.lock = asyncio.Lock()
-        self._next: int | None = None
-
-    async def current(self) -> int:
-        if self._next is None:
-            self._next = int(await self._rpc.call("eth_getTransactionCount", [self.address, "pending"]), 16)
-        return self._next
-
-    def advance(self) -> None:
-        assert self._next is not None
-        self._next += 1
-
-    def reset(self) -> None:
-        self._next = None
-
-    @property
-    def local_next(self) -> int | None:
-        return self._next
-
-
 class TransactionSender:
-    def __init__(self, rpc: JsonRpcClient, chain_id: int, *, fee_cache_s: float = 2.0) -> None:
+    def __init__(self, rpc: JsonRpcClient, chain_id: int, *, nonces: Nonces | None = None,
+                 fee_cache_s: float = 2.0) -> None:
         self.rpc = rpc
         self.chain_id = chain_id
-        self._nonces: dict[str, NonceManager] = {}
+        self.nonces: Nonces = nonces or LocalNonces()
         self._fees: tuple[float, int, int] | None = None  # (fetched_at, max_fee, priority)
         self._fee_cache_s = fee_cache_s
         self._fee_lock = asyncio.Lock()
 
-    def nonce_manager(self, signer: Signer) -> NonceManager:
-        nm = self._nonces.get(signer.address)
-        if nm is None:
-            nm = self._nonces[signer.address] = NonceManager(self.rpc, signer.address)
-        return nm
+    def nonce_key(self, address: str) -> str:
+        return f"{self.chain_id}:{address.lower()}"
+
+    async def chain_pending(self, address: str) -> int:
+        return int(await self.rpc.call("eth_getTransactionCount", [address, "pending"]), 16)
 
     async def _fees_now(self) -> tuple[int, int]:
         cached = self._fees
@@ -111,10 +87,14 @@ class TransactionSender:
         """Sign and broadcast one transaction. Returns the transaction that was (or may have
         been) broadcast; raises BroadcastRejectedError if the node refused it."""
         max_fee, priority = await self._fees_now()
-        nm = self.nonce_manager(signer)
-        async with nm.lock:
+        key = self.nonce_key(signer.address)
+
+        async def chain_count() -> int:
+            return await self.chain_pending(signer.address)
+
+        async with self.nonces.hold(key):
             for _attempt in range(3):
-                nonce = await nm.current()
+                nonce = await self.nonces.current(key, chain_count)
                 signed = signer.sign(
                     {
                         "type": 2,
@@ -133,21 +113,29 @@ class TransactionSender:
                     await self.rpc.call("eth_sendRawTransaction", [signed.raw])
                 except RpcError as exc:
                     if _is_already_known(exc):
-                        nm.advance()
+                        await self._advance(key, nonce)
                         return signed
                     if _is_nonce_error(exc):
-                        nm.reset()
+                        await self.nonces.reset(key)
                         continue
-                    nm.reset()
+                    await self.nonces.reset(key)
                     raise BroadcastRejectedError(exc.message) from exc
                 except RpcUnavailableError:
                     # It may have reached the node: the nonce counts as used, the caller waits
                     # for this hash and rebroadcasts the same bytes if the node does not know it.
-                    nm.advance()
+                    await self._advance(key, nonce)
                     return signed
-                nm.advance()
+                await self._advance(key, nonce)
                 return signed
             raise BroadcastRejectedError("nonce kept colliding after 3 re-syncs")
+
+    async def _advance(self, key: str, used: int) -> None:
+        """After a broadcast: failing to record the next nonce must not look like "not sent"; the
+        chain's pending count covers it for the next sender."""
+        try:
+            await self.nonces.advance(key, used)
+        except NonceUnavailableError:
+            pass
 
     async def rebroadcast(self, raw: str) -> None:
         try:

@@ -178,3 +178,26 @@ async def test_crash_with_a_transaction_in_flight_settles_once(
     status, done = await post(second.url + "/settle", body)
     assert status == 200 and done["success"] is True and done["transaction"] == tx_hash
     assert balance_of(devchain, "OPG", payee) - before == 5 * 10**16
+
+
+async def test_two_processes_sharing_signer_keys_never_collide_on_nonces(
+    devchain: dict, spawn_facilitator: Any, redis_server: Any, redis_prefix: str
+) -> None:
+    """Replicas share the signer keys; the per-signer lock and counter in Redis keep their
+    account nonces apart, so every distinct payment settles."""
+    env = {"FACILITATOR_STORE_PREFIX": redis_prefix}
+    a = spawn_facilitator(redis_server.url, extra_env=env)
+    b = spawn_facilitator(redis_server.url, extra_env=env)
+    payee = devchain["accounts"]["payee"]["address"]
+    amount = 1_000
+    bodies = []
+    for i in range(40):
+        req = requirements_for(devchain, "USDC" if i % 2 else "OPG", amount)
+        bodies.append(facilitator_body(await sign_async(devchain, req, agent=i % 4), req))
+    before = balance_of(devchain, "USDC", payee) + balance_of(devchain, "OPG", payee)
+    results = await asyncio.gather(*(post((a, b)[i % 2].url + "/settle", body) for i, body in enumerate(bodies)))
+    failures = [r for status, r in results if status != 200 or not r.get("success")]
+    assert not failures, failures[:3]
+    assert len({r["transaction"] for _, r in results}) == 40
+    after = balance_of(devchain, "USDC", payee) + balance_of(devchain, "OPG", payee)
+    assert after - before == 40 * amount

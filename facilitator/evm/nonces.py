@@ -1,0 +1,148 @@
+"""Account nonces of the facilitator's signers, coordinated across every process that uses them.
+
+A signer's "take a nonce, persist the signed transaction, broadcast it" step runs under a lock
+on that signer, with a nonce counter that survives the step:
+- `LocalNonces`: an asyncio lock and an in-memory counter (one process: the embedded store);
+- `RedisNonces`: a Redis lock (SET NX PX, released by a compare-and-delete script) and a shared
+  counter, so facilitator replicas (or gateway replicas with the facilitator in-process) can all
+  use every key without ever sending two transactions with one nonce. Any replica can settle for
+  any signer, which `upto` needs (the signed witness names the signer).
+The counter is seeded from the chain's pending count when missing, and re-seeded after a nonce
+error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+ChainCount = Callable[[], Awaitable[int]]
+
+
+class NonceUnavailableError(Exception):
+    """The shared nonce state could not be reached or locked in time: nothing was sent."""
+
+
+class Nonces(Protocol):
+    def hold(self, key: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Exclusive use of one signer's nonce sequence (per chain) while held."""
+        ...
+
+    async def current(self, key: str, chain_count: ChainCount) -> int: ...
+
+    async def advance(self, key: str, used: int) -> None: ...
+
+    async def reset(self, key: str) -> None: ...
+
+    async def peek(self, key: str) -> int | None: ...
+
+
+class LocalNonces:
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._next: dict[str, int] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            yield
+
+    async def current(self, key: str, chain_count: ChainCount) -> int:
+        if key not in self._next:
+            self._next[key] = await chain_count()
+        return self._next[key]
+
+    async def advance(self, key: str, used: int) -> None:
+        self._next[key] = used + 1
+
+    async def reset(self, key: str) -> None:
+        self._next.pop(key, None)
+
+    async def peek(self, key: str) -> int | None:
+        return self._next.get(key)
+
+
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisNonces:
+    def __init__(self, client: aioredis.Redis, *, prefix: str = "x402:", lock_ttl_ms: int = 15_000,
+                 wait_s: float = 10.0) -> None:
+        self._r = client
+        self._p = prefix
+        self._ttl = lock_ttl_ms
+        self._wait = wait_s
+        self._unlock = client.register_script(_UNLOCK)
+        self._owner = f"{os.getpid()}:{uuid.uuid4().hex}"
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "x402:") -> "RedisNonces":
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0, max_connections=32, timeout=2.0
+        )
+        return cls(aioredis.Redis(connection_pool=pool), prefix=prefix)
+
+    def _k(self, key: str, what: str) -> str:
+        return f"{self._p}signer:{{{key}}}:{what}"  # lock and counter share a Cluster slot
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        token = f"{self._owner}:{uuid.uuid4().hex[:8]}"
+        lock = self._k(key, "lock")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._wait
+        delay = 0.001
+        try:
+            while not await self._r.set(lock, token, nx=True, px=self._ttl):
+                if loop.time() > deadline:
+                    raise NonceUnavailableError(f"signer {key} stayed locked for {self._wait}s")
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.02)
+        except RedisError as exc:
+            raise NonceUnavailableError(f"redis: {exc}") from exc
+        try:
+            yield
+        finally:
+            with contextlib.suppress(RedisError):
+                await self._unlock(keys=[lock], args=[token])
+
+    async def current(self, key: str, chain_count: ChainCount) -> int:
+        try:
+            stored = await self._r.get(self._k(key, "next"))
+        except RedisError as exc:
+            raise NonceUnavailableError(f"redis: {exc}") from exc
+        chain = await chain_count()
+        # The chain's pending count catches up with transactions any process sent; the stored
+        # counter covers ones a load-balanced RPC node has not seen yet.
+        return max(chain, int(stored)) if stored is not None else chain
+
+    async def advance(self, key: str, used: int) -> None:
+        try:
+            await self._r.set(self._k(key, "next"), used + 1, ex=86_400)
+        except RedisError as exc:
+            raise NonceUnavailableError(f"redis: {exc}") from exc
+
+    async def reset(self, key: str) -> None:
+        with contextlib.suppress(RedisError):
+            await self._r.delete(self._k(key, "next"))
+
+    async def peek(self, key: str) -> int | None:
+        try:
+            stored = await self._r.get(self._k(key, "next"))
+        except RedisError:
+            return None
+        return int(stored) if stored is not None else None
+
+    async def close(self) -> None:
+        await self._r.aclose()
