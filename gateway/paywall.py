@@ -173,7 +173,7 @@ class Paywall:
             return json_error(404, "not_found", "this path is not offered by the gateway")
         route, params = match
         try:
-            offer = self.pricing.offer(route, params, body)
+            offer = self.pricing.offer(route, params, body, probe=request.method == "HEAD")
         except PricingError as exc:
             return json_error(400, exc.reason, exc.message)
         has_payment = "payment-signature" in request.headers or "x-payment" in request.headers
@@ -202,12 +202,13 @@ class Paywall:
             if bound != key:  # a retry under an id already used: the earlier result, no new charge
                 earlier = await self.records.get(bound)
                 if earlier is not None:
-                    return await self._existing(request, offer, earlier, fp, None, None)
+                    return await self._retry_under_id(request, offer, earlier, fp, payload, requirement, payer, body,
+                                                      request_id)
                 # the earlier payment was never charged (its record is gone): this one takes the id
                 await self.records.link_id(pid, key, ttl_s=RECORD_TTL_S, replace=True)
         existing = await self.records.begin(key, fp, now_ms=int(time.time() * 1000), lease_ms=int(self.settings.record_lease_s * 1000))
         if existing is not None:
-            return await self._existing(request, offer, existing, fp, payload, requirement)
+            return await self._existing(request, offer, existing, fp, payload, body, request_id)
         return await self._charge(request, offer, body, payload, requirement, key, fp, request_id, payer)
 
     def _bind(self, payload: PaymentPayload | PaymentPayloadV1, offer: Offer, request: Request
@@ -407,9 +408,57 @@ class Paywall:
         return {name: encode_settle_response(settled), "Cache-Control": "no-store",
                 "Access-Control-Expose-Headers": f"{PAYMENT_RESPONSE_HEADER}, {X_PAYMENT_RESPONSE_HEADER}"}
 
+    async def _deliver(self, request: Request, offer: Offer, record: PaymentRecord, settled: SettleResponse,
+                       payload: PaymentPayload | PaymentPayloadV1 | None, body: bytes, request_id: str) -> Response:
+        """Serve a call that was paid for but never delivered (its settlement was confirmed only
+        on a resend): forward it again, without charging again."""
+        pool = self.pools[offer.route.upstream]
+        path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = forward_headers(request.headers.raw, pool.config)
+        headers["x-request-id"] = request_id
+        try:
+            upstream = await pool.open(self.session, request.method, path_qs, headers, body)
+        except (UpstreamUnavailableError, UpstreamFailedError) as exc:
+            return json_error(502, "upstream_unavailable", f"paid, but the upstream failed ({exc}); resend the same "
+                              "payment to get the response", transaction=record.tx)
+        if upstream.status >= 400:
+            upstream.release()
+            return json_error(502, "upstream_error", f"paid, but the upstream answered {upstream.status}; resend the "
+                              "same payment to get the response", transaction=record.tx)
+        record.delivered = True
+        await self.records.save(record, ttl_s=RECORD_TTL_S)
+        self.metrics.payments.labels(offer.route_id, "delivered", "after_pending").inc()
+        header = self._payment_response_header(payload or PaymentPayload.model_construct(), settled)
+        return StreamingResponse(_relay(b"", upstream), status_code=upstream.status,
+                                 headers=dict(response_headers(upstream)) | header)
+
+    async def _retry_under_id(self, request: Request, offer: Offer, earlier: PaymentRecord, fp: str,
+                              payload: PaymentPayload | PaymentPayloadV1,
+                              requirement: PaymentRequirements | PaymentRequirementsV1, payer: str, body: bytes,
+                              request_id: str) -> Response:
+        """A fresh payment under a payment-identifier used before: the earlier result, without a
+        new charge, but only for the same payer proving it with a valid signature (an id is not
+        a voucher anyone may present)."""
+        stored = orjson.loads(earlier.payment) if earlier.payment else None
+        earlier_payer = ""
+        if stored is not None:
+            p, req = _payment_from_json(stored)
+            earlier_payer, _ = payment_identity(p, req.network if isinstance(req, PaymentRequirements) else "", req.asset)
+        if not earlier_payer or earlier_payer.lower() != payer.lower():
+            self.metrics.payments.labels(offer.route_id, "refused", "payment_identifier_conflict").inc()
+            return json_error(409, "payment_identifier_conflict", "this payment-identifier belongs to another payment")
+        try:
+            verify = await asyncio.wait_for(self.facilitator.verify(payload, requirement), self.settings.verify_timeout_s)
+        except asyncio.TimeoutError:
+            return self.challenge(request, offer, R.UNEXPECTED_VERIFY_ERROR.value, "the facilitator did not answer in time")
+        if not verify.is_valid or (verify.payer or payer).lower() != earlier_payer.lower():
+            reason = verify.invalid_reason or "payment_identifier_conflict"
+            self.metrics.payments.labels(offer.route_id, "refused", reason).inc()
+            return self.challenge(request, offer, reason, verify.invalid_message or "the payment is not valid")
+        return await self._existing(request, offer, earlier, fp, payload, body, request_id)
+
     async def _existing(self, request: Request, offer: Offer, record: PaymentRecord, fp: str,
-                        payload: PaymentPayload | PaymentPayloadV1 | None,
-                        requirement: PaymentRequirements | PaymentRequirementsV1 | None) -> Response:
+                        payload: PaymentPayload | PaymentPayloadV1 | None, body: bytes, request_id: str) -> Response:
         """The payment (or payment-identifier) was seen before."""
         route_id = offer.route_id
         if record.state == RecordState.PROCESSING:
@@ -432,9 +481,12 @@ class Paywall:
                                   transaction=settled.transaction or record.tx)
             record.state, record.tx = RecordState.SETTLED, settled.transaction
             record.settle = settled.model_dump_json(by_alias=True, exclude_none=True)
+            record.delivered = record.cached  # a stream was never delivered: it is owed once
             await self.records.save(record, ttl_s=RECORD_TTL_S)
             self.metrics.payments.labels(route_id, "settled", "resolved_pending").inc()
         settled = SettleResponse.model_validate_json(record.settle)
+        if not record.cached and not record.delivered:
+            return await self._deliver(request, offer, record, settled, payload, body, request_id)
         if not record.cached:
             self.metrics.payments.labels(route_id, "refused", "payment_already_used").inc()
             return json_error(402, "payment_already_used", "this payment was settled and its response was already delivered",

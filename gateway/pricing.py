@@ -102,8 +102,15 @@ class Pricing:
     def path_known(self, path: str) -> bool:
         return any(c.pattern.match(path) for c in self._routes)
 
-    def offer(self, route: Route, params: dict[str, str], body: bytes) -> Offer:
-        model = self._model_of(route, params, body)
+    def offer(self, route: Route, params: dict[str, str], body: bytes, *, probe: bool = False) -> Offer:
+        """`probe`: a HEAD request asks what the route costs; without a body naming a model it
+        gets the route's default price."""
+        try:
+            model = self._model_of(route, params, body)
+        except PricingError:
+            if not probe:
+                raise
+            model = None
         index = self.settings.routes.index(route)
         key = (index, model)
         cached = self._offers.get(key)
@@ -115,6 +122,8 @@ class Pricing:
             price = parse_price(route.models["*"])
         elif route.price is not None:
             price = parse_price(route.price)
+        elif model is None and route.models:  # a probe without a model: the cheapest offered
+            price = min(parse_price(p) for p in route.models.values())
         else:
             raise PricingError("model_not_offered", f"model {model!r} is not offered on {route.path}")
         reqs = tuple(requirement_for(o, amount_of(price, o), self.settings.pay_to) for o in self.settings.accepts)

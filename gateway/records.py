@@ -45,6 +45,7 @@ class PaymentRecord:
     body: bytes = b""
     cached: bool = False  # status/headers/body hold the complete response
     payment: str = ""  # {"payload", "requirements"} JSON: what a PENDING settlement is retried with
+    delivered: bool = True  # False: settled, but the response never reached the agent (owed once)
 
 
 class PaymentRecords(Protocol):
@@ -95,14 +96,16 @@ class SQLitePaymentRecords:
                 lease_until_ms INTEGER NOT NULL DEFAULT 0, tx TEXT NOT NULL DEFAULT '',
                 settle TEXT NOT NULL DEFAULT '', status INTEGER NOT NULL DEFAULT 0,
                 headers TEXT NOT NULL DEFAULT '', body BLOB, cached INTEGER NOT NULL DEFAULT 0,
-                payment TEXT NOT NULL DEFAULT '', expires_ms INTEGER NOT NULL DEFAULT 0);
+                payment TEXT NOT NULL DEFAULT '', delivered INTEGER NOT NULL DEFAULT 1,
+                expires_ms INTEGER NOT NULL DEFAULT 0);
             CREATE TABLE IF NOT EXISTS payment_ids (id TEXT PRIMARY KEY, key TEXT NOT NULL, expires_ms INTEGER NOT NULL);
             """
         )
 
     def _row(self, key: str) -> PaymentRecord | None:
         row = self._db.execute(
-            "SELECT key, state, request_fp, lease_until_ms, tx, settle, status, headers, body, cached, payment FROM records"
+            "SELECT key, state, request_fp, lease_until_ms, tx, settle, status, headers, body, cached, payment, delivered"
+            " FROM records"
             " WHERE key = ?",
             (key,),
         ).fetchone()
@@ -111,6 +114,7 @@ class SQLitePaymentRecords:
         return PaymentRecord(
             key=row[0], state=RecordState(row[1]), request_fp=row[2], lease_until_ms=row[3], tx=row[4], settle=row[5],
             status=row[6], headers=_decode_headers(row[7]), body=row[8] or b"", cached=bool(row[9]), payment=row[10],
+            delivered=bool(row[11]),
         )  # fmt: skip
 
     async def begin(self, key: str, request_fp: str, *, now_ms: int, lease_ms: int) -> PaymentRecord | None:
@@ -139,10 +143,10 @@ class SQLitePaymentRecords:
         try:
             self._db.execute(
                 "INSERT OR REPLACE INTO records (key, state, request_fp, lease_until_ms, tx, settle, status, headers,"
-                " body, cached, payment, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " body, cached, payment, delivered, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.key, record.state.value, record.request_fp, record.lease_until_ms, record.tx, record.settle,
                  record.status, _encode_headers(record.headers), record.body, int(record.cached), record.payment,
-                 int(time.time() * 1000) + ttl_s * 1000),
+                 int(record.delivered), int(time.time() * 1000) + ttl_s * 1000),
             )  # fmt: skip
         except sqlite3.Error as exc:
             raise RecordStoreUnavailableError(str(exc)) from exc
@@ -237,6 +241,7 @@ class RedisPaymentRecords:
             body=f.get("body", b""),
             cached=f.get("cached", b"0") == b"1",
             payment=f.get("payment", b"").decode(),
+            delivered=f.get("delivered", b"1") == b"1",
         )
 
     async def begin(self, key: str, request_fp: str, *, now_ms: int, lease_ms: int) -> PaymentRecord | None:
@@ -254,7 +259,7 @@ class RedisPaymentRecords:
             "state": record.state.value, "request_fp": record.request_fp, "lease_until_ms": record.lease_until_ms,
             "tx": record.tx, "settle": record.settle, "status": record.status,
             "headers": _encode_headers(record.headers), "body": record.body, "cached": "1" if record.cached else "0",
-            "payment": record.payment,
+            "payment": record.payment, "delivered": "1" if record.delivered else "0",
         }  # fmt: skip
         try:
             async with self._redis.pipeline(transaction=True) as pipe:

@@ -114,6 +114,40 @@ def parse_price(value: str) -> Decimal:
     return price
 
 
+class TokenPricing(_Model):
+    """Quote-currency (USD) prices of one model: per input token, per output token, per call
+    (images, searches and other flat parts)."""
+
+    input: str
+    output: str
+    per_call: str = "0"
+
+    @field_validator("input", "output", "per_call")
+    @classmethod
+    def _non_negative(cls, v: str) -> str:
+        parse_price(v)
+        return v
+
+
+class Quote(_Model):
+    """How quote-currency prices become asset amounts: the quote price of one whole token of each
+    accepted asset, fixed here and/or refreshed from a feed (a JSON object {symbol: price})."""
+
+    currency: str = "USD"
+    rates: dict[str, str] = Field(default_factory=dict)
+    feed_url: str | None = None
+    refresh_s: float = Field(default=60.0, gt=0)
+    max_age_s: float = Field(default=300.0, gt=0)  # older than this: refuse to quote
+
+    @field_validator("rates")
+    @classmethod
+    def _positive(cls, v: dict[str, str]) -> dict[str, str]:
+        for symbol, rate in v.items():
+            if parse_price(rate) <= 0:
+                raise ValueError(f"rate of {symbol} must be positive")
+        return v
+
+
 class Route(_Model):
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     path: str = Field(pattern=r"^/")
@@ -122,6 +156,17 @@ class Route(_Model):
     models: dict[str, str] = Field(default_factory=dict)
     description: str = ""
     mime_type: str = "application/json"
+    # Metered routes (pay for what was used): per-model token prices in the quote currency.
+    token_prices: dict[str, TokenPricing] = Field(default_factory=dict)  # "*" = any other model
+    max_per_call: str | None = None  # quote currency: the upto ceiling, and the exact price
+    max_tokens_cap: int | None = Field(default=None, ge=1)
+    schemes: list[Literal["exact", "upto"]] = Field(default_factory=lambda: ["exact"], min_length=1)
+    missing_usage: Literal["ceiling", "floor"] = "ceiling"  # usage missing or stream cut: charge the max, or only per_call
+    api: Literal["openai", "anthropic", "other"] = "openai"
+
+    @property
+    def metered(self) -> bool:
+        return bool(self.token_prices)
 
     @field_validator("price")
     @classmethod
@@ -139,8 +184,13 @@ class Route(_Model):
 
     @model_validator(mode="after")
     def _priced(self) -> "Route":
-        if self.price is None and not self.models:
-            raise ValueError(f"route {self.method} {self.path} has neither price nor models")
+        if self.metered:
+            if self.max_per_call is None or parse_price(self.max_per_call) <= 0:
+                raise ValueError(f"metered route {self.path} needs a positive max_per_call")
+        elif self.price is None and not self.models:
+            raise ValueError(f"route {self.method} {self.path} has neither price, models nor token_prices")
+        elif "upto" in self.schemes:
+            raise ValueError(f"route {self.path}: upto needs token_prices (pay for what was used)")
         return self
 
 
@@ -162,12 +212,18 @@ class GatewaySettings(_Model):
     max_body_bytes: int = Field(default=4 << 20, gt=0)
     log_level: str = "info"
     budgets: BudgetSettings | None = None  # absent: no budgets are enforced
+    quote: Quote = Field(default_factory=Quote)
 
     @model_validator(mode="after")
     def _routes_name_known_upstreams(self) -> "GatewaySettings":
         for r in self.routes:
             if r.upstream not in self.upstreams:
                 raise ValueError(f"route {r.method} {r.path} names unknown upstream {r.upstream!r}")
+        for r in self.routes:
+            if r.metered and not self.quote.feed_url:
+                missing = [o.symbol for o in self.accepts if o.symbol not in self.quote.rates]
+                if missing:
+                    raise ValueError(f"metered route {r.path}: no quote rate for {', '.join(missing)} (quote.rates or quote.feed_url)")
         for opt in self.accepts:
             for r in self.routes:
                 for price in [p for p in [r.price, *r.models.values()] if p is not None]:
