@@ -137,13 +137,14 @@ class BudgetEnforcer:
         return Hold(id=request_id, agent=payer, network=network, asset=asset.lower(), amount=amount, route=route,
                     model=model, group=policy.group)
 
-    async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str) -> None:
+    async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str,
+                     details: dict | None = None) -> None:
         """The money moved: count it, even if the hold expired meanwhile. Retried once, then
         logged loudly (the ledger must reconcile with the chain)."""
         now = self.clock()
         entry = LedgerEntry(ts=now, agent=hold.agent, group=hold.group, route=hold.route, model=hold.model,
                             amount=amount, asset=hold.asset, network=hold.network, tx_hash=tx_hash,
-                            request_id=request_id)
+                            request_id=request_id, extra=details or {})
         for attempt in range(2):
             try:
                 policy, group, _ = await self.policies_for(hold.agent, hold.network, hold.asset)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -118,12 +119,19 @@ def create_app(
         pools = {name: UpstreamPool(name, up) for name, up in settings.upstreams.items()}
         if enforcer is not None:
             await seed_policies(settings, enforcer)
+        background: list[asyncio.Task] = []
+        if any(r.metered and "upto" in r.schemes for r in settings.routes):
+            pricing.upto_signers = await fac.upto_signers()
+        if settings.quote.feed_url:
+            background.append(asyncio.create_task(pricing.quotes.refresh_forever(session)))
         hook = budgets or enforcer or NoBudgets()
         paywall = Paywall(settings, pricing, fac, records, hook, m, pools, session)
         app.state.gateway = GatewayState(paywall, records, fac, session, m, pricing)
         try:
             yield
         finally:
+            for task in background:
+                task.cancel()
             await session.close()
             await fac.close()
             await records.close()

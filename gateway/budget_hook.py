@@ -21,7 +21,11 @@ class BudgetHook(Protocol):
         """Raise Refusal if `amount` does not fit every budget that applies."""
         ...
 
-    async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str) -> None: ...
+    async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str,
+                     details: dict | None = None) -> None:
+        """`amount` is what was charged (upto: the metered amount, at most the hold); `details`
+        go to the ledger entry (usage, the missing-usage policy applied)."""
+        ...
 
     async def release(self, hold: Hold) -> None: ...
 
@@ -34,7 +38,8 @@ class NoBudgets:
                       request_id: str) -> Hold:
         return Hold(id=request_id, agent=payer, network=network, asset=asset, amount=amount, route=route, model=model)
 
-    async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str) -> None:
+    async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str,
+                     details: dict | None = None) -> None:
         return None
 
     async def release(self, hold: Hold) -> None:

@@ -11,7 +11,9 @@ from gateway.settings import GatewaySettings
 
 def dev_settings(devchain: dict[str, Any], *, devchain_file: str | None, upstream_urls: list[str],
                  store_url: str = "memory://", port: int = 8402, upstream_auth: str | None = None,
-                 facilitator_url: str | None = None) -> GatewaySettings:
+                 facilitator_url: str | None = None, metered: bool = False) -> GatewaySettings:
+    """`metered`: chat, completions and messages are paid for what they use (upto, and exact at
+    the per-call maximum), priced per token in USD at fixed rates (OPG $0.10, USDC $1)."""
     accepts = [
         {
             "network": devchain["network"],
@@ -32,6 +34,28 @@ def dev_settings(devchain: dict[str, Any], *, devchain_file: str | None, upstrea
         anthropic |= {"auth_header": "x-api-key", "auth_value": upstream_auth}
     facilitator = ({"mode": "remote", "url": facilitator_url} if facilitator_url
                    else {"mode": "local", "devchain_file": devchain_file})
+    routes: list[dict[str, Any]] = [
+        {"method": "POST", "path": "/v1/chat/completions", "upstream": "llm", "price": "0.01",
+         "models": {"gpt-4o": "0.02", "gpt-4o-mini": "0.005"}, "description": "OpenAI chat completions"},
+        {"method": "POST", "path": "/v1/completions", "upstream": "llm", "price": "0.005"},
+        {"method": "POST", "path": "/v1/embeddings", "upstream": "llm", "price": "0.001"},
+        {"method": "POST", "path": "/v1/messages", "upstream": "anthropic", "price": "0.015",
+         "description": "Anthropic messages", "api": "anthropic"},
+        {"method": "POST", "path": "/v2/models/{name}/infer", "upstream": "gpu", "price": "0.002",
+         "description": "KServe v2 inference on a GPU worker", "api": "other"},
+    ]
+    if metered:
+        per_token = {
+            "gpt-4o": {"input": "0.0000025", "output": "0.00001"},
+            "gpt-4o-mini": {"input": "0.00000015", "output": "0.0000006"},
+            "claude-haiku-4-5": {"input": "0.000001", "output": "0.000005"},
+            "free-model": {"input": "0", "output": "0"},
+            "*": {"input": "0.000001", "output": "0.000002", "per_call": "0.0001"},
+        }
+        for r in routes[:2] + routes[3:4]:
+            r.pop("price")
+            r.pop("models", None)
+            r |= {"token_prices": per_token, "max_per_call": "0.05", "max_tokens_cap": 4096, "schemes": ["upto", "exact"]}
     return GatewaySettings.model_validate({
         "port": port,
         "pay_to": devchain["accounts"]["payee"]["address"],
@@ -39,14 +63,6 @@ def dev_settings(devchain: dict[str, Any], *, devchain_file: str | None, upstrea
         "facilitator": facilitator,
         "accepts": accepts,
         "upstreams": {"llm": upstream, "anthropic": anthropic, "gpu": dict(upstream)},
-        "routes": [
-            {"method": "POST", "path": "/v1/chat/completions", "upstream": "llm", "price": "0.01",
-             "models": {"gpt-4o": "0.02", "gpt-4o-mini": "0.005"}, "description": "OpenAI chat completions"},
-            {"method": "POST", "path": "/v1/completions", "upstream": "llm", "price": "0.005"},
-            {"method": "POST", "path": "/v1/embeddings", "upstream": "llm", "price": "0.001"},
-            {"method": "POST", "path": "/v1/messages", "upstream": "anthropic", "price": "0.015",
-             "description": "Anthropic messages"},
-            {"method": "POST", "path": "/v2/models/{name}/infer", "upstream": "gpu", "price": "0.002",
-             "description": "KServe v2 inference on a GPU worker"},
-        ],
+        "routes": routes,
+        "quote": {"currency": "USD", "rates": {"OPG": "0.10", "USDC": "1"}},
     })

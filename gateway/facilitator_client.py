@@ -32,6 +32,7 @@ from facilitator.x402.types import (
 )
 
 TX_HASH = re.compile(r"^0x[0-9a-fA-F]{64}$")
+TX_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 AnyPayload = PaymentPayload | PaymentPayloadV1
 AnyRequirements = PaymentRequirements | PaymentRequirementsV1
 
@@ -42,6 +43,10 @@ class FacilitatorClient(Protocol):
     async def settle(self, payload: AnyPayload, requirements: AnyRequirements) -> SettleResponse: ...
 
     async def ready(self) -> bool: ...
+
+    async def upto_signers(self) -> dict[str, str]:
+        """network -> the facilitatorAddress an `upto` payment must name (from /supported)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -87,6 +92,10 @@ class LocalFacilitatorClient:
 
     async def settle(self, payload: AnyPayload, requirements: AnyRequirements) -> SettleResponse:
         return await self.facilitator.settle(SettleRequest.model_validate(_request_body(payload, requirements)))
+
+    async def upto_signers(self) -> dict[str, str]:
+        extra = {net: sch.supported_extra() for (net, name), sch in self.facilitator.schemes.items() if name == "upto"}
+        return {net: e["facilitatorAddress"] for net, e in extra.items() if e and e.get("facilitatorAddress")}
 
     async def ready(self) -> bool:
         try:
@@ -158,6 +167,19 @@ class HttpFacilitatorClient:
                                   + ("" if parsed is not None else " with a malformed body"),
                                   transaction=tx, network=network)
         return checked_settlement(parsed, network)
+
+    async def upto_signers(self) -> dict[str, str]:
+        try:
+            async with self._client().get(self.url + "/supported") as resp:
+                doc = orjson.loads(await resp.read()) if resp.status == 200 else {}
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError):
+            return {}
+        out: dict[str, str] = {}
+        for kind in doc.get("kinds", []) if isinstance(doc, dict) else []:
+            extra = kind.get("extra") or {}
+            if kind.get("scheme") == "upto" and kind.get("x402Version") == 2 and TX_ADDRESS.match(str(extra.get("facilitatorAddress", ""))):
+                out.setdefault(kind["network"], extra["facilitatorAddress"])
+        return out
 
     async def ready(self) -> bool:
         try:

@@ -132,10 +132,13 @@ def output_token_cap(body_bytes: int, price: TokenPrice, ceiling: Decimal) -> in
     return int(budget / price.output)
 
 
-def cap_request(body: bytes, cap: int, *, anthropic: bool, stream: bool) -> bytes:
+def cap_request(body: bytes, cap: int, *, anthropic: bool) -> bytes:
     """The request with max_tokens lowered to `cap` (OpenAI: also max_completion_tokens), and
     streamed OpenAI calls asked to report usage in their final chunk."""
     doc = orjson.loads(body)
+    if not isinstance(doc, dict):
+        raise ValueError("request body is not a JSON object")
+    stream = doc.get("stream") is True
     if anthropic:
         doc["max_tokens"] = min(int(doc.get("max_tokens") or cap), cap)
     else:

@@ -47,6 +47,7 @@ from facilitator.x402.types import (
 )
 from gateway.budget_hook import BudgetHook, Hold, Refusal
 from gateway.facilitator_client import FacilitatorClient
+from gateway.metering import StreamMeter, Usage, cap_request, cost_of, output_token_cap, to_base_units, usage_from_body
 from gateway.metrics import GatewayMetrics
 from gateway.pricing import Offer, Pricing, PricingError, matches, to_v1
 from gateway.proxy import (
@@ -130,6 +131,7 @@ class Paywall:
         self.pools = pools
         self.session = session
         self._challenges: dict[tuple[int, str | None, str, str], str] = {}
+        self._background: set[asyncio.Task] = set()  # settlements of streams whose client left
 
     # -- challenges ---------------------------------------------------------------------------
 
@@ -175,7 +177,7 @@ class Paywall:
         try:
             offer = self.pricing.offer(route, params, body, probe=request.method == "HEAD")
         except PricingError as exc:
-            return json_error(400, exc.reason, exc.message)
+            return json_error(exc.status, exc.reason, exc.message)
         has_payment = "payment-signature" in request.headers or "x-payment" in request.headers
         if request.method == "HEAD" or not has_payment:
             return self.challenge(request, offer, "payment_required",
@@ -190,6 +192,12 @@ class Paywall:
         requirement = self._bind(payload, offer, request)
         if isinstance(requirement, Response):
             return requirement
+        forward_body = body
+        if offer.token_price is not None:
+            try:
+                forward_body = self._capped(offer, body)
+            except PricingError as exc:
+                return json_error(exc.status, exc.reason, exc.message)
         network = requirement.network if isinstance(requirement, PaymentRequirements) else to_caip2(requirement.network)
         payer, key = payment_identity(payload, network, requirement.asset)
         try:
@@ -209,7 +217,7 @@ class Paywall:
         existing = await self.records.begin(key, fp, now_ms=int(time.time() * 1000), lease_ms=int(self.settings.record_lease_s * 1000))
         if existing is not None:
             return await self._existing(request, offer, existing, fp, payload, body, request_id)
-        return await self._charge(request, offer, body, payload, requirement, key, fp, request_id, payer)
+        return await self._charge(request, offer, forward_body, payload, requirement, key, fp, request_id, payer)
 
     def _bind(self, payload: PaymentPayload | PaymentPayloadV1, offer: Offer, request: Request
               ) -> PaymentRequirements | PaymentRequirementsV1 | Response:
@@ -297,6 +305,7 @@ class Paywall:
             await self._not_charged(key, hold, offer, "upstream_error")
             return Response(err_body, status_code=upstream.status, headers=dict(response_headers(upstream)))
         streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
+        metered = offer.token_price is not None and requirement.scheme == "upto"
         try:
             if streaming:
                 first = await upstream.content.readany()
@@ -310,11 +319,23 @@ class Paywall:
         upstream_s = time.perf_counter() - started
         self.metrics.upstream_seconds.labels(route_id, pool.name).observe(upstream_s)
         status, out_headers = upstream.status, response_headers(upstream)
+        if metered and streaming:
+            assert isinstance(requirement, PaymentRequirements)
+            record = PaymentRecord(key=key, state=RecordState.PROCESSING, request_fp=fp, status=status, headers=out_headers)
+            stream = self._metered_stream(first, upstream, record, payload, requirement, hold, network, offer, request_id)
+            return StreamingResponse(stream, status_code=status, headers=dict(out_headers) | {"Cache-Control": "no-store"})
+        details = None
+        settle_requirement = requirement
+        if metered:
+            assert isinstance(requirement, PaymentRequirements)
+            amount, details = self._metered_charge(offer, requirement, usage_from_body(content))
+            settle_requirement = requirement.model_copy(update={"amount": str(amount)})
         cacheable = None if streaming else content
         record = PaymentRecord(key=key, state=RecordState.PROCESSING, request_fp=fp, status=status,
-                               headers=out_headers, payment=_payment_json(payload, requirement))
+                               headers=out_headers, payment=_payment_json(payload, settle_requirement))
         started = time.perf_counter()
-        settle_task = asyncio.ensure_future(self._settle(record, payload, requirement, hold, amount, network, offer, cacheable, request_id))
+        settle_task = asyncio.ensure_future(self._settle(record, payload, settle_requirement, hold, amount, network, offer,
+                                                         cacheable, request_id, details))
         try:
             settled = await asyncio.shield(settle_task)
         except asyncio.CancelledError:
@@ -357,9 +378,93 @@ class Paywall:
         await self.budgets.release(hold)
         self.metrics.payments.labels(offer.route_id, "not_charged", reason).inc()
 
+    def _capped(self, offer: Offer, body: bytes) -> bytes:
+        """The request as forwarded on a metered route: max_tokens capped so the worst case stays
+        under the ceiling (and under the route's cap); streamed calls asked to report usage."""
+        assert offer.token_price is not None
+        cap = output_token_cap(len(body), offer.token_price, offer.price)
+        if offer.route.max_tokens_cap is not None:
+            cap = min(cap, offer.route.max_tokens_cap)
+        if cap <= 0:
+            raise PricingError("prompt_too_large", "the prompt alone could cost more than the per-call maximum")
+        try:
+            return cap_request(body, cap, anthropic=offer.route.api == "anthropic")
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            raise PricingError("invalid_request", "request body must be a JSON object") from None
+
+    def _metered_charge(self, offer: Offer, requirement: PaymentRequirements, usage: Usage | None,
+                        *, cut: bool = False) -> tuple[int, dict]:
+        """What an upto call costs in the asset: metered from the usage the upstream reported,
+        or by the route's policy when usage is missing or the stream was cut. Never above the
+        signed maximum."""
+        assert offer.token_price is not None
+        ceiling = int(requirement.amount)
+        rate, decimals = next((r, d) for a, r, d in offer.rates if a == requirement.asset.lower())
+        if usage is not None and not cut:
+            cost = cost_of(usage, offer.token_price)
+            amount = min(to_base_units(cost, rate, decimals), ceiling)
+            return amount, {"usage_policy": "metered", "input_tokens": usage.input_tokens,
+                            "output_tokens": usage.output_tokens, "cost": str(cost)}
+        policy = offer.route.missing_usage
+        amount = ceiling if policy == "ceiling" else min(to_base_units(offer.token_price.per_call, rate, decimals), ceiling)
+        details = {"usage_policy": policy, "reason": "stream cut" if cut else "usage missing"}
+        if usage is not None:
+            details |= {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
+        return amount, details
+
+    async def _metered_stream(self, first: bytes, upstream: aiohttp.ClientResponse, record: PaymentRecord,
+                              payload: PaymentPayload, requirement: PaymentRequirements, hold: Hold, network: str,
+                              offer: Offer, request_id: str):
+        """upto + SSE: the tokens flow as they come (the signed permit guarantees payment up to its
+        maximum); the metered amount is settled when the stream ends and reported in a final
+        `x402.payment` event. A client that leaves mid-stream is charged by the route's policy."""
+        meter = StreamMeter()
+        finished = False
+        upstream_cut = False
+        try:
+            try:
+                if first:
+                    meter.feed(first)
+                    yield first
+                async for chunk in upstream.content.iter_any():
+                    meter.feed(chunk)
+                    yield chunk
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                upstream_cut = True
+                log.warning("upstream_stream_cut", extra={"request_id": request_id})
+            finished = True
+        finally:
+            upstream.release()
+            if not finished:  # the client went away: settle what it used, in the background
+                task = asyncio.ensure_future(self._settle_stream(record, payload, requirement, hold, network, offer,
+                                                                 request_id, meter, cut=True))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        settled, details = await asyncio.shield(self._settle_stream(
+            record, payload, requirement, hold, network, offer, request_id, meter,
+            cut=upstream_cut or not meter.complete))
+        event = {"success": settled.success, "transaction": settled.transaction, "network": settled.network,
+                 "amount": settled.amount, "errorReason": settled.error_reason, **details,
+                 "paymentResponse": encode_settle_response(settled)}
+        yield b"event: x402.payment\ndata: " + orjson.dumps({k: v for k, v in event.items() if v is not None}) + b"\n\n"
+
+    async def _settle_stream(self, record: PaymentRecord, payload: PaymentPayload, requirement: PaymentRequirements,
+                             hold: Hold, network: str, offer: Offer, request_id: str, meter: StreamMeter,
+                             *, cut: bool) -> tuple[SettleResponse, dict]:
+        amount, details = self._metered_charge(offer, requirement, meter.usage, cut=cut)
+        settle_requirement = requirement.model_copy(update={"amount": str(amount)})
+        record.payment = _payment_json(payload, settle_requirement)
+        settled = await self._settle(record, payload, settle_requirement, hold, amount, network, offer, None,
+                                     request_id, details)
+        if not settled.success:
+            log.error("upto_stream_settlement_failed", extra={"request_id": request_id, "reason": settled.error_reason,
+                                                              "tx": settled.transaction})
+        return settled, details
+
     async def _settle(self, record: PaymentRecord, payload: PaymentPayload | PaymentPayloadV1,
                       requirement: PaymentRequirements | PaymentRequirementsV1, hold: Hold, amount: int,
-                      network: str, offer: Offer, content: bytes | None, request_id: str) -> SettleResponse:
+                      network: str, offer: Offer, content: bytes | None, request_id: str,
+                      details: dict | None = None) -> SettleResponse:
         started = time.perf_counter()
         try:
             settled = await asyncio.wait_for(self.facilitator.settle(payload, requirement), self.settings.settle_timeout_s)
@@ -374,7 +479,7 @@ class Paywall:
         if settled.success:
             record.state = RecordState.SETTLED
             await self.records.save(record, ttl_s=RECORD_TTL_S)
-            await self.budgets.commit(hold, amount, settled.transaction, request_id)
+            await self.budgets.commit(hold, amount, settled.transaction, request_id, details)
             self.metrics.payments.labels(offer.route_id, "settled", "").inc()
             self.metrics.revenue.labels(network, requirement.asset.lower()).inc(amount)
             log.info("payment_settled", extra={"request_id": request_id, "route": offer.route_id, "tx": settled.transaction})
@@ -382,7 +487,7 @@ class Paywall:
             # The money may have moved: never free to retry, never served until confirmed settled.
             record.state = RecordState.PENDING
             await self.records.save(record, ttl_s=RECORD_TTL_S)
-            await self.budgets.commit(hold, amount, settled.transaction, request_id)  # conservative: counts as spent
+            await self.budgets.commit(hold, amount, settled.transaction, request_id, details)  # conservative: counts as spent
             self.metrics.payments.labels(offer.route_id, "pending", settled.error_reason or "").inc()
             log.warning("settlement_unresolved", extra={"request_id": request_id, "route": offer.route_id,
                                                        "tx": settled.transaction, "reason": settled.error_reason})

@@ -12,26 +12,31 @@ from decimal import Decimal
 
 import orjson
 
-from facilitator.x402.types import PaymentRequirements, PaymentRequirementsV1
 from facilitator.x402.networks import to_v1_name
+from facilitator.x402.types import PaymentRequirements, PaymentRequirementsV1
+from gateway.metering import TokenPrice, to_base_units
+from gateway.quotes import QuoteBook, StaleQuoteError
 from gateway.settings import GatewaySettings, PaymentOption, Route, parse_price
 
 _PARAM = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
 
 
 class PricingError(Exception):
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
 class Offer:
     route: Route
     model: str | None
-    price: Decimal  # display units
+    price: Decimal  # display units of the asset; metered routes: the quote-currency ceiling
     requirements: tuple[PaymentRequirements, ...]
+    token_price: TokenPrice | None = None  # metered routes: what usage costs
+    rates: tuple[tuple[str, Decimal, int], ...] = ()  # metered: (asset lowercase, quote rate, decimals) as quoted
 
     @property
     def route_id(self) -> str:
@@ -80,15 +85,17 @@ def to_v1(req: PaymentRequirements, resource: str, description: str, mime_type: 
 
 
 class Pricing:
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: GatewaySettings, quotes: QuoteBook | None = None) -> None:
         self.settings = settings
+        self.quotes = quotes or QuoteBook(settings.quote)
+        self.upto_signers: dict[str, str] = {}  # network -> facilitatorAddress, set at start-up
         self._routes: list[_CompiledRoute] = []
         for route in settings.routes:
             params = _PARAM.findall(route.path)
             regex = "^" + _PARAM.sub(lambda m: f"(?P<{m.group(1)}>[^/]+)", re.escape(route.path).replace(r"\{", "{").replace(r"\}", "}")) + "$"
             model_param = "name" if "name" in params else (params[0] if params else None)
             self._routes.append(_CompiledRoute(route, re.compile(regex), model_param))
-        self._offers: dict[tuple[int, str | None], Offer] = {}
+        self._offers: dict[tuple[int, str | None, int], Offer] = {}
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
         """The route for (method, path); HEAD matches the route's GET or POST so it can be
@@ -112,10 +119,15 @@ class Pricing:
                 raise
             model = None
         index = self.settings.routes.index(route)
-        key = (index, model)
+        key = (index, model, self.quotes.version if route.metered else 0)
         cached = self._offers.get(key)
         if cached is not None:
             return cached
+        if route.metered:
+            offer = self._metered_offer(route, model)
+            if len(self._offers) < 10_000:
+                self._offers[key] = offer
+            return offer
         if model is not None and model in route.models:
             price = parse_price(route.models[model])
         elif route.models and "*" in route.models:
@@ -132,11 +144,42 @@ class Pricing:
             self._offers[key] = offer
         return offer
 
+    def _metered_offer(self, route: Route, model: str | None) -> Offer:
+        """Pay for what is used: `upto` with the ceiling as the signed maximum (Permit2 assets),
+        and/or `exact` at the ceiling, per the route's schemes."""
+        tp = route.token_prices.get(model or "") or route.token_prices.get("*")
+        if tp is None:
+            raise PricingError("model_not_offered", f"model {model!r} is not offered on {route.path}")
+        token_price = TokenPrice(parse_price(tp.input), parse_price(tp.output), parse_price(tp.per_call))
+        assert route.max_per_call is not None
+        ceiling = parse_price(route.max_per_call)
+        reqs: list[PaymentRequirements] = []
+        rates: dict[str, tuple[Decimal, int]] = {}
+        for scheme in route.schemes:
+            for o in self.settings.accepts:
+                try:
+                    rate = self.quotes.rate(o.symbol)
+                    amount = to_base_units(ceiling, rate, o.decimals)
+                    rates[o.asset.lower()] = (rate, o.decimals)
+                except StaleQuoteError as exc:
+                    raise PricingError("price_unavailable", f"cannot quote this call now: {exc}", 503) from None
+                req = requirement_for(o, amount, self.settings.pay_to)
+                if scheme == "upto":
+                    signer = self.upto_signers.get(o.network)
+                    if o.transfer_method != "permit2" or signer is None:
+                        continue  # upto is Permit2 only, and needs the facilitator's address
+                    req = req.model_copy(update={"scheme": "upto", "extra": req.extra | {"facilitatorAddress": signer}})
+                reqs.append(req)
+        if not reqs:
+            raise PricingError("no_payment_option", f"no payment option can pay {route.path}", 503)
+        return Offer(route=route, model=model, price=ceiling, requirements=tuple(reqs), token_price=token_price,
+                     rates=tuple((a, r, d) for a, (r, d) in rates.items()))
+
     def _model_of(self, route: Route, params: dict[str, str], body: bytes) -> str | None:
         compiled = next(c for c in self._routes if c.route is route)
         if compiled.model_param and compiled.model_param in params:
             return params[compiled.model_param]
-        if not route.models:
+        if not route.models and not route.metered:
             return None
         if not body:
             raise PricingError("invalid_request", "request body must be JSON naming a model")
@@ -153,6 +196,15 @@ class Pricing:
         """What is offered and at what price (GET /v1/models), free."""
         out = []
         for route in self.settings.routes:
+            if route.metered:
+                for model, tp in route.token_prices.items():
+                    out.append({
+                        "route": f"{route.method} {route.path}", "model": model, "schemes": route.schemes,
+                        "per_token": {"currency": self.settings.quote.currency, "input": tp.input, "output": tp.output,
+                                      "per_call": tp.per_call},
+                        "max_per_call": f"{route.max_per_call} {self.settings.quote.currency}",
+                    })
+                continue
             prices = dict(route.models)
             if route.price is not None:
                 prices.setdefault("*", route.price)

@@ -77,14 +77,15 @@ def test_output_cap_keeps_the_worst_case_under_the_ceiling() -> None:
 
 def test_cap_request_lowers_max_tokens_and_asks_for_stream_usage() -> None:
     body = orjson.dumps({"model": "m", "messages": [], "max_tokens": 5000, "stream": True})
-    capped = orjson.loads(cap_request(body, 300, anthropic=False, stream=True))
+    capped = orjson.loads(cap_request(body, 300, anthropic=False))
     assert capped["max_tokens"] == 300 and capped["stream_options"] == {"include_usage": True}
-    small = orjson.loads(cap_request(orjson.dumps({"model": "m", "max_tokens": 10}), 300, anthropic=False, stream=False))
+    small = orjson.loads(cap_request(orjson.dumps({"model": "m", "max_tokens": 10}), 300, anthropic=False))
     assert small["max_tokens"] == 10
-    unset = orjson.loads(cap_request(orjson.dumps({"model": "m"}), 300, anthropic=False, stream=False))
+    unset = orjson.loads(cap_request(orjson.dumps({"model": "m"}), 300, anthropic=False))
     assert unset["max_tokens"] == 300
-    newer = orjson.loads(cap_request(orjson.dumps({"model": "m", "max_completion_tokens": 900}), 300,
-                                     anthropic=False, stream=False))
+    newer = orjson.loads(cap_request(orjson.dumps({"model": "m", "max_completion_tokens": 900}), 300, anthropic=False))
     assert newer["max_completion_tokens"] == 300 and "max_tokens" not in newer
-    claude = orjson.loads(cap_request(orjson.dumps({"model": "c", "max_tokens": 4096}), 300, anthropic=True, stream=True))
+    with pytest.raises(ValueError):
+        cap_request(b"[1, 2]", 300, anthropic=False)
+    claude = orjson.loads(cap_request(orjson.dumps({"model": "c", "max_tokens": 4096, "stream": True}), 300, anthropic=True))
     assert claude["max_tokens"] == 300 and "stream_options" not in claude
