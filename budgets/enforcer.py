@@ -7,12 +7,13 @@ forwarded or charged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
 from zoneinfo import ZoneInfo
 
-from budgets.models import DefaultPolicy, Hold, LedgerEntry, Policy, Refusal, Scope, resolve_windows
+from budgets.models import DefaultPolicy, Hold, LedgerEntry, Policy, Refusal, Scope, commit_windows, resolve_windows
 from budgets.store import BudgetStore, BudgetStoreUnavailableError, Check
 
 log = logging.getLogger("budgets.enforcer")
@@ -40,6 +41,8 @@ class BudgetEnforcer:
         self.hold_s = hold_s
         self.clock = clock
         self._cache: dict[tuple[str, str, str, str], tuple[float, Policy | None]] = {}
+        self._pending: set[asyncio.Task] = set()  # commits waiting for the store to come back
+        self._deferred: dict[str, int] = {}  # agents with such a commit: refused until it lands
 
     async def _policy(self, kind: str, id: str, network: str, asset: str) -> Policy | None:
         key = (kind, id.lower() if kind == "agent" else id, network, asset.lower())
@@ -75,12 +78,13 @@ class BudgetEnforcer:
         return agent_scope, group_scope
 
     def checks(self, agent: str, policy: Policy, group: Policy | None, network: str, asset: str, now: float,
-               *, with_rate: bool) -> list[Check]:
+               *, with_rate: bool, for_commit: bool = False) -> list[Check]:
+        """`for_commit`: every window, so limits added later see this spend."""
+        windows = commit_windows if for_commit else resolve_windows
         agent_scope, group_scope = self.scopes(agent, policy, network, asset)
-        out = [Check(agent_scope, tuple(resolve_windows(policy.limits, now, self.tz)),
-                     policy.rate_limit if with_rate else None)]
+        out = [Check(agent_scope, tuple(windows(policy.limits, now, self.tz)), policy.rate_limit if with_rate else None)]
         if group_scope is not None and group is not None:
-            out.append(Check(group_scope, tuple(resolve_windows(group.limits, now, self.tz)),
+            out.append(Check(group_scope, tuple(windows(group.limits, now, self.tz)),
                              group.rate_limit if with_rate else None))
         return out
 
@@ -118,6 +122,10 @@ class BudgetEnforcer:
 
     async def reserve(self, payer: str, network: str, asset: str, amount: int, route: str, model: str | None,
                       request_id: str) -> Hold:
+        if payer.lower() in self._deferred:
+            # Its last spend is not counted yet (the store was down): no new spend until it is.
+            raise Refusal("budget_store_unavailable", "budgets are catching up after a store outage; retry shortly",
+                          status=503, retry_after_s=1)
         try:
             policy, group, _ = await self.policies_for(payer, network, asset)
             self._allowed(policy, route, model, "agent")
@@ -139,28 +147,54 @@ class BudgetEnforcer:
 
     async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str,
                      details: dict | None = None) -> None:
-        """The money moved: count it, even if the hold expired meanwhile. Retried once, then
-        logged loudly (the ledger must reconcile with the chain)."""
+        """The money moved: count it, even if the hold expired meanwhile. If the store is down,
+        keep retrying in the background (commit is idempotent per hold), so the spend is counted
+        once the store is back; the ledger must reconcile with the chain."""
         now = self.clock()
         entry = LedgerEntry(ts=now, agent=hold.agent, group=hold.group, route=hold.route, model=hold.model,
                             amount=amount, asset=hold.asset, network=hold.network, tx_hash=tx_hash,
                             request_id=request_id, extra=details or {})
-        for attempt in range(2):
+        if not await self._commit_once(hold, amount, entry, now):
+            log.error("budget_commit_deferred", extra={"agent": hold.agent, "amount": str(amount), "tx": tx_hash,
+                                                        "request_id": request_id})
+            agent = hold.agent.lower()
+            self._deferred[agent] = self._deferred.get(agent, 0) + 1
+            task = asyncio.ensure_future(self._commit_later(hold, amount, entry, now))
+            self._pending.add(task)
+
+            def done(t: asyncio.Task) -> None:
+                self._pending.discard(t)
+                self._deferred[agent] -= 1
+                if not self._deferred[agent]:
+                    del self._deferred[agent]
+
+            task.add_done_callback(done)
+
+    async def _commit_later(self, hold: Hold, amount: int, entry: LedgerEntry, now: float) -> None:
+        delay = 0.2
+        for _ in range(10_000):  # about three hours at the capped delay
+            await asyncio.sleep(delay)
+            if await self._commit_once(hold, amount, entry, now):
+                log.warning("budget_commit_recovered", extra={"agent": hold.agent, "request_id": entry.request_id})
+                return
+            delay = min(delay * 2, 1.0)
+        log.error("budget_commit_lost", extra={"agent": hold.agent, "amount": str(amount), "tx": entry.tx_hash,
+                                                "request_id": entry.request_id})
+
+    async def _commit_once(self, hold: Hold, amount: int, entry: LedgerEntry, now: float) -> bool:
+        for _attempt in range(2):
             try:
-                policy, group, _ = await self.policies_for(hold.agent, hold.network, hold.asset)
-                checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False)
+                try:
+                    policy, group, _listed = await self.policies_for(hold.agent, hold.network, hold.asset)
+                except Refusal:  # the agent lost its policy since the reserve: still record the spend
+                    policy, group = Policy(network=hold.network, asset=hold.asset, group=hold.group), None
+                checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False,
+                                     for_commit=True)
                 await self.store.commit(checks, hold.id, amount, entry, now=now)
-                return
-            except Refusal:
-                # The agent lost its policy between reserve and commit: still record the spend.
-                policy = Policy(network=hold.network, asset=hold.asset, group=hold.group)
-                checks = self.checks(hold.agent, policy, None, hold.network, hold.asset, now, with_rate=False)
-                await self.store.commit(checks, hold.id, amount, entry, now=now)
-                return
+                return True
             except BudgetStoreUnavailableError:
-                if attempt == 1:
-                    log.error("budget_commit_lost", extra={"agent": hold.agent, "amount": str(amount),
-                                                            "tx": tx_hash, "request_id": request_id})
+                continue
+        return False
 
     async def release(self, hold: Hold) -> None:
         try:

@@ -4,8 +4,11 @@ units, everywhere.
 A policy applies to one agent wallet (the verified payer) or one group, on one network and
 asset. An agent belongs to at most one group; a call must fit the agent's budget and its
 group's. Windows are calendar windows in the operator's time zone (the hour, day, ISO week or
-month in progress) or rolling windows (the last hour/day/week/30 days, at 1/60 resolution,
-counted conservatively).
+month in progress) or rolling windows (the last hour/day/week/30 days, at 1/60 resolution; spend
+counts for between one and 61/60 of the window, never less).
+
+Every commit counts in every window (all calendar and rolling periods), not only the windows the
+policy has when the spend happens: a limit added mid-window sees the spend already made in it.
 """
 
 from __future__ import annotations
@@ -103,6 +106,14 @@ class Window:
     ttl_s: int  # how long the counter must live
 
 
+def commit_windows(limits: list[Limit], now: float, tz: ZoneInfo) -> list[Window]:
+    """The windows a commit must count in: the policy's and every other period's."""
+    configured = {(lim.period, lim.rolling) for lim in limits}
+    extra = [Limit(period=p, amount=0, rolling=r) for r in (False, True) for p in ("hour", "day", "week", "month")
+             if (p, r) not in configured]
+    return resolve_windows(limits + extra, now, tz)
+
+
 def resolve_windows(limits: list[Limit], now: float, tz: ZoneInfo) -> list[Window]:
     out: list[Window] = []
     local = dt.datetime.fromtimestamp(now, tz)
@@ -111,8 +122,9 @@ def resolve_windows(limits: list[Limit], now: float, tz: ZoneInfo) -> list[Windo
         if lim.rolling:
             bucket_s = length // ROLLING_BUCKETS
             bucket = int(now // bucket_s)
+            # Spend in bucket b counts until bucket b + 61 starts: at least a full window, never less.
             out.append(Window(lim.period, True, lim.amount, f"roll:{lim.period}", bucket, bucket_s,
-                              (bucket + 1) * bucket_s, length + 2 * bucket_s))
+                              (bucket + 1) * bucket_s, length + 3 * bucket_s))
             continue
         if lim.period == "hour":
             start = local.replace(minute=0, second=0, microsecond=0)

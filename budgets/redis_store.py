@@ -59,13 +59,13 @@ local function reserved(z, h, now)
   for _, v in ipairs(redis.call('HVALS', h)) do total = add(total, v) end
   return total
 end
--- spent in a window (rolling: the last 60 buckets, the oldest counted whole)
+-- spent in a window (rolling: the current bucket and the 60 before it, so spend is never forgiven early)
 local function spent(key, w)
   if w.rolling then
     local total = '0'
     local all = redis.call('HGETALL', key)
     for i = 1, #all, 2 do
-      if tonumber(all[i]) > w.bucket - 60 then total = add(total, all[i + 1]) else redis.call('HDEL', key, all[i]) end
+      if tonumber(all[i]) >= w.bucket - 60 then total = add(total, all[i + 1]) else redis.call('HDEL', key, all[i]) end
     end
     return total
   end
@@ -200,10 +200,9 @@ class RedisBudgetStore:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "x402b:") -> "RedisBudgetStore":
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0, max_connections=64, timeout=2.0
-        )
-        return cls(aioredis.Redis(connection_pool=pool), prefix=prefix)
+        from facilitator.store.redis_client import redis_from_url
+
+        return cls(redis_from_url(url), prefix=prefix)
 
     def _k(self, scope: Scope, suffix: str) -> str:
         return f"{self._p}b:{{{scope.tag}}}:{scope.name}:{suffix}"

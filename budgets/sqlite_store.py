@@ -49,7 +49,8 @@ class SQLiteBudgetStore:
 
     def _spent(self, scope: Scope, w: Window) -> int:
         if w.rolling:
-            self._db.execute("DELETE FROM counters WHERE scope = ? AND wkey = ? AND bucket <= ?",
+            # the current bucket and the 60 before it: spend is never forgiven early
+            self._db.execute("DELETE FROM counters WHERE scope = ? AND wkey = ? AND bucket < ?",
                              (scope.name, w.key, w.bucket - 60))
             rows = self._db.execute("SELECT amount FROM counters WHERE scope = ? AND wkey = ?", (scope.name, w.key))
         else:
@@ -212,7 +213,9 @@ class SQLiteBudgetStore:
 
 
 def open_budget_store(url: str, *, prefix: str = "x402b:"):
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    from facilitator.store.redis_client import is_redis_url
+
+    if is_redis_url(url):
         from budgets.redis_store import RedisBudgetStore
 
         return RedisBudgetStore.from_url(url, prefix=prefix)

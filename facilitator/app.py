@@ -28,6 +28,7 @@ from facilitator.metrics import FacilitatorMetrics
 from facilitator.service import Facilitator
 from facilitator.settings import FacilitatorSettings
 from facilitator.store import open_store
+from facilitator.store.redis_client import is_redis_url
 from facilitator.store.base import StoreUnavailableError
 from facilitator.x402.errors import WireFormatError
 from facilitator.x402.headers import parse_json_body
@@ -49,8 +50,8 @@ def build_facilitator(settings: FacilitatorSettings, *, metrics: FacilitatorMetr
     signers = SignerPool([Signer.from_key(k.get_secret_value()) for k in settings.signer_keys])
     # Several processes may share keys (replicas, or gateways with the facilitator in-process):
     # with a shared store, nonces are coordinated through it.
-    nonces = RedisNonces.from_url(settings.store_url, prefix=settings.store_prefix) if settings.store_url.startswith(
-        ("redis://", "rediss://", "unix://")) else LocalNonces()
+    nonces = (RedisNonces.from_url(settings.store_url, prefix=settings.store_prefix) if is_redis_url(settings.store_url)
+              else LocalNonces())
     chains: dict[str, EvmChain] = {}
     for net in settings.networks:
         chains[net.network] = EvmChain.connect(

@@ -166,13 +166,15 @@ class Facilitator:
         except PaymentInvalidError as exc:
             resp = SettleResponse(
                 success=False, error_reason=exc.reason.value, error_message=exc.message, payer=payer,
-                transaction="", network=network,
+                transaction="", network=network, extra={"final": True},
             )  # fmt: skip
         except (ChainUnavailableError, StoreUnavailableError) as exc:
+            # Before any broadcast (the settler absorbs store failures after one): nothing moved.
             log.warning("settle_dependency_unavailable", extra={"error": str(exc)})
             resp = SettleResponse(
                 success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,
-                error_message=f"dependency unavailable: {type(exc).__name__}", payer=payer, transaction="", network=network,
+                error_message=f"dependency unavailable: {type(exc).__name__}", payer=payer, transaction="",
+                network=network, extra={"final": True},
             )  # fmt: skip
         except Exception:
             log.exception("settle_unexpected_error")

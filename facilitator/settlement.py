@@ -26,7 +26,7 @@ from facilitator.evm.nonces import NonceUnavailableError
 from facilitator.evm.signer import SignedTransaction, SignerPool
 from facilitator.evm.transactions import BroadcastRejectedError, Receipt
 from facilitator.schemes.base import PreparedPayment, SettlementPlan
-from facilitator.store.base import TERMINAL, SettlementRecord, SettlementState, SettlementStore
+from facilitator.store.base import TERMINAL, SettlementRecord, SettlementState, SettlementStore, StoreUnavailableError
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import SettleResponse
 
@@ -87,7 +87,7 @@ class Settler:
             if record.digest != digest:
                 return self._failure(
                     chain, prepared.payer, R(prepared.nonce_used_reason),
-                    "another payment with this nonce is being or was settled",
+                    "another payment with this nonce is being or was settled", final=True,
                 )  # fmt: skip
             if record.state in TERMINAL:
                 return SettleResponse.model_validate_json(record.response)
@@ -101,13 +101,14 @@ class Settler:
     async def _settle_claimed(self, chain: EvmChain, prepared: PreparedPayment) -> SettleResponse:
         key, digest = prepared.record_key, prepared.digest
         try:
-            plan = await prepared.confirm()
+            await prepared.confirm()
+            plan = prepared.plan()
         except PaymentInvalidError as exc:
             await self.store.release(key, digest)
-            return self._failure(chain, prepared.payer, exc.reason, exc.message)
+            return self._failure(chain, prepared.payer, exc.reason, exc.message, final=True)
         except ChainUnavailableError as exc:
             await self.store.release(key, digest)
-            return self._failure(chain, prepared.payer, R.UNEXPECTED_SETTLE_ERROR, f"chain unavailable: {exc}")
+            return self._failure(chain, prepared.payer, R.UNEXPECTED_SETTLE_ERROR, f"chain unavailable: {exc}", final=True)
         if plan.amount == 0:  # upto settled at zero: nothing moves, no transaction
             resp = SettleResponse(success=True, payer=plan.payer, transaction="", network=chain.network, amount="0")
             await self.store.finish(key, digest, state=SettlementState.SETTLED, response=_dump(resp), now_ms=self._now_ms())
@@ -115,7 +116,8 @@ class Settler:
         signer = self.signers.get(plan.sender) if plan.sender else self.signers.next()
         if signer is None:
             await self.store.release(key, digest)
-            return self._failure(chain, plan.payer, R.UPTO_FACILITATOR_MISMATCH, "no key for the signer the payment names")
+            return self._failure(chain, plan.payer, R.UPTO_FACILITATOR_MISMATCH, "no key for the signer the payment names",
+                                 final=True)
 
         async def persist(signed: SignedTransaction) -> None:
             success = SettleResponse(
@@ -131,7 +133,7 @@ class Settler:
         except (BroadcastRejectedError, NonceUnavailableError) as exc:
             await self.store.release(key, digest)  # refused, or never sent: nothing is on the network
             log.warning("settlement_broadcast_rejected", extra={"reason": str(exc), "signer": signer.address})
-            return self._failure(chain, plan.payer, R.UNEXPECTED_SETTLE_ERROR, f"broadcast rejected: {exc}")
+            return self._failure(chain, plan.payer, R.UNEXPECTED_SETTLE_ERROR, f"broadcast rejected: {exc}", final=True)
         receipt = await chain.sender.wait_receipt(signed.tx_hash, signed.raw, self.receipt_timeout_s)
         return await self._conclude(chain, key, digest, plan, signed.tx_hash, receipt)
 
@@ -148,10 +150,19 @@ class Settler:
             resp = success
             state = SettlementState.SETTLED
         else:
-            resp = self._failure(chain, success.payer or "", R.TRANSACTION_FAILED, "transaction reverted", tx=record.tx_hash)
+            resp = self._failure(chain, success.payer or "", R.TRANSACTION_FAILED, "transaction reverted",
+                                 tx=record.tx_hash, final=True)
             state = SettlementState.FAILED
-        await self.store.finish(record.key, record.digest, state=state, response=_dump(resp), now_ms=self._now_ms())
+        await self._finish_record(record.key, record.digest, state, resp)
         return resp
+
+    async def _finish_record(self, key: str, digest: str, state: SettlementState, resp: SettleResponse) -> None:
+        """After the chain has spoken, a store outage must not turn the outcome into an error: the
+        record stays SUBMITTED and the reconciler finishes it from the receipt later."""
+        try:
+            await self.store.finish(key, digest, state=state, response=_dump(resp), now_ms=self._now_ms())
+        except StoreUnavailableError:
+            log.error("settlement_record_not_finished", extra={"key": key, "tx": resp.transaction})
 
     async def _conclude(
         self, chain: EvmChain, key: str, digest: str, plan: SettlementPlan, tx_hash: str, receipt: Receipt | None
@@ -160,7 +171,7 @@ class Settler:
             log.warning("settlement_pending", extra={"tx": tx_hash})
             return self._failure(chain, plan.payer, R.SETTLEMENT_PENDING, "receipt not received in time", tx=tx_hash)
         if receipt.status != 1:
-            resp = self._failure(chain, plan.payer, R.TRANSACTION_FAILED, "transaction reverted", tx=tx_hash)
+            resp = self._failure(chain, plan.payer, R.TRANSACTION_FAILED, "transaction reverted", tx=tx_hash, final=True)
             state = SettlementState.FAILED
         elif not transfer_logged(receipt, plan):
             resp = self._failure(
@@ -173,11 +184,13 @@ class Settler:
                 success=True, payer=plan.payer, transaction=tx_hash, network=chain.network, amount=str(plan.amount)
             )
             state = SettlementState.SETTLED
-        await self.store.finish(key, digest, state=state, response=_dump(resp), now_ms=self._now_ms())
+        await self._finish_record(key, digest, state, resp)
         return resp
 
     @staticmethod
-    def _failure(chain: EvmChain, payer: str, reason: R, message: str, *, tx: str = "") -> SettleResponse:
+    def _failure(chain: EvmChain, payer: str, reason: R, message: str, *, tx: str = "", final: bool = False) -> SettleResponse:
+        """`final`: no money moved for this payment and none will (nothing was broadcast, or the
+        transaction reverted); a caller may treat the payment as not charged."""
         return SettleResponse(
             success=False,
             error_reason=reason.value,
@@ -185,6 +198,7 @@ class Settler:
             payer=payer or None,
             transaction=tx,
             network=chain.network,
+            extra={"final": True} if final else None,
         )
 
     async def reconcile_once(self, chains: dict[str, EvmChain], *, older_than_s: float) -> int:

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
+from facilitator.store.redis_client import is_redis_url
 from gateway.budget_hook import BudgetHook, NoBudgets
 from gateway.facilitator_client import FacilitatorClient, HttpFacilitatorClient, LocalFacilitatorClient
 from gateway.metrics import GatewayMetrics
@@ -74,7 +75,7 @@ def build_budgets(settings: GatewaySettings):
     b = settings.budgets
     if b is None or not b.enabled:
         return None
-    url = b.store_url or (settings.store_url if settings.store_url.startswith("redis")
+    url = b.store_url or (settings.store_url if is_redis_url(settings.store_url)
                           else "sqlite://.x402-state/budgets.sqlite3")
     store = open_budget_store(url, prefix=b.store_prefix)
     defaults = {

@@ -73,7 +73,10 @@ def checked_settlement(resp: SettleResponse, network: str) -> SettleResponse:
 
 
 class LocalFacilitatorClient:
-    """Our facilitator, in-process: no HTTP hop."""
+    """Our facilitator, in-process: no HTTP hop. Trusted: its `extra.final` on a failed
+    settlement means no money moved (a remote answer could claim that falsely)."""
+
+    trusted = True
 
     def __init__(self, facilitator: Facilitator, *, reconcile_interval_s: float = 5.0) -> None:
         self.facilitator = facilitator
@@ -115,6 +118,7 @@ class LocalFacilitatorClient:
 
 
 class HttpFacilitatorClient:
+    trusted = False
     def __init__(self, url: str, *, timeout_s: float = 30.0, headers: dict[str, str] | None = None) -> None:
         self.url = url.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)

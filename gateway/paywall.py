@@ -58,7 +58,7 @@ from gateway.proxy import (
     read_all,
     response_headers,
 )
-from gateway.records import PaymentRecord, PaymentRecords, RecordState
+from gateway.records import PaymentRecord, PaymentRecords, RecordState, RecordStoreUnavailableError
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger("gateway.paywall")
@@ -476,17 +476,18 @@ class Paywall:
         record.settle = settled.model_dump_json(by_alias=True, exclude_none=True)
         if content is not None and len(content) <= self.settings.replay_cache_bytes:
             record.body, record.cached = content, True
+        final = getattr(self.facilitator, "trusted", False) and bool((settled.extra or {}).get("final"))
         if settled.success:
             record.state = RecordState.SETTLED
-            await self.records.save(record, ttl_s=RECORD_TTL_S)
+            await self._save_after_settlement(record, request_id)
             await self.budgets.commit(hold, amount, settled.transaction, request_id, details)
             self.metrics.payments.labels(offer.route_id, "settled", "").inc()
             self.metrics.revenue.labels(network, requirement.asset.lower()).inc(amount)
             log.info("payment_settled", extra={"request_id": request_id, "route": offer.route_id, "tx": settled.transaction})
-        elif settled.error_reason in AMBIGUOUS or settled.transaction:
+        elif (settled.error_reason in AMBIGUOUS or settled.transaction) and not final:
             # The money may have moved: never free to retry, never served until confirmed settled.
             record.state = RecordState.PENDING
-            await self.records.save(record, ttl_s=RECORD_TTL_S)
+            await self._save_after_settlement(record, request_id)
             await self.budgets.commit(hold, amount, settled.transaction, request_id, details)  # conservative: counts as spent
             self.metrics.payments.labels(offer.route_id, "pending", settled.error_reason or "").inc()
             log.warning("settlement_unresolved", extra={"request_id": request_id, "route": offer.route_id,
@@ -497,11 +498,22 @@ class Paywall:
             self.metrics.payments.labels(offer.route_id, "settle_failed", settled.error_reason or "").inc()
         return settled
 
+    async def _save_after_settlement(self, record: PaymentRecord, request_id: str) -> None:
+        """Once money may have moved, a store outage must not turn the answer into "nothing was
+        charged": the record is written best-effort (and the facilitator's own store still refuses
+        a second settlement of this payment)."""
+        try:
+            await self.records.save(record, ttl_s=RECORD_TTL_S)
+        except RecordStoreUnavailableError:
+            log.error("payment_record_not_saved", extra={"request_id": request_id, "tx": record.tx,
+                                                         "state": record.state.value})
+
     def _settle_failure(self, request: Request, offer: Offer, settled: SettleResponse,
                         payload: PaymentPayload | PaymentPayloadV1) -> Response:
         reason = settled.error_reason or R.UNEXPECTED_SETTLE_ERROR.value
         headers = self._payment_response_header(payload, settled)
-        if reason in AMBIGUOUS or settled.transaction:
+        final = getattr(self.facilitator, "trusted", False) and bool((settled.extra or {}).get("final"))
+        if (reason in AMBIGUOUS or settled.transaction) and not final:
             return json_error(402, reason, (settled.error_message or "settlement is not confirmed")
                               + "; the content was not served. Resend the same payment to get it once settled; do not pay again.",
                               headers=headers, transaction=settled.transaction, network=settled.network)

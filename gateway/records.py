@@ -203,6 +203,13 @@ end
 return redis.call('HGETALL', KEYS[1])
 """
 
+_SAVE = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+return 1
+"""
+
 _ABANDON = """
 if redis.call('HGET', KEYS[1], 'state') == 'processing' then return redis.call('DEL', KEYS[1]) end
 return 0
@@ -215,13 +222,13 @@ class RedisPaymentRecords:
         self._prefix = prefix
         self._begin = client.register_script(_BEGIN)
         self._abandon = client.register_script(_ABANDON)
+        self._save = client.register_script(_SAVE)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "x402gw:") -> "RedisPaymentRecords":
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, socket_timeout=2.0, socket_connect_timeout=2.0, max_connections=64, timeout=2.0
-        )
-        return cls(aioredis.Redis(connection_pool=pool), prefix=prefix)
+        from facilitator.store.redis_client import redis_from_url
+
+        return cls(redis_from_url(url, decode_responses=False), prefix=prefix)
 
     def _key(self, key: str) -> str:
         return f"{self._prefix}pay:{{{key}}}"
@@ -261,12 +268,11 @@ class RedisPaymentRecords:
             "headers": _encode_headers(record.headers), "body": record.body, "cached": "1" if record.cached else "0",
             "payment": record.payment, "delivered": "1" if record.delivered else "0",
         }  # fmt: skip
+        args: list = [ttl_s]
+        for name, value in mapping.items():
+            args += [name, value]
         try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.delete(k)
-                pipe.hset(k, mapping=mapping)
-                pipe.expire(k, ttl_s)
-                await pipe.execute()
+            await self._save(keys=[k], args=args)
         except RedisError as exc:
             raise RecordStoreUnavailableError(f"redis: {exc}") from exc
 
@@ -303,7 +309,9 @@ class RedisPaymentRecords:
 
 
 def open_records(url: str, *, prefix: str = "x402gw:") -> PaymentRecords:
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    from facilitator.store.redis_client import is_redis_url
+
+    if is_redis_url(url):
         return RedisPaymentRecords.from_url(url, prefix=prefix)
     if url.startswith("sqlite://") or url == "memory://":
         return SQLitePaymentRecords(":memory:" if url == "memory://" else url.removeprefix("sqlite://"))

@@ -41,13 +41,17 @@ HOST = "127.0.0.1"  # every load in these scripts goes to loopback only
 
 
 # ---------------------------------------------------------------------------------------------
-# Signals: turn SIGTERM into SystemExit so every `finally` (anvil, serve, redis keys) runs.
+# Signals: SIGTERM is handled like Ctrl-C, so every `finally` / context manager (anvil, serve,
+# redis keys) runs. While an asyncio.Runner is running, its own SIGINT handler cancels the main
+# task (clean unwinding through every `async with`); outside it, KeyboardInterrupt is raised.
 
 
 def install_sigterm_handler() -> None:
     def _on_term(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
+        signal.raise_signal(signal.SIGINT)
 
+    # A shell starts background jobs with SIGINT ignored; restore the default so both work.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _on_term)
 
 

@@ -13,6 +13,8 @@ transaction on arrival), and checks the money: the payee's balance delta per tok
 the sum of the amounts of the successful settlements, every success has its own transaction
 hash, and the signer keys sent exactly that many transactions. After the timed runs a few
 payments are settled a second time: they must return the first transaction and move nothing.
+Every run gets a fresh anvil (same deterministic deployment, so the payments signed once are valid
+on each): anvil's cost per transaction grows with the length of the chain (loadtests/README.md).
 Writes loadtests/results/settle-<date>.{json,md} and LATEST-settle.md. Loads go to 127.0.0.1
 only; every loop is bounded; anvil and serve processes are always stopped.
 """
@@ -338,7 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {
         "kind": "settle", "run_id": C.new_run_id(), "started": C.now_iso(),
         "command": "loadtests/bench_settle.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "args": vars(args), "machine": C.machine_info(), "event_loop": C.loop_name(), "notes": [],
+        "args": vars(args), "machine": C.machine_info(), "event_loop": C.loop_name(), "notes": [
+            "Every run starts on a fresh anvil: anvil's CPU cost per transaction grows with the chain's length "
+            "(automine, one block per transaction), so later runs on a shared chain would look slower for that "
+            "reason alone (loadtests/README.md).",
+            "The dev chain mines each transaction as it arrives, so these numbers measure the facilitator's own "
+            "cost per settlement (claim, re-check, sign, broadcast, receipt, record) plus anvil's, not a real "
+            "network's block time.",
+        ],
     }
     print(f"bench_settle: run {data['run_id']}, store {args.store}", flush=True)
     with C.event_loop_runner() as runner:
@@ -360,4 +369,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; every process this benchmark started has been stopped", file=sys.stderr)
+        sys.exit(130)

@@ -219,18 +219,24 @@ def cpu_cases(d: dict[str, Any], method: str, payments: list[C.SignedPayment], f
     }
 
 
-def time_cpu(fn: Any, items: list, n: int, reps: int) -> list[float]:
-    """µs/op of each rep over the first n items (all checked to be True once before timing)."""
-    items = items[:n]
-    bad = sum(1 for it in items if not fn(it))
-    if bad:
-        raise RuntimeError(f"{bad} of {len(items)} signature checks failed")
-    out = []
+def time_cpu(cases: dict[str, tuple], n_for: Any, reps: int) -> dict[str, list[float]]:
+    """µs/op per repetition for every case. The repetitions are interleaved (rep 1 of every case,
+    then rep 2, ...) so a burst of noise from other processes hits all cases alike. Every op is
+    checked to return True once before timing."""
+    prepared = {}
+    for name, (fn, items) in cases.items():
+        items = items[: n_for(name)]
+        bad = sum(1 for it in items if not fn(it))
+        if bad:
+            raise RuntimeError(f"{name}: {bad} of {len(items)} signature checks failed")
+        prepared[name] = (fn, items)
+    out: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        for it in items:
-            fn(it)
-        out.append((time.perf_counter() - t0) / len(items) * 1e6)
+        for name, (fn, items) in prepared.items():
+            t0 = time.perf_counter()
+            for it in items:
+                fn(it)
+            out[name].append((time.perf_counter() - t0) / len(items) * 1e6)
     return out
 
 
@@ -478,13 +484,25 @@ def compute_ratios_and_targets(data: dict[str, Any]) -> None:
     targets = []
     for m, cases in data["cpu"].items():
         ops = cases["ours: digest + recover (fast path)"]["ops_per_s"]
+        floor = cases["floor: libsecp256k1 public-key recovery alone (coincurve, digest given)"]["ops_per_s"]
         targets.append({"target": f"~20,000 signature checks/s per core ({m}, fast path)",
-                        "measured": f"{ops:,.0f}/s", "met": ops >= 20_000})
-    for m, rs in ratios.items():
-        for k, v in rs.items():
-            if "throughput" in k:
-                targets.append({"target": f"≥ 10× the SDK's verify throughput ({m}, {k.split(' / ')[1]})",
-                                "measured": f"{v['median_of_ratios']:.1f}×", "met": v["median_of_ratios"] >= 10})
+                        "measured": f"{ops:,.0f}/s ({ops / 20_000:.0%} of target; libsecp256k1 recovery alone: "
+                                    f"{floor:,.0f}/s on this CPU)",
+                        "met": ops >= 20_000})
+    for m, runs in (data.get("inprocess") or {}).items():
+        ours, sdk, thr = runs.get(f"ours@{conc}"), runs.get(f"sdk@{conc}"), runs.get(f"sdk_threads@{conc}")
+        if not ours or not sdk:
+            continue
+        best = [max(s["ops_per_s"], t["ops_per_s"]) for s, t in zip(sdk, thr or sdk)]
+        per_rep = [o["ops_per_s"] / b for o, b in zip(ours, best) if b > 0]
+        ratios.setdefault(m, {})[f"ours@{conc} / best SDK mode@{conc} (throughput)"] = {
+            "per_rep": per_rep, "median_of_ratios": C.median(per_rep),
+            "ratio_of_medians": med_of(ours, "ops_per_s") / C.median(best),
+        }
+        r = C.median(per_rep)
+        targets.append({"target": f"≥ 10× the SDK's verify throughput ({m}, concurrency {conc}, vs the better SDK mode)",
+                        "measured": f"{r:.1f}× ({med_of(ours, 'ops_per_s'):,.0f}/s vs {C.median(best):,.0f}/s)",
+                        "met": r >= 10})
     data["targets"] = targets
 
 
@@ -530,12 +548,13 @@ def main(argv: list[str] | None = None) -> int:
             print("(a) pure CPU, one thread", flush=True)
             data["cpu"] = {}
             for m in METHODS:
-                for name, (fn, items) in cpu_cases(d, m, pays[m], fac).items():
-                    n = args.cpu_n_slow if name.startswith("eth_account") else args.n
-                    reps_us = time_cpu(fn, items, n, args.cpu_reps)
+                cases = cpu_cases(d, m, pays[m], fac)
+                n_for = lambda name: args.cpu_n_slow if name.startswith("eth_account") else args.n  # noqa: E731
+                timed = time_cpu(cases, n_for, args.cpu_reps)
+                for name, reps_us in timed.items():
                     us = C.median(reps_us)
-                    data["cpu"].setdefault(m, {})[name] = {"us_per_op": us, "ops_per_s": 1e6 / us,
-                                                           "reps_us": reps_us, "n": min(n, len(items))}
+                    data["cpu"].setdefault(m, {})[name] = {"us_per_op": us, "ops_per_s": 1e6 / us, "reps_us": reps_us,
+                                                           "n": min(n_for(name), len(cases[name][1]))}
                     print(f"  {m:8s} {us:8.1f} µs/op {1e6 / us:9.0f}/s  {name}", flush=True)
             # (b)
             print("(b) in-process verify", flush=True)
@@ -570,4 +589,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; every process this benchmark started has been stopped", file=sys.stderr)
+        sys.exit(130)

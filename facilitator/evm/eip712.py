@@ -186,8 +186,10 @@ def recover_signer(digest: bytes, signature: bytes, *, require_low_s: bool = Fal
     return keccak(public_key.format(compressed=False)[1:])[-20:]
 
 
+@lru_cache(maxsize=4096)
 def checksum_address(address: str) -> str:
-    """EIP-55 checksum with the fast keccak (eth_utils' takes ~15 µs; this ~3 µs)."""
+    """EIP-55 checksum with the fast keccak (eth_utils' takes ~18 µs, this ~6 µs uncached). The
+    same payers, tokens and payees recur, so it is cached."""
     lower = address[2:].lower()
     hashed = keccak(lower.encode()).hex()
     return "0x" + "".join(c.upper() if c > "9" and hashed[i] > "7" else c for i, c in enumerate(lower))

@@ -88,10 +88,9 @@ class RedisNonces:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "x402:") -> "RedisNonces":
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0, max_connections=32, timeout=2.0
-        )
-        return cls(aioredis.Redis(connection_pool=pool), prefix=prefix)
+        from facilitator.store.redis_client import redis_from_url
+
+        return cls(redis_from_url(url, max_connections=32), prefix=prefix)
 
     def _k(self, key: str, what: str) -> str:
         return f"{self._p}signer:{{{key}}}:{what}"  # lock and counter share a Cluster slot

@@ -1,8 +1,8 @@
 """What a scheme implementation provides to the facilitator service.
 
 A scheme turns (payload, requirements) into a `PreparedPayment` with local checks only (no I/O),
-whose `confirm()` reads the chain once and returns a `SettlementPlan`: everything `settle` needs
-to send one transaction. verify and settle both go through prepare + confirm, so their checks
+whose `confirm()` reads the chain once, and whose `plan()` is everything `settle` needs to send
+one transaction. verify and settle both go through prepare + confirm, so their checks
 cannot drift apart.
 """
 
@@ -33,7 +33,9 @@ class PreparedPayment(Protocol):
     nonce_used_reason: str
     settle_amount: int
 
-    async def confirm(self) -> SettlementPlan: ...
+    async def confirm(self) -> None: ...
+
+    def plan(self) -> SettlementPlan: ...
 
 
 class SchemeFacilitator(Protocol):

@@ -19,9 +19,11 @@ __all__ = [
 
 
 def open_store(url: str, *, prefix: str = "x402:") -> SettlementStore:
-    """`redis://…` / `rediss://…` / `redis+sentinel://…` -> RedisSettlementStore;
+    """`redis://…`, `redis+sentinel://…`, `redis+cluster://…` -> RedisSettlementStore;
     `sqlite:///path` or `memory://` -> SQLiteSettlementStore (the embedded default)."""
-    if url.startswith(("redis://", "rediss://", "unix://")):
+    from facilitator.store.redis_client import is_redis_url
+
+    if is_redis_url(url):
         from facilitator.store.redis_store import RedisSettlementStore
 
         return RedisSettlementStore.from_url(url, prefix=prefix)

@@ -80,12 +80,9 @@ class RedisSettlementStore:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "x402:") -> "RedisSettlementStore":
-        # A blocking pool queues callers when all connections are busy (the default pool raises
-        # "Too many connections", which under load would look like an outage).
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, decode_responses=True, socket_timeout=2.0, socket_connect_timeout=2.0, max_connections=64, timeout=2.0
-        )
-        return cls(aioredis.Redis(connection_pool=pool), prefix=prefix)
+        from facilitator.store.redis_client import redis_from_url
+
+        return cls(redis_from_url(url), prefix=prefix)
 
     def _key(self, key: str) -> str:
         # The braces are a Cluster hash tag: the record is addressed by its own slot.

@@ -53,7 +53,9 @@ class Eip3009Payment:
     def settle_amount(self) -> int:
         return self.value
 
-    async def confirm(self) -> SettlementPlan:
+    async def confirm(self) -> None:
+        """The chain checks (one round trip); raises PaymentInvalidError. The settlement call
+        data is built only when settling (`plan()`), not on every verify."""
         chain = self.chain
         reads = [
             Call("eth_getCode", [self.payer, "latest"]),
@@ -110,7 +112,6 @@ class Eip3009Payment:
             raise PaymentInvalidError(R.BALANCE_CHECK_FAILED, "balanceOf reverted")
         if contracts.decode_uint(balance) < self.value:
             raise PaymentInvalidError(R.INVALID_EXACT_EVM_INSUFFICIENT_BALANCE, "payer balance is below the amount")
-        return self.plan()
 
     def plan(self) -> SettlementPlan:
         return SettlementPlan(

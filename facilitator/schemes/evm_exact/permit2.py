@@ -47,7 +47,9 @@ class Permit2Payment:
     digest: str
     nonce_used_reason: str = R.PERMIT2_INVALID_NONCE.value
 
-    async def confirm(self) -> SettlementPlan:
+    async def confirm(self) -> None:
+        """The chain checks (one round trip); raises PaymentInvalidError. The settlement call
+        data is built only when settling (`plan()`), not on every verify."""
         chain = self.chain
         reads = [
             Call("eth_getCode", [self.payer, "latest"]),
@@ -94,7 +96,6 @@ class Permit2Payment:
             raise ChainUnavailableError(f"nonceBitmap read failed: {bitmap.message}")
         if (contracts.decode_uint(bitmap) >> (self.nonce & 0xFF)) & 1:
             raise PaymentInvalidError(R.PERMIT2_INVALID_NONCE, "Permit2 nonce already used on-chain")
-        return self.plan()
 
     def plan(self) -> SettlementPlan:
         if self.upto:

@@ -1,0 +1,75 @@
+"""One way to reach Redis from a URL, for every store of the project:
+
+    redis://[:password@]host:port/db   rediss://…      a single server
+    redis+sentinel://[:password@]host:port[,host:port…]/service_name[/db]
+                                                      the master of a Sentinel-managed group
+    redis+cluster://[:password@]host:port[,host:port…]   Redis Cluster (rediss+cluster:// with TLS)
+
+Every Lua script of the project touches keys of one hash slot only (see each store), so the same
+scripts run unchanged on all three. Single servers use a blocking pool: callers queue for a
+connection instead of failing with "Too many connections" under load.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://", "redis+cluster://",
+                 "rediss+cluster://")
+# Idle pooled connections are pinged before use, so the first commands after a Redis restart do
+# not fail on a connection the server already closed.
+TIMEOUTS = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0, "health_check_interval": 5}
+
+
+def _retry() -> dict:
+    """One retry on a broken connection (a Redis restart closes pooled sockets; the new server has
+    not seen the command). Not on timeouts, where the command may have run. Every script of the
+    project is idempotent per id, for the rare reply lost after a command ran."""
+    return {"retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}
+
+
+def is_redis_url(url: str) -> bool:
+    return url.startswith(REDIS_SCHEMES)
+
+
+def _hosts(netloc: str) -> tuple[str | None, list[tuple[str, int]]]:
+    password = None
+    if "@" in netloc:
+        auth, netloc = netloc.rsplit("@", 1)
+        password = unquote(auth.split(":", 1)[1] if ":" in auth else auth) or None
+    hosts = []
+    for part in netloc.split(","):
+        host, _, port = part.rpartition(":")
+        hosts.append((host or part, int(port) if port else 6379))
+    return password, hosts
+
+
+def redis_from_url(url: str, *, decode_responses: bool = True, max_connections: int = 64):
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        parts = urlsplit(url)
+        password, hosts = _hosts(parts.netloc)
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in hosts], password=password, decode_responses=decode_responses,
+            ssl=url.startswith("rediss+"), max_connections=max_connections, **TIMEOUTS,
+        )  # fmt: skip
+    if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
+        parts = urlsplit(url)
+        password, hosts = _hosts(parts.netloc)
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError("redis+sentinel:// URLs name the service: redis+sentinel://host:port/service_name[/db]")
+        service, db = path[0], int(path[1]) if len(path) > 1 else 0
+        sentinel = Sentinel(hosts, sentinel_kwargs=dict(TIMEOUTS), **TIMEOUTS)
+        return sentinel.master_for(service, password=password, db=db, decode_responses=decode_responses,
+                                   ssl=url.startswith("rediss+"), **_retry())
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, decode_responses=decode_responses, max_connections=max_connections, timeout=2.0, **TIMEOUTS, **_retry()
+    )
+    return aioredis.Redis(connection_pool=pool)
