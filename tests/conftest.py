@@ -240,3 +240,135 @@ def spawn_hostile(spawn: Any) -> Any:
         return spawn([sys.executable, "-m", "tests.hostile_facilitator", "--port", str(port), "--real", real_url], port)
 
     return run
+
+
+class RedisCluster:
+    """Three redis-server masters joined with `redis-cli --cluster create` (no replicas)."""
+
+    def __init__(self) -> None:
+        self.nodes = [RedisServer() for _ in range(3)]
+        for n in self.nodes:  # the cluster bus listens on port + 10000: keep it below 65536
+            n.port = _port_below(45000)
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        for n in self.nodes:
+            n.proc = subprocess.Popen(
+                [binary, "--bind", "127.0.0.1", "--port", str(n.port), "--save", "", "--appendonly", "no",
+                 "--cluster-enabled", "yes", "--cluster-config-file", os.path.join(n.dir, "nodes.conf"),
+                 "--dir", n.dir, "--logfile", os.path.join(n.dir, "redis.log")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for n in self.nodes:
+            _wait_port(n.port)
+        cli = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+        subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in self.nodes],
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=30)
+        end = time.monotonic() + 15
+        while time.monotonic() < end:
+            out = subprocess.run([cli, "-p", str(self.nodes[0].port), "cluster", "info"], capture_output=True,
+                                 text=True).stdout
+            if "cluster_state:ok" in out:
+                return
+            time.sleep(0.1)
+        raise TimeoutError("redis cluster did not become ok")
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+            shutil.rmtree(n.dir, ignore_errors=True)
+
+
+class RedisSentinel:
+    """A master and one Sentinel watching it as `x402master`."""
+
+    def __init__(self) -> None:
+        self.master = RedisServer()
+        self.port = _port()
+        self.dir = tempfile.mkdtemp(prefix="x402-sentinel-")
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/x402master"
+
+    def start(self) -> None:
+        self.master.start()
+        conf = os.path.join(self.dir, "sentinel.conf")
+        with open(conf, "w") as fh:
+            fh.write(f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\n"
+                     f"sentinel monitor x402master 127.0.0.1 {self.master.port} 1\n"
+                     "sentinel down-after-milliseconds x402master 5000\n")
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.proc = subprocess.Popen([binary, conf, "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        self.master.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _port_below(limit: int) -> int:
+    import random
+
+    for _ in range(200):
+        candidate = random.randint(20000, limit)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", candidate + 10000))
+            except OSError:
+                continue
+        return candidate
+    raise RuntimeError("no free port pair")
+
+
+def _wait_port(port: int, deadline_s: float = 10.0) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+        except OSError:
+            time.sleep(0.02)
+    raise TimeoutError(f"redis on port {port} did not start")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    cluster = RedisCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[RedisSentinel]:
+    sentinel = RedisSentinel()
+    sentinel.start()
+    try:
+        yield sentinel
+    finally:
+        sentinel.stop()
+
+
+REDIS_TOPOLOGIES = ["redis", "redis-sentinel", "redis-cluster"]
+
+
+def redis_url_for(request: pytest.FixtureRequest, topology: str) -> str:
+    fixture = {"redis": "redis_server", "redis-sentinel": "redis_sentinel", "redis-cluster": "redis_cluster"}[topology]
+    return request.getfixturevalue(fixture).url

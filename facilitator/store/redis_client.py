@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -51,6 +51,11 @@ def _hosts(netloc: str) -> tuple[str | None, list[tuple[str, int]]]:
     return password, hosts
 
 
+class BlockingSentinelConnectionPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
+    """The Sentinel pool, but callers queue for a connection (up to `timeout`) like the single-server
+    pool, instead of failing with "Too many connections" under load."""
+
+
 def redis_from_url(url: str, *, decode_responses: bool = True, max_connections: int = 64):
     if url.startswith(("redis+cluster://", "rediss+cluster://")):
         parts = urlsplit(url)
@@ -67,8 +72,9 @@ def redis_from_url(url: str, *, decode_responses: bool = True, max_connections: 
             raise ValueError("redis+sentinel:// URLs name the service: redis+sentinel://host:port/service_name[/db]")
         service, db = path[0], int(path[1]) if len(path) > 1 else 0
         sentinel = Sentinel(hosts, sentinel_kwargs=dict(TIMEOUTS), **TIMEOUTS)
-        return sentinel.master_for(service, password=password, db=db, decode_responses=decode_responses,
-                                   ssl=url.startswith("rediss+"), **_retry())
+        return sentinel.master_for(service, connection_pool_class=BlockingSentinelConnectionPool,
+                                   max_connections=max_connections, timeout=2.0, password=password, db=db,
+                                   decode_responses=decode_responses, ssl=url.startswith("rediss+"), **_retry())
     pool = aioredis.BlockingConnectionPool.from_url(
         url, decode_responses=decode_responses, max_connections=max_connections, timeout=2.0, **TIMEOUTS, **_retry()
     )

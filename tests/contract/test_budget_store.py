@@ -14,6 +14,7 @@ from budgets.models import LedgerEntry, Limit, Policy, RateLimit, Scope, resolve
 from budgets.redis_store import RedisBudgetStore
 from budgets.sqlite_store import SQLiteBudgetStore
 from budgets.store import BudgetStore, Check
+from tests.conftest import REDIS_TOPOLOGIES, redis_url_for
 
 NET = "eip155:84532"
 ASSET = "0x" + "11" * 20
@@ -22,13 +23,12 @@ T0 = 1_795_000_000.0
 UTC = ZoneInfo("UTC")
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", *REDIS_TOPOLOGIES])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BudgetStore]:
     if request.param == "sqlite":
         s: BudgetStore = SQLiteBudgetStore(str(tmp_path / "budgets.sqlite3"))
     else:
-        server = request.getfixturevalue("redis_server")
-        s = RedisBudgetStore.from_url(server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+        s = RedisBudgetStore.from_url(redis_url_for(request, request.param), prefix=f"t{uuid.uuid4().hex[:8]}:")
     yield s
     await s.close()
 

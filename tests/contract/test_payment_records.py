@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REDIS_TOPOLOGIES, redis_url_for
 from gateway.records import PaymentRecord, PaymentRecords, RecordState, RedisPaymentRecords, SQLitePaymentRecords
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", *REDIS_TOPOLOGIES])
 async def records(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[PaymentRecords]:
     if request.param == "sqlite":
         r: PaymentRecords = SQLitePaymentRecords(str(tmp_path / "records.sqlite3"))
     else:
-        server = request.getfixturevalue("redis_server")
-        r = RedisPaymentRecords.from_url(server.url, prefix=request.getfixturevalue("redis_prefix"))
+        r = RedisPaymentRecords.from_url(redis_url_for(request, request.param), prefix=request.getfixturevalue("redis_prefix"))
     yield r
     await r.close()
 

@@ -11,17 +11,17 @@ import pytest
 from facilitator.store import SettlementState, SettlementStore, open_store
 from facilitator.store.redis_store import RedisSettlementStore
 from facilitator.store.sqlite_store import SQLiteSettlementStore
+from tests.conftest import REDIS_TOPOLOGIES, redis_url_for
 
 LEASE = 60_000
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", *REDIS_TOPOLOGIES])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SettlementStore]:
     if request.param == "sqlite":
         s: SettlementStore = SQLiteSettlementStore(str(tmp_path / "settle.sqlite3"))
     else:
-        server = request.getfixturevalue("redis_server")
-        s = RedisSettlementStore.from_url(server.url, prefix=request.getfixturevalue("redis_prefix"))
+        s = RedisSettlementStore.from_url(redis_url_for(request, request.param), prefix=request.getfixturevalue("redis_prefix"))
     yield s
     await s.close()
 
