@@ -123,6 +123,7 @@ async def reconcile_forever(fac: Facilitator, interval_s: float) -> None:
     while True:
         try:
             await fac.settler.reconcile_once(fac.chains, older_than_s=fac.settler.receipt_timeout_s)
+            fac.metrics.unfinished_settlements.set(fac.settler.unfinished)
             await _signer_gauges(fac)
         except (StoreUnavailableError, RpcUnavailableError) as exc:
             log.warning("reconcile_skipped", extra={"error": str(exc)})

@@ -149,10 +149,10 @@ def _run_serve(args: argparse.Namespace) -> int:
         )
         uvicorn.run("facilitator.app:app_from_env", factory=True, host=settings.host, port=settings.port,
                     workers=args.workers, loop="uvloop", http="httptools", log_level=settings.log_level,
-                    access_log=False)
+                    access_log=False, timeout_graceful_shutdown=int(settings.shutdown_grace_s))
         return 0
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                log_level=settings.log_level, access_log=False)
+                log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=int(settings.shutdown_grace_s))
     return 0
 
 

@@ -73,6 +73,7 @@ class FacilitatorSettings(BaseModel):
     reconcile_interval_s: float = Field(default=5.0, gt=0)
     max_body_bytes: int = Field(default=64 * 1024, gt=1024)
     log_level: str = "info"
+    shutdown_grace_s: float = Field(default=60.0, gt=0, description="in-flight settlements finish within this")
 
     @field_validator("signer_keys")
     @classmethod
@@ -150,6 +151,8 @@ def load_settings(
         data["store_prefix"] = prefix
     if timeout := env.get("FACILITATOR_RECEIPT_TIMEOUT_S"):
         data["receipt_timeout_s"] = float(timeout)
+    if grace := env.get("FACILITATOR_SHUTDOWN_GRACE_S"):
+        data["shutdown_grace_s"] = float(grace)
     if interval := env.get("FACILITATOR_RECONCILE_INTERVAL_S"):
         data["reconcile_interval_s"] = float(interval)
     if host := env.get("FACILITATOR_HOST"):

@@ -70,6 +70,7 @@ class Settler:
         self.signers = signers
         self.receipt_timeout_s = receipt_timeout_s
         self.lease_ms = int(lease_s * 1000)
+        self.unfinished = 0  # what the last reconcile pass found (a gauge)
         self.clock = clock
 
     def _now_ms(self) -> int:
@@ -205,6 +206,7 @@ class Settler:
         """Finish records a crashed or timed-out process left behind. Returns how many changed."""
         changed = 0
         records = await self.store.unfinished(older_than_ms=self._now_ms() - int(older_than_s * 1000))
+        self.unfinished = len(records)
         for record in records:
             if record.state == SettlementState.CLAIMED:
                 await self.store.release(record.key, record.digest)  # expired, nothing broadcast

@@ -181,7 +181,10 @@ def create_app(
 
     async def metrics_endpoint(request: Request) -> Response:
         state: GatewayState = request.app.state.gateway
-        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        body = generate_latest(state.metrics.registry)
+        if isinstance(state.facilitator, LocalFacilitatorClient):  # the in-process facilitator's too
+            body += generate_latest(state.facilitator.facilitator.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"]
     routes: list = [

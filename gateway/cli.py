@@ -81,7 +81,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level)
     common = dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                  log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=60)
+                  log_level=settings.log_level, access_log=False,
+                  timeout_graceful_shutdown=int(settings.shutdown_grace_s))
     if args.workers > 1:
         os.environ["GATEWAY_RESOLVED_SETTINGS"] = json.dumps(_reveal(settings.model_dump(mode="python")), default=str)
         uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **common)

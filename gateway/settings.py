@@ -34,7 +34,7 @@ environment ("$VAR" references, and GATEWAY_* overrides).
 Environment: GATEWAY_CONFIG_FILE, GATEWAY_PAY_TO, GATEWAY_STORE_URL, GATEWAY_PUBLIC_URL,
 GATEWAY_FACILITATOR_URL (switches to remote mode), GATEWAY_HOST, GATEWAY_PORT,
 GATEWAY_UPSTREAM_<NAME>_URLS (comma-separated), GATEWAY_UPSTREAM_<NAME>_AUTH, GATEWAY_SETTLE_TIMEOUT_S,
-GATEWAY_VERIFY_TIMEOUT_S, GATEWAY_RECORD_LEASE_S, GATEWAY_STORE_PREFIX, GATEWAY_LOG_LEVEL.
+GATEWAY_VERIFY_TIMEOUT_S, GATEWAY_RECORD_LEASE_S, GATEWAY_STORE_PREFIX, GATEWAY_LOG_LEVEL, GATEWAY_SHUTDOWN_GRACE_S.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class FacilitatorRef(_Model):
     url: str | None = None
     config_file: str | None = None  # local mode: the facilitator's own TOML
     devchain_file: str | None = None  # local mode: fill it from a devchain description
-    timeout_s: float = Field(default=30.0, gt=0, le=600)
+    timeout_s: float = Field(default=60.0, gt=0, le=600)  # above the gateway's settle_timeout_s
     auth_header: str | None = None
     auth_value: SecretStr | None = None
 
@@ -211,6 +211,7 @@ class GatewaySettings(_Model):
     replay_cache_bytes: int = Field(default=1 << 20, ge=0)  # responses kept for idempotent replays
     max_body_bytes: int = Field(default=4 << 20, gt=0)
     log_level: str = "info"
+    shutdown_grace_s: float = Field(default=90.0, gt=0, description="in-flight paid calls finish within this")
     budgets: BudgetSettings | None = None  # absent: no budgets are enforced
     quote: Quote = Field(default_factory=Quote)
 
@@ -254,6 +255,7 @@ _TUNABLES = {
     "GATEWAY_RECORD_LEASE_S": ("record_lease_s", float),
     "GATEWAY_STORE_PREFIX": ("store_prefix", str),
     "GATEWAY_LOG_LEVEL": ("log_level", str),
+    "GATEWAY_SHUTDOWN_GRACE_S": ("shutdown_grace_s", float),
 }
 
 
