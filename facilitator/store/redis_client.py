@@ -12,6 +12,7 @@ connection instead of failing with "Too many connections" under load.
 
 from __future__ import annotations
 
+import asyncio
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -51,6 +52,33 @@ def _hosts(netloc: str) -> tuple[str | None, list[tuple[str, int]]]:
     return password, hosts
 
 
+class BoundedRedisCluster(RedisCluster):
+    """redis-py's async cluster client fails a cold-start burst (concurrent first connections and
+    script loads: AttributeError inside send_packed_command, seen in the contract tests). The
+    first command runs alone; after it succeeded, up to `max_in_flight` run at once."""
+
+    def __init__(self, *args, max_in_flight: int = 64, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._max_in_flight = max_in_flight
+        self._warm = False
+        self._first: asyncio.Lock | None = None
+        self._gate: asyncio.Semaphore | None = None
+
+    async def execute_command(self, *args, **kwargs):
+        if not self._warm:
+            if self._first is None:
+                self._first = asyncio.Lock()
+            async with self._first:
+                if not self._warm:
+                    result = await super().execute_command(*args, **kwargs)
+                    self._warm = True
+                    return result
+        if self._gate is None:
+            self._gate = asyncio.Semaphore(self._max_in_flight)
+        async with self._gate:
+            return await super().execute_command(*args, **kwargs)
+
+
 class BlockingSentinelConnectionPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """The Sentinel pool, but callers queue for a connection (up to `timeout`) like the single-server
     pool, instead of failing with "Too many connections" under load."""
@@ -60,9 +88,12 @@ def redis_from_url(url: str, *, decode_responses: bool = True, max_connections: 
     if url.startswith(("redis+cluster://", "rediss+cluster://")):
         parts = urlsplit(url)
         password, hosts = _hosts(parts.netloc)
-        return RedisCluster(
+        # No health_check_interval here: redis-py's cluster client races on it under concurrent
+        # connects (AttributeError in send_packed_command); the cluster client reconnects by itself.
+        return BoundedRedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in hosts], password=password, decode_responses=decode_responses,
-            ssl=url.startswith("rediss+"), max_connections=max_connections, **TIMEOUTS,
+            ssl=url.startswith("rediss+"), max_connections=max(max_connections, 1024), max_in_flight=max_connections,
+            socket_timeout=TIMEOUTS["socket_timeout"], socket_connect_timeout=TIMEOUTS["socket_connect_timeout"],
         )  # fmt: skip
     if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
         parts = urlsplit(url)
