@@ -127,6 +127,15 @@ def create_app(
             background.append(asyncio.create_task(pricing.quotes.refresh_forever(session)))
         hook = budgets or enforcer or NoBudgets()
         paywall = Paywall(settings, pricing, fac, records, hook, m, pools, session)
+        session_routes = {f"{r.method} {r.path}": r.sessions for r in settings.routes if r.sessions is not None}
+        sessions_store = None
+        if session_routes:
+            from gateway.session_calls import SessionCalls
+            from gateway.sessions import open_sessions
+
+            sessions_store = open_sessions(settings.store_url, prefix=settings.store_prefix)
+            paywall.sessions = SessionCalls(paywall, sessions_store)
+            background.append(asyncio.create_task(paywall.sessions.reap_forever(session_routes)))
         app.state.gateway = GatewayState(paywall, records, fac, session, m, pricing)
         try:
             yield
@@ -136,6 +145,8 @@ def create_app(
             await session.close()
             await fac.close()
             await records.close()
+            if sessions_store is not None:
+                await sessions_store.close()
             if enforcer is not None:
                 await enforcer.store.close()
 
@@ -160,6 +171,18 @@ def create_app(
     async def models(request: Request) -> Response:
         state: GatewayState = request.app.state.gateway
         return Response(orjson.dumps({"object": "list", "data": state.pricing.catalog()}), media_type="application/json")
+
+    async def upto_session(request: Request) -> Response:
+        """What an upto session has used and whether it is settled (the id is its credential)."""
+        state: GatewayState = request.app.state.gateway
+        calls = state.paywall.sessions
+        s = await calls.store.get(request.path_params["id"]) if calls is not None else None
+        if s is None:
+            return json_error(404, "session_unknown", "no such upto session")
+        body = {"id": s.id, "state": s.state.value, "route": s.route, "payer": s.payer, "network": s.network,
+                "asset": s.asset, "cap": str(s.cap), "accrued": str(s.accrued), "held": str(s.held), "calls": s.calls,
+                "deadline": s.deadline, "transaction": s.tx}
+        return Response(orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"})
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
@@ -192,6 +215,7 @@ def create_app(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/upto/sessions/{id}", upto_session, methods=["GET"]),
     ]
     if enforcer is not None and settings.budgets is not None:
         from budgets.admin import create_admin_app

@@ -11,7 +11,8 @@ from gateway.settings import GatewaySettings
 
 def dev_settings(devchain: dict[str, Any], *, devchain_file: str | None, upstream_urls: list[str],
                  store_url: str = "memory://", port: int = 8402, upstream_auth: str | None = None,
-                 facilitator_url: str | None = None, metered: bool = False) -> GatewaySettings:
+                 facilitator_url: str | None = None, metered: bool = False,
+                 sessions: dict[str, float] | None = None) -> GatewaySettings:
     """`metered`: chat, completions and messages are paid for what they use (upto, and exact at
     the per-call maximum), priced per token in USD at fixed rates (OPG $0.10, USDC $1)."""
     accepts = [
@@ -56,6 +57,11 @@ def dev_settings(devchain: dict[str, Any], *, devchain_file: str | None, upstrea
             r.pop("price")
             r.pop("models", None)
             r |= {"token_prices": per_token, "max_per_call": "0.05", "max_tokens_cap": 4096, "schemes": ["upto", "exact"]}
+        if sessions:  # chat: one permit (1 USD) covers many calls, settled once
+            routes[0]["sessions"] = {"cap": "1", "idle_s": sessions.get("idle_s", 100.0),
+                                     "settle_margin_s": sessions.get("settle_margin_s", 120.0),
+                                     "serve_margin_s": sessions.get("serve_margin_s", 420.0),
+                                     "max_timeout_s": sessions.get("max_timeout_s", 3600)}
     return GatewaySettings.model_validate({
         "port": port,
         "pay_to": devchain["accounts"]["payee"]["address"],

@@ -132,6 +132,7 @@ class Paywall:
         self.session = session
         self._challenges: dict[tuple[int, str | None, str, str], str] = {}
         self._background: set[asyncio.Task] = set()  # settlements of streams whose client left
+        self.sessions = None  # gateway.session_calls.SessionCalls when a route has upto sessions
 
     # -- challenges ---------------------------------------------------------------------------
 
@@ -178,6 +179,13 @@ class Paywall:
             offer = self.pricing.offer(route, params, body, probe=request.method == "HEAD")
         except PricingError as exc:
             return json_error(exc.status, exc.reason, exc.message)
+        session_id = request.headers.get("x-upto-session")
+        if session_id and offer.route.sessions is not None and self.sessions is not None and request.method != "HEAD":
+            try:
+                capped = self._capped(offer, body)
+            except PricingError as exc:
+                return json_error(exc.status, exc.reason, exc.message)
+            return await self.sessions.call(request, offer, capped, session_id, request_id)
         has_payment = "payment-signature" in request.headers or "x-payment" in request.headers
         if request.method == "HEAD" or not has_payment:
             return self.challenge(request, offer, "payment_required",
@@ -278,6 +286,9 @@ class Paywall:
         network = requirement.network if isinstance(requirement, PaymentRequirements) else to_caip2(requirement.network)
         amount = int(requirement.amount if isinstance(requirement, PaymentRequirements) else requirement.max_amount_required)
         payer = verify.payer or claimed_payer  # a third-party facilitator may omit payer
+        if (self.sessions is not None and offer.route.sessions is not None and isinstance(payload, PaymentPayload)
+                and isinstance(requirement, PaymentRequirements) and requirement.scheme == "upto"):
+            return await self._open_session(request, offer, body, payload, requirement, key, fp, payer, request_id)
         try:
             hold = await self.budgets.reserve(payer, network, requirement.asset, amount, offer.route_id, offer.model,
                                               request_id)
@@ -354,6 +365,19 @@ class Paywall:
         if not streaming:
             return Response(content, status_code=status, headers=dict(out_headers) | response_header)
         return StreamingResponse(_relay(first, upstream), status_code=status, headers=dict(out_headers) | response_header)
+
+    async def _open_session(self, request: Request, offer: Offer, body: bytes, payload: PaymentPayload,
+                            requirement: PaymentRequirements, key: str, fp: str, payer: str, request_id: str) -> Response:
+        """A verified upto permit on a session route opens a session; the payment's record says so,
+        so the same permit can never open a second one."""
+        assert self.sessions is not None
+        session_id = await self.sessions.open(offer, payload, requirement, payer)
+        marker = SettleResponse(success=True, payer=payer, transaction="", network=requirement.network,
+                                extra={"session": session_id})
+        await self.records.save(PaymentRecord(key=key, state=RecordState.SETTLED, request_fp=fp,
+                                              settle=marker.model_dump_json(by_alias=True, exclude_none=True)),
+                                ttl_s=RECORD_TTL_S)
+        return await self.sessions.call(request, offer, body, session_id, request_id, opened=True)
 
     async def _already_settled(self, key: str, fp: str, payload: PaymentPayload | PaymentPayloadV1,
                                 requirement: PaymentRequirements | PaymentRequirementsV1) -> SettleResponse | None:
@@ -578,6 +602,10 @@ class Paywall:
                         payload: PaymentPayload | PaymentPayloadV1 | None, body: bytes, request_id: str) -> Response:
         """The payment (or payment-identifier) was seen before."""
         route_id = offer.route_id
+        if record.state == RecordState.SETTLED and self.sessions is not None and offer.route.sessions is not None:
+            session_id = ((orjson.loads(record.settle) if record.settle else {}).get("extra") or {}).get("session")
+            if session_id:  # the permit opened a session: a resend continues it
+                return await self.sessions.call(request, offer, self._capped(offer, body), session_id, request_id)
         if record.state == RecordState.PROCESSING:
             self.metrics.payments.labels(route_id, "refused", "payment_in_progress").inc()
             return json_error(409, "payment_in_progress", "this payment is being processed by another request",

@@ -168,7 +168,11 @@ class Pricing:
                     signer = self.upto_signers.get(o.network)
                     if o.transfer_method != "permit2" or signer is None:
                         continue  # upto is Permit2 only, and needs the facilitator's address
-                    req = req.model_copy(update={"scheme": "upto", "extra": req.extra | {"facilitatorAddress": signer}})
+                    update: dict = {"scheme": "upto", "extra": req.extra | {"facilitatorAddress": signer}}
+                    if route.sessions is not None:  # one permit covers a session: its cap, its lifetime
+                        update |= {"amount": str(to_base_units(parse_price(route.sessions.cap), rate, o.decimals)),
+                                   "max_timeout_seconds": route.sessions.max_timeout_s}
+                    req = req.model_copy(update=update)
                 reqs.append(req)
         if not reqs:
             raise PricingError("no_payment_option", f"no payment option can pay {route.path}", 503)

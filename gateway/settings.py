@@ -148,6 +148,27 @@ class Quote(_Model):
         return v
 
 
+class UptoSessions(_Model):
+    """One signed upto maximum (`cap`) covers many calls of a route (OpenGradient-compatible
+    X-Upto-Session), settled once: when idle, when the cap is used, or before the deadline."""
+
+    cap: str  # quote currency: the maximum a session's permit signs for
+    idle_s: float = Field(default=100.0, gt=0)
+    settle_margin_s: float = Field(default=120.0, gt=6, description="settle this long before the permit deadline")
+    serve_margin_s: float = Field(default=420.0, gt=0, description="stop serving this long before the deadline")
+    max_timeout_s: int = Field(default=3600, ge=60, le=86_400, description="the permit's lifetime (maxTimeoutSeconds)")
+
+    @model_validator(mode="after")
+    def _margins(self) -> "UptoSessions":
+        if parse_price(self.cap) <= 0:
+            raise ValueError("sessions.cap must be positive")
+        if self.serve_margin_s <= self.settle_margin_s:
+            raise ValueError("sessions.serve_margin_s must exceed settle_margin_s (calls finish before settlement)")
+        if self.max_timeout_s <= self.serve_margin_s:
+            raise ValueError("sessions.max_timeout_s must exceed serve_margin_s")
+        return self
+
+
 class Route(_Model):
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     path: str = Field(pattern=r"^/")
@@ -162,6 +183,7 @@ class Route(_Model):
     max_tokens_cap: int | None = Field(default=None, ge=1)
     schemes: list[Literal["exact", "upto"]] = Field(default_factory=lambda: ["exact"], min_length=1)
     missing_usage: Literal["ceiling", "floor"] = "ceiling"  # usage missing or stream cut: charge the max, or only per_call
+    sessions: UptoSessions | None = None  # upto sessions on this (metered) route
     api: Literal["openai", "anthropic", "other"] = "openai"
 
     @property

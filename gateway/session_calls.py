@@ -1,0 +1,257 @@
+"""Calls under an upto session, and the reaper that settles sessions (see gateway/sessions.py).
+
+Per call: hold the call's worst case against the session's remaining cap (and the agent's
+budget), forward, meter the usage, turn the hold into the metered cost. A response carries
+`X-Upto-Session`, what this call cost and what remains; nothing is settled per call. The reaper
+on every replica settles due sessions once, for the accrued sum, through the facilitator (whose
+settlement of a permit is idempotent), and tracks each to a terminal state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import aiohttp
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from facilitator.x402.reasons import ErrorReason as R
+from facilitator.x402.types import PaymentPayload, PaymentRequirements, SettleResponse
+from gateway.budget_hook import Hold, Refusal
+from gateway.metering import StreamMeter, to_base_units, usage_from_body
+from gateway.pricing import Offer
+from gateway.proxy import UpstreamFailedError, UpstreamUnavailableError, forward_headers, read_all, response_headers
+from gateway.sessions import HoldOutcome, Session, SessionState, SessionStore, new_session_id
+
+if TYPE_CHECKING:
+    from gateway.paywall import Paywall
+
+log = logging.getLogger("gateway.sessions")
+SESSION_HEADER = "X-Upto-Session"
+SETTLE_LEASE_S = 60.0
+
+
+class SessionCalls:
+    def __init__(self, paywall: "Paywall", store: SessionStore) -> None:
+        self.paywall = paywall
+        self.store = store
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    async def open(self, offer: Offer, payload: PaymentPayload, requirement: PaymentRequirements, payer: str) -> str:
+        cfg = offer.route.sessions
+        assert cfg is not None
+        auth = payload.payload["permit2Authorization"]
+        now = time.time()
+        session = Session(
+            id=new_session_id(), payer=payer, network=requirement.network, asset=requirement.asset.lower(),
+            cap=int(requirement.amount), accrued=0, held=0, calls=0, deadline=float(auth["deadline"]), last_used=now,
+            state=SessionState.OPEN, route=offer.route_id, per_call=self.worst_case(offer, requirement.asset, int(requirement.amount)),
+            payment=orjson.dumps({"payload": payload.model_dump(by_alias=True, exclude_none=True),
+                                  "requirements": requirement.model_dump(by_alias=True, exclude_none=True)}).decode(),
+        )  # fmt: skip
+        await self.store.open(session, first_hold=0, due_at=self._due_at(session, offer, now))
+        log.info("session_opened", extra={"session": session.id, "route": offer.route_id, "cap": str(session.cap)})
+        return session.id
+
+    @staticmethod
+    def worst_case(offer: Offer, asset: str, cap: int) -> int:
+        rate, decimals = next((r, d) for a, r, d in offer.rates if a == asset.lower())
+        return min(to_base_units(offer.price, rate, decimals), cap)
+
+    @staticmethod
+    def _due_at(session: Session, offer: Offer, now: float) -> float:
+        cfg = offer.route.sessions
+        assert cfg is not None
+        return min(now + cfg.idle_s, session.deadline - cfg.settle_margin_s)
+
+    # -- a call ----------------------------------------------------------------------------------
+
+    async def call(self, request: Request, offer: Offer, body: bytes, session_id: str, request_id: str,
+                   *, opened: bool = False) -> Response:
+        pw = self.paywall
+        cfg = offer.route.sessions
+        assert cfg is not None
+        session = await self.store.get(session_id)
+        if session is None or session.route != offer.route_id:
+            return pw.challenge(request, offer, "session_unknown", "no such upto session on this route: sign a new permit")
+        worst = session.per_call
+        now = time.time()
+        outcome = await self.store.hold(session_id, worst, now=now, serve_until=session.deadline - cfg.serve_margin_s,
+                                        due_at=self._due_at(session, offer, now))
+        if outcome != HoldOutcome.OK:
+            pw.metrics.payments.labels(offer.route_id, "refused", f"session_{outcome.value}").inc()
+            return pw.challenge(request, offer, f"session_{outcome.value}",
+                                "the upto session cannot pay for this call: sign a new permit to open a new session")
+        try:
+            hold = await pw.budgets.reserve(session.payer, session.network, session.asset, worst, offer.route_id,
+                                            offer.model, request_id)
+        except Refusal as refusal:
+            await self.store.finish_call(session_id, worst, 0, now=time.time(), due_at=self._due_at(session, offer, now))
+            return pw._refusal(offer, refusal)
+        pool = pw.pools[offer.route.upstream]
+        path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = forward_headers(request.headers.raw, pool.config)
+        headers["x-request-id"] = request_id
+        try:
+            upstream = await pool.open(pw.session, request.method, path_qs, headers, body)
+        except (UpstreamUnavailableError, UpstreamFailedError) as exc:
+            await self._nothing(session, offer, worst, hold)
+            return self._with_session(pw_error(502, "upstream_unavailable", f"the upstream failed ({exc}); not charged"),
+                                      session_id)
+        if upstream.status >= 400:
+            try:
+                err = await read_all(upstream, pw.settings.max_body_bytes)
+            except UpstreamFailedError:
+                err = b""
+            upstream.release()
+            await self._nothing(session, offer, worst, hold)
+            return self._with_session(Response(err, status_code=upstream.status, headers=dict(response_headers(upstream))),
+                                      session_id)
+        out_headers = dict(response_headers(upstream)) | {SESSION_HEADER: session_id, "Cache-Control": "no-store"}
+        if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            return StreamingResponse(self._stream(upstream, session, offer, worst, hold, request_id), status_code=upstream.status,
+                                     headers=out_headers)
+        try:
+            content = await read_all(upstream, pw.settings.max_body_bytes)
+        except UpstreamFailedError:
+            upstream.release()
+            await self._nothing(session, offer, worst, hold)
+            return self._with_session(pw_error(502, "upstream_error", "the upstream failed; not charged"), session_id)
+        upstream.release()
+        charge, details = await self._accrue(session, offer, worst, hold, usage_from_body(content), request_id, cut=False)
+        out_headers |= {"X-Upto-Session-Charge": str(charge), "X-Upto-Session-Accrued": str(details["accrued"]),
+                        "X-Upto-Session-Cap": str(session.cap)}
+        return Response(content, status_code=upstream.status, headers=out_headers)
+
+    async def _stream(self, upstream: aiohttp.ClientResponse, session: Session, offer: Offer, worst: int, hold: Hold,
+                      request_id: str):
+        meter = StreamMeter()
+        finished = cut = False
+        try:
+            try:
+                async for chunk in upstream.content.iter_any():
+                    meter.feed(chunk)
+                    yield chunk
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                cut = True
+            finished = True
+        finally:
+            upstream.release()
+            if not finished:  # the client left: account for what it used, in the background
+                task = asyncio.ensure_future(self._accrue(session, offer, worst, hold, meter.usage, request_id, cut=True))
+                self.paywall._background.add(task)
+                task.add_done_callback(self.paywall._background.discard)
+        charge, details = await asyncio.shield(self._accrue(session, offer, worst, hold, meter.usage, request_id,
+                                                            cut=cut or not meter.complete))
+        event = {"session": session.id, "charged": str(charge), "accrued": str(details["accrued"]), "cap": str(session.cap),
+                 "settlement": "deferred", **{k: v for k, v in details.items() if k != "accrued"}}
+        yield b"event: x402.payment\ndata: " + orjson.dumps(event) + b"\n\n"
+
+    async def _accrue(self, session: Session, offer: Offer, worst: int, hold: Hold, usage, request_id: str,
+                      *, cut: bool) -> tuple[int, dict]:
+        pw = self.paywall
+        ceiling = PaymentRequirements.model_construct(amount=str(worst), asset=session.asset)
+        charge, details = pw._metered_charge(offer, ceiling, usage, cut=cut)
+        now = time.time()
+        await self.store.finish_call(session.id, worst, charge, now=now, due_at=self._due_at(session, offer, now))
+        details = details | {"session": session.id}
+        await pw.budgets.commit(hold, charge, f"session:{session.id}", request_id, details)
+        fresh = await self.store.get(session.id)
+        accrued = fresh.accrued if fresh else charge
+        if fresh is not None and fresh.cap - fresh.accrued - fresh.held < fresh.per_call:
+            await self.store.reschedule(session.id, now)  # the cap is used up: settle now
+        pw.metrics.payments.labels(offer.route_id, "session_call", details.get("usage_policy", "")).inc()
+        return charge, details | {"accrued": accrued}
+
+    async def _nothing(self, session: Session, offer: Offer, worst: int, hold: Hold) -> None:
+        now = time.time()
+        await self.store.finish_call(session.id, worst, 0, now=now, due_at=self._due_at(session, offer, now))
+        await self.paywall.budgets.release(hold)
+
+    @staticmethod
+    def _with_session(response: Response, session_id: str) -> Response:
+        response.headers[SESSION_HEADER] = session_id
+        return response
+
+    # -- settling ------------------------------------------------------------------------------
+
+    async def reap_once(self, sessions_cfg: dict[str, object]) -> int:
+        """Settle every due session this replica can claim. Returns how many it settled."""
+        now = time.time()
+        settled = 0
+        for session_id in await self.store.due(now=now):
+            session = await self.store.get(session_id)
+            if session is None or session.state in (SessionState.SETTLED, SessionState.FAILED):
+                if session is not None:
+                    await self.store.finish_settlement(session_id, state=session.state, tx=session.tx,
+                                                       result=session.result, retry_at=None)
+                continue
+            cfg = sessions_cfg.get(session.route)
+            if cfg is None:
+                continue
+            idle = now - session.last_used >= cfg.idle_s  # type: ignore[attr-defined]
+            near_deadline = now >= session.deadline - cfg.settle_margin_s  # type: ignore[attr-defined]
+            used_up = session.cap - session.accrued - session.held < session.per_call
+            if not (idle or near_deadline or used_up or session.state == SessionState.SETTLING):
+                await self.store.reschedule(session_id, min(session.last_used + cfg.idle_s,  # type: ignore[attr-defined]
+                                                            session.deadline - cfg.settle_margin_s))  # type: ignore[attr-defined]
+                continue
+            claimed = await self.store.claim_settlement(session_id, now=now, force=near_deadline, lease_s=SETTLE_LEASE_S)
+            if claimed is None:
+                await self.store.reschedule(session_id, now + 0.5)  # calls in flight, or another replica settles
+                continue
+            settled += await self._settle(claimed)
+        return settled
+
+    async def _settle(self, session: Session) -> int:
+        from gateway.paywall import _payment_from_json
+
+        payload, requirement = _payment_from_json(orjson.loads(session.payment))
+        assert isinstance(requirement, PaymentRequirements)
+        final_requirement = requirement.model_copy(update={"amount": str(session.accrued)})
+        try:
+            result = await asyncio.wait_for(self.paywall.facilitator.settle(payload, final_requirement),
+                                            self.paywall.settings.settle_timeout_s)
+        except asyncio.TimeoutError:
+            result = SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value, transaction="",
+                                    network=requirement.network, error_message="timed out")
+        dump = result.model_dump_json(by_alias=True, exclude_none=True)
+        final = getattr(self.paywall.facilitator, "trusted", False) and bool((result.extra or {}).get("final"))
+        if result.success:
+            await self.store.finish_settlement(session.id, state=SessionState.SETTLED, tx=result.transaction, result=dump,
+                                               retry_at=None)
+            self.paywall.metrics.revenue.labels(requirement.network, requirement.asset.lower()).inc(session.accrued)
+            log.info("session_settled", extra={"session": session.id, "amount": str(session.accrued),
+                                               "tx": result.transaction, "calls": session.calls})
+            return 1
+        if final:
+            await self.store.finish_settlement(session.id, state=SessionState.FAILED, tx=result.transaction, result=dump,
+                                               retry_at=None)
+            log.error("session_settlement_failed", extra={"session": session.id, "reason": result.error_reason,
+                                                          "amount": str(session.accrued)})
+            return 0
+        # Unknown outcome: stay SETTLING (no new calls) and try the same amount again later; the
+        # facilitator returns the first result if it did settle.
+        await self.store.finish_settlement(session.id, state=SessionState.SETTLING, tx=result.transaction, result=dump,
+                                           retry_at=time.time() + 5)
+        log.warning("session_settlement_retry", extra={"session": session.id, "reason": result.error_reason})
+        return 0
+
+    async def reap_forever(self, sessions_cfg: dict[str, object], interval_s: float = 0.5) -> None:
+        while True:
+            try:
+                await self.reap_once(sessions_cfg)
+            except Exception:
+                log.exception("session_reaper_failed")
+            await asyncio.sleep(interval_s)
+
+
+def pw_error(status: int, error: str, message: str) -> Response:
+    from gateway.paywall import json_error
+
+    return json_error(status, error, message)
