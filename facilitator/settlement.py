@@ -215,7 +215,9 @@ class Settler:
             chain = chains.get(":".join(record.key.split(":")[:2]))  # keys start with the CAIP-2 network
             if chain is None:
                 continue
-            receipt = await chain.sender.wait_receipt(record.tx_hash, record.raw_tx, 0.5)
+            # A record found unfinished: if the node does not know its transaction (dropped, or the
+            # process died between recording and broadcasting), send the recorded bytes again now.
+            receipt = await chain.sender.wait_receipt(record.tx_hash, record.raw_tx, 0.5, lookup_after_s=0.0)
             if receipt is not None:
                 await self.record_receipt(chain, record, receipt)
                 changed += 1

@@ -233,7 +233,7 @@ class GatewaySettings(_Model):
     replay_cache_bytes: int = Field(default=1 << 20, ge=0)  # responses kept for idempotent replays
     max_body_bytes: int = Field(default=4 << 20, gt=0)
     log_level: str = "info"
-    shutdown_grace_s: float = Field(default=90.0, gt=0, description="in-flight paid calls finish within this")
+    shutdown_grace_s: float = Field(default=60.0, gt=0, description="in-flight paid calls finish within this")
     budgets: BudgetSettings | None = None  # absent: no budgets are enforced
     quote: Quote = Field(default_factory=Quote)
 

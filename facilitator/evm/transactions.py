@@ -145,12 +145,14 @@ class TransactionSender:
         except RpcUnavailableError:
             pass
 
-    async def wait_receipt(self, tx_hash: str, raw: str | None, timeout_s: float) -> Receipt | None:
+    async def wait_receipt(self, tx_hash: str, raw: str | None, timeout_s: float, *,
+                           lookup_after_s: float = 1.0) -> Receipt | None:
         """Poll for the receipt until `timeout_s`; None when it did not come in time. If the
-        node has forgotten the transaction, the persisted raw bytes are sent again."""
+        node does not know the transaction (after `lookup_after_s`; 0 for a record found
+        unfinished), the persisted raw bytes are sent again."""
         deadline = time.monotonic() + timeout_s
         delay = 0.002
-        last_lookup = time.monotonic()
+        last_lookup = time.monotonic() - 1.0 + lookup_after_s
         while True:
             try:
                 receipt = await self.rpc.call("eth_getTransactionReceipt", [tx_hash])
@@ -167,7 +169,7 @@ class TransactionSender:
             now = time.monotonic()
             if now >= deadline:
                 return None
-            if raw and now - last_lookup > 1.0:
+            if raw and now - last_lookup >= 1.0:
                 last_lookup = now
                 try:
                     known = await self.rpc.call("eth_getTransactionByHash", [tx_hash])
