@@ -4,13 +4,13 @@ it is atomic across processes sharing the file. Amounts are TEXT (SQLite integer
 
 from __future__ import annotations
 
-import os
 import sqlite3
 
 import orjson
 
 from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope, Window
 from budgets.store import BudgetStoreUnavailableError, Check, RateState
+from facilitator.store.sqlite_conn import connect_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (scope TEXT, wkey TEXT, bucket INTEGER, amount TEXT NOT NULL, expires REAL NOT NULL,
@@ -30,14 +30,8 @@ CREATE TABLE IF NOT EXISTS policies (key TEXT PRIMARY KEY, kind TEXT NOT NULL, i
 
 class SQLiteBudgetStore:
     def __init__(self, path: str) -> None:
-        if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         try:
-            self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
-            if path != ":memory:":
-                self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._db = connect_sqlite(path, _SCHEMA)
         except sqlite3.Error as exc:
             raise BudgetStoreUnavailableError(str(exc)) from exc
 

@@ -297,12 +297,9 @@ class Paywall:
             return self._refusal(offer, refusal)
 
         pool = self.pools[offer.route.upstream]
-        path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        headers = forward_headers(request.headers.raw, pool.config)
-        headers["x-request-id"] = request_id
         started = time.perf_counter()
         try:
-            upstream = await pool.open(self.session, request.method, path_qs, headers, body)
+            upstream = await self.open_upstream(request, offer, body, request_id)
         except (UpstreamUnavailableError, UpstreamFailedError) as exc:
             await self._not_charged(key, hold, offer, "upstream_unavailable")
             return json_error(502, "upstream_unavailable", f"the upstream could not be reached ({exc}); you were not charged")
@@ -401,6 +398,15 @@ class Paywall:
         await self.records.abandon(key)
         await self.budgets.release(hold)
         self.metrics.payments.labels(offer.route_id, "not_charged", reason).inc()
+
+    async def open_upstream(self, request: Request, offer: Offer, body: bytes, request_id: str) -> aiohttp.ClientResponse:
+        """The route's upstream answering this request (status and headers read, body not yet),
+        with the agent's payment and auth headers replaced by the provider's key."""
+        pool = self.pools[offer.route.upstream]
+        path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = forward_headers(request.headers.raw, pool.config)
+        headers["x-request-id"] = request_id
+        return await pool.open(self.session, request.method, path_qs, headers, body)
 
     def _capped(self, offer: Offer, body: bytes) -> bytes:
         """The request as forwarded on a metered route: max_tokens capped so the worst case stays
@@ -553,12 +559,8 @@ class Paywall:
                        payload: PaymentPayload | PaymentPayloadV1 | None, body: bytes, request_id: str) -> Response:
         """Serve a call that was paid for but never delivered (its settlement was confirmed only
         on a resend): forward it again, without charging again."""
-        pool = self.pools[offer.route.upstream]
-        path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        headers = forward_headers(request.headers.raw, pool.config)
-        headers["x-request-id"] = request_id
         try:
-            upstream = await pool.open(self.session, request.method, path_qs, headers, body)
+            upstream = await self.open_upstream(request, offer, body, request_id)
         except (UpstreamUnavailableError, UpstreamFailedError) as exc:
             return json_error(502, "upstream_unavailable", f"paid, but the upstream failed ({exc}); resend the same "
                               "payment to get the response", transaction=record.tx)

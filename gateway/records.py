@@ -12,13 +12,14 @@ asks the facilitator again and never serves before it says settled.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
 import redis.asyncio as aioredis
+
+from facilitator.store.sqlite_conn import connect_sqlite
 from redis.exceptions import RedisError
 
 
@@ -82,15 +83,7 @@ def _decode_headers(raw: str | bytes) -> list[tuple[str, str]]:
     return [tuple(h) for h in orjson.loads(raw)] if raw else []  # type: ignore[misc]
 
 
-class SQLitePaymentRecords:
-    def __init__(self, path: str) -> None:
-        if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
-        if path != ":memory:":
-            self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(
-            """
+_RECORDS_SCHEMA = """
             CREATE TABLE IF NOT EXISTS records (
                 key TEXT PRIMARY KEY, state TEXT NOT NULL, request_fp TEXT NOT NULL,
                 lease_until_ms INTEGER NOT NULL DEFAULT 0, tx TEXT NOT NULL DEFAULT '',
@@ -100,7 +93,11 @@ class SQLitePaymentRecords:
                 expires_ms INTEGER NOT NULL DEFAULT 0);
             CREATE TABLE IF NOT EXISTS payment_ids (id TEXT PRIMARY KEY, key TEXT NOT NULL, expires_ms INTEGER NOT NULL);
             """
-        )
+
+
+class SQLitePaymentRecords:
+    def __init__(self, path: str) -> None:
+        self._db = connect_sqlite(path, _RECORDS_SCHEMA)
 
     def _row(self, key: str) -> PaymentRecord | None:
         row = self._db.execute(

@@ -24,7 +24,7 @@ from facilitator.x402.types import PaymentPayload, PaymentRequirements, SettleRe
 from gateway.budget_hook import Hold, Refusal
 from gateway.metering import StreamMeter, to_base_units, usage_from_body
 from gateway.pricing import Offer
-from gateway.proxy import UpstreamFailedError, UpstreamUnavailableError, forward_headers, read_all, response_headers
+from gateway.proxy import UpstreamFailedError, UpstreamUnavailableError, read_all, response_headers
 from gateway.sessions import HoldOutcome, Session, SessionState, SessionStore, new_session_id
 
 if TYPE_CHECKING:
@@ -93,12 +93,8 @@ class SessionCalls:
         except Refusal as refusal:
             await self.store.finish_call(session_id, worst, 0, now=time.time(), due_at=self._due_at(session, offer, now))
             return pw._refusal(offer, refusal)
-        pool = pw.pools[offer.route.upstream]
-        path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        headers = forward_headers(request.headers.raw, pool.config)
-        headers["x-request-id"] = request_id
         try:
-            upstream = await pool.open(pw.session, request.method, path_qs, headers, body)
+            upstream = await pw.open_upstream(request, offer, body, request_id)
         except (UpstreamUnavailableError, UpstreamFailedError) as exc:
             await self._nothing(session, offer, worst, hold)
             return self._with_session(pw_error(502, "upstream_unavailable", f"the upstream failed ({exc}); not charged"),

@@ -15,7 +15,6 @@ cost is held before the call, so nothing is ever refused after it was served.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import uuid
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from redis.exceptions import RedisError
 
 from budgets.redis_store import _BIGNUM
 from facilitator.store.redis_client import is_redis_url, redis_from_url
+from facilitator.store.sqlite_conn import connect_sqlite
 
 
 class SessionState(StrEnum):
@@ -235,12 +235,7 @@ _COLS = ("id, payer, network, asset, cap, accrued, held, calls, deadline, last_u
 
 class SQLiteSessionStore:
     def __init__(self, path: str) -> None:
-        if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
-        if path != ":memory:":
-            self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
+        self._db = connect_sqlite(path, _SCHEMA)
 
     def _row(self, id: str) -> Session | None:
         r = self._db.execute(f"SELECT {_COLS} FROM sessions WHERE id = ?", (id,)).fetchone()

@@ -1,16 +1,12 @@
 """Embedded settlement store on SQLite: the single-process default, durable across restarts.
-
-Statements run synchronously on the event loop: each is a few microseconds on a local file
-(WAL mode), cheaper than a thread hop. BEGIN IMMEDIATE makes claim atomic even when several
-processes on one host share the file.
-"""
+BEGIN IMMEDIATE makes claim atomic even when several processes on one host share the file."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
 
 from facilitator.store.base import ClaimResult, SettlementRecord, SettlementState, StoreUnavailableError
+from facilitator.store.sqlite_conn import connect_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS settlements (
@@ -46,14 +42,8 @@ def _row(row: tuple) -> SettlementRecord:
 
 class SQLiteSettlementStore:
     def __init__(self, path: str) -> None:
-        if path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         try:
-            self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
-            if path != ":memory:":
-                self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
+            self._db = connect_sqlite(path, _SCHEMA)
         except sqlite3.Error as exc:
             raise StoreUnavailableError(f"cannot open settlement store: {exc}") from exc
 
