@@ -187,7 +187,8 @@ class BudgetEnforcer:
                 try:
                     policy, group, _listed = await self.policies_for(hold.agent, hold.network, hold.asset)
                 except Refusal:  # the agent lost its policy since the reserve: still record the spend
-                    policy, group = Policy(network=hold.network, asset=hold.asset, group=hold.group), None
+                    policy = Policy(network=hold.network, asset=hold.asset, group=hold.group)
+                    group = (await self._policy("group", hold.group, hold.network, hold.asset)) if hold.group else None
                 checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False,
                                      for_commit=True)
                 await self.store.commit(checks, hold.id, amount, entry, now=now)

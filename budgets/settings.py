@@ -9,14 +9,14 @@
     default_rate_per_minute = 60
 
     [[budgets.policies]]                  # loaded at start (GitOps); the admin API persists changes
-    agent = "0xAgent…"                    # or group = "team-a"
+    agent = "0xAgent…"                    # a group's own policy names group_name = "team-a" instead
     network = "eip155:8453"
     asset = "0xFbC2…"
     limits = [{ period = "day", amount = "5000000000000000000" }]
     per_call_max = "200000000000000000"
     allowed_models = ["gpt-4o"]
     rate_limit = { per_minute = 60, burst = 10 }
-    group = "team-a"
+    group = "team-a"                      # the agent is a member: team-a's budget applies too
 
 The admin API's bearer token comes from the environment (BUDGETS_ADMIN_TOKEN), or a file
 (BUDGETS_ADMIN_TOKEN_FILE, e.g. a mounted Kubernetes secret); never from this file.

@@ -163,7 +163,10 @@ class SQLiteBudgetStore:
         return f"{kind}:{id.lower() if kind == 'agent' else id}:{network}:{asset.lower()}"
 
     async def get_policy(self, kind: str, id: str, network: str, asset: str) -> Policy | None:
-        row = self._db.execute("SELECT body FROM policies WHERE key = ?", (self._pk(kind, id, network, asset),)).fetchone()
+        try:
+            row = self._db.execute("SELECT body FROM policies WHERE key = ?", (self._pk(kind, id, network, asset),)).fetchone()
+        except sqlite3.Error as exc:
+            raise BudgetStoreUnavailableError(str(exc)) from exc
         return Policy.model_validate_json(row[0]) if row else None
 
     async def put_policy(self, kind: str, id: str, policy: Policy) -> None:
@@ -178,7 +181,10 @@ class SQLiteBudgetStore:
                                     (self._pk(kind, id, network, asset),)).rowcount == 1
 
     async def list_policies(self) -> list[tuple[str, str, Policy]]:
-        rows = self._db.execute("SELECT kind, id, body FROM policies ORDER BY key").fetchall()
+        try:
+            rows = self._db.execute("SELECT kind, id, body FROM policies ORDER BY key").fetchall()
+        except sqlite3.Error as exc:
+            raise BudgetStoreUnavailableError(str(exc)) from exc
         return [(kind, id, Policy.model_validate_json(body)) for kind, id, body in rows]
 
     async def ledger(self, *, agent: str | None, start: float, end: float, limit: int) -> list[LedgerEntry]:
@@ -190,10 +196,14 @@ class SQLiteBudgetStore:
             args.append(agent.lower())
         sql += " ORDER BY ts, seq LIMIT ?"
         args.append(limit)
+        try:
+            rows = self._db.execute(sql, args).fetchall()
+        except sqlite3.Error as exc:
+            raise BudgetStoreUnavailableError(str(exc)) from exc
         return [
             LedgerEntry(ts=r[0], agent=r[1], group=r[2], route=r[3], model=r[4], amount=int(r[5]), asset=r[6],
                         network=r[7], tx_hash=r[8], request_id=r[9], extra=orjson.loads(r[10]) if r[10] else {})
-            for r in self._db.execute(sql, args)
+            for r in rows
         ]
 
     async def ping(self) -> None:
