@@ -438,16 +438,26 @@ class DevChain:
     def _call_tx(self, account: LocalAccount, to: str, data: bytes) -> str:
         return self._sign(account, {"to": to, "data": data, "gas": _CALL_GAS})
 
-    def _send_and_wait(self, raw_txs: list[str], timeout: float = 10.0) -> list[dict[str, Any]]:
+    def _send_and_wait(self, raw_txs: list[str], timeout: float = 30.0) -> list[dict[str, Any]]:
         assert self.rpc is not None
         hashes = self.rpc.batch([("eth_sendRawTransaction", [tx]) for tx in raw_txs])
         deadline = time.monotonic() + timeout
+        resend_at = time.monotonic() + 2.0
         while True:
             receipts = self.rpc.batch([("eth_getTransactionReceipt", [h]) for h in hashes])
             if all(receipts):
                 break
             if time.monotonic() > deadline:
                 raise DevChainError("setup transactions were not mined in time")
+            if time.monotonic() > resend_at:
+                # anvil may run a batch's sends out of order under load: send the missing ones again
+                for raw, receipt in zip(raw_txs, receipts):
+                    if not receipt:
+                        try:
+                            self.rpc.call("eth_sendRawTransaction", raw)
+                        except Exception:  # already known / nonce too low: the receipt decides
+                            pass
+                resend_at = time.monotonic() + 2.0
             time.sleep(0.005)
         failed = [h for h, r in zip(hashes, receipts) if int(r["status"], 16) != 1]
         if failed:
