@@ -15,6 +15,7 @@ from facilitator.store.sqlite_conn import connect_sqlite
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (scope TEXT, wkey TEXT, bucket INTEGER, amount TEXT NOT NULL, expires REAL NOT NULL,
                                      PRIMARY KEY (scope, wkey, bucket));
+CREATE INDEX IF NOT EXISTS counters_expires ON counters (expires);  -- commit prunes expired counters
 CREATE TABLE IF NOT EXISTS holds (id TEXT, scope TEXT, amount TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (id, scope));
 CREATE INDEX IF NOT EXISTS holds_scope ON holds (scope, expires);
 CREATE TABLE IF NOT EXISTS rate (scope TEXT PRIMARY KEY, tokens REAL NOT NULL, ts REAL NOT NULL);
