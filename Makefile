@@ -17,6 +17,9 @@ test-fast: setup
 bench: setup
 	.venv/bin/python loadtests/bench_verify.py
 	.venv/bin/python loadtests/bench_settle.py
+	.venv/bin/python loadtests/bench_gateway.py
+	.venv/bin/python loadtests/bench_budgets.py
+	.venv/bin/python loadtests/bench_sessions.py
 
 devchain: setup
 	.venv/bin/x402-facilitator devchain --out devchain.json
