@@ -48,6 +48,11 @@ class FacilitatorClient(Protocol):
         """network -> the facilitatorAddress an `upto` payment must name (from /supported)."""
         ...
 
+    def can_sign(self, address: str) -> bool:
+        """Whether this facilitator holds the key a payment's witness names (upto settles must be
+        sent by that signer). A remote facilitator is asked; it decides."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -99,6 +104,9 @@ class LocalFacilitatorClient:
     async def settle(self, payload: AnyPayload, requirements: AnyRequirements) -> SettleResponse:
         return await self.facilitator.settle(SettleRequest.model_construct(
             x402_version=payload.x402_version, payment_payload=payload, payment_requirements=requirements))
+
+    def can_sign(self, address: str) -> bool:
+        return self.facilitator.signers.get(address) is not None
 
     async def upto_signers(self) -> dict[str, str]:
         extra = {net: sch.supported_extra() for (net, name), sch in self.facilitator.schemes.items() if name == "upto"}
@@ -175,6 +183,9 @@ class HttpFacilitatorClient:
                                   + ("" if parsed is not None else " with a malformed body"),
                                   transaction=tx, network=network)
         return checked_settlement(parsed, network)
+
+    def can_sign(self, address: str) -> bool:
+        return True
 
     async def upto_signers(self) -> dict[str, str]:
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from decimal import Decimal
 import logging
 import re
 import time
@@ -408,11 +409,12 @@ class Paywall:
         headers["x-request-id"] = request_id
         return await pool.open(self.session, request.method, path_qs, headers, body)
 
-    def _capped(self, offer: Offer, body: bytes) -> bytes:
+    def _capped(self, offer: Offer, body: bytes, *, ceiling: Decimal | None = None) -> bytes:
         """The request as forwarded on a metered route: max_tokens capped so the worst case stays
-        under the ceiling (and under the route's cap); streamed calls asked to report usage."""
+        under the ceiling (the route's max_per_call, or a lower one such as what a session can
+        still pay; and under the route's cap); streamed calls asked to report usage."""
         assert offer.token_price is not None
-        cap = output_token_cap(len(body), offer.token_price, offer.price)
+        cap = output_token_cap(len(body), offer.token_price, offer.price if ceiling is None else ceiling)
         if offer.route.max_tokens_cap is not None:
             cap = min(cap, offer.route.max_tokens_cap)
         if cap <= 0:
@@ -423,7 +425,7 @@ class Paywall:
             raise PricingError("invalid_request", "request body must be a JSON object") from None
 
     def _metered_charge(self, offer: Offer, requirement: PaymentRequirements, usage: Usage | None,
-                        *, cut: bool = False) -> tuple[int, dict]:
+                        *, cut: bool = False, policy: str | None = None) -> tuple[int, dict]:
         """What an upto call costs in the asset: metered from the usage the upstream reported,
         or by the route's policy when usage is missing or the stream was cut. Never above the
         signed maximum."""
@@ -435,7 +437,7 @@ class Paywall:
             amount = min(to_base_units(cost, rate, decimals), ceiling)
             return amount, {"usage_policy": "metered", "input_tokens": usage.input_tokens,
                             "output_tokens": usage.output_tokens, "cost": str(cost)}
-        policy = offer.route.missing_usage
+        policy = policy or offer.route.missing_usage
         amount = ceiling if policy == "ceiling" else min(to_base_units(offer.token_price.per_call, rate, decimals), ceiling)
         details = {"usage_policy": policy, "reason": "stream cut" if cut else "usage missing"}
         if usage is not None:

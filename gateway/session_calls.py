@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -23,7 +24,7 @@ from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import PaymentPayload, PaymentRequirements, SettleResponse
 from gateway.budget_hook import Hold, Refusal
 from gateway.metering import StreamMeter, to_base_units, usage_from_body
-from gateway.pricing import Offer
+from gateway.pricing import Offer, PricingError
 from gateway.proxy import UpstreamFailedError, UpstreamUnavailableError, read_all, response_headers
 from gateway.sessions import HoldOutcome, Session, SessionState, SessionStore, new_session_id
 
@@ -80,7 +81,16 @@ class SessionCalls:
         if session is None or session.route != offer.route_id:
             return pw.challenge(request, offer, "session_unknown", "no such upto session on this route: sign a new permit")
         worst = session.per_call
+        rate, decimals = next((r, d) for a, r, d in offer.rates if a == session.asset.lower())
+        if worst < to_base_units(offer.price, rate, decimals):  # the cap is below max_per_call
+            try:
+                body = pw._capped(offer, body, ceiling=Decimal(worst) * rate / (Decimal(10) ** decimals))
+            except PricingError as exc:
+                return self._with_session(pw_error(exc.status, exc.reason, exc.message), session_id)
         now = time.time()
+        # Every call must be over before the session is settled (deadline - settle_margin): a call
+        # still running then would be served after its payment was taken.
+        finish_by = session.deadline - cfg.settle_margin_s - 1.0
         outcome = await self.store.hold(session_id, worst, now=now, serve_until=session.deadline - cfg.serve_margin_s,
                                         due_at=self._due_at(session, offer, now))
         if outcome != HoldOutcome.OK:
@@ -94,7 +104,12 @@ class SessionCalls:
             await self.store.finish_call(session_id, worst, 0, now=time.time(), due_at=self._due_at(session, offer, now))
             return pw._refusal(offer, refusal)
         try:
-            upstream = await pw.open_upstream(request, offer, body, request_id)
+            upstream = await asyncio.wait_for(pw.open_upstream(request, offer, body, request_id),
+                                              max(0.1, finish_by - time.time()))
+        except asyncio.TimeoutError:
+            await self._nothing(session, offer, worst, hold)
+            return self._with_session(pw_error(504, "session_deadline", "the call could not finish before the session "
+                                               "is settled; not charged: sign a new permit"), session_id)
         except (UpstreamUnavailableError, UpstreamFailedError) as exc:
             await self._nothing(session, offer, worst, hold)
             return self._with_session(pw_error(502, "upstream_unavailable", f"the upstream failed ({exc}); not charged"),
@@ -110,11 +125,12 @@ class SessionCalls:
                                       session_id)
         out_headers = dict(response_headers(upstream)) | {SESSION_HEADER: session_id, "Cache-Control": "no-store"}
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-            return StreamingResponse(self._stream(upstream, session, offer, worst, hold, request_id), status_code=upstream.status,
-                                     headers=out_headers)
+            return StreamingResponse(self._stream(upstream, session, offer, worst, hold, request_id, finish_by),
+                                     status_code=upstream.status, headers=out_headers)
         try:
-            content = await read_all(upstream, pw.settings.max_body_bytes)
-        except UpstreamFailedError:
+            content = await asyncio.wait_for(read_all(upstream, pw.settings.max_body_bytes),
+                                             max(0.1, finish_by - time.time()))
+        except (UpstreamFailedError, asyncio.TimeoutError):
             upstream.release()
             await self._nothing(session, offer, worst, hold)
             return self._with_session(pw_error(502, "upstream_error", "the upstream failed; not charged"), session_id)
@@ -125,15 +141,24 @@ class SessionCalls:
         return Response(content, status_code=upstream.status, headers=out_headers)
 
     async def _stream(self, upstream: aiohttp.ClientResponse, session: Session, offer: Offer, worst: int, hold: Hold,
-                      request_id: str):
+                      request_id: str, finish_by: float):
         meter = StreamMeter()
-        finished = cut = False
+        finished = cut = deadline_cut = False
         try:
             try:
-                async for chunk in upstream.content.iter_any():
+                while True:
+                    remaining = finish_by - time.time()
+                    if remaining <= 0:
+                        deadline_cut = True  # the session is about to be settled: end the stream here
+                        break
+                    chunk = await asyncio.wait_for(upstream.content.readany(), remaining)
+                    if not chunk:
+                        break
                     meter.feed(chunk)
                     yield chunk
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except asyncio.TimeoutError:
+                deadline_cut = True
+            except aiohttp.ClientError:
                 cut = True
             finished = True
         finally:
@@ -143,16 +168,19 @@ class SessionCalls:
                 self.paywall._background.add(task)
                 task.add_done_callback(self.paywall._background.discard)
         charge, details = await asyncio.shield(self._accrue(session, offer, worst, hold, meter.usage, request_id,
-                                                            cut=cut or not meter.complete))
+                                                            cut=cut or deadline_cut or not meter.complete,
+                                                            floor=deadline_cut))
         event = {"session": session.id, "charged": str(charge), "accrued": str(details["accrued"]), "cap": str(session.cap),
                  "settlement": "deferred", **{k: v for k, v in details.items() if k != "accrued"}}
         yield b"event: x402.payment\ndata: " + orjson.dumps(event) + b"\n\n"
 
     async def _accrue(self, session: Session, offer: Offer, worst: int, hold: Hold, usage, request_id: str,
-                      *, cut: bool) -> tuple[int, dict]:
+                      *, cut: bool, floor: bool = False) -> tuple[int, dict]:
+        """`floor`: the gateway itself ended the call (the session's settlement time came): the
+        agent pays only the per-call part, not the ceiling."""
         pw = self.paywall
         ceiling = PaymentRequirements.model_construct(amount=str(worst), asset=session.asset)
-        charge, details = pw._metered_charge(offer, ceiling, usage, cut=cut)
+        charge, details = pw._metered_charge(offer, ceiling, usage, cut=cut, policy="floor" if floor else None)
         now = time.time()
         await self.store.finish_call(session.id, worst, charge, now=now, due_at=self._due_at(session, offer, now))
         details = details | {"session": session.id}
@@ -197,6 +225,10 @@ class SessionCalls:
                 await self.store.reschedule(session_id, min(session.last_used + cfg.idle_s,  # type: ignore[attr-defined]
                                                             session.deadline - cfg.settle_margin_s))  # type: ignore[attr-defined]
                 continue
+            if not self.paywall.facilitator.can_sign(_signer_of(session)):
+                # The permit names a signer this replica has no key for: its holder settles it.
+                await self.store.reschedule(session_id, now + 2.0)
+                continue
             claimed = await self.store.claim_settlement(session_id, now=now, force=near_deadline, lease_s=SETTLE_LEASE_S)
             if claimed is None:
                 await self.store.reschedule(session_id, now + 0.5)  # calls in flight, or another replica settles
@@ -217,7 +249,8 @@ class SessionCalls:
             result = SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value, transaction="",
                                     network=requirement.network, error_message="timed out")
         dump = result.model_dump_json(by_alias=True, exclude_none=True)
-        final = getattr(self.paywall.facilitator, "trusted", False) and bool((result.extra or {}).get("final"))
+        final = (getattr(self.paywall.facilitator, "trusted", False) and bool((result.extra or {}).get("final"))
+                 and result.error_reason != R.UPTO_FACILITATOR_MISMATCH.value)  # another replica holds the key
         if result.success:
             await self.store.finish_settlement(session.id, state=SessionState.SETTLED, tx=result.transaction, result=dump,
                                                retry_at=None)
@@ -245,6 +278,12 @@ class SessionCalls:
             except Exception:
                 log.exception("session_reaper_failed")
             await asyncio.sleep(interval_s)
+
+
+def _signer_of(session: Session) -> str:
+    """The facilitator address the session's permit names (witness.facilitator)."""
+    payload = orjson.loads(session.payment)["payload"]["payload"]
+    return payload["permit2Authorization"]["witness"].get("facilitator", "")
 
 
 def pw_error(status: int, error: str, message: str) -> Response:
