@@ -163,8 +163,7 @@ def create_app(
                 # Fail closed: without the records we cannot promise "served at most once".
                 response = json_error(503, "store_unavailable", "the payment store is unreachable; nothing was charged",
                                       headers={"Retry-After": "5"})
-        match = state.pricing.match(request.method, request.url.path)
-        route_id = f"{match[0].method} {match[0].path}" if match else "unmatched"
+        route_id = request.scope.get("state", {}).get("route_id", "unmatched")  # set by the paywall's match
         state.metrics.requests.labels(route_id, str(response.status_code)).inc()
         return response
 

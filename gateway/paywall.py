@@ -176,6 +176,7 @@ class Paywall:
                 return json_error(405, "method_not_allowed", f"{request.method} is not offered on this path")
             return json_error(404, "not_found", "this path is not offered by the gateway")
         route, params = match
+        request.scope.setdefault("state", {})["route_id"] = f"{route.method} {route.path}"  # the metric label
         try:
             offer = self.pricing.offer(route, params, body, probe=request.method == "HEAD")
         except PricingError as exc:
