@@ -330,8 +330,7 @@ class AdminApi:
         assert body is not None
         policy = parse_policy(body, kind, network, asset)
         existed = await self.enforcer.store.get_policy(kind, owner, network, asset) is not None
-        await self.enforcer.store.put_policy(kind, owner, policy)
-        self.enforcer.invalidate()
+        await self.enforcer.put_policy(kind, owner, policy)
         log.info("budget_policy_put", extra={"kind": kind, "owner": owner, "network": network, "asset": asset})
         return _json(self.item(kind, owner, policy), 200 if existed else 201)
 

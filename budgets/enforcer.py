@@ -59,6 +59,21 @@ class BudgetEnforcer:
     def invalidate(self) -> None:
         self._cache.clear()
 
+    async def put_policy(self, kind: str, owner: str, policy: Policy) -> None:
+        """Store a policy (the operator's way: admin API, config). An agent that joins or leaves a
+        group keeps its spend and holds: on Redis its keys carry the group's hash tag, so they are
+        carried to the new tag."""
+        old = await self.store.get_policy(kind, owner, policy.network, policy.asset) if kind == "agent" else None
+        await self.store.put_policy(kind, owner, policy)
+        old_group = old.group if old is not None else None  # unlisted agents have no group
+        if kind == "agent" and old_group != policy.group:
+            before = old or Policy(network=policy.network, asset=policy.asset)
+            old_scope, _ = self.scopes(owner, before, policy.network, policy.asset)
+            new_scope, _ = self.scopes(owner, policy, policy.network, policy.asset)
+            windows = tuple(commit_windows([], self.clock(), self.tz))
+            await self.store.move_spend(old_scope, new_scope, windows)
+        self.invalidate()
+
     async def policies_for(self, agent: str, network: str, asset: str) -> tuple[Policy, Policy | None, bool]:
         """(agent policy, group policy, listed). Unlisted agents get the default, or are refused."""
         policy = await self._policy("agent", agent, network, asset)

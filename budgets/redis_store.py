@@ -14,7 +14,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope
+from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope, Window
 from budgets.store import BudgetStoreUnavailableError, Check, RateState
 
 _BIGNUM = """
@@ -291,6 +291,35 @@ class RedisBudgetStore:
                                    spent=used, reserved=held, remaining=max(0, w.limit - used - held),
                                    resets_at=w.resets_at))
         return out
+
+    async def move_spend(self, old: Scope, new: Scope, windows: tuple[Window, ...]) -> None:
+        if old.tag == new.tag:
+            return
+        try:
+            for w in windows:
+                src, dst = self._k(old, w.key), self._k(new, w.key)
+                if w.rolling:
+                    buckets = await self._r.hgetall(src)
+                    for bucket, amount in buckets.items():
+                        current = await self._r.hget(dst, bucket)
+                        await self._r.hset(dst, bucket, str(int(current or 0) + int(amount)))
+                else:
+                    amount = await self._r.get(src)
+                    if amount is None:
+                        continue
+                    current = await self._r.get(dst)
+                    await self._r.set(dst, str(int(current or 0) + int(amount)))
+                await self._r.expire(dst, w.ttl_s)
+                await self._r.delete(src)
+            holds = await self._r.zrange(self._k(old, "rz"), 0, -1, withscores=True)
+            amounts = await self._r.hgetall(self._k(old, "rh"))
+            for hold_id, expires in holds:
+                if hold_id in amounts:
+                    await self._r.zadd(self._k(new, "rz"), {hold_id: expires})
+                    await self._r.hset(self._k(new, "rh"), hold_id, amounts[hold_id])
+            await self._r.delete(self._k(old, "rz"), self._k(old, "rh"))
+        except RedisError as exc:
+            raise BudgetStoreUnavailableError(f"redis: {exc}") from exc
 
     def _pk(self, kind: str, id: str, network: str, asset: str) -> str:
         return f"{self._p}pol:{kind}:{id.lower() if kind == 'agent' else id}:{network}:{asset.lower()}"

@@ -159,6 +159,11 @@ class SQLiteBudgetStore:
                                        resets_at=w.resets_at))
             return out
 
+    async def move_spend(self, old: Scope, new: Scope, windows: tuple[Window, ...]) -> None:
+        """Rows are keyed by the scope's name, which a group change does not alter."""
+        if old.name != new.name:
+            raise ValueError("move_spend moves a scope to a new tag, not to another scope")
+
     @staticmethod
     def _pk(kind: str, id: str, network: str, asset: str) -> str:
         return f"{kind}:{id.lower() if kind == 'agent' else id}:{network}:{asset.lower()}"

@@ -93,7 +93,7 @@ async def seed_policies(settings: GatewaySettings, enforcer) -> None:
         kind, owner = entry.owner()
         policy = entry.policy()
         if await enforcer.store.get_policy(kind, owner, policy.network, policy.asset) is None:
-            await enforcer.store.put_policy(kind, owner, policy)
+            await enforcer.put_policy(kind, owner, policy)
 
 
 def create_app(
