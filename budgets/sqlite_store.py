@@ -10,7 +10,7 @@ import orjson
 
 from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope, Window
 from budgets.store import BudgetStoreUnavailableError, Check, RateState
-from facilitator.store.sqlite_conn import connect_sqlite
+from facilitator.store.sqlite_conn import connect_sqlite, immediate
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (scope TEXT, wkey TEXT, bucket INTEGER, amount TEXT NOT NULL, expires REAL NOT NULL,
@@ -65,25 +65,7 @@ class SQLiteBudgetStore:
         return RateState(True, 0.0)
 
     def _tx(self):
-        store = self
-
-        class _T:
-            def __enter__(self) -> None:
-                try:
-                    store._db.execute("BEGIN IMMEDIATE")
-                except sqlite3.Error as exc:
-                    raise BudgetStoreUnavailableError(str(exc)) from exc
-
-            def __exit__(self, exc_type, exc, tb) -> bool:
-                try:
-                    store._db.execute("ROLLBACK" if exc_type else "COMMIT")
-                except sqlite3.Error as e:
-                    raise BudgetStoreUnavailableError(str(e)) from e
-                if isinstance(exc, sqlite3.Error):
-                    raise BudgetStoreUnavailableError(str(exc)) from exc
-                return False
-
-        return _T()
+        return immediate(self._db, BudgetStoreUnavailableError)
 
     # -- the protocol ----------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
-from facilitator.store.sqlite_conn import connect_sqlite
+from facilitator.store.sqlite_conn import connect_sqlite, immediate
 from redis.exceptions import RedisError
 
 
@@ -115,24 +115,16 @@ class SQLitePaymentRecords:
         )  # fmt: skip
 
     async def begin(self, key: str, request_fp: str, *, now_ms: int, lease_ms: int) -> PaymentRecord | None:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("DELETE FROM records WHERE key = ? AND expires_ms > 0 AND expires_ms < ?", (key, now_ms))
-                existing = self._row(key)
-                if existing is None or (existing.state == RecordState.PROCESSING and existing.lease_until_ms < now_ms):
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO records (key, state, request_fp, lease_until_ms) VALUES (?, ?, ?, ?)",
-                        (key, RecordState.PROCESSING.value, request_fp, now_ms + lease_ms),
-                    )
-                    existing = None
-                self._db.execute("COMMIT")
-                return existing
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise RecordStoreUnavailableError(str(exc)) from exc
+        with immediate(self._db, RecordStoreUnavailableError):
+            self._db.execute("DELETE FROM records WHERE key = ? AND expires_ms > 0 AND expires_ms < ?", (key, now_ms))
+            existing = self._row(key)
+            if existing is None or (existing.state == RecordState.PROCESSING and existing.lease_until_ms < now_ms):
+                self._db.execute(
+                    "INSERT OR REPLACE INTO records (key, state, request_fp, lease_until_ms) VALUES (?, ?, ?, ?)",
+                    (key, RecordState.PROCESSING.value, request_fp, now_ms + lease_ms),
+                )
+                existing = None
+            return existing
 
     async def save(self, record: PaymentRecord, *, ttl_s: int) -> None:
         import time
@@ -158,22 +150,14 @@ class SQLitePaymentRecords:
         import time
 
         now = int(time.time() * 1000)
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute("DELETE FROM payment_ids WHERE id = ? AND (expires_ms < ? OR ?)", (payment_id, now, replace))
-                self._db.execute(
-                    "INSERT OR IGNORE INTO payment_ids (id, key, expires_ms) VALUES (?, ?, ?)",
-                    (payment_id, key, now + ttl_s * 1000),
-                )
-                (bound,) = self._db.execute("SELECT key FROM payment_ids WHERE id = ?", (payment_id,)).fetchone()
-                self._db.execute("COMMIT")
-                return bound
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise RecordStoreUnavailableError(str(exc)) from exc
+        with immediate(self._db, RecordStoreUnavailableError):
+            self._db.execute("DELETE FROM payment_ids WHERE id = ? AND (expires_ms < ? OR ?)", (payment_id, now, replace))
+            self._db.execute(
+                "INSERT OR IGNORE INTO payment_ids (id, key, expires_ms) VALUES (?, ?, ?)",
+                (payment_id, key, now + ttl_s * 1000),
+            )
+            (bound,) = self._db.execute("SELECT key FROM payment_ids WHERE id = ?", (payment_id,)).fetchone()
+            return bound
 
     async def get(self, key: str) -> PaymentRecord | None:
         try:

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 
 from budgets.redis_store import _BIGNUM
 from facilitator.store.redis_client import is_redis_url, redis_from_url
-from facilitator.store.sqlite_conn import connect_sqlite
+from facilitator.store.sqlite_conn import connect_sqlite, immediate
 
 
 class SessionState(StrEnum):
@@ -246,17 +246,8 @@ class SQLiteSessionStore:
                        route=r[12] or "", tx=r[13] or "", result=r[14] or "", per_call=int(r[15] or 0))
 
     def _tx(self, fn):
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                out = fn()
-                self._db.execute("COMMIT")
-                return out
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise SessionStoreUnavailableError(str(exc)) from exc
+        with immediate(self._db, SessionStoreUnavailableError):
+            return fn()
 
     async def open(self, session: Session, *, first_hold: int, due_at: float) -> None:
         self._tx(lambda: self._db.execute(

@@ -5,8 +5,10 @@ cheaper than a thread hop."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+from collections.abc import Iterator
 
 
 def connect_sqlite(path: str, schema: str) -> sqlite3.Connection:
@@ -19,3 +21,25 @@ def connect_sqlite(path: str, schema: str) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(schema)
     return db
+
+
+@contextlib.contextmanager
+def immediate(db: sqlite3.Connection, unavailable: type[Exception]) -> Iterator[None]:
+    """One BEGIN IMMEDIATE transaction (the write lock taken up front, so check-then-write is
+    atomic across processes sharing the file): committed when the block ends, returns included;
+    rolled back on any error. SQLite errors become the store's `unavailable` error."""
+    try:
+        db.execute("BEGIN IMMEDIATE")
+    except sqlite3.Error as exc:
+        raise unavailable(str(exc)) from exc
+    try:
+        yield
+    except BaseException as exc:
+        db.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise unavailable(str(exc)) from exc
+        raise
+    try:
+        db.execute("COMMIT")
+    except sqlite3.Error as exc:
+        raise unavailable(str(exc)) from exc

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 
 from facilitator.store.base import ClaimResult, SettlementRecord, SettlementState, StoreUnavailableError
-from facilitator.store.sqlite_conn import connect_sqlite
+from facilitator.store.sqlite_conn import connect_sqlite, immediate
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS settlements (
@@ -52,27 +52,18 @@ class SQLiteSettlementStore:
         return _row(row) if row else None
 
     async def claim(self, key: str, digest: str, *, now_ms: int, lease_ms: int) -> ClaimResult:
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                existing = self._get(key)
-                if existing is None or (
-                    existing.state == SettlementState.CLAIMED and existing.lease_until_ms < now_ms
-                ):
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO settlements (key, digest, state, lease_until_ms, updated_ms)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        (key, digest, SettlementState.CLAIMED.value, now_ms + lease_ms, now_ms),
-                    )
-                    self._db.execute("COMMIT")
-                    return ClaimResult(won=True, record=None)
-                self._db.execute("COMMIT")
-                return ClaimResult(won=False, record=existing)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+        with immediate(self._db, StoreUnavailableError):
+            existing = self._get(key)
+            if existing is None or (
+                existing.state == SettlementState.CLAIMED and existing.lease_until_ms < now_ms
+            ):
+                self._db.execute(
+                    "INSERT OR REPLACE INTO settlements (key, digest, state, lease_until_ms, updated_ms)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (key, digest, SettlementState.CLAIMED.value, now_ms + lease_ms, now_ms),
+                )
+                return ClaimResult(won=True, record=None)
+            return ClaimResult(won=False, record=existing)
 
     async def mark_submitted(
         self, key: str, digest: str, *, tx_hash: str, raw_tx: str, signer: str, response: str, now_ms: int
