@@ -24,6 +24,7 @@ from x402.schemas import PaymentRequired, PaymentRequirements, ResourceInfo
 from facilitator.devchain import JsonRpc, calldata
 from facilitator.x402.headers import decode_payment_required, decode_payment_response, encode_payment_payload
 from facilitator.x402.types import PaymentPayload, SettleResponse
+from tests.payments import send_transactions
 
 SEED = "x402-budgets-e2e"
 MAX_UINT256 = 2**256 - 1
@@ -42,31 +43,6 @@ def derived(label: str) -> LocalAccount:
 # -- the chain ----------------------------------------------------------------------------------
 
 
-def _send_all(devchain: dict[str, Any], txs: list[tuple[LocalAccount, str, bytes]]) -> None:
-    rpc = JsonRpc(devchain["rpc_url"])
-    try:
-        senders = sorted({a.address for a, _, _ in txs})
-        counts = rpc.batch([("eth_getTransactionCount", [a, "pending"]) for a in senders])
-        nonces = {a: int(c, 16) for a, c in zip(senders, counts)}
-        raw = []
-        for account, to, data in txs:
-            tx = {"to": to, "data": data, "gas": 200_000, "chainId": devchain["chain_id"], "type": 2,
-                  "nonce": nonces[account.address], "maxFeePerGas": 10**11, "maxPriorityFeePerGas": 10**9, "value": 0}
-            nonces[account.address] += 1
-            raw.append("0x" + bytes(account.sign_transaction(tx).raw_transaction).hex())
-        hashes = rpc.batch([("eth_sendRawTransaction", [r]) for r in raw])
-        deadline = time.monotonic() + 10
-        while True:
-            receipts = rpc.batch([("eth_getTransactionReceipt", [h]) for h in hashes])
-            if all(receipts):
-                break
-            assert time.monotonic() < deadline, "funding transactions were not mined"
-            time.sleep(0.01)
-        assert all(int(r["status"], 16) == 1 for r in receipts), receipts
-    finally:
-        rpc.close()
-
-
 def fund(devchain: dict[str, Any], *accounts: LocalAccount, opg: int = 10**21) -> None:
     """ETH (anvil_setBalance), OPG (the stand-in's open mint) and an unlimited Permit2 approval."""
     rpc = JsonRpc(devchain["rpc_url"])
@@ -80,12 +56,12 @@ def fund(devchain: dict[str, Any], *accounts: LocalAccount, opg: int = 10**21) -
         txs.append((a, token, calldata("mint(address,uint256)", ["address", "uint256"], [a.address, opg])))
         txs.append((a, token, calldata("approve(address,uint256)", ["address", "uint256"],
                                        [devchain["contracts"]["permit2"], MAX_UINT256])))
-    _send_all(devchain, txs)
+    send_transactions(devchain, txs)
 
 
 def approve_permit2(devchain: dict[str, Any], account: LocalAccount, amount: int) -> None:
     token = devchain["tokens"]["OPG"]["address"]
-    _send_all(devchain, [(account, token, calldata("approve(address,uint256)", ["address", "uint256"],
+    send_transactions(devchain, [(account, token, calldata("approve(address,uint256)", ["address", "uint256"],
                                                    [devchain["contracts"]["permit2"], amount]))])
 
 

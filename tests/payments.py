@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from typing import Any
 
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 from x402 import x402Client
 from x402.mechanisms.evm.exact.register import register_exact_evm_client
 from x402.schemas import PaymentRequired, PaymentRequirements, ResourceInfo
@@ -56,5 +58,33 @@ def balance_of(devchain: dict[str, Any], symbol: str, who: str) -> int:
     try:
         data = "0x" + calldata("balanceOf(address)", ["address"], [who]).hex()
         return int(rpc.call("eth_call", {"to": devchain["tokens"][symbol]["address"], "data": data}, "latest"), 16)
+    finally:
+        rpc.close()
+
+
+def send_transactions(devchain: dict[str, Any], txs: list[tuple[LocalAccount, str, bytes]]) -> None:
+    """Sign and send (account, to, calldata) transactions, nonces in order per sender; wait until all are mined."""
+    from facilitator.devchain import JsonRpc
+
+    rpc = JsonRpc(devchain["rpc_url"])
+    try:
+        senders = sorted({a.address for a, _, _ in txs})
+        counts = rpc.batch([("eth_getTransactionCount", [a, "pending"]) for a in senders])
+        nonces = {a: int(c, 16) for a, c in zip(senders, counts)}
+        raw = []
+        for account, to, data in txs:
+            tx = {"to": to, "data": data, "gas": 200_000, "chainId": devchain["chain_id"], "type": 2,
+                  "nonce": nonces[account.address], "maxFeePerGas": 10**11, "maxPriorityFeePerGas": 10**9, "value": 0}
+            nonces[account.address] += 1
+            raw.append("0x" + bytes(account.sign_transaction(tx).raw_transaction).hex())
+        hashes = rpc.batch([("eth_sendRawTransaction", [r]) for r in raw])
+        deadline = time.monotonic() + 10
+        while True:
+            receipts = rpc.batch([("eth_getTransactionReceipt", [h]) for h in hashes])
+            if all(receipts):
+                break
+            assert time.monotonic() < deadline, "funding transactions were not mined"
+            time.sleep(0.01)
+        assert all(int(r["status"], 16) == 1 for r in receipts), receipts
     finally:
         rpc.close()

@@ -81,7 +81,7 @@ from facilitator.service import Facilitator
 from facilitator.settings import devchain_overlay, load_settings
 from facilitator.x402.reasons import ErrorReason
 from facilitator.x402.types import SettleRequest, VerifyRequest
-from tests.payments import facilitator_body, requirements_for
+from tests.payments import facilitator_body, requirements_for, send_transactions
 
 pytestmark = pytest.mark.integration
 
@@ -197,31 +197,6 @@ class Env:
     nonce_counter: int = 0
 
 
-def _send_all(devchain: dict[str, Any], txs: list[tuple[LocalAccount, str, bytes]]) -> None:
-    rpc = JsonRpc(devchain["rpc_url"])
-    try:
-        senders = sorted({a.address for a, _, _ in txs})
-        counts = rpc.batch([("eth_getTransactionCount", [a, "pending"]) for a in senders])
-        nonces = {a: int(c, 16) for a, c in zip(senders, counts)}
-        raw = []
-        for account, to, data in txs:
-            tx = {"to": to, "data": data, "gas": 200_000, "chainId": devchain["chain_id"], "type": 2,
-                  "nonce": nonces[account.address], "maxFeePerGas": 10**11, "maxPriorityFeePerGas": 10**9, "value": 0}
-            nonces[account.address] += 1
-            raw.append("0x" + bytes(account.sign_transaction(tx).raw_transaction).hex())
-        hashes = rpc.batch([("eth_sendRawTransaction", [r]) for r in raw])
-        deadline = time.monotonic() + 10
-        while True:
-            receipts = rpc.batch([("eth_getTransactionReceipt", [h]) for h in hashes])
-            if all(receipts):
-                break
-            assert time.monotonic() < deadline, "funding transactions were not mined"
-            time.sleep(0.01)
-        assert all(int(r["status"], 16) == 1 for r in receipts), receipts
-    finally:
-        rpc.close()
-
-
 def fund(devchain: dict[str, Any], accounts: dict[LocalAccount, tuple[bool, bool]]) -> None:
     """ETH for every account; then, per account, (mint tokens?, approve Permit2?) on both tokens."""
     rpc = JsonRpc(devchain["rpc_url"])
@@ -238,7 +213,7 @@ def fund(devchain: dict[str, Any], accounts: dict[LocalAccount, tuple[bool, bool
             if approve:
                 txs.append((account, token["address"], calldata(
                     "approve(address,uint256)", ["address", "uint256"], [devchain["contracts"]["permit2"], MAX_UINT256])))
-    _send_all(devchain, txs)
+    send_transactions(devchain, txs)
 
 
 def our_facilitator(devchain: dict[str, Any]) -> Facilitator:
