@@ -38,6 +38,10 @@ AnyRequirements = PaymentRequirements | PaymentRequirementsV1
 
 
 class FacilitatorClient(Protocol):
+    # Whether a `final` mark on a failed settlement can be believed (our own facilitator, in
+    # process): a remote one's failure with a transaction hash is kept PENDING, never free.
+    trusted: bool
+
     async def verify(self, payload: AnyPayload, requirements: AnyRequirements) -> VerifyResponse: ...
 
     async def settle(self, payload: AnyPayload, requirements: AnyRequirements) -> SettleResponse: ...

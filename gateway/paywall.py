@@ -21,6 +21,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
@@ -35,6 +37,7 @@ from facilitator.x402.headers import (
     encode_payment_required,
     encode_settle_response,
 )
+from facilitator.x402.identity import payment_identity, signed_payload_digest
 from facilitator.x402.networks import to_caip2
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import (
@@ -45,8 +48,10 @@ from facilitator.x402.types import (
     PaymentRequirementsV1,
     ResourceInfo,
     SettleResponse,
+    VerifyResponse,
 )
 from gateway.budget_hook import BudgetHook, Hold, Refusal
+from gateway.claim import Claim, new_owner, retry_after_s
 from gateway.facilitator_client import FacilitatorClient
 from gateway.metering import StreamMeter, Usage, cap_request, cost_of, output_token_cap, to_base_units, usage_from_body
 from gateway.metrics import GatewayMetrics
@@ -86,20 +91,6 @@ def json_error(status: int, error: str, message: str, *, headers: dict[str, str]
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=h)
 
 
-def payment_identity(payload: PaymentPayload | PaymentPayloadV1, network: str, asset: str) -> tuple[str, str]:
-    """(claimed payer, record key): the key is the payment's on-chain identity, so a re-encoded
-    header or a second gateway replica maps the same payment to the same record."""
-    inner = payload.payload
-    p2 = inner.get("permit2Authorization")
-    if isinstance(p2, dict) and isinstance(p2.get("from"), str) and isinstance(p2.get("nonce"), str):
-        return p2["from"], f"{network}:permit2:{p2['from'].lower()}:{p2['nonce']}"
-    auth = inner.get("authorization")
-    if isinstance(auth, dict) and isinstance(auth.get("from"), str) and isinstance(auth.get("nonce"), str):
-        return auth["from"], f"{network}:{asset.lower()}:{auth['from'].lower()}:{auth['nonce'].lower()}"
-    digest = hashlib.sha256(orjson.dumps(inner, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    return "", f"{network}:payload:{digest}"
-
-
 def payment_id_of(payload: PaymentPayload | PaymentPayloadV1) -> str | None:
     ext = getattr(payload, "extensions", None) or {}
     info = (ext.get("payment-identifier") or {}).get("info") if isinstance(ext, dict) else None
@@ -109,6 +100,34 @@ def payment_id_of(payload: PaymentPayload | PaymentPayloadV1) -> str | None:
     if not isinstance(pid, str) or not PAYMENT_ID.match(pid):
         raise PaymentHeaderError(R.INVALID_PAYLOAD, "payment-identifier id must be 16-128 of [A-Za-z0-9_-]")
     return pid
+
+
+@dataclass(frozen=True, slots=True)
+class PaidCall:
+    """One paid request, decoded and bound to what we offered, before the facilitator is asked."""
+
+    request: Request
+    offer: Offer
+    body: bytes  # as forwarded (metered routes: max_tokens capped)
+    payload: PaymentPayload | PaymentPayloadV1
+    requirement: PaymentRequirements | PaymentRequirementsV1
+    network: str  # CAIP-2
+    key: str  # the payment's on-chain identity: one record per payment across replicas
+    digest: str  # of the signed payload as presented: only this very payment gets its recorded result
+    fp: str  # of the request (method, path, query, body as sent)
+    payer: str  # as the payload claims it (verify names the real one)
+    request_id: str
+
+    @classmethod
+    def of(cls, request: Request, offer: Offer, forward_body: bytes, body: bytes, payload: PaymentPayload | PaymentPayloadV1,
+           requirement: PaymentRequirements | PaymentRequirementsV1, request_id: str) -> PaidCall:
+        network = requirement.network if isinstance(requirement, PaymentRequirements) else to_caip2(requirement.network)
+        payer, key = payment_identity(payload.payload, network, requirement.asset)
+        target = request.url.path.encode() + b"?" + request.url.query.encode()
+        fp = hashlib.sha256(b"%s %s\n" % (request.method.encode(), target) + body).hexdigest()
+        return cls(request, offer, forward_body, payload, requirement, network, key,
+                   signed_payload_digest(payload.payload), fp, payer, request_id)
+
 
 
 class Paywall:
@@ -169,6 +188,12 @@ class Paywall:
 
     # -- the flow -----------------------------------------------------------------------------
 
+    @property
+    def _lease_ms(self) -> int:
+        return int(self.settings.record_lease_s * 1000)
+
+    # -- the flow -----------------------------------------------------------------------------
+
     async def handle(self, request: Request, body: bytes, request_id: str) -> Response:
         match = self.pricing.match(request.method, request.url.path)
         if match is None:
@@ -194,7 +219,8 @@ class Paywall:
                                   f"This call costs {offer.price} (see accepts). Sign a payment and resend it in PAYMENT-SIGNATURE.")
         try:
             payload = decode_payment_header(request.headers)
-            assert payload is not None
+            if payload is None:
+                raise PaymentHeaderError(R.INVALID_PAYLOAD, "no payment header")
             pid = payment_id_of(payload)
         except PaymentHeaderError as exc:
             self.metrics.payments.labels(offer.route_id, "refused", exc.reason.value).inc()
@@ -208,26 +234,35 @@ class Paywall:
                 forward_body = self._capped(offer, body)
             except PricingError as exc:
                 return json_error(exc.status, exc.reason, exc.message)
-        network = requirement.network if isinstance(requirement, PaymentRequirements) else to_caip2(requirement.network)
-        payer, key = payment_identity(payload, network, requirement.asset)
+        call = PaidCall.of(request, offer, forward_body, body, payload, requirement, request_id)
         try:
-            await self.budgets.precheck(payer, network, requirement.asset, offer.route_id, offer.model)
+            await self.budgets.precheck(call.payer, call.network, requirement.asset, offer.route_id, offer.model)
         except Refusal as refusal:
             return self._refusal(offer, refusal)
-        fp = hashlib.sha256(b"%s %s\n" % (request.method.encode(), str(request.url.path).encode() + b"?" + request.url.query.encode()) + body).hexdigest()
         if pid is not None:
-            bound = await self.records.link_id(pid, key, ttl_s=RECORD_TTL_S)
-            if bound != key:  # a retry under an id already used: the earlier result, no new charge
+            bound = await self.records.link_id(pid, call.key, ttl_s=RECORD_TTL_S)
+            if bound != call.key:  # a retry under an id already used: the earlier result, no new charge
                 earlier = await self.records.get(bound)
                 if earlier is not None:
-                    return await self._retry_under_id(request, offer, earlier, fp, payload, requirement, payer, body,
-                                                      request_id)
+                    return await self._retry_under_id(call, earlier)
                 # the earlier payment was never charged (its record is gone): this one takes the id
-                await self.records.link_id(pid, key, ttl_s=RECORD_TTL_S, replace=True)
-        existing = await self.records.begin(key, fp, now_ms=int(time.time() * 1000), lease_ms=int(self.settings.record_lease_s * 1000))
+                await self.records.link_id(pid, call.key, ttl_s=RECORD_TTL_S, replace=True)
+        owner = new_owner()
+        existing = await self.records.begin(call.key, call.fp, call.digest, owner=owner, now_ms=_now_ms(),
+                                            lease_ms=self._lease_ms)
         if existing is not None:
-            return await self._existing(request, offer, existing, fp, payload, body, request_id)
-        return await self._charge(request, offer, forward_body, payload, requirement, key, fp, request_id, payer)
+            return await self._existing(call, existing)
+        claim = Claim(self.records, call.key, owner, self.settings.record_lease_s).start()
+        try:
+            response = await self._charge(call, claim)
+        except BaseException:
+            # An unexpected error (or cancellation) before settlement began: nothing was charged,
+            # free the payment. Once settlement began, its shielded task records the outcome.
+            await asyncio.shield(claim.close() if claim.settling else claim.abandon())
+            raise
+        if not claim.kept:
+            await claim.close()
+        return response
 
     def _bind(self, payload: PaymentPayload | PaymentPayloadV1, offer: Offer, request: Request
               ) -> PaymentRequirements | PaymentRequirementsV1 | Response:
@@ -262,48 +297,51 @@ class Paywall:
         return json_error(refusal.status, refusal.reason, refusal.message, headers=headers, budget=refusal.scope,
                           remaining=None if refusal.remaining is None else str(refusal.remaining), resets_at=resets)
 
-    async def _charge(self, request: Request, offer: Offer, body: bytes, payload: PaymentPayload | PaymentPayloadV1,
-                      requirement: PaymentRequirements | PaymentRequirementsV1, key: str, fp: str,
-                      request_id: str, claimed_payer: str) -> Response:
-        route_id = offer.route_id
+    async def _charge(self, call: PaidCall, claim: Claim) -> Response:
+        """Verify, reserve, forward, settle: the payment is ours (claimed) for all of it."""
+        offer, requirement, route_id = call.offer, call.requirement, call.offer.route_id
         started = time.perf_counter()
         try:
-            verify = await asyncio.wait_for(self.facilitator.verify(payload, requirement), self.settings.verify_timeout_s)
+            verify = await asyncio.wait_for(self.facilitator.verify(call.payload, requirement), self.settings.verify_timeout_s)
         except asyncio.TimeoutError:
-            await self.records.abandon(key)
+            await claim.abandon()
             self.metrics.payments.labels(route_id, "refused", R.UNEXPECTED_VERIFY_ERROR.value).inc()
-            return self.challenge(request, offer, R.UNEXPECTED_VERIFY_ERROR.value, "the facilitator did not answer in time")
+            return self.challenge(call.request, offer, R.UNEXPECTED_VERIFY_ERROR.value, "the facilitator did not answer in time")
         verify_s = time.perf_counter() - started
         self.metrics.verify_seconds.labels(route_id).observe(verify_s)
         if not verify.is_valid and verify.invalid_reason in NONCE_USED:
-            known = await self._already_settled(key, fp, payload, requirement)
-            if known is not None:
-                return json_error(402, "payment_already_used", "this payment was already settled; it is not charged again",
-                                  transaction=known.transaction, network=known.network)
+            return await self._already_settled(call, claim, verify)
         if not verify.is_valid:
-            await self.records.abandon(key)
+            await claim.abandon()
             reason = verify.invalid_reason or R.INVALID_PAYLOAD.value
             self.metrics.payments.labels(route_id, "refused", reason).inc()
-            return self.challenge(request, offer, reason, verify.invalid_message or "the payment is not valid")
-        network = requirement.network if isinstance(requirement, PaymentRequirements) else to_caip2(requirement.network)
+            return self.challenge(call.request, offer, reason, verify.invalid_message or "the payment is not valid")
         amount = int(requirement.amount if isinstance(requirement, PaymentRequirements) else requirement.max_amount_required)
-        payer = verify.payer or claimed_payer  # a third-party facilitator may omit payer
-        if (self.sessions is not None and offer.route.sessions is not None and isinstance(payload, PaymentPayload)
+        payer = verify.payer or call.payer  # a third-party facilitator may omit payer
+        if (self.sessions is not None and offer.route.sessions is not None and isinstance(call.payload, PaymentPayload)
                 and isinstance(requirement, PaymentRequirements) and requirement.scheme == "upto"):
-            return await self._open_session(request, offer, body, payload, requirement, key, fp, payer, request_id)
+            return await self._open_session(call, claim, payer)
         try:
-            hold = await self.budgets.reserve(payer, network, requirement.asset, amount, offer.route_id, offer.model,
-                                              request_id)
+            hold = await self.budgets.reserve(payer, call.network, requirement.asset, amount, route_id, offer.model,
+                                              call.request_id)
         except Refusal as refusal:
-            await self.records.abandon(key)
+            await claim.abandon()
             return self._refusal(offer, refusal)
+        try:
+            return await self._forward_and_settle(call, claim, hold, amount, verify_s)
+        except BaseException:
+            if not claim.settling:  # nothing was charged: the budget hold goes back too
+                await asyncio.shield(self.budgets.release(hold))
+            raise
 
+    async def _forward_and_settle(self, call: PaidCall, claim: Claim, hold: Hold, amount: int, verify_s: float) -> Response:
+        offer, requirement, route_id = call.offer, call.requirement, call.offer.route_id
         pool = self.pools[offer.route.upstream]
         started = time.perf_counter()
         try:
-            upstream = await self.open_upstream(request, offer, body, request_id)
+            upstream = await self.open_upstream(call.request, offer, call.body, call.request_id)
         except (UpstreamUnavailableError, UpstreamFailedError) as exc:
-            await self._not_charged(key, hold, offer, "upstream_unavailable")
+            await self._not_charged(claim, hold, offer, "upstream_unavailable")
             return json_error(502, "upstream_unavailable", f"the upstream could not be reached ({exc}); you were not charged")
         if upstream.status >= 400:
             try:
@@ -312,10 +350,11 @@ class Paywall:
                 err_body = b""
             finally:
                 upstream.release()
-            await self._not_charged(key, hold, offer, "upstream_error")
+            await self._not_charged(claim, hold, offer, "upstream_error")
             return Response(err_body, status_code=upstream.status, headers=dict(response_headers(upstream)))
         streaming = upstream.headers.get("content-type", "").startswith("text/event-stream")
         metered = offer.token_price is not None and requirement.scheme == "upto"
+        first = content = b""
         try:
             if streaming:
                 first = await upstream.content.readany()
@@ -324,15 +363,17 @@ class Paywall:
                 upstream.release()
         except (UpstreamFailedError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
             upstream.release()
-            await self._not_charged(key, hold, offer, "upstream_error")
+            await self._not_charged(claim, hold, offer, "upstream_error")
             return json_error(502, "upstream_error", f"the upstream failed ({type(exc).__name__}); you were not charged")
         upstream_s = time.perf_counter() - started
         self.metrics.upstream_seconds.labels(route_id, pool.name).observe(upstream_s)
         status, out_headers = upstream.status, response_headers(upstream)
+        record = PaymentRecord(key=call.key, state=RecordState.PROCESSING, request_fp=call.fp, status=status,
+                               headers=out_headers, digest=call.digest, owner=claim.owner)
         if metered and streaming:
             assert isinstance(requirement, PaymentRequirements)
-            record = PaymentRecord(key=key, state=RecordState.PROCESSING, request_fp=fp, status=status, headers=out_headers)
-            stream = self._metered_stream(first, upstream, record, payload, requirement, hold, network, offer, request_id)
+            claim.kept = claim.settling = True  # tokens flow before settlement: the permit guarantees it
+            stream = self._metered_stream(call, claim, first, upstream, record, requirement, hold)
             return StreamingResponse(stream, status_code=status, headers=dict(out_headers) | {"Cache-Control": "no-store"})
         details = None
         settle_requirement = requirement
@@ -340,12 +381,11 @@ class Paywall:
             assert isinstance(requirement, PaymentRequirements)
             amount, details = self._metered_charge(offer, requirement, usage_from_body(content))
             settle_requirement = requirement.model_copy(update={"amount": str(amount)})
-        cacheable = None if streaming else content
-        record = PaymentRecord(key=key, state=RecordState.PROCESSING, request_fp=fp, status=status,
-                               headers=out_headers, payment=_payment_json(payload, settle_requirement))
+        record.payment = _payment_json(call.payload, settle_requirement)
         started = time.perf_counter()
-        settle_task = asyncio.ensure_future(self._settle(record, payload, settle_requirement, hold, amount, network, offer,
-                                                         cacheable, request_id, details))
+        claim.settling = True
+        settle_task = asyncio.ensure_future(self._settle(call, claim, record, settle_requirement, hold, amount,
+                                                         None if streaming else content, details))
         try:
             settled = await asyncio.shield(settle_task)
         except asyncio.CancelledError:
@@ -353,51 +393,74 @@ class Paywall:
             raise
         if not settled.success:
             upstream.release()
-            return self._settle_failure(request, offer, settled, payload)
+            return self._settle_failure(call.request, offer, settled, call.payload)
         settle_s = time.perf_counter() - started
-        response_header = self._payment_response_header(payload, settled)
+        response_header = self._payment_response_header(call.payload, settled)
         # Where the time went (RFC Server-Timing, milliseconds): lets agents and load tests see
         # the gateway's own cost apart from the upstream and the chain.
         response_header["Server-Timing"] = (
             f"verify;dur={verify_s * 1000:.2f}, upstream;dur={upstream_s * 1000:.2f}, settle;dur={settle_s * 1000:.2f}"
         )
-        if not streaming:
+        if record.cached:
             return Response(content, status_code=status, headers=dict(out_headers) | response_header)
-        return StreamingResponse(_relay(first, upstream), status_code=status, headers=dict(out_headers) | response_header)
+        # Paid, and the response is not kept: it is owed until its last byte went out.
+        claim.kept = True
+        body = _relay(first, upstream) if streaming else _once(content)
+        return StreamingResponse(self._delivering(body, record, claim), status_code=status,
+                                 headers=dict(out_headers) | response_header)
 
-    async def _open_session(self, request: Request, offer: Offer, body: bytes, payload: PaymentPayload,
-                            requirement: PaymentRequirements, key: str, fp: str, payer: str, request_id: str) -> Response:
+    async def _open_session(self, call: PaidCall, claim: Claim, payer: str) -> Response:
         """A verified upto permit on a session route opens a session; the payment's record says so,
         so the same permit can never open a second one."""
         assert self.sessions is not None
-        session_id = await self.sessions.open(offer, payload, requirement, payer)
-        marker = SettleResponse(success=True, payer=payer, transaction="", network=requirement.network,
+        assert isinstance(call.payload, PaymentPayload) and isinstance(call.requirement, PaymentRequirements)
+        session_id = await self.sessions.open(call.offer, call.payload, call.requirement, payer)
+        marker = SettleResponse(success=True, payer=payer, transaction="", network=call.requirement.network,
                                 extra={"session": session_id})
-        await self.records.save(PaymentRecord(key=key, state=RecordState.SETTLED, request_fp=fp,
-                                              settle=marker.model_dump_json(by_alias=True, exclude_none=True)),
+        await self.records.save(PaymentRecord(key=call.key, state=RecordState.SETTLED, request_fp=call.fp,
+                                              settle=marker.model_dump_json(by_alias=True, exclude_none=True),
+                                              digest=call.digest, delivered=True),
                                 ttl_s=RECORD_TTL_S)
-        return await self.sessions.call(request, offer, body, session_id, request_id, opened=True)
+        return await self.sessions.call(call.request, call.offer, call.body, session_id, call.request_id, opened=True)
 
-    async def _already_settled(self, key: str, fp: str, payload: PaymentPayload | PaymentPayloadV1,
-                                requirement: PaymentRequirements | PaymentRequirementsV1) -> SettleResponse | None:
-        """A payment whose nonce is spent may have been settled by us before a crash lost its
-        record: settle is idempotent at our facilitator (it returns the first result and never
-        sends a second transaction), so ask it, and record what it says."""
+    async def _already_settled(self, call: PaidCall, claim: Claim, verify: VerifyResponse) -> Response:
+        """The payment's nonce is spent. If it was spent by settling this very payment (our
+        facilitator answers a repeated settle with the first result, and only for the same signed
+        payment), the replica that settled it died or lost its record before answering: the call
+        is owed and is served once, without a new charge. Otherwise the payment is refused."""
         try:
-            earlier = await asyncio.wait_for(self.facilitator.settle(payload, requirement), self.settings.settle_timeout_s)
+            earlier = await asyncio.wait_for(self.facilitator.settle(call.payload, call.requirement),
+                                             self.settings.settle_timeout_s)
         except asyncio.TimeoutError:
-            return None
-        if not earlier.success:
-            return None
-        await self.records.save(
-            PaymentRecord(key=key, state=RecordState.SETTLED, request_fp=fp, tx=earlier.transaction,
-                          settle=earlier.model_dump_json(by_alias=True, exclude_none=True)),
-            ttl_s=RECORD_TTL_S,
-        )
-        return earlier
+            earlier = None
+        if earlier is not None and earlier.success:
+            record = PaymentRecord(key=call.key, state=RecordState.SETTLED, request_fp=call.fp, tx=earlier.transaction,
+                                   settle=earlier.model_dump_json(by_alias=True, exclude_none=True), digest=call.digest,
+                                   owner=claim.owner, lease_until_ms=claim.now_ms() + claim.lease_ms)
+            await self._save_after_settlement(record, call.request_id)
+            self.metrics.payments.labels(call.offer.route_id, "settled", "recovered").inc()
+            return await self._deliver(call, claim, record, earlier)
+        if earlier is None or self._unresolved(earlier):
+            # The money may be moving right now (another replica mid-settlement): never free.
+            record = PaymentRecord(key=call.key, state=RecordState.PENDING, request_fp=call.fp, digest=call.digest,
+                                   tx=earlier.transaction if earlier else "",
+                                   payment=_payment_json(call.payload, call.requirement))
+            await self._save_after_settlement(record, call.request_id)
+            return json_error(402, R.SETTLEMENT_PENDING.value, "this payment's settlement is not confirmed yet; resend the "
+                              "same payment to get the response once it is. Do not pay again.", transaction=record.tx)
+        await claim.abandon()
+        reason = verify.invalid_reason or R.INVALID_PAYLOAD.value
+        self.metrics.payments.labels(call.offer.route_id, "refused", reason).inc()
+        return self.challenge(call.request, call.offer, reason, verify.invalid_message or "the payment's nonce is already used")
 
-    async def _not_charged(self, key: str, hold: Hold, offer: Offer, reason: str) -> None:
-        await self.records.abandon(key)
+    def _unresolved(self, settled: SettleResponse) -> bool:
+        """The facilitator may have moved the money: the payment is PENDING, never free."""
+        final = self.facilitator.trusted and bool((settled.extra or {}).get("final"))
+        reason = settled.error_reason or R.UNEXPECTED_SETTLE_ERROR.value  # no reason given: it may have moved
+        return (reason in AMBIGUOUS or bool(settled.transaction)) and not final
+
+    async def _not_charged(self, claim: Claim, hold: Hold, offer: Offer, reason: str) -> None:
+        await claim.abandon()
         await self.budgets.release(hold)
         self.metrics.payments.labels(offer.route_id, "not_charged", reason).inc()
 
@@ -445,9 +508,8 @@ class Paywall:
             details |= {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
         return amount, details
 
-    async def _metered_stream(self, first: bytes, upstream: aiohttp.ClientResponse, record: PaymentRecord,
-                              payload: PaymentPayload, requirement: PaymentRequirements, hold: Hold, network: str,
-                              offer: Offer, request_id: str):
+    async def _metered_stream(self, call: PaidCall, claim: Claim, first: bytes, upstream: aiohttp.ClientResponse,
+                              record: PaymentRecord, requirement: PaymentRequirements, hold: Hold):
         """upto + SSE: the tokens flow as they come (the signed permit guarantees payment up to its
         maximum); the metered amount is settled when the stream ends and reported in a final
         `x402.payment` event. A client that leaves mid-stream is charged by the route's policy."""
@@ -464,60 +526,66 @@ class Paywall:
                     yield chunk
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 upstream_cut = True
-                log.warning("upstream_stream_cut", extra={"request_id": request_id})
+                log.warning("upstream_stream_cut", extra={"request_id": call.request_id})
             finished = True
         finally:
             upstream.release()
             if not finished:  # the client went away: settle what it used, in the background
-                task = asyncio.ensure_future(self._settle_stream(record, payload, requirement, hold, network, offer,
-                                                                 request_id, meter, cut=True))
+                task = asyncio.ensure_future(self._settle_stream(call, claim, record, requirement, hold, meter, cut=True))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
         settled, details = await asyncio.shield(self._settle_stream(
-            record, payload, requirement, hold, network, offer, request_id, meter,
-            cut=upstream_cut or not meter.complete))
+            call, claim, record, requirement, hold, meter, cut=upstream_cut or not meter.complete))
         event = {"success": settled.success, "transaction": settled.transaction, "network": settled.network,
                  "amount": settled.amount, "errorReason": settled.error_reason, **details,
                  "paymentResponse": encode_settle_response(settled)}
         yield b"event: x402.payment\ndata: " + orjson.dumps({k: v for k, v in event.items() if v is not None}) + b"\n\n"
 
-    async def _settle_stream(self, record: PaymentRecord, payload: PaymentPayload, requirement: PaymentRequirements,
-                             hold: Hold, network: str, offer: Offer, request_id: str, meter: StreamMeter,
-                             *, cut: bool) -> tuple[SettleResponse, dict]:
-        amount, details = self._metered_charge(offer, requirement, meter.usage, cut=cut)
-        settle_requirement = requirement.model_copy(update={"amount": str(amount)})
-        record.payment = _payment_json(payload, settle_requirement)
-        settled = await self._settle(record, payload, settle_requirement, hold, amount, network, offer, None,
-                                     request_id, details)
+    async def _settle_stream(self, call: PaidCall, claim: Claim, record: PaymentRecord, requirement: PaymentRequirements,
+                             hold: Hold, meter: StreamMeter, *, cut: bool) -> tuple[SettleResponse, dict]:
+        try:
+            amount, details = self._metered_charge(call.offer, requirement, meter.usage, cut=cut)
+            settle_requirement = requirement.model_copy(update={"amount": str(amount)})
+            record.payment = _payment_json(call.payload, settle_requirement)
+            record.delivered = True  # the tokens went out as they came; what they cost is settled now
+            settled = await self._settle(call, claim, record, settle_requirement, hold, amount, None, details)
+        finally:
+            await claim.close()
         if not settled.success:
-            log.error("upto_stream_settlement_failed", extra={"request_id": request_id, "reason": settled.error_reason,
-                                                              "tx": settled.transaction})
+            log.error("upto_stream_settlement_failed", extra={"request_id": call.request_id,
+                                                              "reason": settled.error_reason, "tx": settled.transaction})
         return settled, details
 
-    async def _settle(self, record: PaymentRecord, payload: PaymentPayload | PaymentPayloadV1,
+    async def _settle(self, call: PaidCall, claim: Claim, record: PaymentRecord,
                       requirement: PaymentRequirements | PaymentRequirementsV1, hold: Hold, amount: int,
-                      network: str, offer: Offer, content: bytes | None, request_id: str,
-                      details: dict | None = None) -> SettleResponse:
+                      content: bytes | None, details: dict | None = None) -> SettleResponse:
+        """Settle, then record what happened and count it against the budget, whatever the client
+        does meanwhile (runs shielded). `content`: a complete response that may be kept for replays."""
+        offer, network, request_id = call.offer, call.network, call.request_id
         started = time.perf_counter()
         try:
-            settled = await asyncio.wait_for(self.facilitator.settle(payload, requirement), self.settings.settle_timeout_s)
+            settled = await asyncio.wait_for(self.facilitator.settle(call.payload, requirement), self.settings.settle_timeout_s)
         except asyncio.TimeoutError:
             settled = SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,
                                      error_message="the facilitator did not answer in time", transaction="", network=network)
         self.metrics.settle_seconds.labels(offer.route_id).observe(time.perf_counter() - started)
         record.tx = settled.transaction or ""
         record.settle = settled.model_dump_json(by_alias=True, exclude_none=True)
+        record.owner, record.lease_until_ms = "", 0
         if content is not None and len(content) <= self.settings.replay_cache_bytes:
-            record.body, record.cached = content, True
-        final = getattr(self.facilitator, "trusted", False) and bool((settled.extra or {}).get("final"))
+            record.body, record.cached = content, True  # kept: any resend of this payment gets it
         if settled.success:
             record.state = RecordState.SETTLED
+            if record.cached:
+                record.delivered = True
+            elif not record.delivered:  # about to be delivered by this request, which keeps the lease
+                record.owner, record.lease_until_ms = claim.owner, claim.now_ms() + claim.lease_ms
             await self._save_after_settlement(record, request_id)
             await self.budgets.commit(hold, amount, settled.transaction, request_id, details)
             self.metrics.payments.labels(offer.route_id, "settled", "").inc()
             self.metrics.revenue.labels(network, requirement.asset.lower()).inc(amount)
             log.info("payment_settled", extra={"request_id": request_id, "route": offer.route_id, "tx": settled.transaction})
-        elif (settled.error_reason in AMBIGUOUS or settled.transaction) and not final:
+        elif self._unresolved(settled):
             # The money may have moved: never free to retry, never served until confirmed settled.
             record.state = RecordState.PENDING
             await self._save_after_settlement(record, request_id)
@@ -526,7 +594,7 @@ class Paywall:
             log.warning("settlement_unresolved", extra={"request_id": request_id, "route": offer.route_id,
                                                        "tx": settled.transaction, "reason": settled.error_reason})
         else:
-            await self.records.abandon(record.key)
+            await claim.abandon()
             await self.budgets.release(hold)
             self.metrics.payments.labels(offer.route_id, "settle_failed", settled.error_reason or "").inc()
         return settled
@@ -541,12 +609,30 @@ class Paywall:
             log.error("payment_record_not_saved", extra={"request_id": request_id, "tx": record.tx,
                                                          "state": record.state.value})
 
+    async def _delivering(self, body: AsyncIterator[bytes], record: PaymentRecord, claim: Claim) -> AsyncIterator[bytes]:
+        """The body of a paid response that is not kept for replays: once its last byte went out,
+        the record says it was delivered; cut before that, it stays owed to a resend."""
+        try:
+            async for chunk in body:
+                yield chunk
+            record.delivered = True
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            log.warning("upstream_stream_cut", extra={"tx": record.tx})
+        finally:
+            # Cut (the client left, the upstream broke) or complete: either way the next resend
+            # need not wait for this lease; a cut one finds the call still owed.
+            await claim.close()
+            record.owner, record.lease_until_ms = "", 0
+            try:
+                await asyncio.shield(self.records.save(record, ttl_s=RECORD_TTL_S, owner=claim.owner))
+            except (RecordStoreUnavailableError, asyncio.CancelledError):
+                log.warning("payment_delivery_not_recorded", extra={"tx": record.tx, "delivered": record.delivered})
+
     def _settle_failure(self, request: Request, offer: Offer, settled: SettleResponse,
                         payload: PaymentPayload | PaymentPayloadV1) -> Response:
         reason = settled.error_reason or R.UNEXPECTED_SETTLE_ERROR.value
         headers = self._payment_response_header(payload, settled)
-        final = getattr(self.facilitator, "trusted", False) and bool((settled.extra or {}).get("final"))
-        if (reason in AMBIGUOUS or settled.transaction) and not final:
+        if self._unresolved(settled):
             return json_error(402, reason, (settled.error_message or "settlement is not confirmed")
                               + "; the content was not served. Resend the same payment to get it once settled; do not pay again.",
                               headers=headers, transaction=settled.transaction, network=settled.network)
@@ -558,92 +644,131 @@ class Paywall:
         return {name: encode_settle_response(settled), "Cache-Control": "no-store",
                 "Access-Control-Expose-Headers": f"{PAYMENT_RESPONSE_HEADER}, {X_PAYMENT_RESPONSE_HEADER}"}
 
-    async def _deliver(self, request: Request, offer: Offer, record: PaymentRecord, settled: SettleResponse,
-                       payload: PaymentPayload | PaymentPayloadV1 | None, body: bytes, request_id: str) -> Response:
-        """Serve a call that was paid for but never delivered (its settlement was confirmed only
-        on a resend): forward it again, without charging again."""
+    async def _deliver(self, call: PaidCall, claim: Claim, record: PaymentRecord, settled: SettleResponse) -> Response:
+        """Serve a call that was paid for but never delivered (its replica died after settling, its
+        stream was cut, or its settlement was confirmed only on a resend): forward it again,
+        without charging again. The caller holds the record's lease."""
+        offer = call.offer
         try:
-            upstream = await self.open_upstream(request, offer, body, request_id)
+            upstream = await self.open_upstream(call.request, offer, call.body, call.request_id)
         except (UpstreamUnavailableError, UpstreamFailedError) as exc:
+            await self._release_lease(record, claim)
             return json_error(502, "upstream_unavailable", f"paid, but the upstream failed ({exc}); resend the same "
                               "payment to get the response", transaction=record.tx)
         if upstream.status >= 400:
             upstream.release()
+            await self._release_lease(record, claim)
             return json_error(502, "upstream_error", f"paid, but the upstream answered {upstream.status}; resend the "
                               "same payment to get the response", transaction=record.tx)
-        record.delivered = True
-        await self.records.save(record, ttl_s=RECORD_TTL_S)
-        self.metrics.payments.labels(offer.route_id, "delivered", "after_pending").inc()
-        header = self._payment_response_header(payload or PaymentPayload.model_construct(), settled)
-        return StreamingResponse(_relay(b"", upstream), status_code=upstream.status,
+        self.metrics.payments.labels(offer.route_id, "delivered", "owed").inc()
+        claim.kept = True
+        header = self._payment_response_header(call.payload, settled)
+        return StreamingResponse(self._delivering(_relay(b"", upstream), record, claim), status_code=upstream.status,
                                  headers=dict(response_headers(upstream)) | header)
 
-    async def _retry_under_id(self, request: Request, offer: Offer, earlier: PaymentRecord, fp: str,
-                              payload: PaymentPayload | PaymentPayloadV1,
-                              requirement: PaymentRequirements | PaymentRequirementsV1, payer: str, body: bytes,
-                              request_id: str) -> Response:
+    async def _release_lease(self, record: PaymentRecord, claim: Claim) -> None:
+        record.owner, record.lease_until_ms = "", 0
+        try:
+            await self.records.save(record, ttl_s=RECORD_TTL_S, owner=claim.owner)
+        except RecordStoreUnavailableError:
+            pass  # the lease lapses by itself
+
+    async def _retry_under_id(self, call: PaidCall, earlier: PaymentRecord) -> Response:
         """A fresh payment under a payment-identifier used before: the earlier result, without a
         new charge, but only for the same payer proving it with a valid signature (an id is not
         a voucher anyone may present)."""
+        offer = call.offer
         stored = orjson.loads(earlier.payment) if earlier.payment else None
         earlier_payer = ""
         if stored is not None:
             p, req = _payment_from_json(stored)
-            earlier_payer, _ = payment_identity(p, req.network if isinstance(req, PaymentRequirements) else "", req.asset)
-        if not earlier_payer or earlier_payer.lower() != payer.lower():
+            network = req.network if isinstance(req, PaymentRequirements) else to_caip2(req.network)
+            earlier_payer, _ = payment_identity(p.payload, network, req.asset)
+        if not earlier_payer or earlier_payer.lower() != call.payer.lower():
             self.metrics.payments.labels(offer.route_id, "refused", "payment_identifier_conflict").inc()
             return json_error(409, "payment_identifier_conflict", "this payment-identifier belongs to another payment")
         try:
-            verify = await asyncio.wait_for(self.facilitator.verify(payload, requirement), self.settings.verify_timeout_s)
+            verify = await asyncio.wait_for(self.facilitator.verify(call.payload, call.requirement),
+                                            self.settings.verify_timeout_s)
         except asyncio.TimeoutError:
-            return self.challenge(request, offer, R.UNEXPECTED_VERIFY_ERROR.value, "the facilitator did not answer in time")
-        if not verify.is_valid or (verify.payer or payer).lower() != earlier_payer.lower():
+            return self.challenge(call.request, offer, R.UNEXPECTED_VERIFY_ERROR.value, "the facilitator did not answer in time")
+        if not verify.is_valid or (verify.payer or call.payer).lower() != earlier_payer.lower():
             reason = verify.invalid_reason or "payment_identifier_conflict"
             self.metrics.payments.labels(offer.route_id, "refused", reason).inc()
-            return self.challenge(request, offer, reason, verify.invalid_message or "the payment is not valid")
-        return await self._existing(request, offer, earlier, fp, payload, body, request_id)
+            return self.challenge(call.request, offer, reason, verify.invalid_message or "the payment is not valid")
+        return await self._existing(call, earlier, proven=True)
 
-    async def _existing(self, request: Request, offer: Offer, record: PaymentRecord, fp: str,
-                        payload: PaymentPayload | PaymentPayloadV1 | None, body: bytes, request_id: str) -> Response:
-        """The payment (or payment-identifier) was seen before."""
-        route_id = offer.route_id
+    async def _existing(self, call: PaidCall, record: PaymentRecord, *, proven: bool = False) -> Response:
+        """The payment was seen before. Its result goes only to the very payment that was recorded
+        (`proven`: a payment-identifier retry whose payer proved it is the same payer)."""
+        offer, route_id = call.offer, call.offer.route_id
+        if not proven and record.digest != call.digest:
+            # Payer and nonce are public once settled: a copy with another signature buys nothing.
+            self.metrics.payments.labels(route_id, "refused", "payment_already_used").inc()
+            return json_error(402, "payment_already_used", "this payment's nonce belongs to another signed payment that "
+                              "was already used", transaction=record.tx)
+        now = _now_ms()
+        if record.lease_until_ms > now:
+            self.metrics.payments.labels(route_id, "refused", "payment_in_progress").inc()
+            return json_error(409, "payment_in_progress", "this payment is being processed by another request",
+                              headers={"Retry-After": str(retry_after_s(record.lease_until_ms, now))})
         if record.state == RecordState.SETTLED and self.sessions is not None and offer.route.sessions is not None:
             session_id = ((orjson.loads(record.settle) if record.settle else {}).get("extra") or {}).get("session")
             if session_id:  # the permit opened a session: a resend continues it
-                return await self.sessions.call(request, offer, self._capped(offer, body), session_id, request_id)
-        if record.state == RecordState.PROCESSING:
-            self.metrics.payments.labels(route_id, "refused", "payment_in_progress").inc()
-            return json_error(409, "payment_in_progress", "this payment is being processed by another request",
-                              headers={"Retry-After": "2"})
-        if record.request_fp != fp:
+                return await self.sessions.call(call.request, offer, call.body, session_id, call.request_id)
+        if record.request_fp != call.fp:
             self.metrics.payments.labels(route_id, "refused", "payment_already_used").inc()
-            return json_error(409 if payload is None else 402, "payment_already_used",
-                              "this payment was already used for another request", transaction=record.tx)
+            return json_error(402, "payment_already_used", "this payment was already used for another request (resend "
+                              "that request to get its response)", transaction=record.tx)
+        if record.state == RecordState.SETTLED and record.cached:
+            self.metrics.payments.labels(route_id, "replayed", "").inc()
+            header = self._payment_response_header(call.payload, SettleResponse.model_validate_json(record.settle))
+            return Response(record.body, status_code=record.status, headers=dict(record.headers) | header)
+        if record.state == RecordState.SETTLED and record.delivered:
+            self.metrics.payments.labels(route_id, "refused", "payment_already_used").inc()
+            return json_error(402, "payment_already_used", "this payment was settled and its response was already "
+                              "delivered", transaction=record.tx)
+        # Pending, or settled and owed: one request at a time resolves it.
+        owner = new_owner()
+        held = await self.records.acquire(call.key, owner, now_ms=now, lease_ms=self._lease_ms)
+        if held is None:
+            return json_error(409, "payment_in_progress", "this payment is being processed by another request",
+                              headers={"Retry-After": str(retry_after_s(now + self._lease_ms, now))})
+        claim = Claim(self.records, call.key, owner, self.settings.record_lease_s).start()
+        try:
+            response = await self._resume(call, claim, held)
+        finally:
+            if not claim.kept:
+                await claim.close()
+        return response
+
+    async def _resume(self, call: PaidCall, claim: Claim, record: PaymentRecord) -> Response:
         if record.state == RecordState.PENDING:
             stored = orjson.loads(record.payment) if record.payment else None
-            if stored is None:
-                return json_error(402, R.SETTLEMENT_PENDING.value, "settlement not confirmed", transaction=record.tx)
-            p, req = _payment_from_json(stored)
-            settled = await self.facilitator.settle(p, req)
+            payload, requirement = _payment_from_json(stored) if stored else (call.payload, call.requirement)
+            try:
+                settled = await asyncio.wait_for(self.facilitator.settle(payload, requirement), self.settings.settle_timeout_s)
+            except asyncio.TimeoutError:
+                settled = SettleResponse(success=False, error_reason=R.SETTLEMENT_PENDING.value, transaction=record.tx,
+                                         error_message="the facilitator did not answer in time", network=call.network)
             if not settled.success:
+                await self._release_lease(record, claim)
                 return json_error(402, settled.error_reason or R.SETTLEMENT_PENDING.value,
                                   (settled.error_message or "settlement not confirmed") + "; do not pay again",
                                   transaction=settled.transaction or record.tx)
             record.state, record.tx = RecordState.SETTLED, settled.transaction
             record.settle = settled.model_dump_json(by_alias=True, exclude_none=True)
-            record.delivered = record.cached  # a stream was never delivered: it is owed once
-            await self.records.save(record, ttl_s=RECORD_TTL_S)
-            self.metrics.payments.labels(route_id, "settled", "resolved_pending").inc()
+            await self._save_after_settlement(record, call.request_id)
+            self.metrics.payments.labels(call.offer.route_id, "settled", "resolved_pending").inc()
         settled = SettleResponse.model_validate_json(record.settle)
-        if not record.cached and not record.delivered:
-            return await self._deliver(request, offer, record, settled, payload, body, request_id)
-        if not record.cached:
-            self.metrics.payments.labels(route_id, "refused", "payment_already_used").inc()
-            return json_error(402, "payment_already_used", "this payment was settled and its response was already delivered",
-                              transaction=record.tx)
-        self.metrics.payments.labels(route_id, "replayed", "").inc()
-        header = self._payment_response_header(payload or PaymentPayload.model_construct(), settled)
-        return Response(record.body, status_code=record.status, headers=dict(record.headers) | header)
+        if record.cached or record.delivered:
+            await self._release_lease(record, claim)
+            if record.delivered and not record.cached:  # a metered stream: its tokens went out as they came
+                return json_error(402, "payment_already_used", "this payment was settled and its response was already "
+                                  "delivered", transaction=record.tx)
+            header = self._payment_response_header(call.payload, settled)
+            return Response(record.body, status_code=record.status, headers=dict(record.headers) | header)
+        return await self._deliver(call, claim, record, settled)
 
 
 def _payment_json(payload: PaymentPayload | PaymentPayloadV1, requirement: PaymentRequirements | PaymentRequirementsV1) -> str:
@@ -659,17 +784,24 @@ def _payment_from_json(stored: dict) -> tuple[PaymentPayload | PaymentPayloadV1,
     return PaymentPayload.model_validate(stored["payload"]), PaymentRequirements.model_validate(stored["requirements"])
 
 
-async def _relay(first: bytes, upstream: aiohttp.ClientResponse):
-    """Stream the upstream's bytes through as they come (no buffering)."""
+async def _relay(first: bytes, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """Stream the upstream's bytes through as they come (no buffering). An upstream that breaks
+    off raises aiohttp.ClientError or asyncio.TimeoutError."""
     try:
         if first:
             yield first
         async for chunk in upstream.content.iter_any():
             yield chunk
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        log.warning("upstream_stream_cut")
     finally:
         upstream.release()
+
+
+async def _once(content: bytes) -> AsyncIterator[bytes]:
+    yield content
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def new_request_id() -> str:

@@ -6,8 +6,14 @@ PROCESSING -> SETTLED | PENDING, or is deleted when nothing was charged (verify 
 upstream failed, the facilitator definitively refused settlement) so the same payment may be
 tried again. SETTLED keeps the settlement and, when small enough, the response, so a resend of
 the same request (or a `payment-identifier` retry) gets the earlier result without a new charge.
-PENDING means the facilitator may have moved the money (timeout, `settlement_pending`): a resend
-asks the facilitator again and never serves before it says settled.
+PENDING means the facilitator may have moved the money: it is written *before* settlement is
+asked for (write-ahead), so a replica that dies mid-settlement leaves a record a resend can
+resolve; a resend asks the facilitator again and never serves before it says settled.
+
+Whoever works on a record holds its lease (`owner`, `lease_until_ms`), renewed while it works
+(gateway/claim.py): a live owner's record answers `payment_in_progress`, a dead owner's lease
+lapses within seconds and another request takes over. Every record keeps the digest of the signed
+payment it belongs to, so only the very payment that was recorded ever gets its result.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
@@ -33,6 +39,11 @@ class RecordStoreUnavailableError(Exception):
     pass
 
 
+# A PROCESSING record outlives its lease this many times over (its owner renews both), so a
+# record whose owner vanished without a trace is eventually forgotten.
+PROCESSING_TTL_LEASES = 20
+
+
 @dataclass(slots=True)
 class PaymentRecord:
     key: str
@@ -46,18 +57,37 @@ class PaymentRecord:
     body: bytes = b""
     cached: bool = False  # status/headers/body hold the complete response
     payment: str = ""  # {"payload", "requirements"} JSON: what a PENDING settlement is retried with
-    delivered: bool = True  # False: settled, but the response never reached the agent (owed once)
+    delivered: bool = False  # True once the response reached the agent to its end; settled and not
+    # delivered (nor cached) means the call is owed: a resend of the same payment is served once
+    digest: str = ""  # of the signed payment (gateway.payment.payment_digest)
+    owner: str = ""  # who holds the lease
 
 
 class PaymentRecords(Protocol):
-    async def begin(self, key: str, request_fp: str, *, now_ms: int, lease_ms: int) -> PaymentRecord | None:
-        """Create a PROCESSING record and return None (the caller owns the payment), or return the
-        record that exists. A PROCESSING record whose lease expired is taken over (returns None)."""
+    async def begin(self, key: str, request_fp: str, digest: str, *, owner: str, now_ms: int,
+                    lease_ms: int) -> PaymentRecord | None:
+        """Create a PROCESSING record leased to `owner` and return None (the caller owns the
+        payment), or return the record that exists. A PROCESSING record whose lease expired is
+        taken over (returns None): nothing was asked of the facilitator under it."""
         ...
 
-    async def save(self, record: PaymentRecord, *, ttl_s: int) -> None: ...
+    async def acquire(self, key: str, owner: str, *, now_ms: int, lease_ms: int) -> PaymentRecord | None:
+        """Lease an existing record to `owner` if nobody else holds it; the record, or None when it
+        is missing or leased to another owner."""
+        ...
 
-    async def abandon(self, key: str) -> None: ...
+    async def renew(self, key: str, owner: str, *, now_ms: int, lease_ms: int) -> bool:
+        """Extend `owner`'s lease; False when the record is gone or leased to someone else."""
+        ...
+
+    async def save(self, record: PaymentRecord, *, ttl_s: int, owner: str | None = None) -> bool:
+        """Write the whole record. With `owner`: only while that owner holds the lease (returns
+        False otherwise, writing nothing); the record's own owner/lease fields are written as given."""
+        ...
+
+    async def abandon(self, key: str, owner: str) -> None:
+        """Delete the record if `owner` holds it and it is not SETTLED: nothing was charged."""
+        ...
 
     async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False) -> str:
         """Bind a payment-identifier to a payment key; returns the key it is bound to (an earlier
@@ -89,10 +119,14 @@ _RECORDS_SCHEMA = """
                 lease_until_ms INTEGER NOT NULL DEFAULT 0, tx TEXT NOT NULL DEFAULT '',
                 settle TEXT NOT NULL DEFAULT '', status INTEGER NOT NULL DEFAULT 0,
                 headers TEXT NOT NULL DEFAULT '', body BLOB, cached INTEGER NOT NULL DEFAULT 0,
-                payment TEXT NOT NULL DEFAULT '', delivered INTEGER NOT NULL DEFAULT 1,
+                payment TEXT NOT NULL DEFAULT '', delivered INTEGER NOT NULL DEFAULT 0,
+                digest TEXT NOT NULL DEFAULT '', owner TEXT NOT NULL DEFAULT '',
                 expires_ms INTEGER NOT NULL DEFAULT 0);
             CREATE TABLE IF NOT EXISTS payment_ids (id TEXT PRIMARY KEY, key TEXT NOT NULL, expires_ms INTEGER NOT NULL);
             """
+
+
+_COLUMNS = "key, state, request_fp, lease_until_ms, tx, settle, status, headers, body, cached, payment, delivered, digest, owner"
 
 
 class SQLitePaymentRecords:
@@ -100,49 +134,72 @@ class SQLitePaymentRecords:
         self._db = connect_sqlite(path, _RECORDS_SCHEMA)
 
     def _row(self, key: str) -> PaymentRecord | None:
-        row = self._db.execute(
-            "SELECT key, state, request_fp, lease_until_ms, tx, settle, status, headers, body, cached, payment, delivered"
-            " FROM records"
-            " WHERE key = ?",
-            (key,),
-        ).fetchone()
+        row = self._db.execute(f"SELECT {_COLUMNS} FROM records WHERE key = ?", (key,)).fetchone()
         if row is None:
             return None
         return PaymentRecord(
             key=row[0], state=RecordState(row[1]), request_fp=row[2], lease_until_ms=row[3], tx=row[4], settle=row[5],
             status=row[6], headers=_decode_headers(row[7]), body=row[8] or b"", cached=bool(row[9]), payment=row[10],
-            delivered=bool(row[11]),
+            delivered=bool(row[11]), digest=row[12], owner=row[13],
         )  # fmt: skip
 
-    async def begin(self, key: str, request_fp: str, *, now_ms: int, lease_ms: int) -> PaymentRecord | None:
+    def _live_row(self, key: str, now_ms: int) -> PaymentRecord | None:
+        self._db.execute("DELETE FROM records WHERE key = ? AND expires_ms > 0 AND expires_ms < ?", (key, now_ms))
+        return self._row(key)
+
+    def _write(self, record: PaymentRecord, expires_ms: int) -> None:
+        self._db.execute(
+            f"INSERT OR REPLACE INTO records ({_COLUMNS}, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (record.key, record.state.value, record.request_fp, record.lease_until_ms, record.tx, record.settle,
+             record.status, _encode_headers(record.headers), record.body, int(record.cached), record.payment,
+             int(record.delivered), record.digest, record.owner, expires_ms),
+        )  # fmt: skip
+
+    async def begin(self, key: str, request_fp: str, digest: str, *, owner: str, now_ms: int,
+                    lease_ms: int) -> PaymentRecord | None:
         with immediate(self._db, RecordStoreUnavailableError):
-            self._db.execute("DELETE FROM records WHERE key = ? AND expires_ms > 0 AND expires_ms < ?", (key, now_ms))
-            existing = self._row(key)
+            existing = self._live_row(key, now_ms)
             if existing is None or (existing.state == RecordState.PROCESSING and existing.lease_until_ms < now_ms):
-                self._db.execute(
-                    "INSERT OR REPLACE INTO records (key, state, request_fp, lease_until_ms) VALUES (?, ?, ?, ?)",
-                    (key, RecordState.PROCESSING.value, request_fp, now_ms + lease_ms),
-                )
-                existing = None
+                record = PaymentRecord(key=key, state=RecordState.PROCESSING, request_fp=request_fp,
+                                       lease_until_ms=now_ms + lease_ms, digest=digest, owner=owner)
+                self._write(record, now_ms + lease_ms * PROCESSING_TTL_LEASES)
+                return None
             return existing
 
-    async def save(self, record: PaymentRecord, *, ttl_s: int) -> None:
+    async def acquire(self, key: str, owner: str, *, now_ms: int, lease_ms: int) -> PaymentRecord | None:
+        with immediate(self._db, RecordStoreUnavailableError):
+            existing = self._live_row(key, now_ms)
+            if existing is None or (existing.lease_until_ms >= now_ms and existing.owner != owner):
+                return None
+            existing.owner, existing.lease_until_ms = owner, now_ms + lease_ms
+            self._db.execute("UPDATE records SET owner = ?, lease_until_ms = ? WHERE key = ?",
+                             (owner, existing.lease_until_ms, key))
+            return existing
+
+    async def renew(self, key: str, owner: str, *, now_ms: int, lease_ms: int) -> bool:
+        with immediate(self._db, RecordStoreUnavailableError):
+            cur = self._db.execute(
+                "UPDATE records SET lease_until_ms = ?,"
+                " expires_ms = CASE WHEN state = 'processing' THEN ? ELSE expires_ms END"
+                " WHERE key = ? AND owner = ?",
+                (now_ms + lease_ms, now_ms + lease_ms * PROCESSING_TTL_LEASES, key, owner),
+            )
+            return cur.rowcount == 1
+
+    async def save(self, record: PaymentRecord, *, ttl_s: int, owner: str | None = None) -> bool:
         import time
 
-        try:
-            self._db.execute(
-                "INSERT OR REPLACE INTO records (key, state, request_fp, lease_until_ms, tx, settle, status, headers,"
-                " body, cached, payment, delivered, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (record.key, record.state.value, record.request_fp, record.lease_until_ms, record.tx, record.settle,
-                 record.status, _encode_headers(record.headers), record.body, int(record.cached), record.payment,
-                 int(record.delivered), int(time.time() * 1000) + ttl_s * 1000),
-            )  # fmt: skip
-        except sqlite3.Error as exc:
-            raise RecordStoreUnavailableError(str(exc)) from exc
+        with immediate(self._db, RecordStoreUnavailableError):
+            if owner is not None:
+                row = self._db.execute("SELECT owner FROM records WHERE key = ?", (record.key,)).fetchone()
+                if row is None or row[0] != owner:
+                    return False
+            self._write(record, int(time.time() * 1000) + ttl_s * 1000)
+            return True
 
-    async def abandon(self, key: str) -> None:
+    async def abandon(self, key: str, owner: str) -> None:
         try:
-            self._db.execute("DELETE FROM records WHERE key = ? AND state = 'processing'", (key,))
+            self._db.execute("DELETE FROM records WHERE key = ? AND owner = ? AND state != 'settled'", (key, owner))
         except sqlite3.Error as exc:
             raise RecordStoreUnavailableError(str(exc)) from exc
 
@@ -166,33 +223,59 @@ class SQLitePaymentRecords:
             raise RecordStoreUnavailableError(str(exc)) from exc
 
     async def ping(self) -> None:
-        self._db.execute("SELECT 1")
+        try:
+            self._db.execute("SELECT 1")
+        except sqlite3.Error as exc:
+            raise RecordStoreUnavailableError(str(exc)) from exc
 
     async def close(self) -> None:
         self._db.close()
 
 
+# KEYS[1] record; ARGV: request_fp, digest, owner, now_ms, lease_ms, ttl_ms
 _BEGIN = """
 local st = redis.call('HGET', KEYS[1], 'state')
-if (not st) or (st == 'processing' and tonumber(redis.call('HGET', KEYS[1], 'lease_until_ms')) < tonumber(ARGV[2])) then
+local now = tonumber(ARGV[4])
+if (not st) or (st == 'processing' and tonumber(redis.call('HGET', KEYS[1], 'lease_until_ms') or '0') < now) then
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'state', 'processing', 'request_fp', ARGV[1],
-             'lease_until_ms', tonumber(ARGV[2]) + tonumber(ARGV[3]))
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 20)
+  redis.call('HSET', KEYS[1], 'state', 'processing', 'request_fp', ARGV[1], 'digest', ARGV[2], 'owner', ARGV[3],
+             'lease_until_ms', now + tonumber(ARGV[5]), 'delivered', '0')
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[6]))
   return 1
 end
 return redis.call('HGETALL', KEYS[1])
 """
 
+# KEYS[1] record; ARGV: owner, now_ms, lease_ms
+_ACQUIRE = """
+local lease = redis.call('HGET', KEYS[1], 'lease_until_ms')
+if not lease then return 0 end
+if tonumber(lease) >= tonumber(ARGV[2]) and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease_until_ms', tonumber(ARGV[2]) + tonumber(ARGV[3]))
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# KEYS[1] record; ARGV: owner, now_ms, lease_ms, ttl_ms (of a PROCESSING record)
+_RENEW = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'lease_until_ms', tonumber(ARGV[2]) + tonumber(ARGV[3]))
+if redis.call('HGET', KEYS[1], 'state') == 'processing' then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4])) end
+return 1
+"""
+
+# KEYS[1] record; ARGV: ttl_s, owner ('' = unconditional), field, value, ...
 _SAVE = """
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
 return 1
 """
 
 _ABANDON = """
-if redis.call('HGET', KEYS[1], 'state') == 'processing' then return redis.call('DEL', KEYS[1]) end
+if redis.call('HGET', KEYS[1], 'owner') == ARGV[1] and redis.call('HGET', KEYS[1], 'state') ~= 'settled' then
+  return redis.call('DEL', KEYS[1])
+end
 return 0
 """
 
@@ -202,6 +285,8 @@ class RedisPaymentRecords:
         self._redis = client
         self._prefix = prefix
         self._begin = client.register_script(_BEGIN)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
         self._abandon = client.register_script(_ABANDON)
         self._save = client.register_script(_SAVE)
 
@@ -229,39 +314,46 @@ class RedisPaymentRecords:
             body=f.get("body", b""),
             cached=f.get("cached", b"0") == b"1",
             payment=f.get("payment", b"").decode(),
-            delivered=f.get("delivered", b"1") == b"1",
+            delivered=f.get("delivered", b"0") == b"1",
+            digest=f.get("digest", b"").decode(),
+            owner=f.get("owner", b"").decode(),
         )
 
-    async def begin(self, key: str, request_fp: str, *, now_ms: int, lease_ms: int) -> PaymentRecord | None:
+    async def _script(self, script, keys: list[str], args: list) -> Any:
         try:
-            res = await self._begin(keys=[self._key(key)], args=[request_fp, now_ms, lease_ms])
+            return await script(keys=keys, args=args)
         except RedisError as exc:
             raise RecordStoreUnavailableError(f"redis: {exc}") from exc
-        if res == 1:
-            return None
-        return self._record(key, dict(zip(res[::2], res[1::2])))
 
-    async def save(self, record: PaymentRecord, *, ttl_s: int) -> None:
-        k = self._key(record.key)
+    async def begin(self, key: str, request_fp: str, digest: str, *, owner: str, now_ms: int,
+                    lease_ms: int) -> PaymentRecord | None:
+        ttl_ms = lease_ms * PROCESSING_TTL_LEASES
+        res = await self._script(self._begin, [self._key(key)], [request_fp, digest, owner, now_ms, lease_ms, ttl_ms])
+        return None if res == 1 else self._record(key, dict(zip(res[::2], res[1::2])))
+
+    async def acquire(self, key: str, owner: str, *, now_ms: int, lease_ms: int) -> PaymentRecord | None:
+        res = await self._script(self._acquire, [self._key(key)], [owner, now_ms, lease_ms])
+        return None if res == 0 else self._record(key, dict(zip(res[::2], res[1::2])))
+
+    async def renew(self, key: str, owner: str, *, now_ms: int, lease_ms: int) -> bool:
+        ttl_ms = lease_ms * PROCESSING_TTL_LEASES
+        return await self._script(self._renew, [self._key(key)], [owner, now_ms, lease_ms, ttl_ms]) == 1
+
+    async def save(self, record: PaymentRecord, *, ttl_s: int, owner: str | None = None) -> bool:
         mapping = {
             "state": record.state.value, "request_fp": record.request_fp, "lease_until_ms": record.lease_until_ms,
             "tx": record.tx, "settle": record.settle, "status": record.status,
             "headers": _encode_headers(record.headers), "body": record.body, "cached": "1" if record.cached else "0",
-            "payment": record.payment, "delivered": "1" if record.delivered else "0",
+            "payment": record.payment, "delivered": "1" if record.delivered else "0", "digest": record.digest,
+            "owner": record.owner,
         }  # fmt: skip
-        args: list = [ttl_s]
+        args: list = [ttl_s, owner or ""]
         for name, value in mapping.items():
             args += [name, value]
-        try:
-            await self._save(keys=[k], args=args)
-        except RedisError as exc:
-            raise RecordStoreUnavailableError(f"redis: {exc}") from exc
+        return await self._script(self._save, [self._key(record.key)], args) == 1
 
-    async def abandon(self, key: str) -> None:
-        try:
-            await self._abandon(keys=[self._key(key)])
-        except RedisError as exc:
-            raise RecordStoreUnavailableError(f"redis: {exc}") from exc
+    async def abandon(self, key: str, owner: str) -> None:
+        await self._script(self._abandon, [self._key(key)], [owner])
 
     async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False) -> str:
         k = f"{self._prefix}pid:{{{payment_id}}}"

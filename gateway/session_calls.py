@@ -249,7 +249,7 @@ class SessionCalls:
             result = SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value, transaction="",
                                     network=requirement.network, error_message="timed out")
         dump = result.model_dump_json(by_alias=True, exclude_none=True)
-        final = (getattr(self.paywall.facilitator, "trusted", False) and bool((result.extra or {}).get("final"))
+        final = (self.paywall.facilitator.trusted and bool((result.extra or {}).get("final"))
                  and result.error_reason != R.UPTO_FACILITATOR_MISMATCH.value)  # another replica holds the key
         if result.success:
             await self.store.finish_settlement(session.id, state=SessionState.SETTLED, tx=result.transaction, result=dump,

@@ -229,7 +229,7 @@ class GatewaySettings(_Model):
     routes: list[Route] = Field(min_length=1)
     settle_timeout_s: float = Field(default=45.0, gt=0)
     verify_timeout_s: float = Field(default=10.0, gt=0)
-    record_lease_s: float = Field(default=120.0, gt=0)
+    record_lease_s: float = Field(default=6.0, ge=1, le=300)  # renewed every third while a request works on it
     replay_cache_bytes: int = Field(default=1 << 20, ge=0)  # responses kept for idempotent replays
     max_body_bytes: int = Field(default=4 << 20, gt=0)
     log_level: str = "info"

@@ -8,6 +8,8 @@ cannot drift apart.
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,7 +31,7 @@ class SettlementPlan:
 class PreparedPayment(Protocol):
     payer: str
     record_key: str  # network + nonce space + payer + nonce: unique per on-chain authorization
-    digest: str  # the signed message's EIP-712 digest (hex): same payment <=> same digest
+    digest: str  # payment_digest(): same signed payment <=> same digest
     nonce_used_reason: str
     settle_amount: int
 
@@ -47,3 +49,10 @@ class SchemeFacilitator(Protocol):
     ) -> PreparedPayment: ...
 
     def supported_extra(self) -> dict | None: ...
+
+
+def payment_digest(typed_digest: bytes, signature: bytes) -> str:
+    """Identifies one signed payment: its EIP-712 digest and its signature. A copy of a settled
+    payment with another signature (forged, or a malleated twin) is another payment and never
+    gets the first one's result."""
+    return hashlib.sha256(typed_digest + signature).hexdigest()

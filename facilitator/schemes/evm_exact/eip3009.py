@@ -23,8 +23,9 @@ from facilitator.evm.eip712 import (
 )
 from facilitator.evm.rpc import Call, RpcError, RpcUnavailableError
 from facilitator.evm.signatures import check_signature, try_recover
-from facilitator.schemes.base import SettlementPlan
+from facilitator.schemes.base import SettlementPlan, payment_digest
 from facilitator.schemes.evm_exact.permit2 import DEADLINE_BUFFER_S, _first_error
+from facilitator.x402.identity import eip3009_key
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import ExactEip3009Payload, PaymentRequirements
 
@@ -193,6 +194,6 @@ def prepare_eip3009(chain: EvmChain, raw_payload: dict, requirements: PaymentReq
         domain=(asset.lower(), name, version),
         domain_separator=separator,
         recovered=try_recover(digest_b, signature, require_low_s=True),
-        record_key=f"{chain.network}:{asset.lower()}:{payer.lower()}:{auth.nonce.lower()}",
-        digest=digest_b.hex(),
+        record_key=eip3009_key(chain.network, asset, payer, auth.nonce),
+        digest=payment_digest(digest_b, signature),
     )

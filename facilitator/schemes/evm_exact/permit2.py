@@ -18,7 +18,8 @@ from facilitator.evm.chain import EvmChain
 from facilitator.evm.eip712 import address_bytes, checksum_address as _checksum, permit2_witness_digest
 from facilitator.evm.rpc import Call, RpcError, RpcUnavailableError
 from facilitator.evm.signatures import check_signature, try_recover
-from facilitator.schemes.base import SettlementPlan
+from facilitator.schemes.base import SettlementPlan, payment_digest
+from facilitator.x402.identity import permit2_key
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import ExactPermit2Payload, PaymentRequirements
 
@@ -216,9 +217,8 @@ def prepare_permit2(
         digest_b=digest_b,
         recovered=recovered,
         settle_amount=settle_amount,
-        # Permit2 nonces are per owner across all tokens and both proxies.
-        record_key=f"{chain.network}:permit2:{payer.lower()}:{nonce}",
-        digest=digest_b.hex(),
+        record_key=permit2_key(chain.network, payer, nonce),
+        digest=payment_digest(digest_b, signature),
     )
 
 
