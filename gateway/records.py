@@ -55,7 +55,10 @@ class PaymentRecords(Protocol):
         record that exists. A PROCESSING record whose lease expired is taken over (returns None)."""
         ...
 
-    async def save(self, record: PaymentRecord, *, ttl_s: int) -> None: ...
+    async def save(self, record: PaymentRecord, *, ttl_s: int, now_ms: int | None = None) -> None:
+        """Store the record for `ttl_s` from the caller's now (`now_ms`, else the real clock), the
+        same clock `begin` is given."""
+        ...
 
     async def abandon(self, key: str) -> None: ...
 
@@ -126,16 +129,17 @@ class SQLitePaymentRecords:
                 existing = None
             return existing
 
-    async def save(self, record: PaymentRecord, *, ttl_s: int) -> None:
+    async def save(self, record: PaymentRecord, *, ttl_s: int, now_ms: int | None = None) -> None:
         import time
 
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         try:
             self._db.execute(
                 "INSERT OR REPLACE INTO records (key, state, request_fp, lease_until_ms, tx, settle, status, headers,"
                 " body, cached, payment, delivered, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.key, record.state.value, record.request_fp, record.lease_until_ms, record.tx, record.settle,
                  record.status, _encode_headers(record.headers), record.body, int(record.cached), record.payment,
-                 int(record.delivered), int(time.time() * 1000) + ttl_s * 1000),
+                 int(record.delivered), now_ms + ttl_s * 1000),
             )  # fmt: skip
         except sqlite3.Error as exc:
             raise RecordStoreUnavailableError(str(exc)) from exc
@@ -241,7 +245,8 @@ class RedisPaymentRecords:
             return None
         return self._record(key, dict(zip(res[::2], res[1::2])))
 
-    async def save(self, record: PaymentRecord, *, ttl_s: int) -> None:
+    async def save(self, record: PaymentRecord, *, ttl_s: int, now_ms: int | None = None) -> None:
+        # EXPIRE counts ttl_s on Redis's clock from now, whatever clock the caller's now_ms is on
         k = self._key(record.key)
         mapping = {
             "state": record.state.value, "request_fp": record.request_fp, "lease_until_ms": record.lease_until_ms,
