@@ -377,9 +377,9 @@ def redis_url_for(request: pytest.FixtureRequest, topology: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # One clock for the store suites. Every `now` a test passes to a store, and every expiry it
 # expects, comes from `clock`: the real clock, or the real clock shifted a year ahead or behind
-# (Redis and SQLite keep their own real clocks). A store that mixes the caller's now with its
-# own clock fails a shifted run: an absolute EXPIREAT taken from the caller's now makes Redis drop
-# the key at once a year behind; an expiry taken from time.time() is long past a year ahead.
+# (Redis keeps its real clock). A store that mixes the caller's now with a clock of its own fails
+# a shifted run: an absolute EXPIREAT taken from the caller's now makes Redis drop the key at once
+# a year behind; an expiry taken from time.time() is long past a year ahead.
 
 YEAR_S = 365 * 86400
 CLOCK_SHIFTS = {"now": 0.0, "year-ahead": float(YEAR_S), "year-behind": float(-YEAR_S)}
