@@ -81,7 +81,9 @@ local function bucket(key, r, now, take)
   tokens = math.min(cap, tokens + math.max(0, now - ts) * per_s)
   if tokens < 1 then return false, (1 - tokens) / per_s end
   if take then
-    redis.call('HSET', key, 'tokens', tostring(tokens - 1), 'ts', tostring(now))
+    -- numbers, not tostring(): Redis converts them exactly; tostring keeps 14 digits and would
+    -- round a unix time with a fraction to 0.1 ms
+    redis.call('HSET', key, 'tokens', tokens - 1, 'ts', now)
     redis.call('EXPIRE', key, 3600)
   end
   return true, 0

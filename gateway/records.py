@@ -80,9 +80,12 @@ class PaymentRecords(Protocol):
         """Extend `owner`'s lease; False when the record is gone or leased to someone else."""
         ...
 
-    async def save(self, record: PaymentRecord, *, ttl_s: int, owner: str | None = None) -> bool:
-        """Write the whole record. With `owner`: only while that owner holds the lease (returns
-        False otherwise, writing nothing); the record's own owner/lease fields are written as given."""
+    async def save(self, record: PaymentRecord, *, ttl_s: int, owner: str | None = None,
+                   now_ms: int | None = None) -> bool:
+        """Write the whole record for `ttl_s` from the caller's now (`now_ms`, else the real clock:
+        the same clock `begin` is given). With `owner`: only while that owner holds the lease
+        (returns False otherwise, writing nothing); the record's own owner/lease fields are written
+        as given."""
         ...
 
     async def abandon(self, key: str, owner: str) -> None:
@@ -186,15 +189,17 @@ class SQLitePaymentRecords:
             )
             return cur.rowcount == 1
 
-    async def save(self, record: PaymentRecord, *, ttl_s: int, owner: str | None = None) -> bool:
+    async def save(self, record: PaymentRecord, *, ttl_s: int, owner: str | None = None,
+                   now_ms: int | None = None) -> bool:
         import time
 
+        now = int(time.time() * 1000) if now_ms is None else now_ms
         with immediate(self._db, RecordStoreUnavailableError):
             if owner is not None:
                 row = self._db.execute("SELECT owner FROM records WHERE key = ?", (record.key,)).fetchone()
                 if row is None or row[0] != owner:
                     return False
-            self._write(record, int(time.time() * 1000) + ttl_s * 1000)
+            self._write(record, now + ttl_s * 1000)
             return True
 
     async def abandon(self, key: str, owner: str) -> None:
@@ -339,7 +344,9 @@ class RedisPaymentRecords:
         ttl_ms = lease_ms * PROCESSING_TTL_LEASES
         return await self._script(self._renew, [self._key(key)], [owner, now_ms, lease_ms, ttl_ms]) == 1
 
-    async def save(self, record: PaymentRecord, *, ttl_s: int, owner: str | None = None) -> bool:
+    async def save(self, record: PaymentRecord, *, ttl_s: int, owner: str | None = None,
+                   now_ms: int | None = None) -> bool:
+        # now_ms: not needed here, EXPIRE is relative to Redis's own clock
         mapping = {
             "state": record.state.value, "request_fp": record.request_fp, "lease_until_ms": record.lease_until_ms,
             "tx": record.tx, "settle": record.settle, "status": record.status,

@@ -73,7 +73,10 @@ def new_session_id() -> str:
 
 
 class SessionStore(Protocol):
-    async def open(self, session: Session, *, first_hold: int, due_at: float) -> None: ...
+    async def open(self, session: Session, *, first_hold: int, due_at: float) -> None:
+        """`session.last_used` is the caller's now: the store keeps the session until 7 days after
+        its deadline, counted from that now (never from the store's own clock)."""
+        ...
 
     async def hold(self, id: str, amount: int, *, now: float, serve_until: float, due_at: float) -> HoldOutcome:
         """Reserve `amount` of what remains of the cap for one call, if the session may serve."""
@@ -100,6 +103,8 @@ class SessionStore(Protocol):
 
 # --------------------------------------------------------------------------------------------
 # Redis: a hash per session, a sorted set of due times. Amounts use the budgets' exact bignum Lua.
+
+_KEEP_AFTER_DEADLINE_S = 7 * 86400
 
 _HOLD = _BIGNUM + """
 local s = KEYS[1]
@@ -179,7 +184,9 @@ class RedisSessionStore:
             "payment": session.payment, "route": session.route, "per_call": str(session.per_call),
         }  # fmt: skip
         await self._call(self._r.hset(self._k(session.id), mapping=fields))
-        await self._call(self._r.expireat(self._k(session.id), int(session.deadline) + 7 * 86400))
+        # A TTL relative to the caller's now: an absolute EXPIREAT would be read on Redis's clock.
+        ttl_s = int(max(0.0, session.deadline - session.last_used)) + _KEEP_AFTER_DEADLINE_S
+        await self._call(self._r.expire(self._k(session.id), ttl_s))
         await self._call(self._r.zadd(self._due, {session.id: due_at}))
 
     async def hold(self, id: str, amount: int, *, now: float, serve_until: float, due_at: float) -> HoldOutcome:

@@ -372,3 +372,48 @@ REDIS_TOPOLOGIES = ["redis", "redis-sentinel", "redis-cluster"]
 def redis_url_for(request: pytest.FixtureRequest, topology: str) -> str:
     fixture = {"redis": "redis_server", "redis-sentinel": "redis_sentinel", "redis-cluster": "redis_cluster"}[topology]
     return request.getfixturevalue(fixture).url
+
+
+# ---------------------------------------------------------------------------------------------
+# One clock for the store suites. Every `now` a test passes to a store, and every expiry it
+# expects, comes from `clock`: the real clock, or the real clock shifted a year ahead or behind
+# (Redis keeps its real clock). A store that mixes the caller's now with a clock of its own fails
+# a shifted run: an absolute EXPIREAT taken from the caller's now makes Redis drop the key at once
+# a year behind; an expiry taken from time.time() is long past a year ahead.
+
+YEAR_S = 365 * 86400
+CLOCK_SHIFTS = {"now": 0.0, "year-ahead": float(YEAR_S), "year-behind": float(-YEAR_S)}
+# The shifted runs are on SQLite and one Redis: Sentinel and Cluster run the same store code.
+_UNSHIFTED_ONLY = {"redis-sentinel", "redis-cluster"}
+
+
+class TestClock:
+    """The tests' notion of now: time.time() plus a fixed offset."""
+
+    __test__ = False  # not a test class
+
+    def __init__(self, offset_s: float) -> None:
+        self.offset_s = offset_s
+
+    def __call__(self) -> float:
+        return time.time() + self.offset_s
+
+    def ms(self) -> int:
+        return int(self() * 1000)
+
+
+@pytest.fixture(params=list(CLOCK_SHIFTS.values()), ids=list(CLOCK_SHIFTS))
+def clock(request: pytest.FixtureRequest) -> TestClock:
+    return TestClock(request.param)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    drop = []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("clock", 0.0) != 0.0 and _UNSHIFTED_ONLY & {v for v in params.values() if isinstance(v, str)}:
+            drop.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        dropped = {id(item) for item in drop}
+        items[:] = [item for item in items if id(item) not in dropped]

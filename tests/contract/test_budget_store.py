@@ -14,12 +14,11 @@ from budgets.models import LedgerEntry, Limit, Policy, RateLimit, Scope, resolve
 from budgets.redis_store import RedisBudgetStore
 from budgets.sqlite_store import SQLiteBudgetStore
 from budgets.store import BudgetStore, Check
-from tests.conftest import REDIS_TOPOLOGIES, redis_url_for
+from tests.conftest import REDIS_TOPOLOGIES, TestClock, redis_url_for
 
 NET = "eip155:84532"
 ASSET = "0x" + "11" * 20
 OPG = 10**18
-T0 = 1_795_000_000.0
 UTC = ZoneInfo("UTC")
 
 
@@ -33,119 +32,125 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await s.close()
 
 
-def agent_check(agent: str, limits: list[Limit], now: float = T0, *, group: str | None = None,
+@pytest.fixture
+def t0(clock: TestClock) -> float:
+    """The test's start: now on the (possibly shifted) test clock."""
+    return clock()
+
+
+def agent_check(agent: str, limits: list[Limit], now: float, *, group: str | None = None,
                 rate: RateLimit | None = None) -> Check:
     tag = f"g:{group}" if group else f"a:{agent}"
     return Check(Scope("agent", agent, NET, ASSET, tag), tuple(resolve_windows(limits, now, UTC)), rate)
 
 
-def group_check(group: str, limits: list[Limit], now: float = T0) -> Check:
+def group_check(group: str, limits: list[Limit], now: float) -> Check:
     return Check(Scope("group", group, NET, ASSET, f"g:{group}"), tuple(resolve_windows(limits, now, UTC)))
 
 
-def entry(agent: str, amount: int, rid: str, ts: float = T0) -> LedgerEntry:
+def entry(agent: str, amount: int, rid: str, ts: float) -> LedgerEntry:
     return LedgerEntry(ts=ts, agent=agent, group=None, route="POST /v1/chat/completions", model="m", amount=amount,
                        asset=ASSET, network=NET, tx_hash="0x" + "aa" * 32, request_id=rid)
 
 
-async def test_reserve_commit_release_against_a_daily_limit(store: BudgetStore) -> None:
-    check = agent_check("0xa1", [Limit(period="day", amount=100)])
-    assert await store.reserve([check], 60, "r1", now=T0, hold_s=60) is None
-    refused = await store.reserve([check], 50, "r2", now=T0, hold_s=60)
+async def test_reserve_commit_release_against_a_daily_limit(store: BudgetStore, t0: float) -> None:
+    check = agent_check("0xa1", [Limit(period="day", amount=100)], t0)
+    assert await store.reserve([check], 60, "r1", now=t0, hold_s=60) is None
+    refused = await store.reserve([check], 50, "r2", now=t0, hold_s=60)
     assert refused is not None and refused.reason == "budget_exceeded" and refused.remaining == 40
-    assert refused.resets_at is not None and refused.resets_at > T0
+    assert refused.resets_at is not None and refused.resets_at > t0
     await store.release([check], "r1")
-    assert await store.reserve([check], 50, "r2", now=T0, hold_s=60) is None
-    assert await store.commit([check], "r2", 30, entry("0xa1", 30, "r2"), now=T0)  # charged less than held
-    (usage,) = await store.usage(check, now=T0)
+    assert await store.reserve([check], 50, "r2", now=t0, hold_s=60) is None
+    assert await store.commit([check], "r2", 30, entry("0xa1", 30, "r2", t0), now=t0)  # charged less than held
+    (usage,) = await store.usage(check, now=t0)
     assert (usage.spent, usage.reserved, usage.remaining) == (30, 0, 70)
 
 
-async def test_commit_is_idempotent_per_reservation(store: BudgetStore) -> None:
-    check = agent_check("0xa2", [Limit(period="day", amount=100)])
-    assert await store.reserve([check], 10, "r", now=T0, hold_s=60) is None
-    assert await store.commit([check], "r", 10, entry("0xa2", 10, "r"), now=T0) is True
-    assert await store.commit([check], "r", 10, entry("0xa2", 10, "r"), now=T0) is False
-    (usage,) = await store.usage(check, now=T0)
+async def test_commit_is_idempotent_per_reservation(store: BudgetStore, t0: float) -> None:
+    check = agent_check("0xa2", [Limit(period="day", amount=100)], t0)
+    assert await store.reserve([check], 10, "r", now=t0, hold_s=60) is None
+    assert await store.commit([check], "r", 10, entry("0xa2", 10, "r", t0), now=t0) is True
+    assert await store.commit([check], "r", 10, entry("0xa2", 10, "r", t0), now=t0) is False
+    (usage,) = await store.usage(check, now=t0)
     assert usage.spent == 10
-    assert len(await store.ledger(agent="0xa2", start=0, end=2e9, limit=10)) == 1
+    assert len(await store.ledger(agent="0xa2", start=t0 - 60, end=t0 + 60, limit=10)) == 1
 
 
-async def test_holds_expire_so_a_crashed_replica_frees_its_budget(store: BudgetStore) -> None:
-    check = agent_check("0xa3", [Limit(period="day", amount=100)])
-    assert await store.reserve([check], 100, "lost", now=T0, hold_s=30) is None
-    assert (await store.reserve([check], 1, "x", now=T0 + 10, hold_s=30)) is not None
-    assert await store.reserve([check], 100, "y", now=T0 + 31, hold_s=30) is None
+async def test_holds_expire_so_a_crashed_replica_frees_its_budget(store: BudgetStore, t0: float) -> None:
+    check = agent_check("0xa3", [Limit(period="day", amount=100)], t0)
+    assert await store.reserve([check], 100, "lost", now=t0, hold_s=30) is None
+    assert (await store.reserve([check], 1, "x", now=t0 + 10, hold_s=30)) is not None
+    assert await store.reserve([check], 100, "y", now=t0 + 31, hold_s=30) is None
 
 
-async def test_agent_and_group_budgets_are_checked_together(store: BudgetStore) -> None:
+async def test_agent_and_group_budgets_are_checked_together(store: BudgetStore, t0: float) -> None:
     g = f"team-{uuid.uuid4().hex[:6]}"
-    group = group_check(g, [Limit(period="day", amount=100)])
-    a = agent_check("0xb1", [Limit(period="day", amount=80)], group=g)
-    b = agent_check("0xb2", [Limit(period="day", amount=80)], group=g)
-    assert await store.reserve([a, group], 70, "a1", now=T0, hold_s=60) is None
-    refused = await store.reserve([b, group], 40, "b1", now=T0, hold_s=60)
+    group = group_check(g, [Limit(period="day", amount=100)], t0)
+    a = agent_check("0xb1", [Limit(period="day", amount=80)], t0, group=g)
+    b = agent_check("0xb2", [Limit(period="day", amount=80)], t0, group=g)
+    assert await store.reserve([a, group], 70, "a1", now=t0, hold_s=60) is None
+    refused = await store.reserve([b, group], 40, "b1", now=t0, hold_s=60)
     assert refused is not None and refused.scope == group.scope.name and refused.remaining == 30
     # the refusal held nothing on b's own budget
-    (usage,) = await store.usage(b, now=T0)
+    (usage,) = await store.usage(b, now=t0)
     assert usage.reserved == 0
-    assert await store.reserve([b, group], 30, "b2", now=T0, hold_s=60) is None
+    assert await store.reserve([b, group], 30, "b2", now=t0, hold_s=60) is None
 
 
-async def test_calendar_window_resets_and_rolling_window_slides(store: BudgetStore) -> None:
-    day = agent_check("0xc1", [Limit(period="day", amount=100)], now=T0)
-    assert await store.reserve([day], 100, "d1", now=T0, hold_s=60) is None
-    await store.commit([day], "d1", 100, entry("0xc1", 100, "d1"), now=T0)
-    tomorrow = agent_check("0xc1", [Limit(period="day", amount=100)], now=T0 + 86400)
-    assert await store.reserve([tomorrow], 100, "d2", now=T0 + 86400, hold_s=60) is None
+async def test_calendar_window_resets_and_rolling_window_slides(store: BudgetStore, t0: float) -> None:
+    day = agent_check("0xc1", [Limit(period="day", amount=100)], now=t0)
+    assert await store.reserve([day], 100, "d1", now=t0, hold_s=60) is None
+    await store.commit([day], "d1", 100, entry("0xc1", 100, "d1", t0), now=t0)
+    tomorrow = agent_check("0xc1", [Limit(period="day", amount=100)], now=t0 + 86400)
+    assert await store.reserve([tomorrow], 100, "d2", now=t0 + 86400, hold_s=60) is None
 
     limits = [Limit(period="hour", amount=100, rolling=True)]
-    roll = agent_check("0xc2", limits, now=T0)
-    assert await store.reserve([roll], 100, "h1", now=T0, hold_s=60) is None
-    await store.commit([roll], "h1", 100, entry("0xc2", 100, "h1"), now=T0)
-    later = agent_check("0xc2", limits, now=T0 + 1800)
-    assert await store.reserve([later], 1, "h2", now=T0 + 1800, hold_s=60) is not None  # still inside the hour
-    after = agent_check("0xc2", limits, now=T0 + 3600 + 61)
-    assert await store.reserve([after], 100, "h3", now=T0 + 3600 + 61, hold_s=60) is None
+    roll = agent_check("0xc2", limits, now=t0)
+    assert await store.reserve([roll], 100, "h1", now=t0, hold_s=60) is None
+    await store.commit([roll], "h1", 100, entry("0xc2", 100, "h1", t0), now=t0)
+    later = agent_check("0xc2", limits, now=t0 + 1800)
+    assert await store.reserve([later], 1, "h2", now=t0 + 1800, hold_s=60) is not None  # still inside the hour
+    after = agent_check("0xc2", limits, now=t0 + 3600 + 61)
+    assert await store.reserve([after], 100, "h3", now=t0 + 3600 + 61, hold_s=60) is None
 
 
-async def test_eighteen_decimal_amounts_are_exact_beyond_int64(store: BudgetStore) -> None:
+async def test_eighteen_decimal_amounts_are_exact_beyond_int64(store: BudgetStore, t0: float) -> None:
     limit = 1000 * OPG + 1  # 1e21: past 2**63 and 2**53
-    check = agent_check("0xd1", [Limit(period="month", amount=limit)])
+    check = agent_check("0xd1", [Limit(period="month", amount=limit)], t0)
     for i in range(10):
-        assert await store.reserve([check], 100 * OPG, f"m{i}", now=T0, hold_s=60) is None
-        assert await store.commit([check], f"m{i}", 100 * OPG, entry("0xd1", 100 * OPG, f"m{i}"), now=T0)
-    (usage,) = await store.usage(check, now=T0)
+        assert await store.reserve([check], 100 * OPG, f"m{i}", now=t0, hold_s=60) is None
+        assert await store.commit([check], f"m{i}", 100 * OPG, entry("0xd1", 100 * OPG, f"m{i}", t0), now=t0)
+    (usage,) = await store.usage(check, now=t0)
     assert usage.spent == 1000 * OPG and usage.remaining == 1
-    assert await store.reserve([check], 2, "over", now=T0, hold_s=60) is not None
-    assert await store.reserve([check], 1, "exact", now=T0, hold_s=60) is None
+    assert await store.reserve([check], 2, "over", now=t0, hold_s=60) is not None
+    assert await store.reserve([check], 1, "exact", now=t0, hold_s=60) is None
 
 
-async def test_rate_limit_peek_does_not_consume_and_take_does(store: BudgetStore) -> None:
+async def test_rate_limit_peek_does_not_consume_and_take_does(store: BudgetStore, t0: float) -> None:
     rate = RateLimit(per_minute=60, burst=2)
     scope = Scope("agent", "0xe1", NET, ASSET, "a:0xe1")
     for _ in range(5):
-        assert (await store.rate_peek(scope, rate, now=T0)).allowed
-    assert (await store.rate_take(scope, rate, now=T0)).allowed
-    assert (await store.rate_take(scope, rate, now=T0)).allowed
-    state = await store.rate_take(scope, rate, now=T0)
+        assert (await store.rate_peek(scope, rate, now=t0)).allowed
+    assert (await store.rate_take(scope, rate, now=t0)).allowed
+    assert (await store.rate_take(scope, rate, now=t0)).allowed
+    state = await store.rate_take(scope, rate, now=t0)
     assert not state.allowed and 0 < state.retry_after_s <= 1.0
-    assert (await store.rate_take(scope, rate, now=T0 + 1.01)).allowed
+    assert (await store.rate_take(scope, rate, now=t0 + 1)).allowed  # exactly one token back after 1 s
 
 
-async def test_reserve_enforces_the_rate_limit_atomically(store: BudgetStore) -> None:
-    check = agent_check("0xe2", [Limit(period="day", amount=10**6)], rate=RateLimit(per_minute=3))
-    results = [await store.reserve([check], 1, f"q{i}", now=T0, hold_s=60) for i in range(5)]
+async def test_reserve_enforces_the_rate_limit_atomically(store: BudgetStore, t0: float) -> None:
+    check = agent_check("0xe2", [Limit(period="day", amount=10**6)], t0, rate=RateLimit(per_minute=3))
+    results = [await store.reserve([check], 1, f"q{i}", now=t0, hold_s=60) for i in range(5)]
     assert [r is None for r in results] == [True, True, True, False, False]
     assert results[3] is not None and results[3].reason == "rate_limited" and results[3].status == 429
 
 
-async def test_two_hundred_concurrent_reserves_never_overspend(store: BudgetStore) -> None:
-    check = agent_check("0xf1", [Limit(period="day", amount=1000)])
-    results = await asyncio.gather(*(store.reserve([check], 7, f"c{i}", now=T0, hold_s=60) for i in range(200)))
+async def test_two_hundred_concurrent_reserves_never_overspend(store: BudgetStore, t0: float) -> None:
+    check = agent_check("0xf1", [Limit(period="day", amount=1000)], t0)
+    results = await asyncio.gather(*(store.reserve([check], 7, f"c{i}", now=t0, hold_s=60) for i in range(200)))
     granted = sum(r is None for r in results)
     assert granted == 1000 // 7
-    (usage,) = await store.usage(check, now=T0)
+    (usage,) = await store.usage(check, now=t0)
     assert usage.reserved == granted * 7 <= 1000
 
 

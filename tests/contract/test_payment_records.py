@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REDIS_TOPOLOGIES, redis_url_for
+from tests.conftest import REDIS_TOPOLOGIES, TestClock, redis_url_for
 from gateway.records import PaymentRecord, PaymentRecords, RecordState, RedisPaymentRecords, SQLitePaymentRecords
 
 
@@ -23,16 +22,22 @@ async def records(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     await r.close()
 
 
-def now_ms() -> int:
-    return int(time.time() * 1000)
+@pytest.fixture
+def now_ms(clock: TestClock):
+    return clock.ms
 
 
-async def begin(records: PaymentRecords, key: str, *, owner: str = "a", at: int | None = None,
-                lease_ms: int = 60_000, digest: str = "d1") -> PaymentRecord | None:
-    return await records.begin(key, "fp", digest, owner=owner, now_ms=now_ms() if at is None else at, lease_ms=lease_ms)
+@pytest.fixture
+def begin(records: PaymentRecords, now_ms):
+    async def begin(records: PaymentRecords, key: str, *, owner: str = "a", at: int | None = None,
+                    lease_ms: int = 60_000, digest: str = "d1") -> PaymentRecord | None:
+        return await records.begin(key, "fp", digest, owner=owner, now_ms=now_ms() if at is None else at,
+                                   lease_ms=lease_ms)
+
+    return begin
 
 
-async def test_begin_is_exclusive_until_the_lease_expires(records: PaymentRecords) -> None:
+async def test_begin_is_exclusive_until_the_lease_expires(records: PaymentRecords, begin, now_ms) -> None:
     assert await begin(records, "p1") is None
     held = await begin(records, "p1", owner="b")
     assert held is not None and held.state == RecordState.PROCESSING and held.owner == "a" and held.digest == "d1"
@@ -40,12 +45,12 @@ async def test_begin_is_exclusive_until_the_lease_expires(records: PaymentRecord
     assert (await records.get("p1")).owner == "b"  # type: ignore[union-attr]
 
 
-async def test_settled_records_keep_the_response_bytes(records: PaymentRecords) -> None:
+async def test_settled_records_keep_the_response_bytes(records: PaymentRecords, begin, now_ms) -> None:
     assert await begin(records, "p2") is None
     body = bytes(range(256)) * 4
     await records.save(PaymentRecord(key="p2", state=RecordState.SETTLED, request_fp="fp", tx="0x" + "ab" * 32,
                                      settle='{"success":true}', status=200, headers=[("content-type", "application/json")],
-                                     body=body, cached=True, payment='{"payload":{}}', digest="d1", owner="a"), ttl_s=86400)
+                                     body=body, cached=True, payment='{"payload":{}}', digest="d1", owner="a"), ttl_s=86400, now_ms=now_ms())
     rec = await records.get("p2")
     assert rec is not None and rec.state == RecordState.SETTLED and rec.body == body and rec.cached
     assert rec.headers == [("content-type", "application/json")] and rec.payment == '{"payload":{}}'
@@ -56,7 +61,7 @@ async def test_settled_records_keep_the_response_bytes(records: PaymentRecords) 
     assert await records.get("p2") is not None
 
 
-async def test_abandon_frees_the_payment_for_its_owner_only(records: PaymentRecords) -> None:
+async def test_abandon_frees_the_payment_for_its_owner_only(records: PaymentRecords, begin, now_ms) -> None:
     assert await begin(records, "p3") is None
     await records.abandon("p3", "someone-else")
     assert await records.get("p3") is not None
@@ -65,7 +70,7 @@ async def test_abandon_frees_the_payment_for_its_owner_only(records: PaymentReco
     assert await begin(records, "p3") is None
 
 
-async def test_leases_are_renewed_by_their_owner_and_acquired_once_lapsed(records: PaymentRecords) -> None:
+async def test_leases_are_renewed_by_their_owner_and_acquired_once_lapsed(records: PaymentRecords, begin, now_ms) -> None:
     t = now_ms()
     assert await begin(records, "p4", at=t, lease_ms=1_000) is None
     assert await records.renew("p4", "a", now_ms=t + 900, lease_ms=1_000)
@@ -73,28 +78,28 @@ async def test_leases_are_renewed_by_their_owner_and_acquired_once_lapsed(record
     assert await records.acquire("p4", "b", now_ms=t + 1_500, lease_ms=1_000) is None  # renewed until t + 1,900
     settled = PaymentRecord(key="p4", state=RecordState.SETTLED, request_fp="fp", digest="d1", owner="a",
                             lease_until_ms=t + 1_900)
-    assert await records.save(settled, ttl_s=600, owner="a")
+    assert await records.save(settled, ttl_s=600, owner="a", now_ms=now_ms())
     got = await records.acquire("p4", "b", now_ms=t + 2_000, lease_ms=1_000)
     assert got is not None and got.state == RecordState.SETTLED and got.owner == "b" and got.lease_until_ms == t + 3_000
     assert not await records.renew("p4", "a", now_ms=t + 2_100, lease_ms=1_000)  # a lost it
-    assert not await records.save(settled, ttl_s=600, owner="a")  # and can no longer write it
+    assert not await records.save(settled, ttl_s=600, owner="a", now_ms=now_ms())  # and can no longer write it
     assert (await records.get("p4")).owner == "b"  # type: ignore[union-attr]
     assert await records.acquire("missing", "b", now_ms=t, lease_ms=1_000) is None
 
 
-async def test_payment_identifier_binds_once_unless_replaced(records: PaymentRecords) -> None:
+async def test_payment_identifier_binds_once_unless_replaced(records: PaymentRecords, begin, now_ms) -> None:
     pid = "pay_" + "0" * 28
     assert await records.link_id(pid, "k1", ttl_s=60) == "k1"
     assert await records.link_id(pid, "k2", ttl_s=60) == "k1"
     assert await records.link_id(pid, "k2", ttl_s=60, replace=True) == "k2"
 
 
-async def test_concurrent_begins_have_one_owner(records: PaymentRecords) -> None:
+async def test_concurrent_begins_have_one_owner(records: PaymentRecords, begin, now_ms) -> None:
     results = await asyncio.gather(*(begin(records, "hot", owner=str(i)) for i in range(100)))
     assert sum(r is None for r in results) == 1
 
 
-async def test_concurrent_acquires_have_one_owner(records: PaymentRecords) -> None:
-    await records.save(PaymentRecord(key="owed", state=RecordState.SETTLED, request_fp="fp", digest="d1"), ttl_s=600)
+async def test_concurrent_acquires_have_one_owner(records: PaymentRecords, begin, now_ms) -> None:
+    await records.save(PaymentRecord(key="owed", state=RecordState.SETTLED, request_fp="fp", digest="d1"), ttl_s=600, now_ms=now_ms())
     results = await asyncio.gather(*(records.acquire("owed", str(i), now_ms=now_ms(), lease_ms=60_000) for i in range(50)))
     assert sum(r is not None for r in results) == 1

@@ -17,9 +17,8 @@ from gateway.sessions import (
     SessionStore,
     SQLiteSessionStore,
 )
-from tests.conftest import REDIS_TOPOLOGIES, redis_url_for
+from tests.conftest import REDIS_TOPOLOGIES, TestClock, redis_url_for
 
-T0 = 1_795_000_000.0
 OPG = 10**18
 
 
@@ -33,52 +32,58 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await s.close()
 
 
-async def opened(store: SessionStore, *, cap: int = 100 * OPG, per_call: int = 30 * OPG) -> Session:
+@pytest.fixture
+def t0(clock: TestClock) -> float:
+    """The test's start: now on the (possibly shifted) test clock."""
+    return clock()
+
+
+async def opened(store: SessionStore, t0: float, *, cap: int = 100 * OPG, per_call: int = 30 * OPG) -> Session:
     s = Session(id=f"ses_{uuid.uuid4().hex}", payer="0xabc", network="eip155:84532", asset="0xtoken", cap=cap,
-                accrued=0, held=0, calls=0, deadline=T0 + 3600, last_used=T0, state=SessionState.OPEN,
+                accrued=0, held=0, calls=0, deadline=t0 + 3600, last_used=t0, state=SessionState.OPEN,
                 payment='{"payload":{}}', route="POST /v1/chat/completions", per_call=per_call)
-    await store.open(s, first_hold=0, due_at=T0 + 100)
+    await store.open(s, first_hold=0, due_at=t0 + 100)
     return s
 
 
-async def test_holds_never_pass_the_cap_and_accrue_exactly(store: SessionStore) -> None:
-    s = await opened(store)
-    assert await store.hold(s.id, 30 * OPG, now=T0, serve_until=T0 + 3000, due_at=T0 + 100) == HoldOutcome.OK
-    await store.finish_call(s.id, 30 * OPG, 7 * OPG + 1, now=T0 + 1, due_at=T0 + 101)  # 18-decimal, odd amount
+async def test_holds_never_pass_the_cap_and_accrue_exactly(store: SessionStore, t0: float) -> None:
+    s = await opened(store, t0)
+    assert await store.hold(s.id, 30 * OPG, now=t0, serve_until=t0 + 3000, due_at=t0 + 100) == HoldOutcome.OK
+    await store.finish_call(s.id, 30 * OPG, 7 * OPG + 1, now=t0 + 1, due_at=t0 + 101)  # 18-decimal, odd amount
     got = await store.get(s.id)
     assert got is not None and (got.accrued, got.held, got.calls) == (7 * OPG + 1, 0, 1)
-    results = await asyncio.gather(*(store.hold(s.id, 30 * OPG, now=T0 + 2, serve_until=T0 + 3000, due_at=T0 + 102)
+    results = await asyncio.gather(*(store.hold(s.id, 30 * OPG, now=t0 + 2, serve_until=t0 + 3000, due_at=t0 + 102)
                                      for _ in range(10)))
     assert results.count(HoldOutcome.OK) == 3 and results.count(HoldOutcome.EXHAUSTED) == 7  # 93 - 7 left
 
 
-async def test_refusals_missing_expired_closed(store: SessionStore) -> None:
-    s = await opened(store)
-    assert await store.hold("ses_nope", 1, now=T0, serve_until=T0 + 10, due_at=T0) == HoldOutcome.MISSING
-    assert await store.hold(s.id, 1, now=T0 + 11, serve_until=T0 + 10, due_at=T0) == HoldOutcome.EXPIRED
-    claimed = await store.claim_settlement(s.id, now=T0, force=False, lease_s=60)
+async def test_refusals_missing_expired_closed(store: SessionStore, t0: float) -> None:
+    s = await opened(store, t0)
+    assert await store.hold("ses_nope", 1, now=t0, serve_until=t0 + 10, due_at=t0) == HoldOutcome.MISSING
+    assert await store.hold(s.id, 1, now=t0 + 11, serve_until=t0 + 10, due_at=t0) == HoldOutcome.EXPIRED
+    claimed = await store.claim_settlement(s.id, now=t0, force=False, lease_s=60)
     assert claimed is not None and claimed.state == SessionState.SETTLING
-    assert await store.hold(s.id, 1, now=T0, serve_until=T0 + 10, due_at=T0) == HoldOutcome.CLOSED
+    assert await store.hold(s.id, 1, now=t0, serve_until=t0 + 10, due_at=t0) == HoldOutcome.CLOSED
 
 
-async def test_settlement_is_claimed_once_and_waits_for_calls_in_flight(store: SessionStore) -> None:
-    s = await opened(store)
-    assert await store.hold(s.id, 30 * OPG, now=T0, serve_until=T0 + 3000, due_at=T0 + 100) == HoldOutcome.OK
-    assert await store.claim_settlement(s.id, now=T0, force=False, lease_s=60) is None  # a call is in flight
-    claims = await asyncio.gather(*(store.claim_settlement(s.id, now=T0, force=True, lease_s=60) for _ in range(5)))
+async def test_settlement_is_claimed_once_and_waits_for_calls_in_flight(store: SessionStore, t0: float) -> None:
+    s = await opened(store, t0)
+    assert await store.hold(s.id, 30 * OPG, now=t0, serve_until=t0 + 3000, due_at=t0 + 100) == HoldOutcome.OK
+    assert await store.claim_settlement(s.id, now=t0, force=False, lease_s=60) is None  # a call is in flight
+    claims = await asyncio.gather(*(store.claim_settlement(s.id, now=t0, force=True, lease_s=60) for _ in range(5)))
     assert sum(c is not None for c in claims) == 1  # forced (deadline near): exactly one settler
-    assert await store.claim_settlement(s.id, now=T0 + 61, force=True, lease_s=60) is not None  # lease expired
+    assert await store.claim_settlement(s.id, now=t0 + 61, force=True, lease_s=60) is not None  # lease expired
     await store.finish_settlement(s.id, state=SessionState.SETTLED, tx="0x" + "ab" * 32, result="{}", retry_at=None)
     got = await store.get(s.id)
     assert got is not None and got.state == SessionState.SETTLED and got.tx == "0x" + "ab" * 32
-    assert s.id not in await store.due(now=T0 + 10**6)
-    assert await store.claim_settlement(s.id, now=T0 + 10**6, force=True, lease_s=60) is None
+    assert s.id not in await store.due(now=t0 + 10**6)
+    assert await store.claim_settlement(s.id, now=t0 + 10**6, force=True, lease_s=60) is None
 
 
-async def test_due_index_follows_reschedules(store: SessionStore) -> None:
-    s = await opened(store)
-    assert s.id not in await store.due(now=T0 + 50)
-    assert s.id in await store.due(now=T0 + 100)
-    await store.reschedule(s.id, T0 + 500)
-    assert s.id not in await store.due(now=T0 + 400)
-    assert s.id in await store.due(now=T0 + 500)
+async def test_due_index_follows_reschedules(store: SessionStore, t0: float) -> None:
+    s = await opened(store, t0)
+    assert s.id not in await store.due(now=t0 + 50)
+    assert s.id in await store.due(now=t0 + 100)
+    await store.reschedule(s.id, t0 + 500)
+    assert s.id not in await store.due(now=t0 + 400)
+    assert s.id in await store.due(now=t0 + 500)

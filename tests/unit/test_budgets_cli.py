@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import datetime as dt
 import io
 import json
 import threading
@@ -182,8 +183,8 @@ def test_ledger_formats(admin: ThreadedAdmin) -> None:
     assert table[3] == f"2 entries; total 20.000000000000000006 OPG ({big + 5}) on {NET}"
     code, out, _ = cli(admin, "--json", "ledger", "--agent", a)
     assert [e["amount"] for e in json.loads(out)["entries"]] == [str(big), "5"]
-    code, out, _ = cli(admin, "ledger", "--agent", a, "--format", "jsonl", "--since", "7d",
-                       "--until", "2999-01-01T00:00:00Z")
+    tomorrow = (dt.datetime.now(dt.UTC) + dt.timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    code, out, _ = cli(admin, "ledger", "--agent", a, "--format", "jsonl", "--since", "7d", "--until", tomorrow)
     assert [json.loads(line)["amount"] for line in out.splitlines()] == [str(big), "5"]
     code, out, _ = cli(admin, "ledger", "--agent", a, "--format", "csv", "--limit", "1")
     (row,) = csv.DictReader(io.StringIO(out))
