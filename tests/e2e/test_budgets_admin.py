@@ -239,6 +239,13 @@ MALFORMED = [  # (path or None for the agent's, body, the field errors expected)
     (None, {"network": "eip155:1"}, ["body.network"]),
     (None, {"asset": "0x" + "33" * 20}, ["body.asset"]),
     (None, {"rate_limit": {"per_minute": 0}}, ["body.rate_limit.per_minute"]),
+    # Strict types: nothing is coerced into a budget nobody wrote.
+    (None, {"limits": [{"period": "day", "amount": "5", "rolling": "yes"}]}, ["body.limits.0.rolling"]),
+    (None, {"limits": [{"period": "day", "amount": "5", "rolling": 1}]}, ["body.limits.0.rolling"]),
+    (None, {"suspended": "no"}, ["body.suspended"]),
+    (None, {"suspended": 0}, ["body.suspended"]),
+    (None, {"rate_limit": {"per_minute": "60"}}, ["body.rate_limit.per_minute"]),
+    (None, {"allowed_models": "gpt-4o"}, ["body.allowed_models"]),
     (None, {"per_call_max": "abc", "group": "bad group!"}, ["body.per_call_max", "body.group"]),
     (f"/v1/agents/0x1234/policies/{NET}/{ASSET}", {}, ["path.address"]),
     (f"/v1/agents/{AGENT}/policies/ethereum/{ASSET}", {}, ["path.network"]),
