@@ -98,13 +98,15 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _upstream_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of gateway.devupstream (--port, --require-auth, …)")
+    from gateway.devupstream import add_arguments
+
+    add_arguments(p)
 
 
 def _run_upstream(args: argparse.Namespace) -> int:
-    from gateway.devupstream import main
+    from gateway.devupstream import serve
 
-    return main(args.rest)
+    return serve(args)
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
