@@ -1,5 +1,5 @@
-"""What clients we did not write see of the gateway's HTTP: one `Date` and one `Server` header on
-every kind of response (counted raw)."""
+"""What clients we did not write see of the gateway's HTTP: `GET /v1/models` read with the OpenAI
+SDK, and one `Date` and one `Server` header on every kind of response (counted raw)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit
 
+import openai
 import pytest
 
 from tests.gateway_client import CHAT, CHAT_BODY, Processes, encode_payment, facilitator_env, sign_for
@@ -51,6 +52,21 @@ def raw(url: str, method: str, path: str, body: Any = None, headers: dict[str, s
         return resp.status, Counter(name.lower() for name, _ in resp.getheaders()), content
     finally:
         conn.close()
+
+
+async def test_openai_sdk_lists_the_models_with_our_prices(gateway: Any) -> None:
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="not-needed", max_retries=0)
+    models = list(client.models.list())
+    ids = [m.id for m in models]
+    assert {"gpt-4o", "gpt-4o-mini", "*"} <= set(ids) and None not in ids
+    assert all(m.object == "model" and isinstance(m.created, int) and m.owned_by for m in models)
+    gpt4o = next(m for m in models if m.id == "gpt-4o")
+    assert gpt4o.owned_by == "llm" and gpt4o.model_extra["route"] == "POST /v1/chat/completions"
+    assert {p["display"] for p in gpt4o.model_extra["price"]} == {"0.02 OPG", "0.02 USDC"}
+    status, _, body = raw(gateway.url, "GET", "/v1/models")
+    doc = json.loads(body)
+    assert status == 200 and doc["object"] == "list"
+    assert all({"id", "object", "created", "owned_by"} <= set(item) for item in doc["data"])
 
 
 async def test_every_response_has_one_date_and_one_server_header(devchain: dict, gateway: Any) -> None:
