@@ -115,10 +115,12 @@ class BearerAuth:
         if self.token is None:
             return _error(403, "admin_disabled", "set BUDGETS_ADMIN_TOKEN")
         scheme, _, given = (header or "").partition(" ")
+        # RFC 6750 §3.1: no credentials get a bare challenge; wrong ones name invalid_token. Both 401.
         if scheme.lower() != "bearer" or not given.strip():
             return _error(401, "unauthorized", "send Authorization: Bearer <token>", {"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(given.strip().encode("latin-1"), self.token):
-            return _error(403, "forbidden", "wrong admin token")
+            return _error(401, "invalid_token", "wrong admin token",
+                          {"WWW-Authenticate": 'Bearer error="invalid_token"'})
         return None
 
 
@@ -616,8 +618,9 @@ def _responses(handler: str) -> dict:
     if handler == "healthz":
         return ok
     err = _ref("Error")
-    out = ok | {"401": _json_body(err, "no bearer token (WWW-Authenticate: Bearer)"),
-                "403": _json_body(err, "wrong token, or admin_disabled when no token is configured")}
+    out = ok | {"401": _json_body(err, 'no bearer token (WWW-Authenticate: Bearer), or a wrong one'
+                                       ' (WWW-Authenticate: Bearer error="invalid_token")'),
+                "403": _json_body(err, "admin_disabled: no token is configured")}
     if handler in ("get_policy", "delete_policy", "usage", "suspend", "resume"):
         out["404"] = _json_body(err, "no such policy (suspend/resume: the owner has none)")
     if handler not in ("openapi", "assets_list"):

@@ -16,25 +16,43 @@ from __future__ import annotations
 import datetime as dt
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 GROUP_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 Period = Literal["hour", "day", "week", "month"]
 PERIOD_SECONDS = {"hour": 3600, "day": 86400, "week": 7 * 86400, "month": 30 * 86400}
 ROLLING_BUCKETS = 60
+MAX_AMOUNT = 2**256 - 1
+
+
+def _amount(value: object) -> object:
+    """Base units: a whole number, or a string of ASCII digits only ("1_000", " 5", "+5", "1e3"
+    and true are refused, where lax int parsing would take them)."""
+    if isinstance(value, str):
+        if not (value.isascii() and value.isdigit()):
+            raise ValueError("amounts are whole numbers of base units, as a string of digits")
+        value = int(value) if len(value.lstrip("0")) <= 78 else MAX_AMOUNT + 1
+    if isinstance(value, int) and not isinstance(value, bool) and value > MAX_AMOUNT:
+        raise ValueError("amounts are at most 2^256 - 1")
+    return value  # strict int validation refuses bools, floats and the rest
+
+
+Amount = Annotated[int, BeforeValidator(_amount), Field(ge=0)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: "yes" is not a boolean and "60" not an integer (policies come from operators' JSON
+    # and TOML, where a silent coercion would grant a budget nobody wrote).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Limit(_Model):
     period: Period
-    amount: int = Field(ge=0, description="most that may be spent in the window, in base units")
+    amount: Amount = Field(description="most that may be spent in the window, in base units")
     rolling: bool = Field(default=False, description="rolling window instead of the calendar one")
 
 
@@ -49,7 +67,7 @@ class Policy(_Model):
     network: str = Field(pattern=r"^eip155:[0-9]+$")
     asset: str = Field(pattern=r"^0x[0-9a-fA-F]{40}$")
     limits: list[Limit] = Field(default_factory=list)
-    per_call_max: int | None = Field(default=None, ge=0)
+    per_call_max: Amount | None = None
     allowed_routes: list[str] | None = Field(default=None, description='route ids ("POST /v1/chat/completions")')
     allowed_models: list[str] | None = None
     rate_limit: RateLimit | None = None

@@ -209,9 +209,17 @@ def create_app(settings: FacilitatorSettings, *, facilitator: Facilitator | None
     )
 
 
+SERVE_ARGS_ENV = "FACILITATOR_SERVE_ARGS"
+
+
 def app_from_env() -> Starlette:
-    """uvicorn factory for multi-worker runs: settings come resolved from the parent process."""
+    """uvicorn factory for multi-worker runs: each worker loads the settings the way the parent
+    did (config file, dev chain file, command-line overrides), resolving "$VAR" secrets from its
+    own environment, so no secret is ever copied into an environment variable."""
     import json
     import os
 
-    return create_app(FacilitatorSettings.model_validate(json.loads(os.environ["FACILITATOR_RESOLVED_SETTINGS"])))
+    from facilitator.settings import load_settings
+
+    source = json.loads(os.environ[SERVE_ARGS_ENV])
+    return create_app(load_settings(source["config"], devchain_file=source["devchain"], overrides=source["overrides"]))

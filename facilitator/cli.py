@@ -124,7 +124,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from facilitator.app import create_app
+    from facilitator.app import SERVE_ARGS_ENV, create_app
     from facilitator.settings import load_settings
 
     overrides: dict[str, Any] = {}
@@ -134,25 +134,22 @@ def _run_serve(args: argparse.Namespace) -> int:
         overrides["port"] = args.port
     if args.store:
         overrides["store_url"] = args.store
+    source = {"config": args.config, "devchain": args.devchain, "overrides": overrides}
     try:
         settings = load_settings(args.config, devchain_file=args.devchain, overrides=overrides)
     except (OSError, ValueError) as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
+    common: dict[str, Any] = dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+                                  log_level=settings.log_level, access_log=False,
+                                  timeout_graceful_shutdown=int(settings.shutdown_grace_s))
     if args.workers > 1:
-        # Workers re-create the app from the environment: hand them the resolved settings.
-        os.environ["FACILITATOR_RESOLVED_SETTINGS"] = json.dumps(
-            settings.model_dump(mode="json") | {
-                "signer_keys": [k.get_secret_value() for k in settings.signer_keys],
-                "networks": [n.model_dump(mode="json") | {"rpc_url": n.rpc_url.get_secret_value()} for n in settings.networks],
-            }
-        )
-        uvicorn.run("facilitator.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-                    workers=args.workers, loop="uvloop", http="httptools", log_level=settings.log_level,
-                    access_log=False, timeout_graceful_shutdown=int(settings.shutdown_grace_s))
+        # Workers load the settings themselves from the same files and environment: only where to
+        # find them goes into their environment, never a resolved secret (/proc/PID/environ).
+        os.environ[SERVE_ARGS_ENV] = json.dumps(source)
+        uvicorn.run("facilitator.app:app_from_env", factory=True, workers=args.workers, **common)
         return 0
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                log_level=settings.log_level, access_log=False, timeout_graceful_shutdown=int(settings.shutdown_grace_s))
+    uvicorn.run(create_app(settings), **common)
     return 0
 
 

@@ -229,8 +229,11 @@ def create_app(
 
 
 def app_from_env() -> Starlette:
-    """uvicorn factory for multi-worker runs: settings come resolved from the parent process."""
+    """uvicorn factory for multi-worker runs: each worker loads the settings from the options the
+    parent was started with (GATEWAY_SERVE_ARGS: no secrets), resolving "$VAR" itself."""
     import json
     import os
 
-    return create_app(GatewaySettings.model_validate(json.loads(os.environ["GATEWAY_RESOLVED_SETTINGS"])))
+    from gateway.cli import SERVE_ARGS_ENV, load_serve_settings
+
+    return create_app(load_serve_settings(json.loads(os.environ[SERVE_ARGS_ENV])))

@@ -7,21 +7,12 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
-
-def _reveal(obj: Any) -> Any:
-    """Settings as plain JSON with secrets in clear: only for handing them to worker processes
-    through the environment of this same process tree."""
-    if isinstance(obj, SecretStr):
-        return obj.get_secret_value()
-    if isinstance(obj, dict):
-        return {k: _reveal(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_reveal(v) for v in obj]
-    return obj
+if TYPE_CHECKING:
+    from gateway.settings import GatewaySettings
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,34 +28,41 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
 
 
-def _load(args: argparse.Namespace):
+SERVE_ARGS_ENV = "GATEWAY_SERVE_ARGS"
+_SOURCE_ARGS = ("config", "devchain", "upstream", "host", "port", "store", "facilitator_url")
+
+
+def load_serve_settings(source: dict[str, Any]) -> "GatewaySettings":
+    """The settings `serve` runs with, from its command-line options (`_SOURCE_ARGS`), the files
+    they name and the environment ("$VAR" secrets are resolved here, in each process)."""
     from gateway.settings import GatewaySettings, env_tunables, load_gateway_settings
 
+    config, devchain, host, port, store = (source[k] for k in ("config", "devchain", "host", "port", "store"))
     overrides: dict[str, Any] = {}
-    if args.host:
-        overrides["host"] = args.host
-    if args.port is not None:
-        overrides["port"] = args.port
-    if args.store:
-        overrides["store_url"] = args.store
-    if args.config or os.environ.get("GATEWAY_CONFIG_FILE"):
-        settings = load_gateway_settings(args.config, overrides=overrides)
-        if args.devchain and settings.facilitator.mode == "local":
-            settings.facilitator.devchain_file = args.devchain
-    elif args.devchain:
+    if host:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    if store:
+        overrides["store_url"] = store
+    if config or os.environ.get("GATEWAY_CONFIG_FILE"):
+        settings = load_gateway_settings(config, overrides=overrides)
+        if devchain and settings.facilitator.mode == "local":
+            settings.facilitator.devchain_file = devchain
+    elif devchain:
         from facilitator.devchain import load_description
         from gateway.devconfig import dev_settings
 
-        settings = dev_settings(load_description(args.devchain), devchain_file=args.devchain,
-                                upstream_urls=[args.upstream], store_url=args.store or "sqlite://.x402-state/gateway.sqlite3",
-                                port=args.port if args.port is not None else 8402,
+        settings = dev_settings(load_description(devchain), devchain_file=devchain,
+                                upstream_urls=[source["upstream"]], store_url=store or "sqlite://.x402-state/gateway.sqlite3",
+                                port=port if port is not None else 8402,
                                 upstream_auth=os.environ.get("GATEWAY_DEV_UPSTREAM_KEY"))
         settings = GatewaySettings.model_validate(settings.model_dump() | env_tunables(os.environ) | (
-            {"host": args.host} if args.host else {}))
+            {"host": host} if host else {}))
     else:
         raise ValueError("give --config FILE (or GATEWAY_CONFIG_FILE), or --devchain FILE for local use")
-    if args.facilitator_url:
-        settings.facilitator.mode, settings.facilitator.url = "remote", args.facilitator_url
+    if source["facilitator_url"]:
+        settings.facilitator.mode, settings.facilitator.url = "remote", source["facilitator_url"]
     return settings
 
 
@@ -74,8 +72,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     from facilitator.logs import configure_logging
     from gateway.app import create_app
 
+    source = {k: getattr(args, k) for k in _SOURCE_ARGS}
     try:
-        settings = _load(args)
+        settings = load_serve_settings(source)
     except (OSError, ValueError, ValidationError) as exc:
         print(f"error: invalid gateway settings: {exc}", file=sys.stderr)
         return 2
@@ -84,7 +83,9 @@ def _run_serve(args: argparse.Namespace) -> int:
                   log_level=settings.log_level, access_log=False,
                   timeout_graceful_shutdown=int(settings.shutdown_grace_s))
     if args.workers > 1:
-        os.environ["GATEWAY_RESOLVED_SETTINGS"] = json.dumps(_reveal(settings.model_dump(mode="python")), default=str)
+        # Workers load the settings themselves from the same options, files and environment: no
+        # resolved secret is ever copied into an environment variable (/proc/PID/environ).
+        os.environ[SERVE_ARGS_ENV] = json.dumps(source)
         uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **common)
     else:
         uvicorn.run(create_app(settings), **common)
@@ -98,13 +99,15 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _upstream_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of gateway.devupstream (--port, --require-auth, …)")
+    from gateway.devupstream import add_arguments
+
+    add_arguments(p)
 
 
 def _run_upstream(args: argparse.Namespace) -> int:
-    from gateway.devupstream import main
+    from gateway.devupstream import serve
 
-    return main(args.rest)
+    return serve(args)
 
 
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {

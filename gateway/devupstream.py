@@ -53,9 +53,11 @@ __all__ = [
     "FAULT_HEADER",
     "Fault",
     "UpstreamStats",
+    "add_arguments",
     "create_upstream_app",
     "main",
     "parse_fault",
+    "serve",
 ]
 
 FAULT_HEADER = "x-devupstream-fault"
@@ -602,16 +604,18 @@ def create_upstream_app(*, name: str = "devupstream", require_auth: str | None =
     return app
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import uvicorn
-
-    parser = argparse.ArgumentParser(prog="python -m gateway.devupstream", description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python -m gateway.devupstream` and `x402-gateway upstream`."""
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--name", default="devupstream", help="echoed in the X-Devupstream-Name header")
     parser.add_argument("--require-auth", metavar="KEY", help="require this provider API key")
     parser.add_argument("--log-level", default="info")
-    args = parser.parse_args(argv)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
     app = create_upstream_app(name=args.name, require_auth=args.require_auth)
     uvicorn.run(
         app,
@@ -624,6 +628,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=args.log_level,
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m gateway.devupstream", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return serve(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

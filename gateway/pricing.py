@@ -7,6 +7,7 @@ Unpriced paths match nothing and are answered 404: the gateway is never an open 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -96,6 +97,7 @@ class Pricing:
             model_param = "name" if "name" in params else (params[0] if params else None)
             self._routes.append(_CompiledRoute(route, re.compile(regex), model_param))
         self._offers: dict[tuple[int, str | None, int], Offer] = {}
+        self.created = int(time.time())  # the catalog's "created": when this configuration was loaded
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
         """The route for (method, path); HEAD matches the route's GET or POST so it can be
@@ -197,13 +199,15 @@ class Pricing:
         return model
 
     def catalog(self) -> list[dict]:
-        """What is offered and at what price (GET /v1/models), free."""
+        """What is offered and at what price (GET /v1/models), free: OpenAI model objects (id,
+        object, created, owned_by) with the route and its prices as extra fields, one per route
+        and model ("*": any other model on that route)."""
         out = []
         for route in self.settings.routes:
             if route.metered:
                 for model, tp in route.token_prices.items():
-                    out.append({
-                        "route": f"{route.method} {route.path}", "model": model, "schemes": route.schemes,
+                    out.append(self._model_object(route, model) | {
+                        "schemes": route.schemes,
                         "per_token": {"currency": self.settings.quote.currency, "input": tp.input, "output": tp.output,
                                       "per_call": tp.per_call},
                         "max_per_call": f"{route.max_per_call} {self.settings.quote.currency}",
@@ -213,9 +217,7 @@ class Pricing:
             if route.price is not None:
                 prices.setdefault("*", route.price)
             for model, price in prices.items():
-                out.append({
-                    "route": f"{route.method} {route.path}",
-                    "model": model,
+                out.append(self._model_object(route, model) | {
                     "price": [
                         {"amount": str(amount_of(parse_price(price), o)), "display": f"{price} {o.symbol}",
                          "asset": o.asset, "network": o.network, "scheme": o.scheme}
@@ -223,6 +225,10 @@ class Pricing:
                     ],
                 })
         return out
+
+    def _model_object(self, route: Route, model: str) -> dict:
+        return {"id": model, "object": "model", "created": self.created, "owned_by": route.upstream,
+                "route": f"{route.method} {route.path}", "model": model}
 
 
 def matches(accepted: PaymentRequirements, offered: PaymentRequirements) -> str | None:

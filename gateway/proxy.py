@@ -23,8 +23,10 @@ _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
         "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding"}
 STRIP_REQUEST = _HOP | {"payment-signature", "x-payment", "authorization", "x-api-key", "cookie",
                         "access-control-expose-headers"}
+# Date and Server: uvicorn sends its own on every response (paid, replayed, streamed, free); the
+# upstream's would make them appear twice.
 STRIP_RESPONSE = _HOP | {"content-encoding", "set-cookie", "payment-response", "x-payment-response",
-                         "payment-required"}
+                         "payment-required", "date", "server"}
 _COOLDOWN_S = 5.0
 
 

@@ -141,18 +141,17 @@ async def spend(admin: Admin, agent: str, amount: int, rid: str | None = None) -
 async def test_missing_or_wrong_token_is_refused_and_changes_nothing(admin: Admin) -> None:
     assert (await admin.call("PUT", agent_path(), body={"limits": [{"period": "day", "amount": "5"}]}))[0] == 201
     before = await admin.policies()
-    for token, status in ((None, 401), ("wrong", 403), ("", 401)):
+    for token, error in ((None, "unauthorized"), ("wrong", "invalid_token"), ("", "unauthorized")):
         for method, path, body in (("PUT", agent_path(), {"limits": []}), ("DELETE", agent_path(), None),
                                    ("POST", f"/v1/agents/{AGENT}/suspend", None),
                                    ("PUT", agent_path(), None),  # even a malformed body: auth comes first
                                    ("GET", "/v1/policies", None), ("GET", "/openapi.json", None),
                                    ("GET", "/v1/no-such-route", None)):
             got, doc, headers = await admin.call(method, path, token=token, body=body)
-            assert got == status, (token, method, path, doc)
-            if status == 401:
-                assert headers["WWW-Authenticate"] == "Bearer" and doc["error"] == "unauthorized"
-            else:
-                assert doc["error"] == "forbidden"
+            # RFC 6750 §3.1: 401 both ways; only a presented token is named invalid_token.
+            assert got == 401 and doc["error"] == error, (token, method, path, doc)
+            challenge = 'Bearer error="invalid_token"' if error == "invalid_token" else "Bearer"
+            assert headers["WWW-Authenticate"] == challenge
     status, _, _ = await admin.call("GET", "/v1/policies", token=None)
     assert await admin.policies() == before
     assert before["policies"][0]["policy"]["suspended"] is False
@@ -240,6 +239,13 @@ MALFORMED = [  # (path or None for the agent's, body, the field errors expected)
     (None, {"network": "eip155:1"}, ["body.network"]),
     (None, {"asset": "0x" + "33" * 20}, ["body.asset"]),
     (None, {"rate_limit": {"per_minute": 0}}, ["body.rate_limit.per_minute"]),
+    # Strict types: nothing is coerced into a budget nobody wrote.
+    (None, {"limits": [{"period": "day", "amount": "5", "rolling": "yes"}]}, ["body.limits.0.rolling"]),
+    (None, {"limits": [{"period": "day", "amount": "5", "rolling": 1}]}, ["body.limits.0.rolling"]),
+    (None, {"suspended": "no"}, ["body.suspended"]),
+    (None, {"suspended": 0}, ["body.suspended"]),
+    (None, {"rate_limit": {"per_minute": "60"}}, ["body.rate_limit.per_minute"]),
+    (None, {"allowed_models": "gpt-4o"}, ["body.allowed_models"]),
     (None, {"per_call_max": "abc", "group": "bad group!"}, ["body.per_call_max", "body.group"]),
     (f"/v1/agents/0x1234/policies/{NET}/{ASSET}", {}, ["path.address"]),
     (f"/v1/agents/{AGENT}/policies/ethereum/{ASSET}", {}, ["path.network"]),
