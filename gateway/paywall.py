@@ -247,6 +247,21 @@ class Paywall:
                     return await self._retry_under_id(call, earlier)
                 # the earlier payment was never charged (its record is gone): this one takes the id
                 await self.records.link_id(pid, call.key, ttl_s=RECORD_TTL_S, replace=True)
+        # Verify before claiming anything: a forged or malformed copy never holds the payment's
+        # record, not even briefly, so no input can block someone else's payment.
+        started = time.perf_counter()
+        try:
+            verify = await asyncio.wait_for(self.facilitator.verify(payload, requirement), self.settings.verify_timeout_s)
+        except asyncio.TimeoutError:
+            self.metrics.payments.labels(offer.route_id, "refused", R.UNEXPECTED_VERIFY_ERROR.value).inc()
+            return self.challenge(request, offer, R.UNEXPECTED_VERIFY_ERROR.value, "the facilitator did not answer in time")
+        verify_s = time.perf_counter() - started
+        self.metrics.verify_seconds.labels(offer.route_id).observe(verify_s)
+        spent = not verify.is_valid and verify.invalid_reason in NONCE_USED  # seen before, by us or elsewhere
+        if not verify.is_valid and not spent:
+            reason = verify.invalid_reason or R.INVALID_PAYLOAD.value
+            self.metrics.payments.labels(offer.route_id, "refused", reason).inc()
+            return self.challenge(request, offer, reason, verify.invalid_message or "the payment is not valid")
         owner = new_owner()
         existing = await self.records.begin(call.key, call.fp, call.digest, owner=owner, now_ms=_now_ms(),
                                             lease_ms=self._lease_ms)
@@ -254,7 +269,10 @@ class Paywall:
             return await self._existing(call, existing)
         claim = Claim(self.records, call.key, owner, self.settings.record_lease_s).start()
         try:
-            response = await self._charge(call, claim)
+            if spent:
+                response = await self._already_settled(call, claim, verify)
+            else:
+                response = await self._charge(call, claim, verify, verify_s)
         except BaseException:
             # An unexpected error (or cancellation) before settlement began: nothing was charged,
             # free the payment. Once settlement began, its shielded task records the outcome.
@@ -297,25 +315,9 @@ class Paywall:
         return json_error(refusal.status, refusal.reason, refusal.message, headers=headers, budget=refusal.scope,
                           remaining=None if refusal.remaining is None else str(refusal.remaining), resets_at=resets)
 
-    async def _charge(self, call: PaidCall, claim: Claim) -> Response:
-        """Verify, reserve, forward, settle: the payment is ours (claimed) for all of it."""
+    async def _charge(self, call: PaidCall, claim: Claim, verify: VerifyResponse, verify_s: float) -> Response:
+        """Reserve, forward, settle a verified payment that is ours (claimed) for all of it."""
         offer, requirement, route_id = call.offer, call.requirement, call.offer.route_id
-        started = time.perf_counter()
-        try:
-            verify = await asyncio.wait_for(self.facilitator.verify(call.payload, requirement), self.settings.verify_timeout_s)
-        except asyncio.TimeoutError:
-            await claim.abandon()
-            self.metrics.payments.labels(route_id, "refused", R.UNEXPECTED_VERIFY_ERROR.value).inc()
-            return self.challenge(call.request, offer, R.UNEXPECTED_VERIFY_ERROR.value, "the facilitator did not answer in time")
-        verify_s = time.perf_counter() - started
-        self.metrics.verify_seconds.labels(route_id).observe(verify_s)
-        if not verify.is_valid and verify.invalid_reason in NONCE_USED:
-            return await self._already_settled(call, claim, verify)
-        if not verify.is_valid:
-            await claim.abandon()
-            reason = verify.invalid_reason or R.INVALID_PAYLOAD.value
-            self.metrics.payments.labels(route_id, "refused", reason).inc()
-            return self.challenge(call.request, offer, reason, verify.invalid_message or "the payment is not valid")
         amount = int(requirement.amount if isinstance(requirement, PaymentRequirements) else requirement.max_amount_required)
         payer = verify.payer or call.payer  # a third-party facilitator may omit payer
         if (self.sessions is not None and offer.route.sessions is not None and isinstance(call.payload, PaymentPayload)
