@@ -260,6 +260,8 @@ class Paywall:
         spent = not verify.is_valid and verify.invalid_reason in NONCE_USED  # seen before, by us or elsewhere
         if not verify.is_valid and not spent:
             reason = verify.invalid_reason or R.INVALID_PAYLOAD.value
+            if reason == R.UNEXPECTED_VERIFY_ERROR.value:
+                await self.records.ping()  # our own store down (the facilitator's too, often): 503, not a 402
             self.metrics.payments.labels(offer.route_id, "refused", reason).inc()
             return self.challenge(request, offer, reason, verify.invalid_message or "the payment is not valid")
         owner = new_owner()
