@@ -170,7 +170,7 @@ class Paywall:
         if header is None:
             header = encode_payment_required(PaymentRequired(
                 x402_version=2, error=error, resource=resource, accepts=list(offer.requirements),
-                extensions=PAYMENT_IDENTIFIER_EXTENSION,
+                extensions=PAYMENT_IDENTIFIER_EXTENSION if self.settings.payment_identifier_on(offer.route) else None,
             ))  # fmt: skip
             if len(self._challenges) < 4096:
                 self._challenges[cache_key] = header
@@ -225,7 +225,8 @@ class Paywall:
             payload = decode_payment_header(request.headers)
             if payload is None:
                 raise PaymentHeaderError(R.INVALID_PAYLOAD, "no payment header")
-            pid = payment_id_of(payload)
+            # Where the extension is not declared, an id a client sends anyway is ignored.
+            pid = payment_id_of(payload) if self.settings.payment_identifier_on(offer.route) else None
         except PaymentHeaderError as exc:
             self.metrics.payments.labels(offer.route_id, "refused", exc.reason.value).inc()
             return self.challenge(request, offer, exc.reason.value, exc.message, status=400)
