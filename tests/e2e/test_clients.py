@@ -25,6 +25,7 @@ from x402.mechanisms.evm.exact.register import register_exact_evm_client
 
 from tests.budget_helpers import derived, fund, opg_balance
 from tests.gateway_client import CHAT, CHAT_BODY, CHAT_PRICE, Processes, call, receipt_status, sign_for
+from tests.upto_helpers import SIGNED_MAX_OPG, replica_env, upto_config
 
 pytestmark = pytest.mark.e2e
 
@@ -62,8 +63,8 @@ asyncio.run(main(*sys.argv[1:]))
 
 @pytest.fixture(scope="module")
 def stack(devchain_file: str, redis_server: Any, devchain: dict, tmp_path_factory: pytest.TempPathFactory):
-    """Two gateways on the dev configuration: one as shipped (defaults), one with the
-    payment-identifier extension turned on."""
+    """Gateways on the dev configuration: one as shipped (defaults), one with the payment-identifier
+    extension turned on, and one with metered routes (upto and exact at the per-call maximum)."""
     procs = Processes(devchain_file, tmp_path_factory.mktemp("clients"))
     try:
         upstream = procs.upstream()
@@ -72,6 +73,11 @@ def stack(devchain_file: str, redis_server: Any, devchain: dict, tmp_path_factor
             prefix = f"clients-{name}:{uuid.uuid4().hex[:8]}:"
             env = {"GATEWAY_STORE_PREFIX": prefix + "gw:", "FACILITATOR_STORE_PREFIX": prefix + "fac:", **extra}
             gateways[name] = procs.gateway(upstream.url, redis_server.url, env=env)
+        prefix = f"clients-metered:{uuid.uuid4().hex[:8]}:"
+        config = upto_config(procs.log_dir / "metered.json", devchain, devchain_file, upstream.url, redis_server.url,
+                             pay_to=derived(f"clients:payee:{prefix}").address)
+        gateways["metered"] = procs.gateway(upstream.url, redis_server.url, config=config,
+                                            env=replica_env(prefix, None))
         yield gateways
     finally:
         procs.stop_all()
@@ -171,3 +177,23 @@ async def test_the_openai_sdk_reads_the_receipt_of_a_paid_call_and_of_a_paid_str
         assert streamed.success and streamed.transaction != settled.transaction
         assert receipt_status(devchain, streamed.transaction) == 1
     assert before - opg_balance(devchain, payer.address) == 2 * CHAT_PRICE["OPG"]  # each call paid once
+
+
+async def test_the_openai_sdk_reads_the_receipt_of_an_exact_stream_on_a_metered_route(devchain: dict,
+                                                                                       stack: dict) -> None:
+    """`exact` on a metered route pays the per-call maximum and settles before the first byte: the
+    receipt is in the headers, and the stream has no usage the client did not ask for."""
+    gw = stack["metered"]
+    payer = agent(devchain, "openai-metered")
+    client = opg_client(devchain, payer)  # registers `exact` only: the route's exact offer is chosen
+    before = opg_balance(devchain, payer.address)
+    async with x402HttpxClient(client, timeout=30) as http:
+        oa = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="sk-agent-own", http_client=http, max_retries=0)
+        async with oa.chat.completions.with_streaming_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "stream it"}], stream=True) as response:
+            settled = x402HTTPClient(client).get_payment_settle_response(response.headers.get)
+            chunks = [c async for c in await response.parse()]
+    assert settled.success and receipt_status(devchain, settled.transaction) == 1
+    assert chunks and all(c.usage is None and c.choices for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Echo: stream it"
+    assert before - opg_balance(devchain, payer.address) == SIGNED_MAX_OPG
