@@ -4,7 +4,8 @@
 address, deploys our x402 exact/upto proxies and copies their runtime to the canonical x402
 addresses, deploys OPG (Permit2 path) and USDC (EIP-3009 path), and funds deterministic accounts:
 facilitator signers, one payee and N agents (each holding 1,000,000 OPG and USDC, with Permit2
-approved for both). `DevChain.description` is the JSON-able summary other components consume.
+approved for both). On Base's chain id (8453) the token stand-ins sit at OPG's and USDC's real Base
+addresses (CANONICAL_TOKENS). `DevChain.description` is the JSON-able summary other components consume.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ TOKENS = {
     "USDC": {"contract": "UsdcToken", "decimals": 6, "transfer_method": "eip3009",
              "eip712_name": "USD Coin", "eip712_version": "2"},
 }
+# Where the real tokens live, by chain id: on these chains the stand-ins are placed at the same
+# addresses, so clients that hard-code them (OpenGradient's SDK: OPG on Base) work unchanged.
+CANONICAL_TOKENS: dict[int, dict[str, str]] = {
+    8453: {"OPG": "0xFbC2051AE2265686a469421b2C5A2D5462FbF5eB", "USDC": "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"},
+}
+_COPIED_SLOTS = 16  # a fresh token's state (name, symbol, ...) lives in its first storage slots
 _DEPLOY_GAS = 5_000_000
 _CALL_GAS = 200_000
 _MAX_FEE = 100 * 10**9
@@ -401,6 +408,9 @@ class DevChain:
         receipts = self._send_and_wait(list(deploys.values()))
         deployed = {name: to_checksum_address(r["contractAddress"]) for name, r in zip(deploys, receipts)}
         self.token_addresses = {symbol: deployed[symbol] for symbol in TOKENS}
+        for symbol, address in CANONICAL_TOKENS.get(self.chain_id, {}).items():
+            self._move(deployed[symbol], address)
+            self.token_addresses[symbol] = to_checksum_address(address)
 
         exact_code, upto_code = rpc.batch([("eth_getCode", [deployed["exact"], "latest"]),
                                            ("eth_getCode", [deployed["upto"], "latest"])])
@@ -418,6 +428,18 @@ class DevChain:
                     "approve(address,uint256)", ["address", "uint256"], [PERMIT2_ADDRESS, MAX_UINT256])))
         self._send_and_wait(txs)
         self._check()
+
+    def _move(self, deployed: str, target: str) -> None:
+        """Copy a freshly deployed contract (runtime code and its first storage slots) to `target`.
+        OpenZeppelin's EIP712 rebuilds its domain separator when `address(this)` is not the
+        deploying address, so signatures bind to `target`."""
+        assert self.rpc is not None
+        reads = [("eth_getCode", [deployed, "latest"])]
+        reads += [("eth_getStorageAt", [deployed, hex(slot), "latest"]) for slot in range(_COPIED_SLOTS)]
+        code, *slots = self.rpc.batch(reads)
+        self.rpc.batch([("anvil_setCode", [target, code])]
+                       + [("anvil_setStorageAt", [target, hex(i), "0x" + value[2:].rjust(64, "0")])
+                          for i, value in enumerate(slots) if int(value, 16)])
 
     def _next_nonce(self, account: LocalAccount) -> int:
         nonce = self._nonces.get(account.address, 0)  # all accounts are fresh: the chain is ours

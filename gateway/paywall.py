@@ -66,6 +66,7 @@ from gateway.proxy import (
 )
 from gateway.records import PaymentRecord, PaymentRecords, RecordState, RecordStoreUnavailableError
 from gateway.settings import GatewaySettings
+from gateway.sse_usage import forwarded_stream, usage_added
 
 log = logging.getLogger("gateway.paywall")
 
@@ -169,7 +170,7 @@ class Paywall:
         if header is None:
             header = encode_payment_required(PaymentRequired(
                 x402_version=2, error=error, resource=resource, accepts=list(offer.requirements),
-                extensions=PAYMENT_IDENTIFIER_EXTENSION,
+                extensions=PAYMENT_IDENTIFIER_EXTENSION if self.settings.payment_identifier_on(offer.route) else None,
             ))  # fmt: skip
             if len(self._challenges) < 4096:
                 self._challenges[cache_key] = header
@@ -206,6 +207,9 @@ class Paywall:
             offer = self.pricing.offer(route, params, body, probe=request.method == "HEAD")
         except PricingError as exc:
             return json_error(exc.status, exc.reason, exc.message)
+        # Streams hide the usage the gateway asks for on the client's behalf (gateway/sse_usage.py).
+        request.scope["state"]["added_usage"] = offer.token_price is not None and usage_added(
+            body, anthropic=offer.route.api == "anthropic")
         session_id = request.headers.get("x-upto-session")
         if session_id and offer.route.sessions is not None and self.sessions is not None and request.method != "HEAD":
             try:
@@ -221,7 +225,8 @@ class Paywall:
             payload = decode_payment_header(request.headers)
             if payload is None:
                 raise PaymentHeaderError(R.INVALID_PAYLOAD, "no payment header")
-            pid = payment_id_of(payload)
+            # Where the extension is not declared, an id a client sends anyway is ignored.
+            pid = payment_id_of(payload) if self.settings.payment_identifier_on(offer.route) else None
         except PaymentHeaderError as exc:
             self.metrics.payments.labels(offer.route_id, "refused", exc.reason.value).inc()
             return self.challenge(request, offer, exc.reason.value, exc.message, status=400)
@@ -378,7 +383,8 @@ class Paywall:
             assert isinstance(requirement, PaymentRequirements)
             claim.kept = claim.settling = True  # tokens flow before settlement: the permit guarantees it
             stream = self._metered_stream(call, claim, first, upstream, record, requirement, hold)
-            return StreamingResponse(stream, status_code=status, headers=dict(out_headers) | {"Cache-Control": "no-store"})
+            return StreamingResponse(forwarded_stream(call.request, stream), status_code=status,
+                                     headers=dict(out_headers) | {"Cache-Control": "no-store"})
         details = None
         settle_requirement = requirement
         if metered:
@@ -409,7 +415,7 @@ class Paywall:
             return Response(content, status_code=status, headers=dict(out_headers) | response_header)
         # Paid, and the response is not kept: it is owed until its last byte went out.
         claim.kept = True
-        body = _relay(first, upstream) if streaming else _once(content)
+        body = forwarded_stream(call.request, _relay(first, upstream)) if streaming else _once(content)
         return StreamingResponse(self._delivering(body, record, claim), status_code=status,
                                  headers=dict(out_headers) | response_header)
 
@@ -667,7 +673,8 @@ class Paywall:
         self.metrics.payments.labels(offer.route_id, "delivered", "owed").inc()
         claim.kept = True
         header = self._payment_response_header(call.payload, settled)
-        return StreamingResponse(self._delivering(_relay(b"", upstream), record, claim), status_code=upstream.status,
+        body = forwarded_stream(call.request, _relay(b"", upstream))
+        return StreamingResponse(self._delivering(body, record, claim), status_code=upstream.status,
                                  headers=dict(response_headers(upstream)) | header)
 
     async def _release_lease(self, record: PaymentRecord, claim: Claim) -> None:

@@ -27,6 +27,7 @@ from gateway.metering import StreamMeter, to_base_units, usage_from_body
 from gateway.pricing import Offer, PricingError
 from gateway.proxy import UpstreamFailedError, UpstreamUnavailableError, read_all, response_headers
 from gateway.sessions import HoldOutcome, Session, SessionState, SessionStore, new_session_id
+from gateway.sse_usage import forwarded_stream
 
 if TYPE_CHECKING:
     from gateway.paywall import Paywall
@@ -125,7 +126,8 @@ class SessionCalls:
                                       session_id)
         out_headers = dict(response_headers(upstream)) | {SESSION_HEADER: session_id, "Cache-Control": "no-store"}
         if upstream.headers.get("content-type", "").startswith("text/event-stream"):
-            return StreamingResponse(self._stream(upstream, session, offer, worst, hold, request_id, finish_by),
+            return StreamingResponse(forwarded_stream(request, self._stream(upstream, session, offer, worst, hold,
+                                                                            request_id, finish_by)),
                                      status_code=upstream.status, headers=out_headers)
         try:
             content = await asyncio.wait_for(read_all(upstream, pw.settings.max_body_bytes),

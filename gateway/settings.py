@@ -34,7 +34,8 @@ environment ("$VAR" references, and GATEWAY_* overrides).
 Environment: GATEWAY_CONFIG_FILE, GATEWAY_PAY_TO, GATEWAY_STORE_URL, GATEWAY_PUBLIC_URL,
 GATEWAY_FACILITATOR_URL (switches to remote mode), GATEWAY_HOST, GATEWAY_PORT,
 GATEWAY_UPSTREAM_<NAME>_URLS (comma-separated), GATEWAY_UPSTREAM_<NAME>_AUTH, GATEWAY_SETTLE_TIMEOUT_S,
-GATEWAY_VERIFY_TIMEOUT_S, GATEWAY_RECORD_LEASE_S, GATEWAY_STORE_PREFIX, GATEWAY_LOG_LEVEL, GATEWAY_SHUTDOWN_GRACE_S.
+GATEWAY_VERIFY_TIMEOUT_S, GATEWAY_RECORD_LEASE_S, GATEWAY_STORE_PREFIX, GATEWAY_LOG_LEVEL, GATEWAY_SHUTDOWN_GRACE_S,
+GATEWAY_PAYMENT_IDENTIFIER (true/false: declare the payment-identifier extension; per route: routes.payment_identifier).
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ class Route(_Model):
     missing_usage: Literal["ceiling", "floor"] = "ceiling"  # usage missing or stream cut: charge the max, or only per_call
     sessions: UptoSessions | None = None  # upto sessions on this (metered) route
     api: Literal["openai", "anthropic", "other"] = "openai"
+    payment_identifier: bool | None = Field(default=None, strict=True)  # None: the gateway's setting
 
     @property
     def metered(self) -> bool:
@@ -236,6 +238,12 @@ class GatewaySettings(_Model):
     shutdown_grace_s: float = Field(default=60.0, gt=0, description="in-flight paid calls finish within this")
     budgets: BudgetSettings | None = None  # absent: no budgets are enforced
     quote: Quote = Field(default_factory=Quote)
+    # Declare the payment-identifier extension in 402s (idempotent retries under a client's id).
+    # Off by default, as in the reference server: a client that sees it declared needs `jsonschema`.
+    payment_identifier: bool = Field(default=False, strict=True)
+
+    def payment_identifier_on(self, route: Route) -> bool:
+        return self.payment_identifier if route.payment_identifier is None else route.payment_identifier
 
     @model_validator(mode="after")
     def _routes_name_known_upstreams(self) -> "GatewaySettings":
@@ -271,6 +279,14 @@ def _resolve_secrets(data: dict, env: Mapping[str, str]) -> dict:
     return data
 
 
+def _flag(value: str) -> bool:
+    if value.lower() in ("1", "true"):
+        return True
+    if value.lower() in ("0", "false"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
 _TUNABLES = {
     "GATEWAY_SETTLE_TIMEOUT_S": ("settle_timeout_s", float),
     "GATEWAY_VERIFY_TIMEOUT_S": ("verify_timeout_s", float),
@@ -278,6 +294,7 @@ _TUNABLES = {
     "GATEWAY_STORE_PREFIX": ("store_prefix", str),
     "GATEWAY_LOG_LEVEL": ("log_level", str),
     "GATEWAY_SHUTDOWN_GRACE_S": ("shutdown_grace_s", float),
+    "GATEWAY_PAYMENT_IDENTIFIER": ("payment_identifier", _flag),
 }
 
 

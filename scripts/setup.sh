@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a fresh machine: the Python virtualenv with the three
-# packages, the npm packages for the dev chain (anvil, Permit2's runtime, solc-js, OpenZeppelin),
-# and redis-server when it is missing. Idempotent: a second run only checks.
+# packages, OpenGradient's SDK in .venv-og (scripts/og-venv.sh), the npm packages for the dev chain
+# (anvil, Permit2's runtime, solc-js, OpenZeppelin), and redis-server when it is missing.
+# Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,10 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+
+# OpenGradient's SDK in a virtualenv of its own (tests/e2e/test_opengradient_sdk.py); that test
+# skips when it cannot be built, so neither does this step stop the setup.
+bash scripts/og-venv.sh >/dev/null || echo "setup: .venv-og (OpenGradient's SDK) could not be built; its test will skip" >&2
 
 nstamp=node_modules/.installed-$(sha256sum package.json | cut -c1-16)
 if [ ! -f "$nstamp" ]; then

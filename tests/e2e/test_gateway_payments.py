@@ -55,9 +55,10 @@ def upstream(procs: Processes) -> Any:
 
 @pytest.fixture(scope="module")
 def gateway(procs: Processes, upstream: Any, redis_server: Any, devchain: dict) -> Any:
-    """Gateway with its facilitator in-process, records and facilitator store on Redis."""
+    """Gateway with its facilitator in-process, records and facilitator store on Redis, and the
+    payment-identifier extension on."""
     prefix = f"gwpay:{uuid.uuid4().hex[:8]}:"
-    env = facilitator_env(devchain, 0, prefix) | {"GATEWAY_STORE_PREFIX": prefix + "gw:"}
+    env = facilitator_env(devchain, 0, prefix) | {"GATEWAY_STORE_PREFIX": prefix + "gw:", "GATEWAY_PAYMENT_IDENTIFIER": "true"}
     return procs.gateway(upstream.url, redis_server.url, env=env)
 
 

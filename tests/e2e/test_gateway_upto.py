@@ -54,6 +54,7 @@ from tests.upto_helpers import (
     replica_env,
     session_state,
     sign_upto,
+    sse_events,
     stream_usage,
     transfers_to,
     tx_receipt,
@@ -173,9 +174,9 @@ async def test_a_streamed_call_is_charged_what_its_final_usage_says(devchain: di
     gw, payee = metered["gateway"], metered["payee"]
     payer = agent("stream", devchain)
     money = Money(devchain, payer.address, payee)
-    # The agent does not ask for stream usage: the gateway does, upstream.
+    # The agent asks for stream usage, so it gets it (the gateway would have asked anyway).
     async with x402HttpxClient(upto_client(devchain, payer), timeout=30) as http:
-        body = chat("gpt-4o-mini", "stream me some words", stream=True)
+        body = chat("gpt-4o-mini", "stream me some words", stream=True, stream_options={"include_usage": True})
         async with http.stream("POST", gw.url + CHAT, json=body) as r:
             assert r.status_code == 200
             assert r.headers["content-type"].startswith("text/event-stream")
@@ -192,6 +193,26 @@ async def test_a_streamed_call_is_charged_what_its_final_usage_says(devchain: di
     assert int(tx_receipt(devchain, event["transaction"])["status"], 16) == 1
     assert money.moved() == (expected, expected)
     assert [(t["tx"], t["amount"]) for t in money.transfers()] == [(event["transaction"], expected)]
+
+
+async def test_a_stream_that_did_not_ask_for_usage_gets_none_and_is_still_metered(devchain: dict, metered: dict) -> None:
+    """The gateway asks the upstream for stream usage to meter the call; an agent that did not ask
+    gets the stream OpenAI would send it: no `usage` field, no usage-only chunk (issue 9)."""
+    gw, payee = metered["gateway"], metered["payee"]
+    payer = agent("stream-no-usage", devchain)
+    money = Money(devchain, payer.address, payee)
+    async with x402HttpxClient(upto_client(devchain, payer), timeout=30) as http:
+        async with http.stream("POST", gw.url + CHAT, json=chat("gpt-4o-mini", "stream quietly", stream=True)) as r:
+            assert r.status_code == 200
+            text = (await r.aread()).decode()
+
+    chunks = [json.loads(data) for name, data in sse_events(text) if name == "message" and data != "[DONE]"]
+    assert chunks and all("usage" not in c and c["choices"] for c in chunks), text[-500:]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop" and "[DONE]" in text
+    event = payment_event(text)
+    assert event["success"] is True and event["usage_policy"] == "metered" and event["output_tokens"] > 0
+    expected = cost_opg("gpt-4o-mini", {"prompt_tokens": event["input_tokens"], "completion_tokens": event["output_tokens"]})
+    assert int(event["amount"]) == expected and money.moved() == (expected, expected)
 
 
 async def test_a_stream_cut_by_the_upstream_is_charged_by_the_policy(devchain: dict, metered: dict) -> None:
@@ -281,7 +302,8 @@ async def test_budgets_reserve_the_maximum_and_commit_the_metered_cost(devchain:
             assert r.status_code == 200, r.text
             charged.append(cost_opg(model, r.json()["usage"]))
             assert int(settle_of(r).amount) == charged[-1]
-        async with http.stream("POST", gw.url + CHAT, json=chat("gpt-4o", "budgeted stream", stream=True)) as s:
+        async with http.stream("POST", gw.url + CHAT, json=chat("gpt-4o", "budgeted stream", stream=True,
+                                                                 stream_options={"include_usage": True})) as s:
             text = (await s.aread()).decode()
         charged.append(cost_opg("gpt-4o", stream_usage(text)))
         assert int(payment_event(text)["amount"]) == charged[-1]
@@ -363,7 +385,8 @@ async def test_fifty_calls_across_two_replicas_settle_once_for_the_sum(
 
     async def one(i: int) -> int:
         if i % 10 == 5:  # some calls stream: charged by their final usage, reported in the last event
-            return await streamed_session_call(g[i % 2], sid, chat("gpt-4o", f"stream {i}", stream=True))
+            return await streamed_session_call(g[i % 2], sid, chat("gpt-4o", f"stream {i}", stream=True,
+                                                                   stream_options={"include_usage": True}))
         r = await call(g[i % 2] + CHAT, chat("gpt-4o", f"call {i} " + "more " * (i % 7)), headers={SESSION: sid})
         assert r.headers.get(SESSION) == sid
         return charge_of(r, "gpt-4o")

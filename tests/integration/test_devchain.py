@@ -26,6 +26,7 @@ from web3.logs import DISCARD
 from x402.mechanisms.evm import constants as x402c
 
 from facilitator.devchain import (
+    CANONICAL_TOKENS,
     DevChain,
     load_contracts,
     load_description,
@@ -504,12 +505,52 @@ def test_devchain_rejects_chain_31337() -> None:
         DevChain(chain_id=31337)
 
 
-def test_devchain_on_base_mainnet_id_starts_fast(free_port: int) -> None:
-    started = time.perf_counter()
-    with DevChain(port=free_port, chain_id=8453, agents=1, facilitators=1) as chain:
-        elapsed = time.perf_counter() - started
-        assert chain.description["network"] == "eip155:8453"
-        pid = chain.pid
-    assert elapsed < 3, elapsed
+def test_devchain_on_base_puts_the_tokens_at_their_base_addresses(free_port: int) -> None:
+    """Clients that hard-code OPG's and USDC's Base addresses (OpenGradient's `ensure_opg_approval`)
+    work unchanged against `devchain --chain-id 8453`: same addresses, same EIP-712 domains,
+    funded and approved agents, and signatures that bind to those addresses."""
+    opg, usdc = CANONICAL_TOKENS[8453]["OPG"], CANONICAL_TOKENS[8453]["USDC"]
+    assert opg == "0xFbC2051AE2265686a469421b2C5A2D5462FbF5eB" and usdc == "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"
+    with DevChain(port=free_port, chain_id=8453, agents=1, facilitators=1) as dev:
+        d = dev.description
+        assert d["network"] == "eip155:8453"
+        assert (d["tokens"]["OPG"]["address"], d["tokens"]["USDC"]["address"]) == (opg, usdc)
+        chain = Chain(d)
+        for token, name, symbol, version, decimals in ((chain.opg, "OpenGradient", "OPG", "1", 18),
+                                                        (chain.usdc, "USD Coin", "USDC", "2", 6)):
+            assert (token.functions.name().call(), token.functions.symbol().call()) == (name, symbol)
+            assert token.functions.decimals().call() == decimals and token.functions.version().call() == version
+            _, domain_name, domain_version, chain_id, contract, _, _ = token.functions.eip712Domain().call()
+            assert (domain_name, domain_version, chain_id, contract) == (name, version, 8453, token.address)
+            agent = d["accounts"]["agents"][0]["address"]
+            assert token.functions.balanceOf(agent).call() == 10**6 * 10**decimals
+            assert token.functions.allowance(agent, d["contracts"]["permit2"]).call() == MAX_UINT256
+
+        # An EIP-2612 permit signed for OPG's Base address is accepted there ...
+        owner, spender = chain.new_account(), chain.new_account()
+        deadline = int(time.time()) + 3600
+        signed = owner.sign_typed_data(
+            {"name": "OpenGradient", "version": "1", "chainId": 8453, "verifyingContract": opg},
+            x402c.EIP2612_PERMIT_TYPES,
+            {"owner": owner.address, "spender": spender.address, "value": 5, "nonce": 0, "deadline": deadline})
+        permit = chain.opg.functions.permit(owner.address, spender.address, 5, deadline, signed.v,
+                                            signed.r.to_bytes(32, "big"), signed.s.to_bytes(32, "big"))
+        assert chain.send(spender, permit).status == 1
+        assert chain.opg.functions.allowance(owner.address, spender.address).call() == 5
+        # ... and so is an EIP-3009 transfer signed for USDC's.
+        payer, payee = chain.payer(), chain.new_account()
+        a = _sign_3009(chain, payer, payee.address, 1_234)
+        m, s = a["message"], a["signed"]
+        transfer = chain.usdc.get_function_by_signature(
+            "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)")
+        receipt = chain.send(payer, transfer(m["from"], m["to"], m["value"], m["validAfter"], m["validBefore"],
+                                             m["nonce"], s.v, s.r.to_bytes(32, "big"), s.s.to_bytes(32, "big")))
+        assert receipt.status == 1 and chain.usdc.functions.balanceOf(payee.address).call() == 1_234
+        pid = dev.pid
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_the_default_chain_keeps_its_deployed_token_addresses(devchain: dict[str, Any]) -> None:
+    assert devchain["chain_id"] == 84532 and 84532 not in CANONICAL_TOKENS
+    assert {t["address"] for t in devchain["tokens"].values()}.isdisjoint(CANONICAL_TOKENS[8453].values())
