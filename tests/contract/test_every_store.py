@@ -39,6 +39,16 @@ async def test_an_unreachable_store_raises_its_layers_error(layer: str) -> None:
     await store.close()
 
 
+@pytest.mark.parametrize("layer", LAYERS)
+async def test_a_failing_sqlite_store_raises_its_layers_error(layer: str) -> None:
+    opener, error = LAYERS[layer]
+    store = opener("memory://", prefix="x:")
+    await store.close()  # every statement now fails with sqlite3.ProgrammingError
+    with pytest.raises(error) as raised:
+        await store.ping()
+    assert isinstance(raised.value, storage.StoreUnavailableError)
+
+
 def test_store_urls() -> None:
     assert storage.parse_store_url("memory://") == storage.StoreURL("sqlite", "memory://", ":memory:")
     assert storage.parse_store_url("sqlite:///var/x.sqlite3").path == "/var/x.sqlite3"
