@@ -17,6 +17,7 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY storage ./storage
 COPY facilitator ./facilitator
 COPY budgets ./budgets
 COPY gateway ./gateway

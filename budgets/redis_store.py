@@ -16,40 +16,12 @@ from redis.exceptions import RedisError
 
 from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope, Window
 from budgets.store import BudgetStoreUnavailableError, Check, RateState
+from storage import BackendErrors, redis_from_url
+from storage.lua import BIGNUM
 
-_BIGNUM = """
-local function norm(a) a = string.gsub(a, '^0+', '') if a == '' then return '0' end return a end
-local function cmp(a, b)
-  a = norm(a) b = norm(b)
-  if #a ~= #b then if #a < #b then return -1 else return 1 end end
-  if a == b then return 0 end
-  if a < b then return -1 else return 1 end
-end
-local function add(a, b)
-  a = norm(a) b = norm(b)
-  local out, carry, i, j = {}, 0, #a, #b
-  while i > 0 or j > 0 or carry > 0 do
-    local s = carry
-    if i > 0 then s = s + string.byte(a, i) - 48 i = i - 1 end
-    if j > 0 then s = s + string.byte(b, j) - 48 j = j - 1 end
-    out[#out + 1] = string.char(48 + s % 10)
-    carry = math.floor(s / 10)
-  end
-  return norm(string.reverse(table.concat(out)))
-end
-local function sub(a, b)  -- max(a - b, 0)
-  if cmp(a, b) <= 0 then return '0' end
-  a = norm(a) b = norm(b)
-  local out, borrow, i, j = {}, 0, #a, #b
-  while i > 0 do
-    local d = string.byte(a, i) - 48 - borrow
-    i = i - 1
-    if j > 0 then d = d - (string.byte(b, j) - 48) j = j - 1 end
-    if d < 0 then d = d + 10 borrow = 1 else borrow = 0 end
-    out[#out + 1] = string.char(48 + d)
-  end
-  return norm(string.reverse(table.concat(out)))
-end
+_errors = BackendErrors(BudgetStoreUnavailableError)
+
+_HELPERS = BIGNUM + """
 -- reserved total of a scope, dropping expired holds
 local function reserved(z, h, now)
   local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
@@ -90,7 +62,7 @@ local function bucket(key, r, now, take)
 end
 """
 
-_RESERVE = _BIGNUM + """
+_RESERVE = _HELPERS + """
 local spec = cjson.decode(ARGV[1])
 local now, amt = spec.now, spec.amount
 for ci, c in ipairs(spec.checks) do
@@ -118,7 +90,7 @@ end
 return {'ok'}
 """
 
-_COMMIT = _BIGNUM + """
+_COMMIT = _HELPERS + """
 local spec = cjson.decode(ARGV[1])
 if redis.call('SET', KEYS[spec.done], '1', 'NX', 'EX', 604800) == false then return 0 end
 for _, c in ipairs(spec.checks) do
@@ -148,14 +120,14 @@ end
 return 1
 """
 
-_RATE = _BIGNUM + """
+_RATE = _HELPERS + """
 local r = cjson.decode(ARGV[1])
 local ok, wait = bucket(KEYS[1], r, r.now, r.take)
 if ok then return {1, '0'} end
 return {0, tostring(wait)}
 """
 
-_USAGE = _BIGNUM + """
+_USAGE = _HELPERS + """
 local spec = cjson.decode(ARGV[1])
 local c = spec.checks[1]
 local held = reserved(KEYS[c.z], KEYS[c.h], spec.now)
@@ -202,8 +174,6 @@ class RedisBudgetStore:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "x402b:") -> "RedisBudgetStore":
-        from facilitator.store.redis_client import redis_from_url
-
         return cls(redis_from_url(url), prefix=prefix)
 
     def _k(self, scope: Scope, suffix: str) -> str:
@@ -227,11 +197,9 @@ class RedisBudgetStore:
             out.append(item)
         return out
 
+    @_errors
     async def _run(self, script, keys: list[str], args: list[str]):
-        try:
-            return await script(keys=keys, args=args)
-        except RedisError as exc:
-            raise BudgetStoreUnavailableError(f"redis: {exc}") from exc
+        return await script(keys=keys, args=args)
 
     async def reserve(self, checks: list[Check], amount: int, reservation_id: str, *, now: float,
                       hold_s: float) -> Refusal | None:
@@ -294,68 +262,58 @@ class RedisBudgetStore:
                                    resets_at=w.resets_at))
         return out
 
+    @_errors
     async def move_spend(self, old: Scope, new: Scope, windows: tuple[Window, ...]) -> None:
         if old.tag == new.tag:
             return
-        try:
-            for w in windows:
-                src, dst = self._k(old, w.key), self._k(new, w.key)
-                if w.rolling:
-                    buckets = await self._r.hgetall(src)
-                    for bucket, amount in buckets.items():
-                        current = await self._r.hget(dst, bucket)
-                        await self._r.hset(dst, bucket, str(int(current or 0) + int(amount)))
-                else:
-                    amount = await self._r.get(src)
-                    if amount is None:
-                        continue
-                    current = await self._r.get(dst)
-                    await self._r.set(dst, str(int(current or 0) + int(amount)))
-                await self._r.expire(dst, w.ttl_s)
-                await self._r.delete(src)
-            holds = await self._r.zrange(self._k(old, "rz"), 0, -1, withscores=True)
-            amounts = await self._r.hgetall(self._k(old, "rh"))
-            for hold_id, expires in holds:
-                if hold_id in amounts:
-                    await self._r.zadd(self._k(new, "rz"), {hold_id: expires})
-                    await self._r.hset(self._k(new, "rh"), hold_id, amounts[hold_id])
-            await self._r.delete(self._k(old, "rz"), self._k(old, "rh"))
-        except RedisError as exc:
-            raise BudgetStoreUnavailableError(f"redis: {exc}") from exc
+        for w in windows:
+            src, dst = self._k(old, w.key), self._k(new, w.key)
+            if w.rolling:
+                buckets = await self._r.hgetall(src)
+                for bucket, amount in buckets.items():
+                    current = await self._r.hget(dst, bucket)
+                    await self._r.hset(dst, bucket, str(int(current or 0) + int(amount)))
+            else:
+                amount = await self._r.get(src)
+                if amount is None:
+                    continue
+                current = await self._r.get(dst)
+                await self._r.set(dst, str(int(current or 0) + int(amount)))
+            await self._r.expire(dst, w.ttl_s)
+            await self._r.delete(src)
+        holds = await self._r.zrange(self._k(old, "rz"), 0, -1, withscores=True)
+        amounts = await self._r.hgetall(self._k(old, "rh"))
+        for hold_id, expires in holds:
+            if hold_id in amounts:
+                await self._r.zadd(self._k(new, "rz"), {hold_id: expires})
+                await self._r.hset(self._k(new, "rh"), hold_id, amounts[hold_id])
+        await self._r.delete(self._k(old, "rz"), self._k(old, "rh"))
 
     def _pk(self, kind: str, id: str, network: str, asset: str) -> str:
         return f"{self._p}pol:{kind}:{id.lower() if kind == 'agent' else id}:{network}:{asset.lower()}"
 
+    @_errors
     async def get_policy(self, kind: str, id: str, network: str, asset: str) -> Policy | None:
-        try:
-            raw = await self._r.get(self._pk(kind, id, network, asset))
-        except RedisError as exc:
-            raise BudgetStoreUnavailableError(f"redis: {exc}") from exc
+        raw = await self._r.get(self._pk(kind, id, network, asset))
         return Policy.model_validate_json(raw) if raw else None
 
+    @_errors
     async def put_policy(self, kind: str, id: str, policy: Policy) -> None:
         key = self._pk(kind, id, policy.network, policy.asset)
-        try:
-            await self._r.set(key, policy.model_dump_json())
-            await self._r.sadd(f"{self._p}pol:index", key)
-        except RedisError as exc:
-            raise BudgetStoreUnavailableError(f"redis: {exc}") from exc
+        await self._r.set(key, policy.model_dump_json())
+        await self._r.sadd(f"{self._p}pol:index", key)
 
+    @_errors
     async def delete_policy(self, kind: str, id: str, network: str, asset: str) -> bool:
         key = self._pk(kind, id, network, asset)
-        try:
-            removed = await self._r.delete(key)
-            await self._r.srem(f"{self._p}pol:index", key)
-        except RedisError as exc:
-            raise BudgetStoreUnavailableError(f"redis: {exc}") from exc
+        removed = await self._r.delete(key)
+        await self._r.srem(f"{self._p}pol:index", key)
         return removed == 1
 
+    @_errors
     async def list_policies(self) -> list[tuple[str, str, Policy]]:
-        try:
-            keys = sorted(await self._r.smembers(f"{self._p}pol:index"))
-            values = await self._r.mget(keys) if keys else []
-        except RedisError as exc:
-            raise BudgetStoreUnavailableError(f"redis: {exc}") from exc
+        keys = sorted(await self._r.smembers(f"{self._p}pol:index"))
+        values = await self._r.mget(keys) if keys else []
         out = []
         for key, raw in zip(keys, values):
             if raw:
@@ -363,25 +321,21 @@ class RedisBudgetStore:
                 out.append((kind, id, Policy.model_validate_json(raw)))
         return out
 
+    @_errors
     async def ledger(self, *, agent: str | None, start: float, end: float, limit: int) -> list[LedgerEntry]:
-        try:
-            tags = await self._r.smembers(f"{self._p}ledger:tags")
-            entries: list[LedgerEntry] = []
-            for tag in tags:
-                for raw in await self._r.zrangebyscore(f"{self._p}b:{{{tag}}}:ledger", start, end):
-                    e = entry_from(orjson.loads(raw))
-                    if agent is None or e.agent.lower() == agent.lower():
-                        entries.append(e)
-        except RedisError as exc:
-            raise BudgetStoreUnavailableError(f"redis: {exc}") from exc
+        tags = await self._r.smembers(f"{self._p}ledger:tags")
+        entries: list[LedgerEntry] = []
+        for tag in tags:
+            for raw in await self._r.zrangebyscore(f"{self._p}b:{{{tag}}}:ledger", start, end):
+                e = entry_from(orjson.loads(raw))
+                if agent is None or e.agent.lower() == agent.lower():
+                    entries.append(e)
         entries.sort(key=lambda e: (e.ts, e.request_id))
         return entries[:limit]
 
+    @_errors
     async def ping(self) -> None:
-        try:
-            await self._r.ping()
-        except RedisError as exc:
-            raise BudgetStoreUnavailableError(f"redis: {exc}") from exc
+        await self._r.ping()
 
     async def close(self) -> None:
         await self._r.aclose()

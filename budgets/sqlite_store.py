@@ -4,13 +4,13 @@ it is atomic across processes sharing the file. Amounts are TEXT (SQLite integer
 
 from __future__ import annotations
 
-import sqlite3
-
 import orjson
 
 from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope, Window
-from budgets.store import BudgetStoreUnavailableError, Check, RateState
-from facilitator.store.sqlite_conn import connect_sqlite, immediate
+from budgets.store import BudgetStore, BudgetStoreUnavailableError, Check, RateState
+from storage import BackendErrors, connect_sqlite, immediate, open_url
+
+_errors = BackendErrors(BudgetStoreUnavailableError)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (scope TEXT, wkey TEXT, bucket INTEGER, amount TEXT NOT NULL, expires REAL NOT NULL,
@@ -31,10 +31,8 @@ CREATE TABLE IF NOT EXISTS policies (key TEXT PRIMARY KEY, kind TEXT NOT NULL, i
 
 class SQLiteBudgetStore:
     def __init__(self, path: str) -> None:
-        try:
+        with _errors:
             self._db = connect_sqlite(path, _SCHEMA)
-        except sqlite3.Error as exc:
-            raise BudgetStoreUnavailableError(str(exc)) from exc
 
     # -- helpers (inside a transaction) ---------------------------------------------------------
 
@@ -150,11 +148,9 @@ class SQLiteBudgetStore:
     def _pk(kind: str, id: str, network: str, asset: str) -> str:
         return f"{kind}:{id.lower() if kind == 'agent' else id}:{network}:{asset.lower()}"
 
+    @_errors
     async def get_policy(self, kind: str, id: str, network: str, asset: str) -> Policy | None:
-        try:
-            row = self._db.execute("SELECT body FROM policies WHERE key = ?", (self._pk(kind, id, network, asset),)).fetchone()
-        except sqlite3.Error as exc:
-            raise BudgetStoreUnavailableError(str(exc)) from exc
+        row = self._db.execute("SELECT body FROM policies WHERE key = ?", (self._pk(kind, id, network, asset),)).fetchone()
         return Policy.model_validate_json(row[0]) if row else None
 
     async def put_policy(self, kind: str, id: str, policy: Policy) -> None:
@@ -168,13 +164,12 @@ class SQLiteBudgetStore:
             return self._db.execute("DELETE FROM policies WHERE key = ?",
                                     (self._pk(kind, id, network, asset),)).rowcount == 1
 
+    @_errors
     async def list_policies(self) -> list[tuple[str, str, Policy]]:
-        try:
-            rows = self._db.execute("SELECT kind, id, body FROM policies ORDER BY key").fetchall()
-        except sqlite3.Error as exc:
-            raise BudgetStoreUnavailableError(str(exc)) from exc
+        rows = self._db.execute("SELECT kind, id, body FROM policies ORDER BY key").fetchall()
         return [(kind, id, Policy.model_validate_json(body)) for kind, id, body in rows]
 
+    @_errors
     async def ledger(self, *, agent: str | None, start: float, end: float, limit: int) -> list[LedgerEntry]:
         sql = ("SELECT ts, agent, grp, route, model, amount, asset, network, tx_hash, request_id, extra FROM ledger"
                " WHERE ts >= ? AND ts <= ?")
@@ -184,33 +179,22 @@ class SQLiteBudgetStore:
             args.append(agent.lower())
         sql += " ORDER BY ts, seq LIMIT ?"
         args.append(limit)
-        try:
-            rows = self._db.execute(sql, args).fetchall()
-        except sqlite3.Error as exc:
-            raise BudgetStoreUnavailableError(str(exc)) from exc
+        rows = self._db.execute(sql, args).fetchall()
         return [
             LedgerEntry(ts=r[0], agent=r[1], group=r[2], route=r[3], model=r[4], amount=int(r[5]), asset=r[6],
                         network=r[7], tx_hash=r[8], request_id=r[9], extra=orjson.loads(r[10]) if r[10] else {})
             for r in rows
         ]
 
+    @_errors
     async def ping(self) -> None:
-        try:
-            self._db.execute("SELECT 1")
-        except sqlite3.Error as exc:
-            raise BudgetStoreUnavailableError(str(exc)) from exc
+        self._db.execute("SELECT 1")
 
     async def close(self) -> None:
         self._db.close()
 
 
-def open_budget_store(url: str, *, prefix: str = "x402b:"):
-    from facilitator.store.redis_client import is_redis_url
+def open_budget_store(url: str, *, prefix: str = "x402b:") -> BudgetStore:
+    from budgets.redis_store import RedisBudgetStore
 
-    if is_redis_url(url):
-        from budgets.redis_store import RedisBudgetStore
-
-        return RedisBudgetStore.from_url(url, prefix=prefix)
-    if url.startswith("sqlite://") or url == "memory://":
-        return SQLiteBudgetStore(":memory:" if url == "memory://" else url.removeprefix("sqlite://"))
-    raise ValueError(f"unsupported budget store URL scheme: {url.split(':', 1)[0]!r}")
+    return open_url(url, sqlite=SQLiteBudgetStore, redis=lambda r: RedisBudgetStore(r, prefix=prefix), what="budget store")

@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+import storage
 from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope, Window
 
 
-class BudgetStoreUnavailableError(Exception):
+class BudgetStoreUnavailableError(storage.StoreUnavailableError):
     """The store cannot be reached: enforcement fails closed."""
 
 

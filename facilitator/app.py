@@ -28,12 +28,12 @@ from facilitator.metrics import FacilitatorMetrics
 from facilitator.service import Facilitator
 from facilitator.settings import FacilitatorSettings
 from facilitator.store import open_store
-from facilitator.store.redis_client import is_redis_url
 from facilitator.store.base import StoreUnavailableError
 from facilitator.x402.errors import WireFormatError
 from facilitator.x402.headers import parse_json_body
 from facilitator.x402.reasons import ErrorReason
 from facilitator.x402.types import SettleRequest, VerifyRequest
+from storage import is_redis_url
 
 log = logging.getLogger("facilitator.app")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -15,7 +15,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
-from facilitator.store.redis_client import is_redis_url
 from gateway.budget_hook import BudgetHook, NoBudgets
 from gateway.facilitator_client import FacilitatorClient, HttpFacilitatorClient, LocalFacilitatorClient
 from gateway.metrics import GatewayMetrics
@@ -24,7 +23,9 @@ from gateway.paywall import Paywall, json_error
 from gateway.pricing import Pricing
 from gateway.proxy import UpstreamPool
 from gateway.records import PaymentRecords, RecordStoreUnavailableError, open_records
+from gateway.sessions import SessionStore, open_sessions
 from gateway.settings import GatewaySettings
+from storage import is_redis_url
 
 
 def build_facilitator_client(settings: GatewaySettings) -> FacilitatorClient:
@@ -50,6 +51,7 @@ class GatewayState:
     session: aiohttp.ClientSession
     metrics: GatewayMetrics
     pricing: Pricing
+    sessions: SessionStore | None = None  # when a route runs upto sessions
 
 
 async def read_limited(request: Request, limit: int) -> bytes | None:
@@ -64,6 +66,14 @@ async def read_limited(request: Request, limit: int) -> bytes | None:
             return None
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _probe(ping: Callable[[], Awaitable[None]]) -> str:
+    try:
+        await ping()
+        return "ok"
+    except Exception as exc:
+        return f"unavailable: {type(exc).__name__}"
 
 
 def build_budgets(settings: GatewaySettings):
@@ -131,12 +141,11 @@ def create_app(
         sessions_store = None
         if session_routes:
             from gateway.session_calls import SessionCalls
-            from gateway.sessions import open_sessions
 
             sessions_store = open_sessions(settings.store_url, prefix=settings.store_prefix)
             paywall.sessions = SessionCalls(paywall, sessions_store)
             background.append(asyncio.create_task(paywall.sessions.reap_forever(session_routes)))
-        app.state.gateway = GatewayState(paywall, records, fac, session, m, pricing)
+        app.state.gateway = GatewayState(paywall, records, fac, session, m, pricing, sessions_store)
         try:
             yield
         finally:
@@ -188,12 +197,9 @@ def create_app(
 
     async def readyz(request: Request) -> Response:
         state: GatewayState = request.app.state.gateway
-        checks: dict[str, str] = {}
-        try:
-            await state.records.ping()
-            checks["store"] = "ok"
-        except Exception as exc:
-            checks["store"] = f"unavailable: {type(exc).__name__}"
+        checks = {"store": await _probe(state.records.ping)}
+        if state.sessions is not None:
+            checks["sessions"] = await _probe(state.sessions.ping)
         checks["facilitator"] = "ok" if await state.facilitator.ready() else "unavailable"
         reachable = [await pool.healthy(state.session) for pool in state.paywall.pools.values()]
         checks["upstream"] = "ok" if any(reachable) else "unavailable"

@@ -18,15 +18,15 @@ payment it belongs to, so only the very payment that was recorded ever gets its 
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 
-from facilitator.store.sqlite_conn import connect_sqlite, immediate
-from redis.exceptions import RedisError
+import storage
+from storage import BackendErrors, connect_sqlite, immediate, redis_from_url
+from storage.lua import CLAIM_WITH_LEASE, claim_args, hash_fields
 
 
 class RecordState(StrEnum):
@@ -35,8 +35,11 @@ class RecordState(StrEnum):
     PENDING = "pending"
 
 
-class RecordStoreUnavailableError(Exception):
+class RecordStoreUnavailableError(storage.StoreUnavailableError):
     pass
+
+
+_errors = BackendErrors(RecordStoreUnavailableError)
 
 
 # A PROCESSING record outlives its lease this many times over (its owner renews both), so a
@@ -134,7 +137,8 @@ _COLUMNS = "key, state, request_fp, lease_until_ms, tx, settle, status, headers,
 
 class SQLitePaymentRecords:
     def __init__(self, path: str) -> None:
-        self._db = connect_sqlite(path, _RECORDS_SCHEMA)
+        with _errors:
+            self._db = connect_sqlite(path, _RECORDS_SCHEMA)
 
     def _row(self, key: str) -> PaymentRecord | None:
         row = self._db.execute(f"SELECT {_COLUMNS} FROM records WHERE key = ?", (key,)).fetchone()
@@ -202,11 +206,9 @@ class SQLitePaymentRecords:
             self._write(record, now + ttl_s * 1000)
             return True
 
+    @_errors
     async def abandon(self, key: str, owner: str) -> None:
-        try:
-            self._db.execute("DELETE FROM records WHERE key = ? AND owner = ? AND state != 'settled'", (key, owner))
-        except sqlite3.Error as exc:
-            raise RecordStoreUnavailableError(str(exc)) from exc
+        self._db.execute("DELETE FROM records WHERE key = ? AND owner = ? AND state != 'settled'", (key, owner))
 
     async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False) -> str:
         import time
@@ -221,35 +223,17 @@ class SQLitePaymentRecords:
             (bound,) = self._db.execute("SELECT key FROM payment_ids WHERE id = ?", (payment_id,)).fetchone()
             return bound
 
+    @_errors
     async def get(self, key: str) -> PaymentRecord | None:
-        try:
-            return self._row(key)
-        except sqlite3.Error as exc:
-            raise RecordStoreUnavailableError(str(exc)) from exc
+        return self._row(key)
 
+    @_errors
     async def ping(self) -> None:
-        try:
-            self._db.execute("SELECT 1")
-        except sqlite3.Error as exc:
-            raise RecordStoreUnavailableError(str(exc)) from exc
+        self._db.execute("SELECT 1")
 
     async def close(self) -> None:
         self._db.close()
 
-
-# KEYS[1] record; ARGV: request_fp, digest, owner, now_ms, lease_ms, ttl_ms
-_BEGIN = """
-local st = redis.call('HGET', KEYS[1], 'state')
-local now = tonumber(ARGV[4])
-if (not st) or (st == 'processing' and tonumber(redis.call('HGET', KEYS[1], 'lease_until_ms') or '0') < now) then
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'state', 'processing', 'request_fp', ARGV[1], 'digest', ARGV[2], 'owner', ARGV[3],
-             'lease_until_ms', now + tonumber(ARGV[5]), 'delivered', '0')
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[6]))
-  return 1
-end
-return redis.call('HGETALL', KEYS[1])
-"""
 
 # KEYS[1] record; ARGV: owner, now_ms, lease_ms
 _ACQUIRE = """
@@ -289,7 +273,7 @@ class RedisPaymentRecords:
     def __init__(self, client: aioredis.Redis, *, prefix: str = "x402gw:") -> None:
         self._redis = client
         self._prefix = prefix
-        self._begin = client.register_script(_BEGIN)
+        self._begin = client.register_script(CLAIM_WITH_LEASE)
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._abandon = client.register_script(_ABANDON)
@@ -297,8 +281,6 @@ class RedisPaymentRecords:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "x402gw:") -> "RedisPaymentRecords":
-        from facilitator.store.redis_client import redis_from_url
-
         return cls(redis_from_url(url, decode_responses=False), prefix=prefix)
 
     def _key(self, key: str) -> str:
@@ -324,21 +306,21 @@ class RedisPaymentRecords:
             owner=f.get("owner", b"").decode(),
         )
 
+    @_errors
     async def _script(self, script, keys: list[str], args: list) -> Any:
-        try:
-            return await script(keys=keys, args=args)
-        except RedisError as exc:
-            raise RecordStoreUnavailableError(f"redis: {exc}") from exc
+        return await script(keys=keys, args=args)
 
     async def begin(self, key: str, request_fp: str, digest: str, *, owner: str, now_ms: int,
                     lease_ms: int) -> PaymentRecord | None:
-        ttl_ms = lease_ms * PROCESSING_TTL_LEASES
-        res = await self._script(self._begin, [self._key(key)], [request_fp, digest, owner, now_ms, lease_ms, ttl_ms])
-        return None if res == 1 else self._record(key, dict(zip(res[::2], res[1::2])))
+        args = claim_args(RecordState.PROCESSING.value, now_ms=now_ms, lease_ms=lease_ms,
+                          ttl_ms=lease_ms * PROCESSING_TTL_LEASES,
+                          fields={"request_fp": request_fp, "digest": digest, "owner": owner, "delivered": "0"})
+        res = await self._script(self._begin, [self._key(key)], args)
+        return None if res == 1 else self._record(key, hash_fields(res))
 
     async def acquire(self, key: str, owner: str, *, now_ms: int, lease_ms: int) -> PaymentRecord | None:
         res = await self._script(self._acquire, [self._key(key)], [owner, now_ms, lease_ms])
-        return None if res == 0 else self._record(key, dict(zip(res[::2], res[1::2])))
+        return None if res == 0 else self._record(key, hash_fields(res))
 
     async def renew(self, key: str, owner: str, *, now_ms: int, lease_ms: int) -> bool:
         ttl_ms = lease_ms * PROCESSING_TTL_LEASES
@@ -362,37 +344,26 @@ class RedisPaymentRecords:
     async def abandon(self, key: str, owner: str) -> None:
         await self._script(self._abandon, [self._key(key)], [owner])
 
+    @_errors
     async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False) -> str:
         k = f"{self._prefix}pid:{{{payment_id}}}"
-        try:
-            await self._redis.set(k, key, nx=not replace, ex=ttl_s)
-            bound = await self._redis.get(k)
-        except RedisError as exc:
-            raise RecordStoreUnavailableError(f"redis: {exc}") from exc
+        await self._redis.set(k, key, nx=not replace, ex=ttl_s)
+        bound = await self._redis.get(k)
         return bound.decode() if bound else key
 
+    @_errors
     async def get(self, key: str) -> PaymentRecord | None:
-        try:
-            raw = await self._redis.hgetall(self._key(key))
-        except RedisError as exc:
-            raise RecordStoreUnavailableError(f"redis: {exc}") from exc
+        raw = await self._redis.hgetall(self._key(key))
         return self._record(key, raw) if raw else None
 
+    @_errors
     async def ping(self) -> None:
-        try:
-            await self._redis.ping()
-        except RedisError as exc:
-            raise RecordStoreUnavailableError(f"redis: {exc}") from exc
+        await self._redis.ping()
 
     async def close(self) -> None:
         await self._redis.aclose()
 
 
 def open_records(url: str, *, prefix: str = "x402gw:") -> PaymentRecords:
-    from facilitator.store.redis_client import is_redis_url
-
-    if is_redis_url(url):
-        return RedisPaymentRecords.from_url(url, prefix=prefix)
-    if url.startswith("sqlite://") or url == "memory://":
-        return SQLitePaymentRecords(":memory:" if url == "memory://" else url.removeprefix("sqlite://"))
-    raise ValueError(f"unsupported store URL scheme: {url.split(':', 1)[0]!r}")
+    return storage.open_url(url, sqlite=SQLitePaymentRecords, redis=lambda r: RedisPaymentRecords(r, prefix=prefix),
+                            decode_responses=False)

@@ -15,18 +15,16 @@ cost is held before the call, so nothing is ever refused after it was served.
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
-from budgets.redis_store import _BIGNUM
-from facilitator.store.redis_client import is_redis_url, redis_from_url
-from facilitator.store.sqlite_conn import connect_sqlite, immediate
+import storage
+from storage import BackendErrors, connect_sqlite, immediate, redis_from_url
+from storage.lua import BIGNUM, hash_fields
 
 
 class SessionState(StrEnum):
@@ -44,8 +42,11 @@ class HoldOutcome(StrEnum):
     EXHAUSTED = "exhausted"  # the cap cannot cover this call's worst case
 
 
-class SessionStoreUnavailableError(Exception):
+class SessionStoreUnavailableError(storage.StoreUnavailableError):
     pass
+
+
+_errors = BackendErrors(SessionStoreUnavailableError)
 
 
 @dataclass(slots=True)
@@ -98,15 +99,17 @@ class SessionStore(Protocol):
 
     async def get(self, id: str) -> Session | None: ...
 
+    async def ping(self) -> None: ...
+
     async def close(self) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------
-# Redis: a hash per session, a sorted set of due times. Amounts use the budgets' exact bignum Lua.
+# Redis: a hash per session, a sorted set of due times. Amounts use storage's exact bignum Lua.
 
 _KEEP_AFTER_DEADLINE_S = 7 * 86400
 
-_HOLD = _BIGNUM + """
+_HOLD = BIGNUM + """
 local s = KEYS[1]
 local st = redis.call('HGET', s, 'state')
 if not st then return 'missing' end
@@ -118,7 +121,7 @@ redis.call('HSET', s, 'held', add(redis.call('HGET', s, 'held'), ARGV[1]), 'last
 return 'ok'
 """
 
-_FINISH_CALL = _BIGNUM + """
+_FINISH_CALL = BIGNUM + """
 local s = KEYS[1]
 if not redis.call('HGET', s, 'state') then return 0 end
 redis.call('HSET', s, 'held', sub(redis.call('HGET', s, 'held'), ARGV[1]),
@@ -170,11 +173,9 @@ class RedisSessionStore:
     def _k(self, id: str) -> str:
         return f"{self._p}session:{{{id}}}"
 
+    @_errors
     async def _call(self, coro):
-        try:
-            return await coro
-        except RedisError as exc:
-            raise SessionStoreUnavailableError(f"redis: {exc}") from exc
+        return await coro
 
     async def open(self, session: Session, *, first_hold: int, due_at: float) -> None:
         fields = {
@@ -206,7 +207,7 @@ class RedisSessionStore:
         res = await self._call(self._claim(keys=[self._k(id)], args=[repr(now), "1" if force else "0", repr(lease_s)]))
         if not res:
             return None
-        return _session_from(dict(zip(res[::2], res[1::2])))
+        return _session_from(hash_fields(res))
 
     async def finish_settlement(self, id: str, *, state: SessionState, tx: str, result: str, retry_at: float | None) -> None:
         await self._call(self._r.hset(self._k(id), mapping={"state": state.value, "tx": tx, "result": result}))
@@ -221,6 +222,10 @@ class RedisSessionStore:
     async def get(self, id: str) -> Session | None:
         fields = await self._call(self._r.hgetall(self._k(id)))
         return _session_from(fields) if fields else None
+
+    @_errors
+    async def ping(self) -> None:
+        await self._r.ping()
 
     async def close(self) -> None:
         await self._r.aclose()
@@ -242,7 +247,8 @@ _COLS = ("id, payer, network, asset, cap, accrued, held, calls, deadline, last_u
 
 class SQLiteSessionStore:
     def __init__(self, path: str) -> None:
-        self._db = connect_sqlite(path, _SCHEMA)
+        with _errors:
+            self._db = connect_sqlite(path, _SCHEMA)
 
     def _row(self, id: str) -> Session | None:
         r = self._db.execute(f"SELECT {_COLS} FROM sessions WHERE id = ?", (id,)).fetchone()
@@ -289,6 +295,7 @@ class SQLiteSessionStore:
                 (str(max(0, s.held - held)), str(s.accrued + charge), now, due_at, id))
         self._tx(run)
 
+    @_errors
     async def due(self, *, now: float, limit: int = 50) -> list[str]:
         rows = self._db.execute("SELECT id FROM sessions WHERE due_at IS NOT NULL AND due_at <= ? ORDER BY due_at LIMIT ?",
                                 (now, limit)).fetchall()
@@ -315,20 +322,23 @@ class SQLiteSessionStore:
     async def reschedule(self, id: str, due_at: float) -> None:
         self._tx(lambda: self._db.execute("UPDATE sessions SET due_at = ? WHERE id = ?", (due_at, id)))
 
+    @_errors
     async def get(self, id: str) -> Session | None:
-        try:
-            return self._row(id)
-        except sqlite3.Error as exc:
-            raise SessionStoreUnavailableError(str(exc)) from exc
+        return self._row(id)
+
+    @_errors
+    async def ping(self) -> None:
+        self._db.execute("SELECT 1")
 
     async def close(self) -> None:
         self._db.close()
 
 
 def open_sessions(url: str, *, prefix: str = "x402gw:") -> SessionStore:
-    if is_redis_url(url):
-        return RedisSessionStore.from_url(url, prefix=prefix)
-    if url.startswith("sqlite://") or url == "memory://":
-        path = ":memory:" if url == "memory://" else url.removeprefix("sqlite://").replace(".sqlite3", "") + "-sessions.sqlite3"
-        return SQLiteSessionStore(path)
-    raise ValueError(f"unsupported store URL scheme: {url.split(':', 1)[0]!r}")
+    """Beside the payment records, in a file of its own on SQLite (`….sqlite3` -> `…-sessions.sqlite3`)."""
+    return storage.open_url(url, sqlite=lambda path: SQLiteSessionStore(_own_file(path)),
+                            redis=lambda r: RedisSessionStore(r, prefix=prefix))
+
+
+def _own_file(path: str) -> str:
+    return path if path == ":memory:" else path.replace(".sqlite3", "") + "-sessions.sqlite3"

@@ -23,11 +23,16 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from storage import BackendErrors, redis_from_url
+
 ChainCount = Callable[[], Awaitable[int]]
 
 
 class NonceUnavailableError(Exception):
     """The shared nonce state could not be reached or locked in time: nothing was sent."""
+
+
+_errors = BackendErrors(NonceUnavailableError)
 
 
 class Nonces(Protocol):
@@ -88,8 +93,6 @@ class RedisNonces:
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "x402:") -> "RedisNonces":
-        from facilitator.store.redis_client import redis_from_url
-
         return cls(redis_from_url(url, max_connections=32), prefix=prefix)
 
     def _k(self, key: str, what: str) -> str:
@@ -102,14 +105,12 @@ class RedisNonces:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._wait
         delay = 0.001
-        try:
+        with _errors:
             while not await self._r.set(lock, token, nx=True, px=self._ttl):
                 if loop.time() > deadline:
                     raise NonceUnavailableError(f"signer {key} stayed locked for {self._wait}s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.02)
-        except RedisError as exc:
-            raise NonceUnavailableError(f"redis: {exc}") from exc
         try:
             yield
         finally:
@@ -117,20 +118,16 @@ class RedisNonces:
                 await self._unlock(keys=[lock], args=[token])
 
     async def current(self, key: str, chain_count: ChainCount) -> int:
-        try:
+        with _errors:
             stored = await self._r.get(self._k(key, "next"))
-        except RedisError as exc:
-            raise NonceUnavailableError(f"redis: {exc}") from exc
         chain = await chain_count()
         # The chain's pending count catches up with transactions any process sent; the stored
         # counter covers ones a load-balanced RPC node has not seen yet.
         return max(chain, int(stored)) if stored is not None else chain
 
     async def advance(self, key: str, used: int) -> None:
-        try:
+        with _errors:
             await self._r.set(self._k(key, "next"), used + 1, ex=86_400)
-        except RedisError as exc:
-            raise NonceUnavailableError(f"redis: {exc}") from exc
 
     async def reset(self, key: str) -> None:
         with contextlib.suppress(RedisError):

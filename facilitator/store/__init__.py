@@ -1,3 +1,4 @@
+import storage
 from facilitator.store.base import (
     TERMINAL,
     ClaimResult,
@@ -21,15 +22,7 @@ __all__ = [
 def open_store(url: str, *, prefix: str = "x402:") -> SettlementStore:
     """`redis://…`, `redis+sentinel://…`, `redis+cluster://…` -> RedisSettlementStore;
     `sqlite:///path` or `memory://` -> SQLiteSettlementStore (the embedded default)."""
-    from facilitator.store.redis_client import is_redis_url
+    from facilitator.store.redis_store import RedisSettlementStore
+    from facilitator.store.sqlite_store import SQLiteSettlementStore
 
-    if is_redis_url(url):
-        from facilitator.store.redis_store import RedisSettlementStore
-
-        return RedisSettlementStore.from_url(url, prefix=prefix)
-    if url.startswith("sqlite://") or url == "memory://":
-        from facilitator.store.sqlite_store import SQLiteSettlementStore
-
-        path = ":memory:" if url == "memory://" else url.removeprefix("sqlite://")
-        return SQLiteSettlementStore(path)
-    raise ValueError(f"unsupported store URL scheme: {url.split(':', 1)[0]!r}")
+    return storage.open_url(url, sqlite=SQLiteSettlementStore, redis=lambda r: RedisSettlementStore(r, prefix=prefix))

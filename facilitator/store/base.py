@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
+import storage
+
 
 class SettlementState(StrEnum):
     CLAIMED = "claimed"  # a process is settling it; no transaction has been broadcast yet
@@ -42,8 +44,8 @@ class ClaimResult:
     record: SettlementRecord | None  # the existing record when not won
 
 
-class StoreUnavailableError(Exception):
-    """The store could not be reached; callers must fail closed."""
+class StoreUnavailableError(storage.StoreUnavailableError):
+    """The settlement store could not be reached; callers must fail closed."""
 
 
 class SettlementStore(Protocol):

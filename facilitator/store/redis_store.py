@@ -9,22 +9,15 @@ is finished, so a reconciler can always find a broadcast that a crashed process 
 from __future__ import annotations
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from facilitator.store.base import ClaimResult, SettlementRecord, SettlementState, StoreUnavailableError
+from storage import BackendErrors, redis_from_url
+from storage.lua import CLAIM_WITH_LEASE, claim_args, hash_fields
 
-_CLAIM = """
-local st = redis.call('HGET', KEYS[1], 'state')
-if (not st) or (st == 'claimed' and tonumber(redis.call('HGET', KEYS[1], 'lease_until_ms')) < tonumber(ARGV[2])) then
-  redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'state', 'claimed',
-             'lease_until_ms', tonumber(ARGV[2]) + tonumber(ARGV[3]), 'updated_ms', ARGV[2])
-  -- a claim that is never submitted disappears on its own; a submitted one never expires
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 20)
-  return 1
-end
-return redis.call('HGETALL', KEYS[1])
-"""
+_errors = BackendErrors(StoreUnavailableError)
+# A claim that is never submitted disappears on its own after this many leases; a submitted one
+# never expires.
+_CLAIM_TTL_LEASES = 20
 
 _SUBMIT = """
 local st = redis.call('HGET', KEYS[1], 'state')
@@ -73,84 +66,67 @@ class RedisSettlementStore:
         self._prefix = prefix
         self._retention_ms = retention_s * 1000
         self._index = f"{prefix}settle:unfinished"
-        self._claim = client.register_script(_CLAIM)
+        self._claim = client.register_script(CLAIM_WITH_LEASE)
         self._submit = client.register_script(_SUBMIT)
         self._finish = client.register_script(_FINISH)
         self._release = client.register_script(_RELEASE)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "x402:") -> "RedisSettlementStore":
-        from facilitator.store.redis_client import redis_from_url
-
         return cls(redis_from_url(url), prefix=prefix)
 
     def _key(self, key: str) -> str:
         # The braces are a Cluster hash tag: the record is addressed by its own slot.
         return f"{self._prefix}settle:{{{key}}}"
 
+    @_errors
     async def claim(self, key: str, digest: str, *, now_ms: int, lease_ms: int) -> ClaimResult:
-        try:
-            res = await self._claim(keys=[self._key(key)], args=[digest, now_ms, lease_ms])
-        except RedisError as exc:
-            raise StoreUnavailableError(f"redis: {exc}") from exc
+        args = claim_args(SettlementState.CLAIMED.value, now_ms=now_ms, lease_ms=lease_ms,
+                          ttl_ms=lease_ms * _CLAIM_TTL_LEASES, fields={"digest": digest, "updated_ms": now_ms})
+        res = await self._claim(keys=[self._key(key)], args=args)
         if res == 1:
             return ClaimResult(won=True, record=None)
-        fields = dict(zip(res[::2], res[1::2]))
-        return ClaimResult(won=False, record=_record(key, fields))
+        return ClaimResult(won=False, record=_record(key, hash_fields(res)))
 
+    @_errors
     async def mark_submitted(
         self, key: str, digest: str, *, tx_hash: str, raw_tx: str, signer: str, response: str, now_ms: int
     ) -> None:
-        try:
-            await self._redis.zadd(self._index, {key: now_ms})
-            ok = await self._submit(keys=[self._key(key)], args=[digest, tx_hash, raw_tx, signer, response, now_ms])
-        except RedisError as exc:
-            raise StoreUnavailableError(f"redis: {exc}") from exc
+        await self._redis.zadd(self._index, {key: now_ms})
+        ok = await self._submit(keys=[self._key(key)], args=[digest, tx_hash, raw_tx, signer, response, now_ms])
         if ok != 1:
             raise StoreUnavailableError(f"settlement record {key} was not in a submittable state")
 
+    @_errors
     async def finish(self, key: str, digest: str, *, state: SettlementState, response: str, now_ms: int) -> None:
-        try:
-            await self._finish(
-                keys=[self._key(key)], args=[digest, state.value, response, now_ms, self._retention_ms]
-            )
-            await self._redis.zrem(self._index, key)
-        except RedisError as exc:
-            raise StoreUnavailableError(f"redis: {exc}") from exc
+        await self._finish(keys=[self._key(key)], args=[digest, state.value, response, now_ms, self._retention_ms])
+        await self._redis.zrem(self._index, key)
 
+    @_errors
     async def release(self, key: str, digest: str) -> None:
-        try:
-            await self._release(keys=[self._key(key)], args=[digest])
-        except RedisError as exc:
-            raise StoreUnavailableError(f"redis: {exc}") from exc
+        await self._release(keys=[self._key(key)], args=[digest])
 
+    @_errors
     async def get(self, key: str) -> SettlementRecord | None:
-        try:
-            fields = await self._redis.hgetall(self._key(key))
-        except RedisError as exc:
-            raise StoreUnavailableError(f"redis: {exc}") from exc
+        fields = await self._redis.hgetall(self._key(key))
         return _record(key, fields) if fields else None
 
+    @_errors
     async def unfinished(self, *, older_than_ms: int, limit: int = 100) -> list[SettlementRecord]:
-        try:
-            keys = await self._redis.zrangebyscore(self._index, "-inf", older_than_ms, start=0, num=limit)
-            out: list[SettlementRecord] = []
-            for key in keys:
-                rec = await self.get(key)
-                if rec is None or rec.state in (SettlementState.SETTLED, SettlementState.FAILED):
-                    await self._redis.zrem(self._index, key)
-                    continue
-                if rec.state == SettlementState.SUBMITTED or rec.lease_until_ms < older_than_ms:
-                    out.append(rec)
-            return out
-        except RedisError as exc:
-            raise StoreUnavailableError(f"redis: {exc}") from exc
+        keys = await self._redis.zrangebyscore(self._index, "-inf", older_than_ms, start=0, num=limit)
+        out: list[SettlementRecord] = []
+        for key in keys:
+            rec = await self.get(key)
+            if rec is None or rec.state in (SettlementState.SETTLED, SettlementState.FAILED):
+                await self._redis.zrem(self._index, key)
+                continue
+            if rec.state == SettlementState.SUBMITTED or rec.lease_until_ms < older_than_ms:
+                out.append(rec)
+        return out
 
+    @_errors
     async def ping(self) -> None:
-        try:
-            await self._redis.ping()
-        except RedisError as exc:
-            raise StoreUnavailableError(f"redis: {exc}") from exc
+        await self._redis.ping()
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -6,7 +6,9 @@ from __future__ import annotations
 import sqlite3
 
 from facilitator.store.base import ClaimResult, SettlementRecord, SettlementState, StoreUnavailableError
-from facilitator.store.sqlite_conn import connect_sqlite, immediate
+from storage import BackendErrors, connect_sqlite, immediate
+
+_errors = BackendErrors(StoreUnavailableError)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS settlements (
@@ -65,59 +67,47 @@ class SQLiteSettlementStore:
                 return ClaimResult(won=True, record=None)
             return ClaimResult(won=False, record=existing)
 
+    @_errors
     async def mark_submitted(
         self, key: str, digest: str, *, tx_hash: str, raw_tx: str, signer: str, response: str, now_ms: int
     ) -> None:
-        try:
-            cur = self._db.execute(
-                "UPDATE settlements SET state = ?, tx_hash = ?, raw_tx = ?, signer = ?, response = ?, updated_ms = ?"
-                " WHERE key = ? AND digest = ? AND state IN ('claimed', 'submitted')",
-                (SettlementState.SUBMITTED.value, tx_hash, raw_tx, signer, response, now_ms, key, digest),
-            )
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+        cur = self._db.execute(
+            "UPDATE settlements SET state = ?, tx_hash = ?, raw_tx = ?, signer = ?, response = ?, updated_ms = ?"
+            " WHERE key = ? AND digest = ? AND state IN ('claimed', 'submitted')",
+            (SettlementState.SUBMITTED.value, tx_hash, raw_tx, signer, response, now_ms, key, digest),
+        )
         if cur.rowcount != 1:
             raise StoreUnavailableError(f"settlement record {key} was not in a submittable state")
 
+    @_errors
     async def finish(self, key: str, digest: str, *, state: SettlementState, response: str, now_ms: int) -> None:
-        try:
-            self._db.execute(
-                "UPDATE settlements SET state = ?, response = ?, updated_ms = ? WHERE key = ? AND digest = ?",
-                (state.value, response, now_ms, key, digest),
-            )
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+        self._db.execute(
+            "UPDATE settlements SET state = ?, response = ?, updated_ms = ? WHERE key = ? AND digest = ?",
+            (state.value, response, now_ms, key, digest),
+        )
 
+    @_errors
     async def release(self, key: str, digest: str) -> None:
-        try:
-            self._db.execute(
-                "DELETE FROM settlements WHERE key = ? AND digest = ? AND state IN ('claimed', 'submitted')", (key, digest)
-            )
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+        self._db.execute(
+            "DELETE FROM settlements WHERE key = ? AND digest = ? AND state IN ('claimed', 'submitted')", (key, digest)
+        )
 
+    @_errors
     async def get(self, key: str) -> SettlementRecord | None:
-        try:
-            return self._get(key)
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+        return self._get(key)
 
+    @_errors
     async def unfinished(self, *, older_than_ms: int, limit: int = 100) -> list[SettlementRecord]:
-        try:
-            rows = self._db.execute(
-                f"SELECT {_COLUMNS} FROM settlements WHERE (state = 'submitted' AND updated_ms < ?)"
-                " OR (state = 'claimed' AND lease_until_ms < ?) ORDER BY updated_ms LIMIT ?",
-                (older_than_ms, older_than_ms, limit),
-            ).fetchall()
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM settlements WHERE (state = 'submitted' AND updated_ms < ?)"
+            " OR (state = 'claimed' AND lease_until_ms < ?) ORDER BY updated_ms LIMIT ?",
+            (older_than_ms, older_than_ms, limit),
+        ).fetchall()
         return [_row(r) for r in rows]
 
+    @_errors
     async def ping(self) -> None:
-        try:
-            self._db.execute("SELECT 1").fetchone()
-        except sqlite3.Error as exc:
-            raise StoreUnavailableError(str(exc)) from exc
+        self._db.execute("SELECT 1").fetchone()
 
     async def close(self) -> None:
         self._db.close()

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
 from budgets.models import LedgerEntry, Limit, Policy, RateLimit, Scope, resolve_windows
-from budgets.redis_store import RedisBudgetStore
-from budgets.sqlite_store import SQLiteBudgetStore
+from budgets.sqlite_store import open_budget_store
 from budgets.store import BudgetStore, Check
-from tests.conftest import REDIS_TOPOLOGIES, TestClock, redis_url_for
+from tests.conftest import TestClock
 
 NET = "eip155:84532"
 ASSET = "0x" + "11" * 20
@@ -22,14 +19,9 @@ OPG = 10**18
 UTC = ZoneInfo("UTC")
 
 
-@pytest.fixture(params=["sqlite", *REDIS_TOPOLOGIES])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BudgetStore]:
-    if request.param == "sqlite":
-        s: BudgetStore = SQLiteBudgetStore(str(tmp_path / "budgets.sqlite3"))
-    else:
-        s = RedisBudgetStore.from_url(redis_url_for(request, request.param), prefix=f"t{uuid.uuid4().hex[:8]}:")
-    yield s
-    await s.close()
+@pytest.fixture
+def store(open_backend) -> BudgetStore:
+    return open_backend(open_budget_store)
 
 
 @pytest.fixture

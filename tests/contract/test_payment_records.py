@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REDIS_TOPOLOGIES, TestClock, redis_url_for
-from gateway.records import PaymentRecord, PaymentRecords, RecordState, RedisPaymentRecords, SQLitePaymentRecords
+from gateway.records import PaymentRecord, PaymentRecords, RecordState, open_records
+from tests.conftest import TestClock
 
 
-@pytest.fixture(params=["sqlite", *REDIS_TOPOLOGIES])
-async def records(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[PaymentRecords]:
-    if request.param == "sqlite":
-        r: PaymentRecords = SQLitePaymentRecords(str(tmp_path / "records.sqlite3"))
-    else:
-        r = RedisPaymentRecords.from_url(redis_url_for(request, request.param), prefix=request.getfixturevalue("redis_prefix"))
-    yield r
-    await r.close()
+@pytest.fixture
+def records(open_backend) -> PaymentRecords:
+    return open_backend(open_records)
 
 
 @pytest.fixture

@@ -4,32 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 
-from gateway.sessions import (
-    HoldOutcome,
-    RedisSessionStore,
-    Session,
-    SessionState,
-    SessionStore,
-    SQLiteSessionStore,
-)
-from tests.conftest import REDIS_TOPOLOGIES, TestClock, redis_url_for
+from gateway.sessions import HoldOutcome, Session, SessionState, SessionStore, open_sessions
+from tests.conftest import TestClock
 
 OPG = 10**18
 
 
-@pytest.fixture(params=["sqlite", *REDIS_TOPOLOGIES])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SessionStore]:
-    if request.param == "sqlite":
-        s: SessionStore = SQLiteSessionStore(str(tmp_path / "sessions.sqlite3"))
-    else:
-        s = RedisSessionStore.from_url(redis_url_for(request, request.param), prefix=f"s{uuid.uuid4().hex[:8]}:")
-    yield s
-    await s.close()
+@pytest.fixture
+def store(open_backend) -> SessionStore:
+    return open_backend(open_sessions)
 
 
 @pytest.fixture

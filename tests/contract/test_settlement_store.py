@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -11,19 +10,14 @@ import pytest
 from facilitator.store import SettlementState, SettlementStore, open_store
 from facilitator.store.redis_store import RedisSettlementStore
 from facilitator.store.sqlite_store import SQLiteSettlementStore
-from tests.conftest import REDIS_TOPOLOGIES, TestClock, redis_url_for
+from tests.conftest import TestClock
 
 LEASE = 60_000
 
 
-@pytest.fixture(params=["sqlite", *REDIS_TOPOLOGIES])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SettlementStore]:
-    if request.param == "sqlite":
-        s: SettlementStore = SQLiteSettlementStore(str(tmp_path / "settle.sqlite3"))
-    else:
-        s = RedisSettlementStore.from_url(redis_url_for(request, request.param), prefix=request.getfixturevalue("redis_prefix"))
-    yield s
-    await s.close()
+@pytest.fixture
+def store(open_backend) -> SettlementStore:
+    return open_backend(open_store)
 
 
 @pytest.fixture

@@ -643,3 +643,8 @@ async def test_a_session_call_is_never_charged_less_than_its_usage_costs(devchai
     done = await wait_session(g, r.headers[SESSION], timeout_s=10)
     assert done["state"] == "settled" and money.moved()[1] == charge
     assert charge == cost, f"served a call costing {cost} for {charge} (cap {offer.amount})"
+
+
+async def test_readyz_checks_the_session_store(small_cap: dict) -> None:
+    r = await call(small_cap["gateways"][0].url + "/readyz", method="GET")
+    assert r.status == 200 and r.json()["checks"]["sessions"] == "ok", r

@@ -18,7 +18,7 @@ import pytest
 helm = pytest.importorskip("helm_python", reason="needs the test dependency helm-python-sdk")
 yaml = pytest.importorskip("yaml", reason="needs PyYAML")
 
-from facilitator.store.redis_client import is_redis_url  # noqa: E402
+from storage import is_redis_url  # noqa: E402
 from tests.helm.chart import (  # noqa: E402
     CHART_DIR,
     CI_DIR,

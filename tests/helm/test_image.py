@@ -82,7 +82,8 @@ def test_build_context_keeps_what_the_dockerfile_copies():
             if instruction.startswith("COPY ") and "--from=" not in instruction:
                 args = [a for a in instruction.split()[1:] if not a.startswith("--")]
                 copied += args[:-1]
-    assert {"pyproject.toml", "README.md", "facilitator", "budgets", "gateway", "deploy/docker/entrypoint.sh"} <= set(copied)
+    assert {"pyproject.toml", "README.md", "storage", "facilitator", "budgets", "gateway",
+            "deploy/docker/entrypoint.sh"} <= set(copied)
     for source in copied:
         assert (ROOT / source).exists(), source
         assert not _ignored(source, patterns), f"{source} is excluded by .dockerignore"
@@ -104,7 +105,7 @@ def clean_venv(tmp_path_factory) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
-    for package in ("facilitator", "budgets", "gateway"):
+    for package in ("storage", "facilitator", "budgets", "gateway"):
         shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     quiet = ["--quiet", "--disable-pip-version-check"]
     subprocess.run([sys.executable, "-m", "pip", "wheel", *quiet, "--no-deps", str(src), "-w", str(dist)],

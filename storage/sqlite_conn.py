@@ -10,6 +10,8 @@ import os
 import sqlite3
 from collections.abc import Iterator
 
+from storage.errors import BackendErrors
+
 
 def connect_sqlite(path: str, schema: str) -> sqlite3.Connection:
     """`path` ":memory:" for a private in-memory store. Raises sqlite3.Error."""
@@ -28,18 +30,11 @@ def immediate(db: sqlite3.Connection, unavailable: type[Exception]) -> Iterator[
     """One BEGIN IMMEDIATE transaction (the write lock taken up front, so check-then-write is
     atomic across processes sharing the file): committed when the block ends, returns included;
     rolled back on any error. SQLite errors become the store's `unavailable` error."""
-    try:
+    with BackendErrors(unavailable):
         db.execute("BEGIN IMMEDIATE")
-    except sqlite3.Error as exc:
-        raise unavailable(str(exc)) from exc
-    try:
-        yield
-    except BaseException as exc:
-        db.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.Error):
-            raise unavailable(str(exc)) from exc
-        raise
-    try:
+        try:
+            yield
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
         db.execute("COMMIT")
-    except sqlite3.Error as exc:
-        raise unavailable(str(exc)) from exc
