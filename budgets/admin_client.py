@@ -28,7 +28,7 @@ class AdminApiError(Exception):
     """The API refused (`status` >= 400, `error` its code, `errors` its field errors) or could not
     be reached (`status` 0)."""
 
-    def __init__(self, message: str, errors: list[dict] | None = None, *, status: int = 0,
+    def __init__(self, message: str, errors: list[dict[str, Any]] | None = None, *, status: int = 0,
                  error: str | None = None) -> None:
         super().__init__(message)
         self.errors = errors or []

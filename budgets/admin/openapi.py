@@ -19,7 +19,7 @@ _PARAMS = {
     "network": {"type": "string", "pattern": "^eip155:[0-9]+$"},
     "group": {"type": "string", "pattern": GROUP_ID.pattern},
 }
-_QUERY = {
+_QUERY: dict[str, dict[str, dict]] = {
     "list_policies": {"agent": _PARAMS["address"], "group": _PARAMS["group"]},
     "usage": {"network": _PARAMS["network"], "asset": _PARAMS["asset"]},
     "ledger": {"agent": _PARAMS["address"],

@@ -48,8 +48,8 @@ class ResponseBodies:
 
     def policy_item(self, kind: str, owner: str, policy: Policy) -> dict:
         limits = [self._display(lim.amount, policy.network, policy.asset) for lim in policy.limits]
-        per_call = policy.per_call_max
-        per_call = None if per_call is None else self._display(per_call, policy.network, policy.asset)
+        cap = policy.per_call_max
+        per_call = None if cap is None else self._display(cap, policy.network, policy.asset)
         return {"kind": kind, "id": owner, "policy": policy_doc(policy),
                 "display": {"limits": limits, "per_call_max": per_call}}
 

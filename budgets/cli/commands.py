@@ -69,7 +69,8 @@ def apply_options(policy: dict[str, Any], args: argparse.Namespace, amount: Call
         policy["allowed_routes"] = parse_list(args.routes)
     rate = policy.get("rate_limit")
     if args.rate is not None:
-        rate = None if args.rate == "none" else {"per_minute": parse_rate(args.rate), "burst": (rate or {}).get("burst", 0)}
+        rate = None if args.rate == "none" else {"per_minute": parse_rate(args.rate),
+                                                 "burst": (rate or {}).get("burst", 0)}
     if args.burst is not None:
         if rate is None:
             raise UsageError("--burst needs a rate limit (--rate N/min)")

@@ -94,7 +94,8 @@ def parse_amount(text: str, *, decimals: int | None, unit: tuple[str, int] | Non
             raise UsageError(f"{text!r}: unit {symbol} does not match ({known}); use base units or --decimals")
         decimals = unit[1]
     elif "." in number and decimals is None:
-        raise UsageError(f"{text!r} is not a whole number of base units; give --decimals D or a unit (e.g. {number}USDC)")
+        raise UsageError(f"{text!r} is not a whole number of base units; give --decimals D or a unit"
+                         f" (e.g. {number}USDC)")
     if decimals is None:
         return int(number)
     with localcontext() as ctx:
@@ -113,7 +114,8 @@ def parse_when(text: str, now: float) -> str:
     try:
         dt.datetime.fromisoformat(text)
     except ValueError:
-        raise UsageError(f"{text!r}: give ISO 8601 (2026-01-31T12:00Z), unix seconds, or an age like 1h, 24h, 7d") from None
+        raise UsageError(f"{text!r}: give ISO 8601 (2026-01-31T12:00Z), unix seconds,"
+                         " or an age like 1h, 24h, 7d") from None
     return text
 
 

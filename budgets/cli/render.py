@@ -4,6 +4,7 @@ decimals) are passed in."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from budgets.amounts import Assets, format_units, symbol_of
 
@@ -15,19 +16,19 @@ LEDGER_HEADERS = ("TIME", "AGENT", "GROUP", "ROUTE", "MODEL", "AMOUNT", "TX")
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     lines = [headers, *rows]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 
 
 def _amount(base: str | int | None, shown: str | None) -> str:
     return "-" if base is None else (shown or str(base))
 
 
-def policies_table(items: list[dict], assets: Assets) -> str:
+def policies_table(items: list[dict[str, Any]], assets: Assets) -> str:
     rows = []
     for it in items:
         p, d = it["policy"], it["display"]
         limits = ", ".join(f"{_amount(lim['amount'], shown)}/{lim['period']}{' rolling' if lim['rolling'] else ''}"
-                           for lim, shown in zip(p["limits"], d["limits"])) or "-"
+                           for lim, shown in zip(p["limits"], d["limits"], strict=False)) or "-"
         rate = p["rate_limit"]
         rows.append([it["kind"], it["id"], p["network"], symbol_of(p["network"], p["asset"], assets), limits,
                      _amount(p["per_call_max"], d["per_call_max"]),
@@ -38,7 +39,7 @@ def policies_table(items: list[dict], assets: Assets) -> str:
     return table(POLICY_HEADERS, rows)
 
 
-def usage_text(doc: dict, assets: Assets) -> str:
+def usage_text(doc: dict[str, Any], assets: Assets) -> str:
     """A line for the agent, one per policy, then the windows' table."""
     rows = [[b["network"], symbol_of(b["network"], b["asset"], assets), b["scope"], b["scope_id"],
              b["period"] + (" rolling" if b["rolling"] else ""), _amount(b["limit"], b["limit_display"]),
@@ -55,13 +56,13 @@ def usage_text(doc: dict, assets: Assets) -> str:
     return "\n".join(head) + "\n" + (table(USAGE_HEADERS, rows) if rows else "no spend limits")
 
 
-def suspension_text(doc: dict, assets: Assets) -> str:
+def suspension_text(doc: dict[str, Any], assets: Assets) -> str:
     return "\n".join(
         f"{doc['kind']} {doc['id']} {'suspended' if doc['suspended'] else 'resumed'} on {it['policy']['network']}"
         f" {symbol_of(it['policy']['network'], it['policy']['asset'], assets)}" for it in doc["policies"])
 
 
-def ledger_text(entries: list[dict], assets: Assets) -> str:
+def ledger_text(entries: list[dict[str, Any]], assets: Assets) -> str:
     """The entries' table (when there are any), then a count and the total per network and asset."""
     rows = [[e["ts"], e["agent"], e["group"] or "-", e["route"], e["model"] or "-",
              _amount(e["amount"], e["amount_display"]), e["tx_hash"]] for e in entries]
