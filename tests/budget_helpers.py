@@ -21,6 +21,7 @@ from x402 import x402Client
 from x402.mechanisms.evm.exact.register import register_exact_evm_client
 from x402.schemas import PaymentRequired, PaymentRequirements, ResourceInfo
 
+from budgets.admin_client import AdminClient
 from facilitator.devchain import JsonRpc, calldata
 from facilitator.x402.headers import decode_payment_required, decode_payment_response, encode_payment_payload
 from facilitator.x402.types import PaymentPayload, SettleResponse
@@ -188,22 +189,23 @@ async def sign_payments(account: LocalAccount, requirement: dict[str, Any], n: i
 
 
 class Admin:
+    """A gateway's admin API through AdminClient, with the reads the budget tests assert on."""
+
     def __init__(self, gateway_url: str, token: str = ADMIN_TOKEN, prefix: str = "/admin") -> None:
         self.base = gateway_url + prefix
-        self.headers = {"Authorization": f"Bearer {token}"}
+        self.token = token
 
     async def get(self, path: str, **params: str) -> Any:
         """GET with the token; a 503 (the budget store briefly unreachable, e.g. a pooled connection
         gone stale across a Redis restart) is retried a few times."""
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        async with AdminClient(self.base, self.token, timeout_s=10) as client:
             for attempt in range(10):
-                async with http.get(self.base + path, params=params, headers=self.headers) as r:
-                    status, body = r.status, await r.read()
-                if status != 503 or attempt == 9:
+                reply = await client.request("GET", path, query=params, check=False)
+                if reply.status != 503 or attempt == 9:
                     break
                 await asyncio.sleep(0.2)
-        assert status == 200, (status, body[:400])
-        return json.loads(body)
+        assert reply.status == 200, (reply.status, reply.raw[:400])
+        return reply.json()
 
     async def usage(self, agent: str) -> dict[str, Any]:
         """The agent's own daily budget row: limit, spent, reserved, remaining as ints."""

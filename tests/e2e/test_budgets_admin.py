@@ -23,6 +23,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from budgets.admin import create_admin_app
+from budgets.admin_client import AdminApiError, AdminClient, Owner
 from budgets.enforcer import BudgetEnforcer
 from budgets.models import DefaultPolicy, Limit, Policy, Refusal
 from budgets.redis_store import RedisBudgetStore
@@ -37,6 +38,7 @@ DENIED = "0x" + "22" * 20  # an asset whose unlisted wallets are denied
 OPG = 10**18
 BIG = 20 * OPG + 1  # > 2^64: exact only as a string
 AGENT = "0x" + "a1" * 20
+ME = Owner.agent(AGENT)
 ROUTE = "POST /v1/chat/completions"
 
 
@@ -68,10 +70,14 @@ class Clock:
 
 @dataclass
 class Admin:
+    """`client` for the API's calls; `call` for raw requests whose status, headers or bytes a
+    test looks at (any token, any body)."""
+
     url: str
     enforcer: BudgetEnforcer
     clock: Clock
     session: aiohttp.ClientSession
+    client: AdminClient
 
     async def call(self, method: str, path: str, *, token: str | None = TOKEN, body: Any = None,
                    data: bytes | None = None) -> tuple[int, Any, aiohttp.typedefs.LooseHeaders]:
@@ -85,9 +91,7 @@ class Admin:
             return resp.status, doc, resp.headers
 
     async def policies(self) -> Any:
-        status, doc, _ = await self.call("GET", "/v1/policies")
-        assert status == 200
-        return doc
+        return (await self.client.policies()).json()
 
 
 def agent_path(agent: str = AGENT, network: str = NET, asset: str = ASSET) -> str:
@@ -119,7 +123,8 @@ async def running(enforcer: BudgetEnforcer, clock: Clock, token: SecretStr | Non
     admin_app = create_admin_app(enforcer, token, assets={(NET, ASSET): ("OPG", 18)})
     async with serve(Starlette(routes=[Mount("/admin", app=admin_app)])) as base:
         async with aiohttp.ClientSession() as session:
-            yield Admin(base + "/admin", enforcer, clock, session)
+            url = base + "/admin"
+            yield Admin(url, enforcer, clock, session, AdminClient(url, TOKEN, session=session))
 
 
 @pytest.fixture
@@ -139,7 +144,7 @@ async def spend(admin: Admin, agent: str, amount: int, rid: str | None = None) -
 
 
 async def test_missing_or_wrong_token_is_refused_and_changes_nothing(admin: Admin) -> None:
-    assert (await admin.call("PUT", agent_path(), body={"limits": [{"period": "day", "amount": "5"}]}))[0] == 201
+    assert (await admin.client.put_policy(ME, NET, ASSET, {"limits": [{"period": "day", "amount": "5"}]})).status == 201
     before = await admin.policies()
     for token, error in ((None, "unauthorized"), ("wrong", "invalid_token"), ("", "unauthorized")):
         for method, path, body in (("PUT", agent_path(), {"limits": []}), ("DELETE", agent_path(), None),
@@ -177,43 +182,48 @@ async def test_agent_and_group_policies_round_trip(admin: Admin) -> None:
     body = {"limits": [{"period": "day", "amount": str(BIG)}, {"period": "hour", "amount": 5 * OPG, "rolling": True}],
             "per_call_max": "200000000000000000", "allowed_models": ["gpt-4o"], "rate_limit": {"per_minute": 60,
             "burst": 10}, "group": "team-a"}  # fmt: skip
-    mixed_case = agent_path(AGENT.upper().replace("0X", "0x"), asset=ASSET.upper().replace("0X", "0x"))
-    status, doc, _ = await admin.call("PUT", mixed_case, body=body)
-    assert status == 201
+    reply = await admin.client.put_policy(Owner.agent(AGENT.upper().replace("0X", "0x")), NET,
+                                          ASSET.upper().replace("0X", "0x"), body)
+    doc = reply.json()
+    assert reply.status == 201
     assert doc["kind"] == "agent" and doc["id"] == AGENT
     assert doc["policy"]["network"] == NET and doc["policy"]["asset"] == ASSET  # filled from the path
     assert [lim["amount"] for lim in doc["policy"]["limits"]] == [str(BIG), str(5 * OPG)]
     assert doc["display"] == {"limits": ["20.000000000000000001 OPG", "5 OPG"], "per_call_max": "0.2 OPG"}
     assert doc["policy"]["per_call_max"] == "200000000000000000"
 
-    status, again, _ = await admin.call("PUT", agent_path(), body=doc["policy"])  # the echo is a valid body
-    assert status == 200 and again == doc
-    status, got, _ = await admin.call("GET", agent_path())
-    assert status == 200 and got == doc
+    again = await admin.client.put_policy(ME, NET, ASSET, doc["policy"])  # the echo is a valid body
+    assert again.status == 200 and again.json() == doc
+    assert (await admin.client.get_policy(ME, NET, ASSET)).json() == doc
 
+    team = Owner.group("team-a")
     group = {"network": NET, "asset": ASSET, "limits": [{"period": "month", "amount": "1000000"}]}
-    status, gdoc, _ = await admin.call("PUT", f"/v1/groups/team-a/policies/{NET}/{ASSET}", body=group)
-    assert status == 201 and gdoc["kind"] == "group" and gdoc["id"] == "team-a"
+    reply = await admin.client.put_policy(team, NET, ASSET, group)
+    gdoc = reply.json()
+    assert reply.status == 201 and gdoc["kind"] == "group" and gdoc["id"] == "team-a"
     assert gdoc["display"]["limits"] == ["0.000000000001 OPG"]
     listed = (await admin.policies())["policies"]
     assert {(p["kind"], p["id"]) for p in listed} == {("agent", AGENT), ("group", "team-a")}
-    status, only, _ = await admin.call("GET", "/v1/policies?group=team-a")
+    only = (await admin.client.policies(group="team-a")).json()
     assert [p["id"] for p in only["policies"]] == ["team-a"]
 
-    assert (await admin.call("DELETE", f"/v1/groups/team-a/policies/{NET}/{ASSET}"))[0] == 204
-    assert (await admin.call("GET", f"/v1/groups/team-a/policies/{NET}/{ASSET}"))[0] == 404
-    assert (await admin.call("DELETE", f"/v1/groups/team-a/policies/{NET}/{ASSET}"))[0] == 404
-    assert (await admin.call("DELETE", agent_path()))[0] == 204
-    status, doc, _ = await admin.call("GET", agent_path())
-    assert status == 404 and doc["error"] == "not_found"
+    assert (await admin.client.delete_policy(team, NET, ASSET)).status == 204
+    for gone in (admin.client.get_policy(team, NET, ASSET), admin.client.delete_policy(team, NET, ASSET)):
+        with pytest.raises(AdminApiError) as refused:
+            await gone
+        assert (refused.value.status, refused.value.error) == (404, "not_found")
+    assert (await admin.client.delete_policy(ME, NET, ASSET)).status == 204
+    with pytest.raises(AdminApiError) as refused:
+        await admin.client.get_policy(ME, NET, ASSET)
+    assert (refused.value.status, refused.value.error) == (404, "not_found")
     assert (await admin.policies())["policies"] == []
 
 
 async def test_a_policy_change_applies_at_once(admin: Admin) -> None:
     agent = new_agent()
-    await admin.call("PUT", agent_path(agent), body={"limits": [{"period": "day", "amount": "100"}]})
+    await admin.client.put_policy(Owner.agent(agent), NET, ASSET, {"limits": [{"period": "day", "amount": "100"}]})
     await admin.enforcer.precheck(agent, NET, ASSET, ROUTE, "m")  # the policy is now cached for 1 s
-    await admin.call("PUT", agent_path(agent), body={"limits": [], "allowed_models": ["other"]})
+    await admin.client.put_policy(Owner.agent(agent), NET, ASSET, {"limits": [], "allowed_models": ["other"]})
     with pytest.raises(Refusal) as refused:
         await admin.enforcer.precheck(agent, NET, ASSET, ROUTE, "m")
     assert refused.value.reason == "model_not_allowed"
@@ -284,23 +294,24 @@ async def test_bad_query_parameters_get_422(admin: Admin) -> None:
 
 async def test_usage_shows_spent_reserved_remaining_and_reset(admin: Admin) -> None:
     agent = new_agent()
-    await admin.call("PUT", agent_path(agent), body={"limits": [{"period": "day", "amount": str(50 * OPG)},
-                                                                {"period": "hour", "amount": str(40 * OPG), "rolling": True}],
-                                                     "group": "team-u", "rate_limit": {"per_minute": 60}})
-    await admin.call("PUT", f"/v1/groups/team-u/policies/{NET}/{ASSET}",
-                     body={"limits": [{"period": "week", "amount": str(100 * OPG)}]})
+    limits = [{"period": "day", "amount": str(50 * OPG)}, {"period": "hour", "amount": str(40 * OPG), "rolling": True}]
+    await admin.client.put_policy(Owner.agent(agent), NET, ASSET,
+                                  {"limits": limits, "group": "team-u", "rate_limit": {"per_minute": 60}})
+    await admin.client.put_policy(Owner.group("team-u"), NET, ASSET,
+                                  {"limits": [{"period": "week", "amount": str(100 * OPG)}]})
     await spend(admin, agent, BIG)
     held = await admin.enforcer.reserve(agent, NET, ASSET, 3 * OPG, ROUTE, "gpt-4o", "pending")
 
-    status, doc, _ = await admin.call("GET", f"/v1/agents/{agent}/usage")
-    assert status == 200 and doc["agent"] == agent and doc["suspended"] is False
+    doc = (await admin.client.usage(agent)).json()
+    assert doc["agent"] == agent and doc["suspended"] is False
     assert doc["rate_limit"] == {"per_minute": 60, "burst": 0}
     rows = {(b["scope"], b["period"]): b for b in doc["budgets"]}
     assert set(rows) == {("agent", "day"), ("agent", "hour"), ("group", "week")}
     day = rows[("agent", "day")]
     assert (day["limit"], day["spent"], day["reserved"], day["remaining"]) == (
         str(50 * OPG), str(BIG), str(3 * OPG), str(50 * OPG - BIG - 3 * OPG))
-    assert day["spent_display"] == "20.000000000000000001 OPG" and day["remaining_display"] == "26.999999999999999999 OPG"
+    assert day["spent_display"] == "20.000000000000000001 OPG"
+    assert day["remaining_display"] == "26.999999999999999999 OPG"
     now = dt.datetime.now(dt.UTC)
     midnight = (now + dt.timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     assert day["resets_at"] == midnight.isoformat().replace("+00:00", "Z")
@@ -310,75 +321,77 @@ async def test_usage_shows_spent_reserved_remaining_and_reset(admin: Admin) -> N
     assert dt.datetime.fromisoformat(week["resets_at"]).weekday() == 0  # ISO weeks end on Monday 00:00
 
     await admin.enforcer.release(held)
-    status, doc, _ = await admin.call("GET", f"/v1/agents/{agent}/usage?network={NET}&asset={ASSET}")
+    doc = (await admin.client.usage(agent, network=NET, asset=ASSET)).json()
     assert {b["reserved"] for b in doc["budgets"]} == {"0"}
 
     stranger = new_agent()  # unlisted: the default budget applies, only when asked for an asset
-    status, doc, _ = await admin.call("GET", f"/v1/agents/{stranger}/usage?network={NET}&asset={ASSET}")
-    assert status == 200 and doc["policies"][0]["listed"] is False and doc["budgets"][0]["limit"] == str(OPG)
-    status, doc, _ = await admin.call("GET", f"/v1/agents/{stranger}/usage")
-    assert status == 404 and "network and asset" in doc["message"]
-    status, doc, _ = await admin.call("GET", f"/v1/agents/{stranger}/usage?network={NET}&asset={DENIED}")
-    assert status == 404 and doc["error"] == "agent_not_allowed"
+    doc = (await admin.client.usage(stranger, network=NET, asset=ASSET)).json()
+    assert doc["policies"][0]["listed"] is False and doc["budgets"][0]["limit"] == str(OPG)
+    with pytest.raises(AdminApiError) as refused:
+        await admin.client.usage(stranger)
+    assert refused.value.status == 404 and "network and asset" in str(refused.value)
+    with pytest.raises(AdminApiError) as refused:
+        await admin.client.usage(stranger, network=NET, asset=DENIED)
+    assert (refused.value.status, refused.value.error) == (404, "agent_not_allowed")
 
 
 async def test_suspend_and_resume(admin: Admin) -> None:
     agent = new_agent()
-    await admin.call("PUT", agent_path(agent), body={"limits": [{"period": "day", "amount": "100"}]})
+    who = Owner.agent(agent)
+    await admin.client.put_policy(who, NET, ASSET, {"limits": [{"period": "day", "amount": "100"}]})
     await admin.enforcer.precheck(agent, NET, ASSET, ROUTE, None)  # cached as active
-    status, doc, _ = await admin.call("POST", f"/v1/agents/{agent}/suspend")
-    assert status == 200 and doc["suspended"] is True and len(doc["policies"]) == 1
-    with pytest.raises(Refusal) as refused:
+    doc = (await admin.client.suspend(who)).json()
+    assert doc["suspended"] is True and len(doc["policies"]) == 1
+    with pytest.raises(Refusal) as refusal:
         await admin.enforcer.precheck(agent, NET, ASSET, ROUTE, None)
-    assert refused.value.reason == "agent_suspended"
-    status, doc, _ = await admin.call("GET", f"/v1/agents/{agent}/usage")
-    assert doc["suspended"] is True
-    assert (await admin.call("GET", agent_path(agent)))[1]["policy"]["suspended"] is True  # persisted
+    assert refusal.value.reason == "agent_suspended"
+    assert (await admin.client.usage(agent)).json()["suspended"] is True
+    assert (await admin.client.get_policy(who, NET, ASSET)).json()["policy"]["suspended"] is True  # persisted
 
-    status, doc, _ = await admin.call("POST", f"/v1/agents/{agent}/resume", body={"network": NET, "asset": ASSET})
-    assert status == 200 and doc["suspended"] is False
+    doc = (await admin.client.resume(who, network=NET, asset=ASSET)).json()
+    assert doc["suspended"] is False
     await admin.enforcer.precheck(agent, NET, ASSET, ROUTE, None)
 
-    status, doc, _ = await admin.call("POST", f"/v1/agents/{agent}/suspend", body={"network": "eip155:1"})
-    assert status == 404
-    stranger = new_agent()
-    status, doc, _ = await admin.call("POST", f"/v1/agents/{stranger}/suspend")
-    assert status == 404 and "give it one first" in doc["message"]
-    assert "deny" in doc["message"]
+    with pytest.raises(AdminApiError) as refused:
+        await admin.client.suspend(who, network="eip155:1")
+    assert refused.value.status == 404
+    with pytest.raises(AdminApiError) as refused:
+        await admin.client.suspend(Owner.agent(new_agent()))
+    assert refused.value.status == 404 and "give it one first" in str(refused.value)
+    assert "deny" in str(refused.value)
 
 
 async def test_ledger_as_json_jsonl_and_csv(admin: Admin) -> None:
     agent, other = new_agent(), new_agent()
     for who in (agent, other):
-        await admin.call("PUT", agent_path(who), body={"limits": [{"period": "day", "amount": str(100 * OPG)}]})
+        await admin.client.put_policy(Owner.agent(who), NET, ASSET,
+                                      {"limits": [{"period": "day", "amount": str(100 * OPG)}]})
     admin.clock.offset = -2 * 86400  # an old entry: outside the default last 24 h
     await spend(admin, agent, 7, "old")
     admin.clock.offset = 0
     await spend(admin, agent, BIG, "big")
     await spend(admin, other, 5, "other")
 
-    status, doc, _ = await admin.call("GET", f"/v1/ledger?agent={agent}")
-    assert status == 200
-    (e,) = doc["entries"]
+    (e,) = (await admin.client.ledger(agent=agent)).json()["entries"]
     assert e["amount"] == str(BIG) and e["amount_display"] == "20.000000000000000001 OPG"
     assert (e["agent"], e["route"], e["model"], e["request_id"], e["network"], e["asset"]) == (
         agent, ROUTE, "gpt-4o", "big", NET, ASSET)
     assert e["ts"].endswith("Z") and abs(dt.datetime.fromisoformat(e["ts"]).timestamp() - e["ts_unix"]) < 1e-3
 
-    status, doc, _ = await admin.call("GET", f"/v1/ledger?agent={agent}&start=0")
+    doc = (await admin.client.ledger(agent=agent, start=0)).json()
     assert [x["request_id"] for x in doc["entries"]] == ["old", "big"]
-    start = (dt.datetime.now(dt.UTC) - dt.timedelta(days=3)).isoformat()
-    status, doc, _ = await admin.call("GET", f"/v1/ledger?start={start.replace('+00:00', 'Z')}&limit=2")
+    start = (dt.datetime.now(dt.UTC) - dt.timedelta(days=3)).isoformat().replace("+00:00", "Z")
+    doc = (await admin.client.ledger(start=start, limit=2)).json()
     assert [x["request_id"] for x in doc["entries"]] == ["old", "big"]  # oldest first, limited
 
-    status, text, headers = await admin.call("GET", f"/v1/ledger?agent={agent}&start=0&format=jsonl")
-    assert status == 200 and headers["Content-Type"].startswith("application/x-ndjson")
-    lines = [json.loads(line) for line in text.splitlines()]
+    reply = await admin.client.ledger(agent=agent, start=0, format="jsonl")
+    assert reply.headers["Content-Type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in reply.text.splitlines()]
     assert [x["amount"] for x in lines] == ["7", str(BIG)]
 
-    status, text, headers = await admin.call("GET", "/v1/ledger?format=csv")
-    assert status == 200 and headers["Content-Type"].startswith("text/csv")
-    rows = list(csv.DictReader(io.StringIO(text)))
+    reply = await admin.client.ledger(format="csv")
+    assert reply.headers["Content-Type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(reply.text)))
     assert list(rows[0]) == ["ts", "agent", "group", "route", "model", "amount", "asset", "network", "tx_hash",
                              "request_id"]
     assert {(r["agent"], r["amount"]) for r in rows} >= {(agent, str(BIG)), (other, "5")}
@@ -400,8 +413,8 @@ async def test_store_unreachable_is_503(free_port: int) -> None:
 
 async def test_openapi_document_describes_every_route(admin: Admin) -> None:
     assert (await admin.call("GET", "/openapi.json", token=None))[0] == 401
-    status, doc, _ = await admin.call("GET", "/openapi.json")
-    assert status == 200 and doc["openapi"].startswith("3.1")
+    doc = (await admin.client.openapi()).json()
+    assert doc["openapi"].startswith("3.1")
     assert doc["servers"] == [{"url": "/admin"}]
     routes = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
     pol, grp = "/v1/agents/{address}/policies/{network}/{asset}", "/v1/groups/{group}/policies/{network}/{asset}"

@@ -1,0 +1,5 @@
+import sys
+
+from budgets.cli import main
+
+sys.exit(main())
