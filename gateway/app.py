@@ -1,4 +1,4 @@
-"""The gateway application: wiring only. The payment flow is in paywall.py."""
+"""The gateway application: wiring only. The payment flow is in gateway/paywall/flow.py."""
 
 from __future__ import annotations
 
@@ -15,17 +15,21 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
-from gateway.budget_hook import BudgetHook, NoBudgets
+from gateway.budget_hook import BudgetHook, NoBudgets, Refusal
+from gateway.errors import GatewayError, GatewayReason as G
 from gateway.facilitator_client import FacilitatorClient, HttpFacilitatorClient, LocalFacilitatorClient
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestIdMiddleware
-from gateway.paywall import Paywall, json_error
+from gateway.paywall.flow import Paywall
+from gateway.paywall.responses import Challenges, render_refusal
+from gateway.paywall.settle import Settlement
 from gateway.pricing import Pricing
-from gateway.proxy import UpstreamPool
-from gateway.records import PaymentRecords, RecordStoreUnavailableError, open_records
+from gateway.proxy import UpstreamPool, Upstreams
+from gateway.records import PaymentRecords, open_records
+from gateway.session_calls import SessionCalls
 from gateway.sessions import SessionStore, open_sessions
 from gateway.settings import GatewaySettings
-from storage import is_redis_url
+from storage import StoreUnavailableError, is_redis_url
 
 
 def build_facilitator_client(settings: GatewaySettings) -> FacilitatorClient:
@@ -48,9 +52,10 @@ class GatewayState:
     paywall: Paywall
     records: PaymentRecords
     facilitator: FacilitatorClient
-    session: aiohttp.ClientSession
+    upstreams: Upstreams
     metrics: GatewayMetrics
     pricing: Pricing
+    challenges: Challenges
     sessions: SessionStore | None = None  # when a route runs upto sessions
 
 
@@ -136,16 +141,18 @@ def create_app(
         if settings.quote.feed_url:
             background.append(asyncio.create_task(pricing.quotes.refresh_forever(session)))
         hook = budgets or enforcer or NoBudgets()
-        paywall = Paywall(settings, pricing, fac, records, hook, m, pools, session)
+        upstreams = Upstreams(pools, session)
+        challenges = Challenges(settings)
+        in_background: set[asyncio.Task] = set()  # settlements of streams whose client left
         session_routes = {f"{r.method} {r.path}": r.sessions for r in settings.routes if r.sessions is not None}
-        sessions_store = None
+        sessions_store, calls = None, None
         if session_routes:
-            from gateway.session_calls import SessionCalls
-
             sessions_store = open_sessions(settings.store_url, prefix=settings.store_prefix)
-            paywall.sessions = SessionCalls(paywall, sessions_store)
-            background.append(asyncio.create_task(paywall.sessions.reap_forever(session_routes)))
-        app.state.gateway = GatewayState(paywall, records, fac, session, m, pricing, sessions_store)
+            calls = SessionCalls(sessions_store, settings, fac, hook, m, upstreams, in_background)
+            background.append(asyncio.create_task(calls.reap_forever(session_routes)))
+        settlement = Settlement(settings, fac, records, hook, m, in_background)
+        paywall = Paywall(settings, pricing, fac, records, hook, m, upstreams, challenges, settlement, calls)
+        app.state.gateway = GatewayState(paywall, records, fac, upstreams, m, pricing, challenges, sessions_store)
         try:
             yield
         finally:
@@ -162,16 +169,13 @@ def create_app(
     async def paid(request: Request) -> Response:
         state: GatewayState = request.app.state.gateway
         request_id = request.scope.get("state", {}).get("request_id", "")
-        body = await read_limited(request, settings.max_body_bytes)
-        if body is None:
-            response = json_error(400, "request_too_large", f"request body exceeds {settings.max_body_bytes} bytes")
-        else:
-            try:
-                response = await state.paywall.handle(request, body, request_id)
-            except RecordStoreUnavailableError:
-                # Fail closed: without the records we cannot promise "served at most once".
-                response = json_error(503, "store_unavailable", "the payment store is unreachable; nothing was charged",
-                                      headers={"Retry-After": "5"})
+        try:
+            body = await read_limited(request, settings.max_body_bytes)
+            if body is None:
+                raise GatewayError(G.REQUEST_TOO_LARGE, f"request body exceeds {settings.max_body_bytes} bytes", status=400)
+            response = await state.paywall.handle(request, body, request_id)
+        except (GatewayError, Refusal, StoreUnavailableError) as exc:
+            response = refused(request, exc)
         route_id = request.scope.get("state", {}).get("route_id", "unmatched")  # set by the paywall's match
         state.metrics.requests.labels(route_id, str(response.status_code)).inc()
         return response
@@ -183,10 +187,9 @@ def create_app(
     async def upto_session(request: Request) -> Response:
         """What an upto session has used and whether it is settled (the id is its credential)."""
         state: GatewayState = request.app.state.gateway
-        calls = state.paywall.sessions
-        s = await calls.store.get(request.path_params["id"]) if calls is not None else None
+        s = await state.sessions.get(request.path_params["id"]) if state.sessions is not None else None
         if s is None:
-            return json_error(404, "session_unknown", "no such upto session")
+            raise GatewayError(G.SESSION_UNKNOWN, "no such upto session", status=404)
         body = {"id": s.id, "state": s.state.value, "route": s.route, "payer": s.payer, "network": s.network,
                 "asset": s.asset, "cap": str(s.cap), "accrued": str(s.accrued), "held": str(s.held), "calls": s.calls,
                 "deadline": s.deadline, "transaction": s.tx}
@@ -201,8 +204,7 @@ def create_app(
         if state.sessions is not None:
             checks["sessions"] = await _probe(state.sessions.ping)
         checks["facilitator"] = "ok" if await state.facilitator.ready() else "unavailable"
-        reachable = [await pool.healthy(state.session) for pool in state.paywall.pools.values()]
-        checks["upstream"] = "ok" if any(reachable) else "unavailable"
+        checks["upstream"] = "ok" if any(await state.upstreams.healthy()) else "unavailable"
         ok = all(v == "ok" for v in checks.values())
         return Response(orjson.dumps({"status": "ok" if ok else "unavailable", "checks": checks}),
                         status_code=200 if ok else 503, media_type="application/json")
@@ -229,7 +231,18 @@ def create_app(
         assets = {(o.network, o.asset.lower()): (o.symbol, o.decimals) for o in settings.accepts}
         routes.append(Mount(settings.budgets.admin_prefix, app=create_admin_app(enforcer, admin_token(), assets=assets)))
     routes.append(Route("/{path:path}", paid, methods=methods))
-    app = Starlette(routes=routes, lifespan=lifespan)
+    def refused(request: Request, exc: Exception) -> Response:
+        """The one place a refusal becomes an answer (also Starlette's handler for them)."""
+        state: GatewayState = request.app.state.gateway
+        if isinstance(exc, StoreUnavailableError):
+            # Fail closed: without the records we cannot promise "served at most once".
+            exc = GatewayError(G.STORE_UNAVAILABLE, "the payment store is unreachable; nothing was charged", status=503,
+                               headers={"Retry-After": "5"})
+        assert isinstance(exc, (GatewayError, Refusal))
+        return render_refusal(request, exc, state.challenges, state.metrics)
+
+    handlers = {GatewayError: refused, Refusal: refused, StoreUnavailableError: refused}
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.add_middleware(RequestIdMiddleware)
     return app
 

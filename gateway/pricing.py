@@ -15,6 +15,7 @@ import orjson
 
 from facilitator.x402.networks import to_v1_name
 from facilitator.x402.types import PaymentRequirements, PaymentRequirementsV1
+from gateway.errors import GatewayError
 from gateway.metering import TokenPrice, to_base_units
 from gateway.quotes import QuoteBook, StaleQuoteError
 from gateway.settings import GatewaySettings, PaymentOption, Route, parse_price
@@ -22,12 +23,11 @@ from gateway.settings import GatewaySettings, PaymentOption, Route, parse_price
 _PARAM = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
 
 
-class PricingError(Exception):
+class PricingError(GatewayError):
+    """The request cannot be priced (no offer for it; 400, or 503 when a price is stale)."""
+
     def __init__(self, reason: str, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.status = status
+        super().__init__(reason, message, status)
 
 
 @dataclass(frozen=True, slots=True)

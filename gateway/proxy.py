@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
+from starlette.requests import Request
 
 from gateway.settings import Upstream
 
@@ -125,3 +127,35 @@ async def read_all(resp: aiohttp.ClientResponse, limit: int) -> bytes:
         return b"".join(chunks)
     except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
         raise UpstreamFailedError(f"{type(exc).__name__} while reading the body") from exc
+
+
+class Upstreams:
+    """The routes' upstream pools over one client session."""
+
+    def __init__(self, pools: dict[str, UpstreamPool], session: aiohttp.ClientSession) -> None:
+        self.pools = pools
+        self.session = session
+
+    async def open(self, request: Request, upstream: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
+        """The upstream answering this request (status and headers read, body not yet), with the
+        agent's payment and auth headers replaced by the provider's key."""
+        pool = self.pools[upstream]
+        path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        headers = forward_headers(request.headers.raw, pool.config)
+        headers["x-request-id"] = request_id
+        return await pool.open(self.session, request.method, path_qs, headers, body)
+
+    async def healthy(self) -> list[bool]:
+        return [await pool.healthy(self.session) for pool in self.pools.values()]
+
+
+async def relay(first: bytes, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """Stream the upstream's bytes through as they come (no buffering). An upstream that breaks
+    off raises aiohttp.ClientError or asyncio.TimeoutError."""
+    try:
+        if first:
+            yield first
+        async for chunk in upstream.content.iter_any():
+            yield chunk
+    finally:
+        upstream.release()

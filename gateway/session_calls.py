@@ -13,7 +13,6 @@ import asyncio
 import logging
 import time
 from decimal import Decimal
-from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
@@ -22,15 +21,18 @@ from starlette.responses import Response, StreamingResponse
 
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import PaymentPayload, PaymentRequirements, SettleResponse
-from gateway.budget_hook import Hold, Refusal
+from gateway.budget_hook import BudgetHook, Hold
+from gateway.errors import GatewayError, GatewayReason as G
+from gateway.facilitator_client import FacilitatorClient
 from gateway.metering import StreamMeter, to_base_units, usage_from_body
+from gateway.metrics import GatewayMetrics
+from gateway.paywall.call import load_payment
+from gateway.paywall.metered import capped_body, metered_charge
 from gateway.pricing import Offer, PricingError
-from gateway.proxy import UpstreamFailedError, UpstreamUnavailableError, read_all, response_headers
+from gateway.proxy import UpstreamFailedError, Upstreams, UpstreamUnavailableError, read_all, response_headers
 from gateway.sessions import HoldOutcome, Session, SessionState, SessionStore, new_session_id
+from gateway.settings import GatewaySettings
 from gateway.sse_usage import forwarded_stream
-
-if TYPE_CHECKING:
-    from gateway.paywall import Paywall
 
 log = logging.getLogger("gateway.sessions")
 SESSION_HEADER = "X-Upto-Session"
@@ -38,9 +40,16 @@ SETTLE_LEASE_S = 60.0
 
 
 class SessionCalls:
-    def __init__(self, paywall: "Paywall", store: SessionStore) -> None:
-        self.paywall = paywall
+    def __init__(self, store: SessionStore, settings: GatewaySettings, facilitator: FacilitatorClient,
+                 budgets: BudgetHook, metrics: GatewayMetrics, upstreams: Upstreams,
+                 background: set[asyncio.Task]) -> None:
         self.store = store
+        self.settings = settings
+        self.facilitator = facilitator
+        self.budgets = budgets
+        self.metrics = metrics
+        self.upstreams = upstreams
+        self.background = background  # accruals of streams whose client left
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -75,19 +84,19 @@ class SessionCalls:
 
     async def call(self, request: Request, offer: Offer, body: bytes, session_id: str, request_id: str,
                    *, opened: bool = False) -> Response:
-        pw = self.paywall
         cfg = offer.route.sessions
         assert cfg is not None
         session = await self.store.get(session_id)
         if session is None or session.route != offer.route_id:
-            return pw.challenge(request, offer, "session_unknown", "no such upto session on this route: sign a new permit")
+            raise GatewayError(G.SESSION_UNKNOWN, "no such upto session on this route: sign a new permit", offer=offer)
         worst = session.per_call
         rate, decimals = next((r, d) for a, r, d in offer.rates if a == session.asset.lower())
         if worst < to_base_units(offer.price, rate, decimals):  # the cap is below max_per_call
             try:
-                body = pw._capped(offer, body, ceiling=Decimal(worst) * rate / (Decimal(10) ** decimals))
+                body = capped_body(offer, body, ceiling=Decimal(worst) * rate / (Decimal(10) ** decimals))
             except PricingError as exc:
-                return self._with_session(pw_error(exc.status, exc.reason, exc.message), session_id)
+                exc.headers[SESSION_HEADER] = session_id
+                raise
         now = time.time()
         # Every call must be over before the session is settled (deadline - settle_margin): a call
         # still running then would be served after its payment was taken.
@@ -95,29 +104,29 @@ class SessionCalls:
         outcome = await self.store.hold(session_id, worst, now=now, serve_until=session.deadline - cfg.serve_margin_s,
                                         due_at=self._due_at(session, offer, now))
         if outcome != HoldOutcome.OK:
-            pw.metrics.payments.labels(offer.route_id, "refused", f"session_{outcome.value}").inc()
-            return pw.challenge(request, offer, f"session_{outcome.value}",
-                                "the upto session cannot pay for this call: sign a new permit to open a new session")
+            raise GatewayError(f"session_{outcome.value}", "the upto session cannot pay for this call: sign a new permit "
+                               "to open a new session", offer=offer)
         try:
-            hold = await pw.budgets.reserve(session.payer, session.network, session.asset, worst, offer.route_id,
-                                            offer.model, request_id)
-        except Refusal as refusal:
+            hold = await self.budgets.reserve(session.payer, session.network, session.asset, worst, offer.route_id,
+                                              offer.model, request_id)
+        except BaseException:
             await self.store.finish_call(session_id, worst, 0, now=time.time(), due_at=self._due_at(session, offer, now))
-            return pw._refusal(offer, refusal)
+            raise
         try:
-            upstream = await asyncio.wait_for(pw.open_upstream(request, offer, body, request_id),
+            upstream = await asyncio.wait_for(self.upstreams.open(request, offer.route.upstream, body, request_id),
                                               max(0.1, finish_by - time.time()))
         except asyncio.TimeoutError:
             await self._nothing(session, offer, worst, hold)
-            return self._with_session(pw_error(504, "session_deadline", "the call could not finish before the session "
-                                               "is settled; not charged: sign a new permit"), session_id)
+            raise GatewayError(G.SESSION_DEADLINE, "the call could not finish before the session is settled; not "
+                               "charged: sign a new permit", status=504, headers={SESSION_HEADER: session_id},
+                               outcome="not_charged") from None
         except (UpstreamUnavailableError, UpstreamFailedError) as exc:
             await self._nothing(session, offer, worst, hold)
-            return self._with_session(pw_error(502, "upstream_unavailable", f"the upstream failed ({exc}); not charged"),
-                                      session_id)
+            raise GatewayError(G.UPSTREAM_UNAVAILABLE, f"the upstream failed ({exc}); not charged", status=502,
+                               headers={SESSION_HEADER: session_id}, outcome="not_charged") from None
         if upstream.status >= 400:
             try:
-                err = await read_all(upstream, pw.settings.max_body_bytes)
+                err = await read_all(upstream, self.settings.max_body_bytes)
             except UpstreamFailedError:
                 err = b""
             upstream.release()
@@ -130,12 +139,13 @@ class SessionCalls:
                                                                             request_id, finish_by)),
                                      status_code=upstream.status, headers=out_headers)
         try:
-            content = await asyncio.wait_for(read_all(upstream, pw.settings.max_body_bytes),
+            content = await asyncio.wait_for(read_all(upstream, self.settings.max_body_bytes),
                                              max(0.1, finish_by - time.time()))
         except (UpstreamFailedError, asyncio.TimeoutError):
             upstream.release()
             await self._nothing(session, offer, worst, hold)
-            return self._with_session(pw_error(502, "upstream_error", "the upstream failed; not charged"), session_id)
+            raise GatewayError(G.UPSTREAM_ERROR, "the upstream failed; not charged", status=502,
+                               headers={SESSION_HEADER: session_id}, outcome="not_charged") from None
         upstream.release()
         charge, details = await self._accrue(session, offer, worst, hold, usage_from_body(content), request_id, cut=False)
         out_headers |= {"X-Upto-Session-Charge": str(charge), "X-Upto-Session-Accrued": str(details["accrued"]),
@@ -167,8 +177,8 @@ class SessionCalls:
             upstream.release()
             if not finished:  # the client left: account for what it used, in the background
                 task = asyncio.ensure_future(self._accrue(session, offer, worst, hold, meter.usage, request_id, cut=True))
-                self.paywall._background.add(task)
-                task.add_done_callback(self.paywall._background.discard)
+                self.background.add(task)
+                task.add_done_callback(self.background.discard)
         charge, details = await asyncio.shield(self._accrue(session, offer, worst, hold, meter.usage, request_id,
                                                             cut=cut or deadline_cut or not meter.complete,
                                                             floor=deadline_cut))
@@ -180,24 +190,23 @@ class SessionCalls:
                       *, cut: bool, floor: bool = False) -> tuple[int, dict]:
         """`floor`: the gateway itself ended the call (the session's settlement time came): the
         agent pays only the per-call part, not the ceiling."""
-        pw = self.paywall
         ceiling = PaymentRequirements.model_construct(amount=str(worst), asset=session.asset)
-        charge, details = pw._metered_charge(offer, ceiling, usage, cut=cut, policy="floor" if floor else None)
+        charge, details = metered_charge(offer, ceiling, usage, cut=cut, policy="floor" if floor else None)
         now = time.time()
         await self.store.finish_call(session.id, worst, charge, now=now, due_at=self._due_at(session, offer, now))
         details = details | {"session": session.id}
-        await pw.budgets.commit(hold, charge, f"session:{session.id}", request_id, details)
+        await self.budgets.commit(hold, charge, f"session:{session.id}", request_id, details)
         fresh = await self.store.get(session.id)
         accrued = fresh.accrued if fresh else charge
         if fresh is not None and fresh.cap - fresh.accrued - fresh.held < fresh.per_call:
             await self.store.reschedule(session.id, now)  # the cap is used up: settle now
-        pw.metrics.payments.labels(offer.route_id, "session_call", details.get("usage_policy", "")).inc()
+        self.metrics.payments.labels(offer.route_id, "session_call", details.get("usage_policy", "")).inc()
         return charge, details | {"accrued": accrued}
 
     async def _nothing(self, session: Session, offer: Offer, worst: int, hold: Hold) -> None:
         now = time.time()
         await self.store.finish_call(session.id, worst, 0, now=now, due_at=self._due_at(session, offer, now))
-        await self.paywall.budgets.release(hold)
+        await self.budgets.release(hold)
 
     @staticmethod
     def _with_session(response: Response, session_id: str) -> Response:
@@ -227,7 +236,7 @@ class SessionCalls:
                 await self.store.reschedule(session_id, min(session.last_used + cfg.idle_s,  # type: ignore[attr-defined]
                                                             session.deadline - cfg.settle_margin_s))  # type: ignore[attr-defined]
                 continue
-            if not self.paywall.facilitator.can_sign(_signer_of(session)):
+            if not self.facilitator.can_sign(_signer_of(session)):
                 # The permit names a signer this replica has no key for: its holder settles it.
                 await self.store.reschedule(session_id, now + 2.0)
                 continue
@@ -239,24 +248,22 @@ class SessionCalls:
         return settled
 
     async def _settle(self, session: Session) -> int:
-        from gateway.paywall import _payment_from_json
-
-        payload, requirement = _payment_from_json(orjson.loads(session.payment))
+        payload, requirement = load_payment(session.payment)
         assert isinstance(requirement, PaymentRequirements)
         final_requirement = requirement.model_copy(update={"amount": str(session.accrued)})
         try:
-            result = await asyncio.wait_for(self.paywall.facilitator.settle(payload, final_requirement),
-                                            self.paywall.settings.settle_timeout_s)
+            result = await asyncio.wait_for(self.facilitator.settle(payload, final_requirement),
+                                            self.settings.settle_timeout_s)
         except asyncio.TimeoutError:
             result = SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value, transaction="",
                                     network=requirement.network, error_message="timed out")
         dump = result.model_dump_json(by_alias=True, exclude_none=True)
-        final = (self.paywall.facilitator.trusted and bool((result.extra or {}).get("final"))
+        final = (self.facilitator.trusted and bool((result.extra or {}).get("final"))
                  and result.error_reason != R.UPTO_FACILITATOR_MISMATCH.value)  # another replica holds the key
         if result.success:
             await self.store.finish_settlement(session.id, state=SessionState.SETTLED, tx=result.transaction, result=dump,
                                                retry_at=None)
-            self.paywall.metrics.revenue.labels(requirement.network, requirement.asset.lower()).inc(session.accrued)
+            self.metrics.revenue.labels(requirement.network, requirement.asset.lower()).inc(session.accrued)
             log.info("session_settled", extra={"session": session.id, "amount": str(session.accrued),
                                                "tx": result.transaction, "calls": session.calls})
             return 1
@@ -286,9 +293,3 @@ def _signer_of(session: Session) -> str:
     """The facilitator address the session's permit names (witness.facilitator)."""
     payload = orjson.loads(session.payment)["payload"]["payload"]
     return payload["permit2Authorization"]["witness"].get("facilitator", "")
-
-
-def pw_error(status: int, error: str, message: str) -> Response:
-    from gateway.paywall import json_error
-
-    return json_error(status, error, message)

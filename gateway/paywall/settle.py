@@ -1,0 +1,191 @@
+"""Settlement of a paid call, and the delivery of what it paid for.
+
+Settlement runs shielded from client disconnects and records its outcome whatever happens:
+settled (the budget committed; the response kept for replays when small, or owed until its last
+byte went out), unresolved (PENDING: the money may have moved, never free, never served until the
+facilitator says settled), or refused (nothing moved: the payment is freed, the hold released).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+
+from facilitator.x402.headers import encode_settle_response
+from facilitator.x402.reasons import ErrorReason as R
+from facilitator.x402.types import PaymentRequirements, SettleResponse
+from gateway.budget_hook import BudgetHook, Hold
+from gateway.claim import Claim
+from gateway.errors import GatewayError
+from gateway.facilitator_client import FacilitatorClient
+from gateway.metering import StreamMeter
+from gateway.metrics import GatewayMetrics
+from gateway.paywall.call import AnyRequirement, PaidCall, stored_payment
+from gateway.paywall.metered import metered_charge
+from gateway.paywall.responses import payment_response_header
+from gateway.records import PaymentRecord, PaymentRecords, RecordState, RecordStoreUnavailableError
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger("gateway.paywall")
+
+RECORD_TTL_S = 86_400
+# Outcomes where the facilitator may have moved money: keep the payment PENDING, never free.
+AMBIGUOUS = {R.SETTLEMENT_PENDING.value, R.UNEXPECTED_SETTLE_ERROR.value, R.INVALID_TRANSACTION_STATE.value}
+
+
+class Settlement:
+    def __init__(self, settings: GatewaySettings, facilitator: FacilitatorClient, records: PaymentRecords,
+                 budgets: BudgetHook, metrics: GatewayMetrics, background: set[asyncio.Task]) -> None:
+        self.settings = settings
+        self.facilitator = facilitator
+        self.records = records
+        self.budgets = budgets
+        self.metrics = metrics
+        self.background = background  # settlements of streams whose client left
+
+    def unresolved(self, settled: SettleResponse) -> bool:
+        """The facilitator may have moved the money: the payment is PENDING, never free."""
+        final = self.facilitator.trusted and bool((settled.extra or {}).get("final"))
+        reason = settled.error_reason or R.UNEXPECTED_SETTLE_ERROR.value  # no reason given: it may have moved
+        return (reason in AMBIGUOUS or bool(settled.transaction)) and not final
+
+    async def settle(self, call: PaidCall, requirement: AnyRequirement) -> SettleResponse:
+        """Ask the facilitator, never longer than settle_timeout_s (an answer that does not come
+        in time is treated as the money possibly having moved)."""
+        try:
+            return await asyncio.wait_for(self.facilitator.settle(call.payload, requirement), self.settings.settle_timeout_s)
+        except asyncio.TimeoutError:
+            return SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,
+                                  error_message="the facilitator did not answer in time", transaction="", network=call.network)
+
+    async def run(self, call: PaidCall, claim: Claim, record: PaymentRecord, requirement: AnyRequirement, hold: Hold,
+                  amount: int, content: bytes | None, details: dict | None = None) -> SettleResponse:
+        """Settle, record, count against the budget. `content`: a complete response that may be
+        kept for replays."""
+        offer, network, request_id = call.offer, call.network, call.request_id
+        started = time.perf_counter()
+        settled = await self.settle(call, requirement)
+        self.metrics.settle_seconds.labels(offer.route_id).observe(time.perf_counter() - started)
+        record.tx = settled.transaction or ""
+        record.settle = settled.model_dump_json(by_alias=True, exclude_none=True)
+        record.owner, record.lease_until_ms = "", 0
+        if content is not None and len(content) <= self.settings.replay_cache_bytes:
+            record.body, record.cached = content, True  # kept: any resend of this payment gets it
+        if settled.success:
+            record.state = RecordState.SETTLED
+            if record.cached:
+                record.delivered = True
+            elif not record.delivered:  # about to be delivered by this request, which keeps the lease
+                record.owner, record.lease_until_ms = claim.owner, claim.now_ms() + claim.lease_ms
+            await self.save(record, request_id)
+            await self.budgets.commit(hold, amount, settled.transaction, request_id, details)
+            self.metrics.payments.labels(offer.route_id, "settled", "").inc()
+            self.metrics.revenue.labels(network, requirement.asset.lower()).inc(amount)
+            log.info("payment_settled", extra={"request_id": request_id, "route": offer.route_id, "tx": settled.transaction})
+        elif self.unresolved(settled):
+            record.state = RecordState.PENDING
+            await self.save(record, request_id)
+            await self.budgets.commit(hold, amount, settled.transaction, request_id, details)  # conservative: counts as spent
+            self.metrics.payments.labels(offer.route_id, "pending", settled.error_reason or "").inc()
+            log.warning("settlement_unresolved", extra={"request_id": request_id, "route": offer.route_id,
+                                                       "tx": settled.transaction, "reason": settled.error_reason})
+        else:
+            await claim.abandon()
+            await self.budgets.release(hold)
+            self.metrics.payments.labels(offer.route_id, "settle_failed", settled.error_reason or "").inc()
+        return settled
+
+    def refusal(self, call: PaidCall, settled: SettleResponse) -> GatewayError:
+        """What the agent is told when settlement did not succeed."""
+        reason = settled.error_reason or R.UNEXPECTED_SETTLE_ERROR.value
+        headers = payment_response_header(call.payload, settled)
+        if self.unresolved(settled):
+            return GatewayError(reason, (settled.error_message or "settlement is not confirmed") + "; the content was not "
+                                "served. Resend the same payment to get it once settled; do not pay again.",
+                                headers=headers, extra={"transaction": settled.transaction, "network": settled.network})
+        return GatewayError(reason, settled.error_message or "settlement failed; you were not charged", headers=headers,
+                            offer=call.offer)
+
+    async def save(self, record: PaymentRecord, request_id: str) -> None:
+        """Once money may have moved, a store outage must not turn the answer into "nothing was
+        charged": the record is written best-effort (and the facilitator's own store still refuses
+        a second settlement of this payment)."""
+        try:
+            await self.records.save(record, ttl_s=RECORD_TTL_S)
+        except RecordStoreUnavailableError:
+            log.error("payment_record_not_saved", extra={"request_id": request_id, "tx": record.tx,
+                                                         "state": record.state.value})
+
+    async def release(self, record: PaymentRecord, claim: Claim) -> None:
+        """Let the next resend have the record at once (else the lease lapses by itself)."""
+        record.owner, record.lease_until_ms = "", 0
+        try:
+            await asyncio.shield(self.records.save(record, ttl_s=RECORD_TTL_S, owner=claim.owner))
+        except (RecordStoreUnavailableError, asyncio.CancelledError):
+            log.warning("payment_lease_not_released", extra={"tx": record.tx, "delivered": record.delivered})
+
+    async def delivering(self, body: AsyncIterator[bytes], record: PaymentRecord, claim: Claim) -> AsyncIterator[bytes]:
+        """The body of a paid response that is not kept for replays: once its last byte went out,
+        the record says it was delivered; cut before that (the client left, the upstream broke),
+        it stays owed to a resend."""
+        try:
+            async for chunk in body:
+                yield chunk
+            record.delivered = True
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            log.warning("upstream_stream_cut", extra={"tx": record.tx})
+        finally:
+            await claim.close()
+            await self.release(record, claim)
+
+    async def metered_stream(self, call: PaidCall, claim: Claim, first: bytes, upstream: aiohttp.ClientResponse,
+                             record: PaymentRecord, requirement: PaymentRequirements, hold: Hold) -> AsyncIterator[bytes]:
+        """upto + SSE: the tokens flow as they come (the signed permit guarantees payment up to its
+        maximum); the metered amount is settled when the stream ends and reported in a final
+        `x402.payment` event. A client that leaves mid-stream is charged by the route's policy."""
+        meter = StreamMeter()
+        finished = upstream_cut = False
+        try:
+            try:
+                if first:
+                    meter.feed(first)
+                    yield first
+                async for chunk in upstream.content.iter_any():
+                    meter.feed(chunk)
+                    yield chunk
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                upstream_cut = True
+                log.warning("upstream_stream_cut", extra={"request_id": call.request_id})
+            finished = True
+        finally:
+            upstream.release()
+            if not finished:  # the client went away: settle what it used, in the background
+                task = asyncio.ensure_future(self._settle_stream(call, claim, record, requirement, hold, meter, cut=True))
+                self.background.add(task)
+                task.add_done_callback(self.background.discard)
+        settled, details = await asyncio.shield(self._settle_stream(
+            call, claim, record, requirement, hold, meter, cut=upstream_cut or not meter.complete))
+        event = {"success": settled.success, "transaction": settled.transaction, "network": settled.network,
+                 "amount": settled.amount, "errorReason": settled.error_reason, **details,
+                 "paymentResponse": encode_settle_response(settled)}
+        yield b"event: x402.payment\ndata: " + orjson.dumps({k: v for k, v in event.items() if v is not None}) + b"\n\n"
+
+    async def _settle_stream(self, call: PaidCall, claim: Claim, record: PaymentRecord, requirement: PaymentRequirements,
+                             hold: Hold, meter: StreamMeter, *, cut: bool) -> tuple[SettleResponse, dict]:
+        try:
+            amount, details = metered_charge(call.offer, requirement, meter.usage, cut=cut)
+            settle_requirement = requirement.model_copy(update={"amount": str(amount)})
+            record.payment = stored_payment(call.payload, settle_requirement)
+            record.delivered = True  # the tokens went out as they came; what they cost is settled now
+            settled = await self.run(call, claim, record, settle_requirement, hold, amount, None, details)
+        finally:
+            await claim.close()
+        if not settled.success:
+            log.error("upto_stream_settlement_failed", extra={"request_id": call.request_id,
+                                                              "reason": settled.error_reason, "tx": settled.transaction})
+        return settled, details
