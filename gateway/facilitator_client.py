@@ -17,6 +17,7 @@ from typing import Protocol
 import aiohttp
 import orjson
 from pydantic import ValidationError
+from pydantic_core import PydanticSerializationError
 
 from facilitator.service import Facilitator
 from facilitator.x402.reasons import ErrorReason as R
@@ -60,12 +61,19 @@ class FacilitatorClient(Protocol):
     async def close(self) -> None: ...
 
 
-def _request_body(payload: AnyPayload, requirements: AnyRequirements) -> dict:
-    return {
-        "x402Version": payload.x402_version,
-        "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
-        "paymentRequirements": requirements.model_dump(by_alias=True, exclude_none=True),
-    }
+def _request_body(payload: AnyPayload, requirements: AnyRequirements) -> bytes | None:
+    """The /verify and /settle body, or None when the payment cannot be written as JSON.
+
+    pydantic writes integers of any size (orjson refuses those beyond 64 bits); the decoder
+    already refuses such values, and None keeps any other surprise a refusal, not a 500."""
+    try:
+        return b'{"x402Version":%d,"paymentPayload":%s,"paymentRequirements":%s}' % (
+            payload.x402_version,
+            payload.__pydantic_serializer__.to_json(payload, by_alias=True, exclude_none=True),
+            requirements.__pydantic_serializer__.to_json(requirements, by_alias=True, exclude_none=True),
+        )
+    except (PydanticSerializationError, ValueError, TypeError):
+        return None
 
 
 def checked_settlement(resp: SettleResponse, network: str) -> SettleResponse:
@@ -148,13 +156,17 @@ class HttpFacilitatorClient:
             )
         return self._session
 
-    async def _post(self, path: str, body: dict) -> tuple[int, bytes]:
-        async with self._client().post(self.url + path, data=orjson.dumps(body)) as resp:
+    async def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        async with self._client().post(self.url + path, data=body) as resp:
             return resp.status, await resp.read()
 
     async def verify(self, payload: AnyPayload, requirements: AnyRequirements) -> VerifyResponse:
+        body = _request_body(payload, requirements)
+        if body is None:
+            return VerifyResponse(is_valid=False, invalid_reason=R.INVALID_PAYLOAD.value,
+                                  invalid_message="the payment cannot be encoded as JSON")
         try:
-            status, raw = await self._post("/verify", _request_body(payload, requirements))
+            status, raw = await self._post("/verify", body)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             return VerifyResponse(is_valid=False, invalid_reason=R.UNEXPECTED_VERIFY_ERROR.value,
                                   invalid_message=f"facilitator unreachable: {type(exc).__name__}")
@@ -169,8 +181,12 @@ class HttpFacilitatorClient:
 
     async def settle(self, payload: AnyPayload, requirements: AnyRequirements) -> SettleResponse:
         network = _caip2(requirements)
+        body = _request_body(payload, requirements)
+        if body is None:  # nothing was sent: certainly not settled
+            return SettleResponse(success=False, error_reason=R.INVALID_PAYLOAD.value,
+                                  error_message="the payment cannot be encoded as JSON", transaction="", network=network)
         try:
-            status, raw = await self._post("/settle", _request_body(payload, requirements))
+            status, raw = await self._post("/settle", body)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             # It may have settled: the caller keeps the payment unresolved, not "free to retry".
             return SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,

@@ -174,6 +174,12 @@ def split_signature(signature: bytes, *, require_low_s: bool) -> tuple[int, int,
     return v, r, s
 
 
+def expand_signature(signature: bytes) -> bytes:
+    """An EOA signature as 65-byte r || s || v (v 27/28), from either form split_signature reads."""
+    v, r, s = split_signature(signature, require_low_s=False)
+    return r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes((v,))
+
+
 def recover_signer(digest: bytes, signature: bytes, *, require_low_s: bool = False) -> bytes:
     """The 20-byte address that signed `digest`. Raises SignatureFormatError for malformed
     signatures; a well-formed signature by someone else recovers to another address."""

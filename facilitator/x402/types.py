@@ -10,13 +10,24 @@ unknown fields: the signature covers only the known ones.
 
 Numbers that stand for uint256 values (amounts, nonces, timestamps) are decimal strings on
 the wire; they are checked here (digits only, at most 78 of them, at most 2**256 - 1) and
-left as strings: ``int(requirements.amount)`` is safe after validation.
+left as strings: ``int(requirements.amount)`` is safe after validation. Every numeric field of
+the EVM scheme payloads is a uint256 in Solidity (Permit2's SignatureTransfer: amount, nonce,
+deadline; the x402 proxies' witness: validAfter; EIP-3009: value, validAfter, validBefore),
+so each is checked against that range.
+
+A payment's ``payload`` is checked at decode against its scheme's model when its shape names
+one (``permit2Authorization`` -> Permit2, ``authorization`` -> EIP-3009; the facilitator's own
+dispatch rule), and is kept as the dict it was. Free-form JSON (``payload``, ``extra``,
+``extensions``, unknown fields) may hold only I-JSON numbers (RFC 7493): integers within
++-(2**53 - 1) and finite floats; larger values belong in decimal strings. Nothing that decodes
+can then fail to be written as JSON again.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 from pydantic import (
     AfterValidator,
@@ -28,10 +39,11 @@ from pydantic import (
     StrictInt,
     StringConstraints,
     Tag,
+    ValidationError,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
-from pydantic_core import PydanticCustomError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 __all__ = [
     "Address",
@@ -63,6 +75,8 @@ __all__ = [
 ]
 
 UINT256_MAX = 2**256 - 1
+# The largest integer every JSON reader holds exactly (an IEEE 754 double's 53-bit mantissa).
+JSON_SAFE_INT = 2**53 - 1
 MAX_SIGNATURE_CHARS = 8 * 1024
 
 _DECIMAL_RE = re.compile(r"[0-9]{1,78}", re.ASCII)
@@ -122,6 +136,39 @@ def _check_caip2(value: str) -> str:
     return value
 
 
+def _check_json_value(value: Any) -> Any:
+    """Free-form JSON: refuse integers beyond +-JSON_SAFE_INT and NaN/Infinity (not JSON)."""
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
+    while stack:
+        loc, item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(((*loc, k), v) for k, v in item.items())
+        elif isinstance(item, list):
+            stack.extend(((*loc, i), v) for i, v in enumerate(item))
+        elif isinstance(item, bool):
+            continue
+        elif isinstance(item, int) and not -JSON_SAFE_INT <= item <= JSON_SAFE_INT:
+            _fail_at(loc, item, "integer out of range (max magnitude 2**53 - 1): send large values as decimal strings")
+        elif isinstance(item, float) and not math.isfinite(item):
+            _fail_at(loc, item, "not a finite number")
+    return value
+
+
+def _fail_at(loc: tuple[str | int, ...], value: Any, message: str) -> NoReturn:
+    # A ValidationError raised inside a validator is reported under the field's location + `loc`.
+    error = PydanticCustomError("json_number", message)
+    raise ValidationError.from_exception_data("JSON value", [InitErrorDetails(type=error, loc=loc, input=value)])
+
+
+def _check_scheme_payload(value: dict[str, Any]) -> dict[str, Any]:
+    # The scheme models raise ValidationError; pydantic reports its errors under `payload.`.
+    if "permit2Authorization" in value:
+        ExactPermit2Payload.model_validate(value)
+    elif "authorization" in value:
+        ExactEip3009Payload.model_validate(value)
+    return value
+
+
 def _version_check(*allowed: int) -> AfterValidator:
     expected = " or ".join(str(v) for v in allowed)
 
@@ -143,7 +190,12 @@ Bytes32Hex = Annotated[str, AfterValidator(_check_bytes32)]
 SignatureHex = Annotated[str, AfterValidator(_check_signature)]
 Caip2Network = Annotated[str, AfterValidator(_check_caip2)]
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
-Seconds = Annotated[StrictInt, Field(ge=0)]
+Seconds = Annotated[StrictInt, Field(ge=0, le=JSON_SAFE_INT)]
+JsonValue = Annotated[Any, AfterValidator(_check_json_value)]
+"""Any JSON value whose numbers are I-JSON (see the module docstring)."""
+JsonObject = dict[str, JsonValue]
+SchemePayload = Annotated[dict[str, Any], AfterValidator(_check_scheme_payload), AfterValidator(_check_json_value)]
+"""``PaymentPayload.payload``: a dict, checked against the scheme model its shape names."""
 _VersionV2 = Annotated[StrictInt, _version_check(2)]
 _VersionV1 = Annotated[StrictInt, _version_check(1)]
 _VersionAny = Annotated[StrictInt, _version_check(1, 2)]
@@ -161,6 +213,7 @@ class WireModel(BaseModel):
         serialize_by_alias=True,
         extra="allow",
     )
+    __pydantic_extra__: dict[str, JsonValue] = Field(init=False)  # unknown fields: I-JSON too
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON-ready dict: by alias, ``None`` dropped."""
@@ -195,7 +248,7 @@ class PaymentRequirements(WireModel):
     amount: AmountStr
     pay_to: NonEmptyStr
     max_timeout_seconds: Seconds
-    extra: dict[str, Any] = Field(default_factory=dict)
+    extra: JsonObject = Field(default_factory=dict)
 
 
 class PaymentRequired(WireModel):
@@ -203,15 +256,15 @@ class PaymentRequired(WireModel):
     error: str | None = None
     resource: ResourceInfo | None = None
     accepts: list[PaymentRequirements]
-    extensions: dict[str, Any] | None = None
+    extensions: JsonObject | None = None
 
 
 class PaymentPayload(WireModel):
     x402_version: _VersionV2 = 2
-    payload: dict[str, Any]
+    payload: SchemePayload
     accepted: PaymentRequirements
     resource: ResourceInfo | None = None
-    extensions: dict[str, Any] | None = None
+    extensions: JsonObject | None = None
 
 
 class VerifyResponse(WireModel):
@@ -219,8 +272,8 @@ class VerifyResponse(WireModel):
     invalid_reason: str | None = None
     invalid_message: str | None = None
     payer: str | None = None
-    extensions: dict[str, Any] | None = None
-    extra: dict[str, Any] | None = None
+    extensions: JsonObject | None = None
+    extra: JsonObject | None = None
 
 
 class SettleResponse(WireModel):
@@ -231,15 +284,15 @@ class SettleResponse(WireModel):
     transaction: str = ""
     network: str
     amount: Annotated[str, AfterValidator(_check_settled_amount)] | None = None
-    extensions: dict[str, Any] | None = None
-    extra: dict[str, Any] | None = None
+    extensions: JsonObject | None = None
+    extra: JsonObject | None = None
 
 
 class SupportedKind(WireModel):
     x402_version: _VersionAny
     scheme: NonEmptyStr
     network: NonEmptyStr
-    extra: dict[str, Any] | None = None
+    extra: JsonObject | None = None
 
 
 class SupportedResponse(WireModel):
@@ -261,8 +314,8 @@ class PaymentRequirementsV1(WireModel):
     pay_to: NonEmptyStr
     max_timeout_seconds: Seconds
     asset: NonEmptyStr
-    output_schema: dict[str, Any] | None = None
-    extra: dict[str, Any] | None = None
+    output_schema: JsonObject | None = None
+    extra: JsonObject | None = None
 
 
 class PaymentRequiredV1(WireModel):
@@ -275,7 +328,7 @@ class PaymentPayloadV1(WireModel):
     x402_version: _VersionV1 = 1
     scheme: NonEmptyStr
     network: NonEmptyStr
-    payload: dict[str, Any]
+    payload: SchemePayload
 
 
 # -- facilitator requests (v1 or v2, chosen by paymentPayload.x402Version) ------------------

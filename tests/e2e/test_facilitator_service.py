@@ -71,6 +71,39 @@ async def test_official_client_payment_verifies_and_settles_exactly(devchain: di
     assert balance_of(devchain, symbol, payee) == after[1]
 
 
+def other_form(signature: str, form: str) -> str:
+    """The same 65-byte r || s || v (v 27/28) EOA signature as EIP-2098 64 bytes (r || yParity·2**255
+    + s), or with v as 0/1: both forms recover to the same signer."""
+    raw = bytes.fromhex(signature[2:])
+    y_parity = raw[64] - 27
+    if form == "v01":
+        return "0x" + (raw[:64] + bytes((y_parity,))).hex()
+    vs = int.from_bytes(raw[32:64], "big") | (y_parity << 255)
+    return "0x" + raw[:32].hex() + vs.to_bytes(32, "big").hex()
+
+
+@pytest.mark.parametrize("form", ["eip2098", "v01"])
+@pytest.mark.parametrize("symbol", ["OPG", "USDC"], ids=["permit2", "eip3009"])
+async def test_a_signature_form_that_verifies_also_settles(devchain: dict, facilitator: Any, symbol: str, form: str) -> None:
+    """Verify accepts an EOA's signature as 64 bytes (EIP-2098) or with v 0/1; settle must then not
+    revert: Permit2 and the tokens' `bytes signature` overload read r || s || v with v 27/28, so
+    the settlement sends that form."""
+    amount = 4_321 if symbol == "USDC" else 10**15
+    req = requirements_for(devchain, symbol, amount)
+    payload = await sign_async(devchain, req, agent=1)
+    payload["payload"]["signature"] = other_form(payload["payload"]["signature"], form)
+    body = facilitator_body(payload, req)
+    payee = devchain["accounts"]["payee"]["address"]
+    before = balance_of(devchain, symbol, payee)
+
+    status, verify = await post(facilitator.url + "/verify", body)
+    assert status == 200 and verify["isValid"] is True, verify
+    status, settle = await post(facilitator.url + "/settle", body)
+    assert status == 200 and settle["success"] is True, settle
+    assert int(receipt(devchain, settle["transaction"])["status"], 16) == 1
+    assert balance_of(devchain, symbol, payee) - before == amount
+
+
 @pytest.mark.parametrize("symbol", ["OPG", "USDC"], ids=["permit2", "eip3009"])
 async def test_same_payment_to_two_processes_settles_once(
     devchain: dict, spawn_facilitator: Any, redis_server: Any, redis_prefix: str, symbol: str

@@ -18,6 +18,7 @@ from facilitator.evm.chain import EvmChain
 from facilitator.evm.eip712 import (
     address_bytes,
     checksum_address,
+    expand_signature,
     token_domain_separator,
     transfer_with_authorization_digest,
 )
@@ -49,6 +50,7 @@ class Eip3009Payment:
     record_key: str
     digest: str
     nonce_used_reason: str = R.INVALID_EXACT_EVM_NONCE_ALREADY_USED.value
+    payer_is_eoa: bool = False  # known after confirm()
 
     @property
     def settle_amount(self) -> int:
@@ -94,6 +96,7 @@ class Eip3009Payment:
             chain.domain_ok.add(self.domain)
         if isinstance(payer_code, RpcError):
             raise ChainUnavailableError(f"eth_getCode failed: {payer_code.message}")
+        self.payer_is_eoa = payer_code in ("0x", "", None)
         await check_signature(
             chain.rpc,
             payer=self.payer,
@@ -115,6 +118,11 @@ class Eip3009Payment:
             raise PaymentInvalidError(R.INVALID_EXACT_EVM_INSUFFICIENT_BALANCE, "payer balance is below the amount")
 
     def plan(self) -> SettlementPlan:
+        signature = self.signature
+        if self.payer_is_eoa and len(signature) == 64:
+            # EIP-2098 compact: the tokens' `bytes signature` overload (OpenZeppelin 5, Circle's
+            # FiatToken) reads only 65 bytes, so an EOA's signature goes through (v, r, s).
+            signature = expand_signature(signature)
         return SettlementPlan(
             payer=self.payer,
             amount=self.value,
@@ -123,7 +131,7 @@ class Eip3009Payment:
             tx_to=self.asset,
             tx_data=contracts.transfer_with_authorization(
                 from_=self.payer, to=self.to, value=self.value, valid_after=self.valid_after,
-                valid_before=self.valid_before, nonce=self.nonce_b, signature=self.signature,
+                valid_before=self.valid_before, nonce=self.nonce_b, signature=signature,
             ),  # fmt: skip
             gas=contracts.GAS_EIP3009_SETTLE,
         )

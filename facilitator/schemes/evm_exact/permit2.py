@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from facilitator.errors import ChainUnavailableError, PaymentInvalidError
 from facilitator.evm import contracts
 from facilitator.evm.chain import EvmChain
-from facilitator.evm.eip712 import address_bytes, checksum_address as _checksum, permit2_witness_digest
+from facilitator.evm.eip712 import address_bytes, checksum_address as _checksum, expand_signature, permit2_witness_digest
 from facilitator.evm.rpc import Call, RpcError, RpcUnavailableError
 from facilitator.evm.signatures import check_signature, try_recover
 from facilitator.schemes.base import SettlementPlan, payment_digest
@@ -47,6 +47,7 @@ class Permit2Payment:
     record_key: str
     digest: str
     nonce_used_reason: str = R.PERMIT2_INVALID_NONCE.value
+    payer_is_eoa: bool = False  # known after confirm()
 
     async def confirm(self) -> None:
         """The chain checks (one round trip); raises PaymentInvalidError. The settlement call
@@ -75,6 +76,7 @@ class Permit2Payment:
             chain.asset_has_code.add(self.token.lower())
         if isinstance(payer_code, RpcError):
             raise ChainUnavailableError(f"eth_getCode failed: {payer_code.message}")
+        self.payer_is_eoa = payer_code in ("0x", "", None)
         await check_signature(
             chain.rpc,
             payer=self.payer,
@@ -99,18 +101,20 @@ class Permit2Payment:
             raise PaymentInvalidError(R.PERMIT2_INVALID_NONCE, "Permit2 nonce already used on-chain")
 
     def plan(self) -> SettlementPlan:
+        # Verify reads v as 0/1 or 27/28 and EIP-2098's 64 bytes; Permit2's ecrecover wants v 27/28.
+        signature = expand_signature(self.signature) if self.payer_is_eoa else self.signature
         if self.upto:
             assert self.facilitator is not None
             data = contracts.upto_proxy_settle(
                 token=self.token, permitted=self.permitted, nonce=self.nonce, deadline=self.deadline,
                 amount=self.settle_amount, owner=self.payer, to=self.to, facilitator=self.facilitator,
-                valid_after=self.valid_after, signature=self.signature,
+                valid_after=self.valid_after, signature=signature,
             )  # fmt: skip
             target = self.chain.upto_proxy
         else:
             data = contracts.exact_proxy_settle(
                 token=self.token, amount=self.permitted, nonce=self.nonce, deadline=self.deadline,
-                owner=self.payer, to=self.to, valid_after=self.valid_after, signature=self.signature,
+                owner=self.payer, to=self.to, valid_after=self.valid_after, signature=signature,
             )  # fmt: skip
             target = self.chain.exact_proxy
         return SettlementPlan(
