@@ -21,6 +21,7 @@ COPY storage ./storage
 COPY facilitator ./facilitator
 COPY budgets ./budgets
 COPY gateway ./gateway
+COPY devtools ./devtools
 RUN pip wheel --wheel-dir /wheels .
 
 # -- runtime: a virtualenv with the wheels only, run as an unprivileged user

@@ -1,4 +1,7 @@
-"""`x402-gateway` command line: serve, demo, upstream (the local stand-in provider)."""
+"""`x402-gateway` command line: serve, demo, upstream (the local stand-in provider).
+
+The dev pieces (`serve --devchain` without a config, demo, upstream) live in the devtools package,
+imported only inside the subcommand that needs them."""
 
 from __future__ import annotations
 
@@ -50,8 +53,8 @@ def load_serve_settings(source: dict[str, Any]) -> "GatewaySettings":
         if devchain and settings.facilitator.mode == "local":
             settings.facilitator.devchain_file = devchain
     elif devchain:
-        from facilitator.devchain import load_description
-        from gateway.devconfig import dev_settings
+        from devtools.devchain import load_description
+        from devtools.devconfig import dev_settings
 
         settings = dev_settings(load_description(devchain), devchain_file=devchain,
                                 upstream_urls=[source["upstream"]], store_url=store or "sqlite://.x402-state/gateway.sqlite3",
@@ -93,19 +96,19 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import main
+    from devtools.demo import main
 
     return main()
 
 
 def _upstream_arguments(p: argparse.ArgumentParser) -> None:
-    from gateway.devupstream import add_arguments
+    from devtools.upstream import add_arguments
 
     add_arguments(p)
 
 
 def _run_upstream(args: argparse.Namespace) -> int:
-    from gateway.devupstream import serve
+    from devtools.upstream import serve
 
     return serve(args)
 

@@ -319,7 +319,7 @@ class ServeProcess:
 
     def __init__(self, devchain: dict[str, Any], *, store_url: str, store_prefix: str,
                  signer_keys: list[str] | None = None, log_level: str = "warning") -> None:
-        from facilitator.devchain import free_port
+        from devtools.devchain import free_port
 
         self.port = free_port(HOST)
         self.url = f"http://{HOST}:{self.port}"
@@ -401,7 +401,7 @@ def _version(dist: str) -> str | None:
 
 def anvil_version() -> str | None:
     try:
-        from facilitator.devchain import ANVIL_BIN, find_node_modules
+        from devtools.solidity import ANVIL_BIN, find_node_modules
 
         out = subprocess.run([str(find_node_modules() / ANVIL_BIN), "--version"], capture_output=True, text=True,
                              timeout=10, check=False)

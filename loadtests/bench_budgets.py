@@ -368,7 +368,7 @@ async def counters_scaling(ctx: dict[str, Any], args: argparse.Namespace) -> lis
 
 def write_gateway_config(path: Path, devchain: dict[str, Any], dc_file: str, upstream_url: str, facilitator_url: str,
                          budgets: dict[str, Any] | None, log_level: str) -> str:
-    from gateway.devconfig import dev_settings
+    from devtools.devconfig import dev_settings
     from gateway.settings import load_gateway_settings
 
     doc = dev_settings(devchain, devchain_file=dc_file, upstream_urls=[upstream_url], store_url="memory://",

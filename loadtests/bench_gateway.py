@@ -3,7 +3,7 @@ run with a direct call to the upstream and with a bare aiohttp reverse proxy.
 
 Processes (all on 127.0.0.1, each its own process, every one stopped by pid at the end):
 
-- `python -m gateway.devupstream` — the fast local stand-in upstream (uvloop + httptools);
+- `python -m devtools.upstream` — the fast local stand-in upstream (uvloop + httptools);
 - a bare reverse proxy (this file, `_serve-proxy`): Starlette + uvicorn (uvloop, httptools) with
   one aiohttp ClientSession, forwarding the POST body and returning the upstream's bytes — the
   gateway's own server and client stack without any payment logic;
@@ -152,11 +152,11 @@ def serve_gateway_inproc(port: int, devchain_file: str, upstream: str, log_level
     once, in-process: the gateway's own ceiling without any facilitator hop."""
     import uvicorn
 
-    from facilitator.devchain import load_description
+    from devtools.devchain import load_description
     from facilitator.logs import configure_logging
     from facilitator.x402.types import SettleResponse, VerifyResponse
     from gateway.app import create_app
-    from gateway.devconfig import dev_settings
+    from devtools.devconfig import dev_settings
 
     def payer_of(payload: Any) -> str | None:
         inner = payload.payload
@@ -192,7 +192,7 @@ def serve_gateway_inproc(port: int, devchain_file: str, upstream: str, log_level
 
 
 def free_port() -> int:
-    from facilitator.devchain import free_port as _fp
+    from devtools.devchain import free_port as _fp
 
     return _fp(HOST)
 
@@ -252,7 +252,7 @@ class Proc:
 
 def upstream_proc(log_dir: Path) -> Proc:
     port = free_port()
-    return Proc("devupstream", [sys.executable, "-m", "gateway.devupstream", "--host", HOST, "--port", str(port),
+    return Proc("devupstream", [sys.executable, "-m", "devtools.upstream", "--host", HOST, "--port", str(port),
                                 "--log-level", "warning"], port, log_dir)
 
 
@@ -527,7 +527,7 @@ def pyspy_path() -> str | None:
 
 
 def start_chain(agents: int) -> Any:
-    from facilitator.devchain import DevChain
+    from devtools.devchain import DevChain
 
     chain = DevChain(agents=agents)
     chain.start()

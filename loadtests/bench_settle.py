@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def balances(rpc: Any, d: dict[str, Any], who: list[str]) -> dict[str, dict[str, int]]:
     """{symbol: {address: balance}} and {"nonce": {address: tx count}}, one JSON-RPC batch."""
-    from facilitator.devchain import calldata
+    from devtools.devchain import calldata
 
     calls, keys = [], []
     for sym in SYMBOLS:
@@ -187,7 +187,8 @@ async def facilitator_for(mode: str, d: dict[str, Any], keys: list[str], store_u
 
 
 async def main_async(args: argparse.Namespace, data: dict[str, Any]) -> None:
-    from facilitator.devchain import DevChain, JsonRpc
+    from devtools.devchain import DevChain
+    from devtools.rpc import BlockingRpc
 
     n_keys = max(args.keys)
     with DevChain(agents=args.agents, facilitators=n_keys) as ref:
@@ -221,7 +222,7 @@ async def main_async(args: argparse.Namespace, data: dict[str, Any]) -> None:
                         if not same_deployment(d, d0):
                             raise RuntimeError("a fresh dev chain differs from the one the payments were signed for")
                         store_url, store_prefix = C.store_for_run(args.store, f"{data['run_id']}:{mode}:{k}:{c}:{rep}")
-                        rpc = JsonRpc(d["rpc_url"])
+                        rpc = BlockingRpc(d["rpc_url"])
                         try:
                             async with facilitator_for(mode, d, all_keys[:k], store_url, store_prefix, chain.pid,
                                                        c) as (settle, cpu):

@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     C.install_sigterm_handler()
     stubbed = C.ensure_sdk_importable() if not args.skip_sdk else False
     from facilitator.app import build_facilitator
-    from facilitator.devchain import DevChain
+    from devtools.devchain import DevChain
     from facilitator.settings import devchain_overlay, load_settings
 
     t_start = time.perf_counter()

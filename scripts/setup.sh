@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs everything the project needs on a fresh machine: the Python virtualenv with the three
+# Installs everything the project needs on a fresh machine: the Python virtualenv with the project's
 # packages, OpenGradient's SDK in .venv-og (scripts/og-venv.sh), the npm packages for the dev chain
 # (anvil, Permit2's runtime, solc-js, OpenZeppelin), and redis-server when it is missing.
 # Idempotent: a second run only checks.

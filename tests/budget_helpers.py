@@ -22,7 +22,8 @@ from x402.mechanisms.evm.exact.register import register_exact_evm_client
 from x402.schemas import PaymentRequired, PaymentRequirements, ResourceInfo
 
 from budgets.admin_client import AdminClient
-from facilitator.devchain import JsonRpc, calldata
+from devtools.devchain import calldata
+from devtools.rpc import BlockingRpc
 from facilitator.x402.headers import decode_payment_required, decode_payment_response, encode_payment_payload
 from facilitator.x402.types import PaymentPayload, SettleResponse
 from tests.payments import send_transactions
@@ -46,7 +47,7 @@ def derived(label: str) -> LocalAccount:
 
 def fund(devchain: dict[str, Any], *accounts: LocalAccount, opg: int = 10**21) -> None:
     """ETH (anvil_setBalance), OPG (the stand-in's open mint) and an unlimited Permit2 approval."""
-    rpc = JsonRpc(devchain["rpc_url"])
+    rpc = BlockingRpc(devchain["rpc_url"])
     try:
         rpc.batch([("anvil_setBalance", [a.address, hex(10**21)]) for a in accounts])
     finally:
@@ -67,7 +68,7 @@ def approve_permit2(devchain: dict[str, Any], account: LocalAccount, amount: int
 
 
 def opg_balance(devchain: dict[str, Any], who: str) -> int:
-    rpc = JsonRpc(devchain["rpc_url"])
+    rpc = BlockingRpc(devchain["rpc_url"])
     try:
         data = "0x" + calldata("balanceOf(address)", ["address"], [who]).hex()
         return int(rpc.call("eth_call", {"to": devchain["tokens"]["OPG"]["address"], "data": data}, "latest"), 16)
@@ -76,7 +77,7 @@ def opg_balance(devchain: dict[str, Any], who: str) -> int:
 
 
 def receipt_statuses(devchain: dict[str, Any], tx_hashes: list[str]) -> list[int | None]:
-    rpc = JsonRpc(devchain["rpc_url"])
+    rpc = BlockingRpc(devchain["rpc_url"])
     try:
         receipts = rpc.batch([("eth_getTransactionReceipt", [h]) for h in tx_hashes]) if tx_hashes else []
     finally:
@@ -89,9 +90,9 @@ def receipt_statuses(devchain: dict[str, Any], tx_hashes: list[str]) -> list[int
 
 def gateway_config(path: Path, devchain: dict[str, Any], devchain_file: str, upstream_url: str, store_url: str,
                    *, pay_to: str, budgets: dict[str, Any], **top: Any) -> str:
-    """The dev configuration (gateway.devconfig) as a JSON file, paying `pay_to`, with a budgets
+    """The dev configuration (devtools.devconfig) as a JSON file, paying `pay_to`, with a budgets
     section. Secrets dump as "**********", so the upstream keys are written back in clear."""
-    from gateway.devconfig import dev_settings
+    from devtools.devconfig import dev_settings
     from gateway.settings import load_gateway_settings
 
     doc = dev_settings(devchain, devchain_file=devchain_file, upstream_urls=[upstream_url], upstream_auth="sk-upstream",

@@ -22,7 +22,7 @@ def devchain() -> Iterator[dict[str, Any]]:
     """Start one DevChain (4 agents) for the session; yields its description dict.
 
     anvil is terminated by pid at the end of the session (DevChain.stop)."""
-    from facilitator.devchain import DevChain
+    from devtools.devchain import DevChain
 
     chain = DevChain(agents=4)
     chain.start()
@@ -201,11 +201,11 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
 
 @pytest.fixture
 def spawn_upstream(spawn: Any) -> Any:
-    """A stand-in AI provider process (gateway.devupstream) requiring the key `sk-upstream`."""
+    """A stand-in AI provider process (devtools.upstream) requiring the key `sk-upstream`."""
 
     def run(name: str = "devupstream") -> ServiceProcess:
         port = _port()
-        return spawn([sys.executable, "-m", "gateway.devupstream", "--port", str(port), "--name", name,
+        return spawn([sys.executable, "-m", "devtools.upstream", "--port", str(port), "--name", name,
                       "--require-auth", "sk-upstream"], port)
 
     return run

@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDictProxy
 
-from facilitator.devchain import JsonRpc
+from devtools.rpc import BlockingRpc
 from facilitator.x402.headers import decode_payment_required, decode_payment_response, encode_payment_payload
 from facilitator.x402.types import PaymentPayload, PaymentRequired, SettleResponse
 from tests.conftest import ServiceProcess, _port
@@ -143,7 +143,7 @@ class Balances:
 
 
 def receipt_status(devchain: dict[str, Any], tx_hash: str) -> int | None:
-    rpc = JsonRpc(devchain["rpc_url"])
+    rpc = BlockingRpc(devchain["rpc_url"])
     try:
         rec = rpc.call("eth_getTransactionReceipt", tx_hash)
     finally:
@@ -173,7 +173,7 @@ class Processes:
 
     def upstream(self) -> Any:
         port = _port()
-        return self._run([sys.executable, "-m", "gateway.devupstream", "--port", str(port), "--name", "devupstream",
+        return self._run([sys.executable, "-m", "devtools.upstream", "--port", str(port), "--name", "devupstream",
                           "--require-auth", "sk-upstream"], name="upstream", port=port)
 
     def gateway(self, upstream_url: str, store_url: str, *, facilitator_url: str | None = None,

@@ -52,9 +52,10 @@ def facilitator_body(payload: dict[str, Any], requirements: dict[str, Any]) -> d
 
 
 def balance_of(devchain: dict[str, Any], symbol: str, who: str) -> int:
-    from facilitator.devchain import JsonRpc, calldata
+    from devtools.devchain import calldata
+    from devtools.rpc import BlockingRpc
 
-    rpc = JsonRpc(devchain["rpc_url"])
+    rpc = BlockingRpc(devchain["rpc_url"])
     try:
         data = "0x" + calldata("balanceOf(address)", ["address"], [who]).hex()
         return int(rpc.call("eth_call", {"to": devchain["tokens"][symbol]["address"], "data": data}, "latest"), 16)
@@ -64,9 +65,9 @@ def balance_of(devchain: dict[str, Any], symbol: str, who: str) -> int:
 
 def send_transactions(devchain: dict[str, Any], txs: list[tuple[LocalAccount, str, bytes]]) -> None:
     """Sign and send (account, to, calldata) transactions, nonces in order per sender; wait until all are mined."""
-    from facilitator.devchain import JsonRpc
+    from devtools.rpc import BlockingRpc
 
-    rpc = JsonRpc(devchain["rpc_url"])
+    rpc = BlockingRpc(devchain["rpc_url"])
     try:
         senders = sorted({a.address for a, _, _ in txs})
         counts = rpc.batch([("eth_getTransactionCount", [a, "pending"]) for a in senders])

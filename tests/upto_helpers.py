@@ -18,7 +18,7 @@ from x402 import x402Client
 from x402.mechanisms.evm.upto import UptoEvmScheme
 from x402.schemas import PaymentRequired, PaymentRequirements, ResourceInfo
 
-from facilitator.devchain import JsonRpc
+from devtools.rpc import BlockingRpc
 from facilitator.x402.headers import encode_payment_payload
 from facilitator.x402.types import PaymentPayload
 from tests.gateway_client import Reply, call
@@ -27,7 +27,7 @@ CHAT = "/v1/chat/completions"
 FAULT = "X-Devupstream-Fault"
 SESSION = "X-Upto-Session"
 
-# What the dev configuration (gateway.devconfig, metered=True) charges, restated here so the tests
+# What the dev configuration (devtools.devconfig, metered=True) charges, restated here so the tests
 # compute costs without the gateway's code: USD per input token, per output token, per call.
 PRICES: dict[str, tuple[str, str, str]] = {
     "gpt-4o": ("0.0000025", "0.00001", "0"),
@@ -72,7 +72,7 @@ def upto_config(path: Path, devchain: dict[str, Any], devchain_file: str, upstre
     """dev_settings(metered=True, sessions=...) as a JSON file paying `pay_to`. Secrets dump as
     "**********": the upstream keys are written back in clear. `session_cap` (USD) replaces the
     chat route's session cap."""
-    from gateway.devconfig import dev_settings
+    from devtools.devconfig import dev_settings
     from gateway.settings import load_gateway_settings
 
     doc = dev_settings(devchain, devchain_file=devchain_file, upstream_urls=[upstream_url], upstream_auth="sk-upstream",
@@ -128,7 +128,7 @@ def upto_accept(reply: Reply) -> Any:
 
 
 def _rpc(devchain: dict[str, Any], method: str, *params: Any) -> Any:
-    rpc = JsonRpc(devchain["rpc_url"])
+    rpc = BlockingRpc(devchain["rpc_url"])
     try:
         return rpc.call(method, *params)
     finally:

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from facilitator.devchain import JsonRpc
+from devtools.rpc import BlockingRpc
 from tests.payments import balance_of, facilitator_body, requirements_for, sign_async
 
 pytestmark = pytest.mark.e2e
@@ -28,7 +28,7 @@ async def post(url: str, body: Any, *, raw: bytes | None = None, headers: dict |
 
 
 def receipt(devchain: dict, tx_hash: str) -> dict:
-    rpc = JsonRpc(devchain["rpc_url"])
+    rpc = BlockingRpc(devchain["rpc_url"])
     try:
         return rpc.call("eth_getTransactionReceipt", tx_hash)
     finally:
@@ -195,7 +195,7 @@ async def test_crash_with_a_transaction_in_flight_settles_once(
     body = facilitator_body(await sign_async(devchain, req, agent=0), req)
     payee = devchain["accounts"]["payee"]["address"]
     before = balance_of(devchain, "OPG", payee)
-    rpc = JsonRpc(devchain["rpc_url"])
+    rpc = BlockingRpc(devchain["rpc_url"])
     rpc.call("evm_setAutomine", False)
     try:
         status, pending = await post(first.url + "/settle", body)

@@ -24,7 +24,8 @@ from typing import Any
 
 import pytest
 
-from facilitator.devchain import DevChain, JsonRpc, calldata, write_description
+from devtools.devchain import DevChain, calldata, write_description
+from devtools.rpc import BlockingRpc
 from tests.budget_helpers import derived, opg_balance
 from tests.gateway_client import CHAT, Processes, upstream_stats
 from tests.payments import send_transactions
@@ -88,7 +89,7 @@ def stack(base_chain: tuple[dict, str], redis_server: Any, tmp_path_factory: pyt
 def new_payer(devchain: dict, label: str) -> Any:
     """ETH and 1,000 OPG, and no Permit2 approval: the SDK's ensure_opg_approval gives it."""
     account = derived(f"og:payer:{label}:{time.time_ns()}")
-    rpc = JsonRpc(devchain["rpc_url"])
+    rpc = BlockingRpc(devchain["rpc_url"])
     try:
         rpc.call("anvil_setBalance", account.address, hex(10**21))
     finally:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from eth_account import Account
 
-from gateway.devconfig import dev_settings
+from devtools.devconfig import dev_settings
 from tests.conftest import _port
 from tests.gateway_client import CHAT, CHAT_BODY, call, get_json, sign_for
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +26,8 @@ from tests.helm.chart import ROOT, ci_values, manifests, materialize_config, one
 
 DOCKERFILE = ROOT / "Dockerfile"
 ENTRYPOINT = ROOT / "deploy" / "docker" / "entrypoint.sh"
+# The wheel's packages; devtools too, since the CLIs register its dev subcommands.
+PACKAGES = ("storage", "facilitator", "budgets", "gateway", "devtools")
 
 
 def stages(text: str) -> list[list[str]]:
@@ -82,8 +85,9 @@ def test_build_context_keeps_what_the_dockerfile_copies():
             if instruction.startswith("COPY ") and "--from=" not in instruction:
                 args = [a for a in instruction.split()[1:] if not a.startswith("--")]
                 copied += args[:-1]
-    assert {"pyproject.toml", "README.md", "storage", "facilitator", "budgets", "gateway",
-            "deploy/docker/entrypoint.sh"} <= set(copied)
+    assert {"pyproject.toml", "README.md", *PACKAGES, "deploy/docker/entrypoint.sh"} <= set(copied)
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert set(include) == {f"{package}*" for package in PACKAGES}
     for source in copied:
         assert (ROOT / source).exists(), source
         assert not _ignored(source, patterns), f"{source} is excluded by .dockerignore"
@@ -105,7 +109,7 @@ def clean_venv(tmp_path_factory) -> Path:
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, src / name)
-    for package in ("storage", "facilitator", "budgets", "gateway"):
+    for package in PACKAGES:
         shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     quiet = ["--quiet", "--disable-pip-version-check"]
     subprocess.run([sys.executable, "-m", "pip", "wheel", *quiet, "--no-deps", str(src), "-w", str(dist)],

@@ -25,13 +25,13 @@ from web3.exceptions import ContractCustomError, ContractLogicError
 from web3.logs import DISCARD
 from x402.mechanisms.evm import constants as x402c
 
-from facilitator.devchain import (
+from devtools.devchain import (
     CANONICAL_TOKENS,
     DevChain,
-    load_contracts,
     load_description,
     permit2_domain_separator,
 )
+from devtools.solidity import load_contracts
 
 pytestmark = pytest.mark.integration
 
@@ -499,7 +499,7 @@ def test_cli_writes_description(tmp_path: Path, free_port: int) -> None:
 
 
 def test_devchain_rejects_chain_31337() -> None:
-    from facilitator.devchain import DevChainError
+    from devtools.devchain import DevChainError
 
     with pytest.raises(DevChainError, match="31337"):
         DevChain(chain_id=31337)

@@ -76,7 +76,8 @@ from x402.schemas import PaymentRequired, ResourceInfo
 from x402.schemas import PaymentRequirements as SdkPaymentRequirements
 
 from facilitator.app import build_facilitator
-from facilitator.devchain import JsonRpc, calldata
+from devtools.devchain import calldata
+from devtools.rpc import BlockingRpc
 from facilitator.service import Facilitator
 from facilitator.settings import devchain_overlay, load_settings
 from facilitator.x402.reasons import ErrorReason
@@ -199,7 +200,7 @@ class Env:
 
 def fund(devchain: dict[str, Any], accounts: dict[LocalAccount, tuple[bool, bool]]) -> None:
     """ETH for every account; then, per account, (mint tokens?, approve Permit2?) on both tokens."""
-    rpc = JsonRpc(devchain["rpc_url"])
+    rpc = BlockingRpc(devchain["rpc_url"])
     try:
         rpc.batch([("anvil_setBalance", [a.address, hex(10**21)]) for a in accounts])
     finally:

@@ -1,4 +1,4 @@
-"""gateway.devupstream: the fake OpenAI / Anthropic / KServe upstream, over real HTTP (uvicorn on a free port)."""
+"""devtools.upstream: the fake OpenAI / Anthropic / KServe upstream, over real HTTP (uvicorn on a free port)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import orjson
 import pytest
 import uvicorn
 
-from gateway.devupstream import EMBEDDING_DIM, FAULT_HEADER, Fault, create_upstream_app, embed, parse_fault
+from devtools.upstream import EMBEDDING_DIM, FAULT_HEADER, Fault, create_upstream_app, embed, parse_fault
 
 CHAT = {
     "model": "gpt-4o-mini",
@@ -324,7 +324,7 @@ async def test_stats_and_payment_echo(client: httpx.AsyncClient) -> None:
 
 
 def test_runs_as_module(free_port: int) -> None:
-    command = [sys.executable, "-m", "gateway.devupstream", "--port", str(free_port), "--name", "cli"]
+    command = [sys.executable, "-m", "devtools.upstream", "--port", str(free_port), "--name", "cli"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10

@@ -6,46 +6,42 @@ addresses, deploys OPG (Permit2 path) and USDC (EIP-3009 path), and funds determ
 facilitator signers, one payee and N agents (each holding 1,000,000 OPG and USDC, with Permit2
 approved for both). On Base's chain id (8453) the token stand-ins sit at OPG's and USDC's real Base
 addresses (CANONICAL_TOKENS). `DevChain.description` is the JSON-able summary other components consume.
+The contracts are compiled by devtools.solidity; RPC goes through the facilitator's JSON-RPC client
+(devtools.rpc).
 """
 
 from __future__ import annotations
 
 import atexit
-import hashlib
-import http.client
 import json
 import os
-import re
-import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import orjson
 from eth_abi import decode as abi_decode
 from eth_abi import encode as abi_encode
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
 
-PERMIT2_ADDRESS = "0x000000000022D473030F116dDEE9F6B43aC78BA3"
-EXACT_PROXY_ADDRESS = "0x402085c248EeA27D92E8b30b2C58ed07f9E20001"
-UPTO_PROXY_ADDRESS = "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002"
+from devtools.rpc import BlockingRpc, RpcError, RpcUnavailableError
+from devtools.solidity import ANVIL_BIN, DevChainError, find_node_modules, load_contracts, permit2_runtime
+from facilitator.evm import contracts
+
+PERMIT2_ADDRESS = contracts.PERMIT2
+EXACT_PROXY_ADDRESS = contracts.EXACT_PERMIT2_PROXY
+UPTO_PROXY_ADDRESS = contracts.UPTO_PERMIT2_PROXY
 DEFAULT_CHAIN_ID = 84532
 FORBIDDEN_CHAIN_ID = 31337  # the etched Permit2 caches its domain separator for this id
-
-ANVIL_BIN = Path("@foundry-rs/anvil-linux-amd64/bin/anvil")
-PERMIT2_SOURCE = Path("@uniswap/v4-periphery/lib/permit2/test/utils/DeployPermit2.sol")
-CONTRACTS_DIR = Path(__file__).resolve().parent / "contracts"
 
 AGENT_TOKEN_UNITS = 1_000_000
 ETH_BALANCE_WEI = 10**24  # 1,000,000 ETH per account
 MAX_UINT256 = 2**256 - 1
-TOKENS = {
+TOKENS: dict[str, dict[str, Any]] = {
     "OPG": {"contract": "OpgToken", "decimals": 18, "transfer_method": "permit2",
             "eip712_name": "OpenGradient", "eip712_version": "1"},
     "USDC": {"contract": "UsdcToken", "decimals": 6, "transfer_method": "eip3009",
@@ -61,91 +57,6 @@ _DEPLOY_GAS = 5_000_000
 _CALL_GAS = 200_000
 _MAX_FEE = 100 * 10**9
 _PRIORITY_FEE = 10**9
-
-
-class DevChainError(RuntimeError):
-    """The dev chain could not be started or is not in the expected state."""
-
-
-class RpcError(DevChainError):
-    def __init__(self, method: str, error: dict[str, Any]) -> None:
-        self.code = error.get("code")
-        self.data = error.get("data")
-        super().__init__(f"{method}: {error.get('message')} (code {self.code}, data {self.data})")
-
-
-# ---------------------------------------------------------------------------------------------
-# Locating node_modules, compiling, reading Permit2
-
-
-def find_node_modules() -> Path:
-    """$X402_NODE_MODULES, else the first node_modules with anvil above the cwd or this file."""
-    if env := os.environ.get("X402_NODE_MODULES"):
-        path = Path(env).resolve()
-        if not (path / ANVIL_BIN).is_file():
-            raise DevChainError(f"X402_NODE_MODULES={env} has no {ANVIL_BIN}")
-        return path
-    for start in (Path.cwd(), Path(__file__).resolve().parent):
-        for directory in (start, *start.parents):
-            if (directory / "node_modules" / ANVIL_BIN).is_file():
-                return directory / "node_modules"
-    raise DevChainError(f"no node_modules/{ANVIL_BIN} found; run `npm install` or set X402_NODE_MODULES")
-
-
-def _package_version(node_modules: Path, package: str) -> str:
-    return json.loads((node_modules / package / "package.json").read_text())["version"]
-
-
-def _sources_key(node_modules: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(CONTRACTS_DIR.glob("*.sol")) + [CONTRACTS_DIR / "compile.mjs"]:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    for package in ("solc", "@openzeppelin/contracts"):
-        digest.update(f"{package}@{_package_version(node_modules, package)}\0".encode())
-    return digest.hexdigest()
-
-
-def load_contracts(node_modules: Path | None = None, *, force: bool = False) -> dict[str, dict[str, Any]]:
-    """{ContractName: {abi, bytecode, deployedBytecode}}, compiled with solc-js and cached in
-    ``<project root>/build/contracts.json`` keyed by a hash of the sources and compiler version."""
-    node_modules = node_modules or find_node_modules()
-    key = _sources_key(node_modules)
-    cache = node_modules.parent / "build" / "contracts.json"
-    if not force and cache.is_file():
-        try:
-            cached = json.loads(cache.read_text())
-            if cached.get("cache_key") == key:
-                return cached["contracts"]
-        except (OSError, ValueError):
-            pass
-    node = shutil.which("node")
-    if node is None:
-        raise DevChainError("`node` is not on PATH; it is needed to compile the contracts")
-    proc = subprocess.run(
-        [node, str(CONTRACTS_DIR / "compile.mjs"), "--node-modules", str(node_modules)],
-        capture_output=True, text=True, check=False,
-    )
-    if proc.returncode != 0:
-        raise DevChainError(f"solc compilation failed:\n{proc.stderr}")
-    contracts = json.loads(proc.stdout)
-    payload = {"cache_key": key, "solc": _package_version(node_modules, "solc"), "contracts": contracts}
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(payload))
-        os.replace(tmp, cache)
-    except OSError:
-        pass  # read-only checkout: compile again next time
-    return contracts
-
-
-def permit2_runtime(node_modules: Path) -> str:
-    """The Permit2 runtime Uniswap's own tests etch (0x-hex), read from node_modules."""
-    source = (node_modules / PERMIT2_SOURCE).read_text()
-    literals = re.findall(r'hex"([0-9a-fA-F]+)"', source)
-    if len(literals) != 1:
-        raise DevChainError(f"expected one hex literal in {PERMIT2_SOURCE}, found {len(literals)}")
-    return "0x" + literals[0]
 
 
 def permit2_domain_separator(chain_id: int, permit2: str = PERMIT2_ADDRESS) -> bytes:
@@ -187,61 +98,12 @@ def write_description(description: dict[str, Any], path: str | os.PathLike[str])
 
 
 # ---------------------------------------------------------------------------------------------
-# JSON-RPC
-
-
-class JsonRpc:
-    """Minimal blocking JSON-RPC client over one keep-alive HTTP connection, with batching."""
-
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
-        parts = urlsplit(url)
-        self.url = url
-        self._path = parts.path or "/"
-        self._conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-        self._next_id = 0
-
-    def close(self) -> None:
-        self._conn.close()
-
-    def _post(self, body: Any) -> Any:
-        data = orjson.dumps(body)
-        for attempt in (0, 1):
-            try:
-                self._conn.request("POST", self._path, data, {"Content-Type": "application/json"})
-                return orjson.loads(self._conn.getresponse().read())
-            except (ConnectionError, http.client.HTTPException):
-                self._conn.close()
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-    def call(self, method: str, *params: Any) -> Any:
-        self._next_id += 1
-        reply = self._post({"jsonrpc": "2.0", "id": self._next_id, "method": method, "params": list(params)})
-        if "error" in reply:
-            raise RpcError(method, reply["error"])
-        return reply["result"]
-
-    def batch(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
-        """Send calls in one request; anvil may run them concurrently, so none may depend on another."""
-        if not calls:
-            return []
-        first = self._next_id + 1
-        self._next_id += len(calls)
-        body = [{"jsonrpc": "2.0", "id": first + i, "method": m, "params": p} for i, (m, p) in enumerate(calls)]
-        by_id = {r["id"]: r for r in self._post(body)}
-        results = []
-        for i, (method, _) in enumerate(calls):
-            reply = by_id[first + i]
-            if "error" in reply:
-                raise RpcError(method, reply["error"])
-            results.append(reply["result"])
-        return results
+# Calldata and ports
 
 
 def calldata(signature: str, types: list[str] | None = None, args: list[Any] | None = None) -> bytes:
     """Selector of `signature` followed by the ABI-encoded args."""
-    return function_signature_to_4byte_selector(signature) + (abi_encode(types, args) if types else b"")
+    return function_signature_to_4byte_selector(signature) + (abi_encode(types, args or []) if types else b"")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -295,7 +157,7 @@ class DevChain:
         self.agents = [derive_account("agent", i) for i in range(agents)]
         self.contracts: dict[str, dict[str, Any]] = {}
         self.token_addresses: dict[str, str] = {}
-        self.rpc: JsonRpc | None = None
+        self._rpc: BlockingRpc | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._stderr: Any = None
         self._nonces: dict[str, int] = {}
@@ -305,6 +167,13 @@ class DevChain:
     @property
     def rpc_url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    @property
+    def rpc(self) -> BlockingRpc:
+        """The JSON-RPC client of the running chain."""
+        if self._rpc is None:
+            raise DevChainError("the dev chain is not started")
+        return self._rpc
 
     @property
     def pid(self) -> int | None:
@@ -330,6 +199,9 @@ class DevChain:
         self._spawn_anvil()
         try:
             self._setup()
+        except (RpcError, RpcUnavailableError) as exc:
+            self.stop()
+            raise DevChainError(f"dev chain setup failed: {exc}") from exc
         except BaseException:
             self.stop()
             raise
@@ -338,9 +210,9 @@ class DevChain:
     def stop(self) -> None:
         """Terminate anvil (by pid) and wait for it; safe to call twice."""
         atexit.unregister(self.stop)
-        if self.rpc is not None:
-            self.rpc.close()
-            self.rpc = None
+        if self._rpc is not None:
+            self._rpc.close()
+            self._rpc = None
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             process.terminate()
@@ -368,7 +240,7 @@ class DevChain:
                 start_new_session=True,  # a terminal's Ctrl-C goes to us; we stop anvil ourselves
             )
             atexit.register(self.stop)
-            self.rpc = JsonRpc(self.rpc_url)
+            self._rpc = BlockingRpc(self.rpc_url)
             error = self._wait_ready(deadline=time.monotonic() + 10)
             if error is None:
                 return
@@ -377,7 +249,7 @@ class DevChain:
                 raise DevChainError(f"anvil did not start on {self.rpc_url}: {error}")
 
     def _wait_ready(self, deadline: float) -> str | None:
-        assert self._process is not None and self.rpc is not None
+        assert self._process is not None
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
                 self._stderr.seek(0)
@@ -386,8 +258,7 @@ class DevChain:
                 if int(self.rpc.call("eth_chainId"), 16) != self.chain_id:
                     return "wrong chain id (is another node on this port?)"
                 return None
-            except (OSError, http.client.HTTPException):
-                self.rpc.close()
+            except RpcUnavailableError:
                 time.sleep(0.01)
         return "no eth_chainId answer within 10 s"
 
@@ -395,7 +266,6 @@ class DevChain:
 
     def _setup(self) -> None:
         rpc = self.rpc
-        assert rpc is not None
         everyone = [self.deployer, *self.facilitators, self.payee, *self.agents]
         rpc.batch([("anvil_setCode", [PERMIT2_ADDRESS, permit2_runtime(self.node_modules)])]
                   + [("anvil_setBalance", [a.address, hex(ETH_BALANCE_WEI)]) for a in everyone])
@@ -433,7 +303,6 @@ class DevChain:
         """Copy a freshly deployed contract (runtime code and its first storage slots) to `target`.
         OpenZeppelin's EIP712 rebuilds its domain separator when `address(this)` is not the
         deploying address, so signatures bind to `target`."""
-        assert self.rpc is not None
         reads = [("eth_getCode", [deployed, "latest"])]
         reads += [("eth_getStorageAt", [deployed, hex(slot), "latest"]) for slot in range(_COPIED_SLOTS)]
         code, *slots = self.rpc.batch(reads)
@@ -454,14 +323,13 @@ class DevChain:
     def _deploy_tx(self, contract: str, types: list[str] | None = None, args: list[Any] | None = None) -> str:
         code = bytes.fromhex(self.contracts[contract]["bytecode"][2:])
         if types:
-            code += abi_encode(types, args)
+            code += abi_encode(types, args or [])
         return self._sign(self.deployer, {"data": code, "gas": _DEPLOY_GAS})
 
     def _call_tx(self, account: LocalAccount, to: str, data: bytes) -> str:
         return self._sign(account, {"to": to, "data": data, "gas": _CALL_GAS})
 
     def _send_and_wait(self, raw_txs: list[str], timeout: float = 30.0) -> list[dict[str, Any]]:
-        assert self.rpc is not None
         hashes = self.rpc.batch([("eth_sendRawTransaction", [tx]) for tx in raw_txs])
         deadline = time.monotonic() + timeout
         resend_at = time.monotonic() + 2.0
@@ -477,7 +345,7 @@ class DevChain:
                     if not receipt:
                         try:
                             self.rpc.call("eth_sendRawTransaction", raw)
-                        except Exception:  # already known / nonce too low: the receipt decides
+                        except (RpcError, RpcUnavailableError):  # already known / nonce too low: the receipt decides
                             pass
                 resend_at = time.monotonic() + 2.0
             time.sleep(0.005)
@@ -487,7 +355,6 @@ class DevChain:
         return receipts
 
     def _check(self) -> None:
-        assert self.rpc is not None
         sep_call = {"to": PERMIT2_ADDRESS, "data": "0x3644e515"}
         permit2_call = "0x" + calldata("PERMIT2()").hex()
         separator, exact_permit2, upto_permit2 = self.rpc.batch([

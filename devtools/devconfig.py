@@ -1,6 +1,6 @@
 """A ready gateway configuration for local use: the dev chain's tokens as payment options, its
 payee as payTo, the facilitator in-process, and the routes of every protocol the gateway fronts
-pointing at a local stand-in upstream (gateway.devupstream)."""
+pointing at a local stand-in upstream (devtools.upstream)."""
 
 from __future__ import annotations
 

@@ -12,12 +12,13 @@ import contextlib
 import json
 import socket
 import sys
+from typing import Any
 
 import aiohttp
 import uvicorn
 
+from devtools.devchain import DevChain, calldata
 from facilitator.app import create_app
-from facilitator.devchain import DevChain, calldata
 from facilitator.settings import devchain_overlay, load_settings
 
 
@@ -71,7 +72,7 @@ async def run_demo() -> int:
                                           pay_to=payee, max_timeout_seconds=300, extra=extra)
                 print(f"\n== {symbol} ({t['transfer_method']}): the resource asks {_units(price, t['decimals'])} {symbol}")
                 payload = await client.create_payment_payload(PaymentRequired(accepts=[req], resource=ResourceInfo(url="http://demo/v1/chat/completions")))
-                body = {"x402Version": 2, "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
+                body: dict[str, Any] = {"x402Version": 2, "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
                         "paymentRequirements": req.model_dump(by_alias=True, exclude_none=True)}
                 print("   agent signed:", json.dumps({k: v for k, v in body["paymentPayload"]["payload"].items() if k != "signature"})[:160] + "…")
                 before = (await _balance(chain, t["address"], agent.address), await _balance(chain, t["address"], payee))

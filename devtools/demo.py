@@ -21,11 +21,11 @@ from typing import Any
 import aiohttp
 import uvicorn
 
-from facilitator.devchain import DevChain, calldata, write_description
+from devtools.devchain import DevChain, calldata, write_description
+from devtools.devconfig import dev_settings
+from devtools.upstream import create_upstream_app
 from facilitator.x402.headers import decode_payment_required, decode_payment_response
 from gateway.app import create_app
-from gateway.devconfig import dev_settings
-from gateway.devupstream import create_upstream_app
 
 PROVIDER_KEY = "sk-demo-provider-key"
 
@@ -92,16 +92,16 @@ async def run_demo() -> int:
 
         async with aiohttp.ClientSession() as http:
             print("\n== 3. the agent calls without paying")
-            async with http.post(gateway + "/v1/chat/completions", json=chat) as r:
-                challenge = decode_payment_required(r.headers["PAYMENT-REQUIRED"])
-                body = await r.json()
-                print(f"   HTTP {r.status}: {body['message']}")
+            async with http.post(gateway + "/v1/chat/completions", json=chat) as unpaid:
+                challenge = decode_payment_required(unpaid.headers["PAYMENT-REQUIRED"])
+                body = await unpaid.json()
+                print(f"   HTTP {unpaid.status}: {body['message']}")
                 for a in challenge.accepts:
                     token = opg if a.asset.lower() == opg["address"].lower() else usdc
                     sym = "OPG" if token is opg else "USDC"
                     print(f"   accepts: {a.scheme} {_units(int(a.amount), token['decimals'])} {sym} on {a.network} "
                           f"to {a.pay_to} via {a.extra.get('assetTransferMethod', 'eip3009')}")
-                check(r.status == 402 and len(challenge.accepts) == 2, "402 with PAYMENT-REQUIRED listing OPG and USDC")
+                check(unpaid.status == 402 and len(challenge.accepts) == 2, "402 with PAYMENT-REQUIRED listing OPG and USDC")
 
         captured: list[dict] = []
         client = x402Client()
@@ -161,19 +161,19 @@ async def run_demo() -> int:
         forged["payload"]["permit2Authorization"]["witness"]["to"] = agent.address
         header = base64.b64encode(json.dumps(forged).encode()).decode()
         async with aiohttp.ClientSession() as http:
-            async with http.post(gateway + "/v1/chat/completions", json=chat, headers={"PAYMENT-SIGNATURE": header}) as r:
-                refused = await r.json()
-        print(f"   HTTP {r.status}: {refused['error']}: {refused['message']}")
-        check(r.status == 402 and refused["error"] == "invalid_payment_requirements", "tampered payment refused, nothing charged")
+            async with http.post(gateway + "/v1/chat/completions", json=chat, headers={"PAYMENT-SIGNATURE": header}) as resp:
+                refused = await resp.json()
+        print(f"   HTTP {resp.status}: {refused['error']}: {refused['message']}")
+        check(resp.status == 402 and refused["error"] == "invalid_payment_requirements", "tampered payment refused, nothing charged")
 
         print("\n== 8. the first payment presented again")
         replay = base64.b64encode(json.dumps(captured[0]).encode()).decode()
         paid_before = balance(opg, payee)
         async with aiohttp.ClientSession() as http:
             async with http.post(gateway + "/v1/chat/completions", data=chat_bytes,
-                                 headers=as_json | {"PAYMENT-SIGNATURE": replay}) as r:
-                replay_status = r.status
-                same = r.headers.get("PAYMENT-RESPONSE") and decode_payment_response(r.headers["PAYMENT-RESPONSE"]).transaction == settle.transaction
+                                 headers=as_json | {"PAYMENT-SIGNATURE": replay}) as resp:
+                replay_status = resp.status
+                same = resp.headers.get("PAYMENT-RESPONSE") and decode_payment_response(resp.headers["PAYMENT-RESPONSE"]).transaction == settle.transaction
         print(f"   HTTP {replay_status}: the recorded result (same settlement {settle.transaction[:18]}…), not charged again")
         check(replay_status == 200 and bool(same) and balance(opg, payee) == paid_before, "replay served from the record, no second charge")
 

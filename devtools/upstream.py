@@ -18,7 +18,7 @@ Test hooks:
   request carried ``PAYMENT-SIGNATURE`` or ``X-PAYMENT`` (the gateway must strip them).
 * ``GET /_stats`` counts requests (``/_stats*`` excluded); ``POST /_stats/reset`` zeroes them.
 
-Run with ``python -m gateway.devupstream --port 8000``.
+Run with ``python -m devtools.upstream --port 8000``.
 """
 
 from __future__ import annotations
@@ -605,7 +605,7 @@ def create_upstream_app(*, name: str = "devupstream", require_auth: str | None =
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `python -m gateway.devupstream` and `x402-gateway upstream`."""
+    """The options of `python -m devtools.upstream` and `x402-gateway upstream`."""
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--name", default="devupstream", help="echoed in the X-Devupstream-Name header")
@@ -631,7 +631,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gateway.devupstream", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m devtools.upstream", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return serve(parser.parse_args(argv))
 

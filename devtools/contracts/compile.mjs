@@ -1,11 +1,13 @@
-// Compile every .sol file next to this script with solc-js (standard JSON).
+// Compile every .sol file of the given folders with solc-js (standard JSON).
 //
-//   node compile.mjs [--node-modules DIR] [--out FILE]
+//   node compile.mjs [--sources DIR]... [--node-modules DIR] [--out FILE]
 //
 // Prints (or writes to FILE) {ContractName: {abi, bytecode, deployedBytecode}}
-// for the contracts defined in this folder. `@openzeppelin/...` imports are read
-// from DIR (default: the first node_modules found walking up from the current
-// directory, then from this script's directory).
+// for the contracts defined in the --sources folders (default: this script's
+// folder). File names must be unique across the folders: each file is one source
+// unit named by its file name, so `./X.sol` imports resolve across them.
+// `@openzeppelin/...` imports are read from DIR (default: the first node_modules
+// found walking up from the current directory, then from this script's directory).
 import fs from "node:fs";
 import path from "node:path";
 import { createRequire } from "node:module";
@@ -14,9 +16,10 @@ import { fileURLToPath } from "node:url";
 const here = path.dirname(fileURLToPath(import.meta.url));
 
 function parseArgs(argv) {
-  const args = { nodeModules: null, out: null };
+  const args = { sources: [], nodeModules: null, out: null };
   for (let i = 0; i < argv.length; i++) {
-    if (argv[i] === "--node-modules") args.nodeModules = argv[++i];
+    if (argv[i] === "--sources") args.sources.push(argv[++i]);
+    else if (argv[i] === "--node-modules") args.nodeModules = argv[++i];
     else if (argv[i] === "--out") args.out = argv[++i];
     else throw new Error(`unknown argument ${argv[i]}`);
   }
@@ -39,8 +42,11 @@ if (!fs.existsSync(path.join(nodeModules, "solc", "package.json"))) {
 const solc = createRequire(path.join(nodeModules, "..", "package.json"))(path.join(nodeModules, "solc"));
 
 const sources = {};
-for (const name of fs.readdirSync(here).filter((f) => f.endsWith(".sol")).sort()) {
-  sources[name] = { content: fs.readFileSync(path.join(here, name), "utf8") };
+for (const dir of args.sources.length ? args.sources : [here]) {
+  for (const name of fs.readdirSync(dir).filter((f) => f.endsWith(".sol")).sort()) {
+    if (name in sources) throw new Error(`two sources named ${name}`);
+    sources[name] = { content: fs.readFileSync(path.join(dir, name), "utf8") };
+  }
 }
 
 function findImports(importPath) {
