@@ -15,6 +15,8 @@ from facilitator.registry import SchemeRegistry
 from facilitator.settlement import Settler
 from facilitator.store.base import SettlementStore, StoreUnavailableError
 from facilitator.x402.errors import UnknownNetworkError
+from facilitator.x402.identity import claimed_payer
+from facilitator.x402.matching import requirement_mismatch
 from facilitator.x402.networks import to_caip2
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import (
@@ -63,17 +65,14 @@ def normalize(
 
 
 def check_accepted(payload: PaymentPayload, requirements: PaymentRequirements) -> None:
-    """The requirement the client says it accepted must be the one we are asked to check, field
-    for field (the signed fields are checked again against the signature by the scheme)."""
-    a = payload.accepted
-    if (
-        a.scheme != requirements.scheme
-        or a.network != requirements.network
-        or a.asset.lower() != requirements.asset.lower()
-        or int(a.amount) != int(requirements.amount)
-        or a.pay_to.lower() != requirements.pay_to.lower()
-    ):
-        raise RequestMismatchError(R.INVALID_PAYMENT_REQUIREMENTS, "paymentPayload.accepted differs from paymentRequirements")
+    """The requirement the client says it accepted must be the one we are asked to check, by the
+    rule the gateway binds payments with (the signed fields are checked again against the
+    signature by the scheme)."""
+    field = requirement_mismatch(payload.accepted, requirements)
+    if field is not None:
+        raise RequestMismatchError(
+            R.INVALID_PAYMENT_REQUIREMENTS, f"paymentPayload.accepted differs from paymentRequirements ({field})"
+        )
 
 
 class Facilitator:
@@ -110,7 +109,7 @@ class Facilitator:
     async def verify(self, request: VerifyRequest) -> VerifyResponse:
         started = time.perf_counter()
         scheme_name, network = self._labels(request.payment_requirements)
-        payer = _claimed_payer(request.payment_payload)
+        payer = claimed_payer(request.payment_payload.payload)
         try:
             payload, requirements, version = normalize(request.payment_payload, request.payment_requirements)
             scheme = self.registry.find(version, requirements.network, requirements.scheme)
@@ -141,7 +140,7 @@ class Facilitator:
     async def settle(self, request: SettleRequest) -> SettleResponse:
         started = time.perf_counter()
         scheme_name, network = self._labels(request.payment_requirements)
-        payer = _claimed_payer(request.payment_payload)
+        payer = claimed_payer(request.payment_payload.payload)
         try:
             payload, requirements, version = normalize(request.payment_payload, request.payment_requirements)
             scheme = self.registry.find(version, requirements.network, requirements.scheme)
@@ -187,13 +186,3 @@ class Facilitator:
                 closed.add(id(nonces))
                 await nonces.close()
         await self.store.close()
-
-
-
-
-def _claimed_payer(payload: PaymentPayload | PaymentPayloadV1) -> str | None:
-    inner = payload.payload
-    auth = inner.get("permit2Authorization") or inner.get("authorization")
-    if isinstance(auth, dict) and isinstance(auth.get("from"), str):
-        return auth["from"]
-    return None

@@ -55,7 +55,7 @@ from gateway.claim import Claim, new_owner, retry_after_s
 from gateway.facilitator_client import FacilitatorClient
 from gateway.metering import StreamMeter, Usage, cap_request, cost_of, output_token_cap, to_base_units, usage_from_body
 from gateway.metrics import GatewayMetrics
-from gateway.pricing import Offer, Pricing, PricingError, matches, to_v1
+from gateway.pricing import Offer, OfferMismatchError, Pricing, PricingError, to_v1
 from gateway.proxy import (
     UpstreamFailedError,
     UpstreamPool,
@@ -294,14 +294,10 @@ class Paywall:
         """The offered requirement this payment is for, compared field for field, before any
         facilitator call: a payment for a cheaper route, another payTo, asset or network fails here."""
         if isinstance(payload, PaymentPayload):
-            for offered in offer.requirements:
-                if matches(payload.accepted, offered) is None:
-                    return offered
-            # Name the difference from the offer in the same asset, if there is one.
-            same_asset = [o for o in offer.requirements if o.asset.lower() == payload.accepted.asset.lower()]
-            diff = matches(payload.accepted, (same_asset or list(offer.requirements))[0])
-            return self.challenge(request, offer, R.INVALID_PAYMENT_REQUIREMENTS.value,
-                                  f"the payment does not match what this route offers ({diff} differs)")
+            try:
+                return offer.bind(payload.accepted)
+            except OfferMismatchError as exc:
+                return self.challenge(request, offer, R.INVALID_PAYMENT_REQUIREMENTS.value, str(exc))
         for offered in offer.requirements:
             try:
                 same_network = to_caip2(payload.network) == offered.network
