@@ -25,6 +25,9 @@ from facilitator.evm.nonces import LocalNonces, RedisNonces
 from facilitator.evm.rpc import RpcError, RpcUnavailableError
 from facilitator.evm.signer import Signer, SignerPool
 from facilitator.metrics import FacilitatorMetrics
+from facilitator.registry import SchemeRegistry
+from facilitator.schemes.evm_exact import ExactEvmScheme
+from facilitator.schemes.evm_upto import UptoEvmScheme
 from facilitator.service import Facilitator
 from facilitator.settings import FacilitatorSettings
 from facilitator.store import open_store
@@ -70,7 +73,18 @@ def build_facilitator(settings: FacilitatorSettings, *, metrics: FacilitatorMetr
             },
         )
     store = open_store(settings.store_url, prefix=settings.store_prefix)
-    return Facilitator(chains, signers, store, metrics=metrics, receipt_timeout_s=settings.receipt_timeout_s)
+    return Facilitator(chains, signers, store, build_registry(chains, signers), metrics=metrics,
+                       receipt_timeout_s=settings.receipt_timeout_s)
+
+
+def build_registry(chains: dict[str, EvmChain], signers: SignerPool) -> SchemeRegistry:
+    """Every scheme this facilitator runs, on every configured network: the one place a scheme
+    is enabled (and the one thing `/supported` lists)."""
+    registry = SchemeRegistry()
+    for chain in chains.values():
+        registry.register(ExactEvmScheme(chain), x402_versions=(1, 2))
+        registry.register(UptoEvmScheme(chain, signers.addresses))
+    return registry
 
 
 async def read_body(request: Request, limit: int) -> bytes:

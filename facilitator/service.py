@@ -11,12 +11,12 @@ from facilitator.errors import ChainUnavailableError, PaymentInvalidError
 from facilitator.evm.chain import EvmChain
 from facilitator.evm.signer import SignerPool
 from facilitator.metrics import FacilitatorMetrics
-from facilitator.schemes.base import SchemeFacilitator
-from facilitator.schemes.evm_exact import ExactEvmScheme
-from facilitator.schemes.evm_upto import UptoEvmScheme
+from facilitator.registry import SchemeRegistry
 from facilitator.settlement import Settler
 from facilitator.store.base import SettlementStore, StoreUnavailableError
 from facilitator.x402.errors import UnknownNetworkError
+from facilitator.x402.identity import claimed_payer
+from facilitator.x402.matching import requirement_mismatch
 from facilitator.x402.networks import to_caip2
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import (
@@ -26,7 +26,6 @@ from facilitator.x402.types import (
     PaymentRequirementsV1,
     SettleRequest,
     SettleResponse,
-    SupportedKind,
     SupportedResponse,
     VerifyRequest,
     VerifyResponse,
@@ -66,17 +65,14 @@ def normalize(
 
 
 def check_accepted(payload: PaymentPayload, requirements: PaymentRequirements) -> None:
-    """The requirement the client says it accepted must be the one we are asked to check, field
-    for field (the signed fields are checked again against the signature by the scheme)."""
-    a = payload.accepted
-    if (
-        a.scheme != requirements.scheme
-        or a.network != requirements.network
-        or a.asset.lower() != requirements.asset.lower()
-        or int(a.amount) != int(requirements.amount)
-        or a.pay_to.lower() != requirements.pay_to.lower()
-    ):
-        raise RequestMismatchError(R.INVALID_PAYMENT_REQUIREMENTS, "paymentPayload.accepted differs from paymentRequirements")
+    """The requirement the client says it accepted must be the one we are asked to check, by the
+    rule the gateway binds payments with (the signed fields are checked again against the
+    signature by the scheme)."""
+    field = requirement_mismatch(payload.accepted, requirements)
+    if field is not None:
+        raise RequestMismatchError(
+            R.INVALID_PAYMENT_REQUIREMENTS, f"paymentPayload.accepted differs from paymentRequirements ({field})"
+        )
 
 
 class Facilitator:
@@ -85,6 +81,7 @@ class Facilitator:
         chains: dict[str, EvmChain],
         signers: SignerPool,
         store: SettlementStore,
+        registry: SchemeRegistry,
         *,
         metrics: FacilitatorMetrics | None = None,
         receipt_timeout_s: float = 20.0,
@@ -95,11 +92,8 @@ class Facilitator:
         self.store = store
         self.metrics = metrics or FacilitatorMetrics()
         self.clock = clock
+        self.registry = registry
         self.settler = Settler(store, signers, receipt_timeout_s=receipt_timeout_s, clock=clock)
-        self.schemes: dict[tuple[str, str], SchemeFacilitator] = {}
-        for network, chain in chains.items():
-            self.schemes[(network, "exact")] = ExactEvmScheme(chain)
-            self.schemes[(network, "upto")] = UptoEvmScheme(chain, signers.addresses)
 
     def _labels(self, requirements: PaymentRequirements | PaymentRequirementsV1) -> tuple[str, str]:
         """Bounded metric labels: only configured networks and known schemes, never raw input."""
@@ -109,24 +103,16 @@ class Facilitator:
                 network = to_caip2(network)
             except UnknownNetworkError:
                 network = "unknown"
-        scheme = requirements.scheme if requirements.scheme in ("exact", "upto") else "unknown"
+        scheme = requirements.scheme if self.registry.has_scheme(requirements.scheme) else "unknown"
         return scheme, network if network in self.chains else "unknown"
-
-    def _scheme(self, requirements: PaymentRequirements) -> SchemeFacilitator:
-        scheme = self.schemes.get((requirements.network, requirements.scheme))
-        if scheme is None:
-            if not any(net == requirements.network for net, _ in self.schemes):
-                raise PaymentInvalidError(R.INVALID_NETWORK, f"network {requirements.network} is not supported")
-            raise PaymentInvalidError(R.UNSUPPORTED_SCHEME, f"scheme {requirements.scheme} is not supported")
-        return scheme
 
     async def verify(self, request: VerifyRequest) -> VerifyResponse:
         started = time.perf_counter()
         scheme_name, network = self._labels(request.payment_requirements)
-        payer = _claimed_payer(request.payment_payload)
+        payer = claimed_payer(request.payment_payload.payload)
         try:
-            payload, requirements, _ = normalize(request.payment_payload, request.payment_requirements)
-            scheme = self._scheme(requirements)
+            payload, requirements, version = normalize(request.payment_payload, request.payment_requirements)
+            scheme = self.registry.find(version, requirements.network, requirements.scheme)
             prepared = scheme.prepare(payload, requirements, now=self.clock())
             payer = prepared.payer
             check_accepted(payload, requirements)
@@ -154,13 +140,13 @@ class Facilitator:
     async def settle(self, request: SettleRequest) -> SettleResponse:
         started = time.perf_counter()
         scheme_name, network = self._labels(request.payment_requirements)
-        payer = _claimed_payer(request.payment_payload)
+        payer = claimed_payer(request.payment_payload.payload)
         try:
-            payload, requirements, _ = normalize(request.payment_payload, request.payment_requirements)
-            scheme = self._scheme(requirements)
+            payload, requirements, version = normalize(request.payment_payload, request.payment_requirements)
+            scheme = self.registry.find(version, requirements.network, requirements.scheme)
             prepared = scheme.prepare(payload, requirements, now=self.clock(), settle=True)
             payer = prepared.payer
-            if requirements.scheme != "upto":  # upto settles carry the actual amount, not the accepted max
+            if not scheme.amount_is_maximum:
                 check_accepted(payload, requirements)
             resp = await self.settler.settle(self.chains[requirements.network], prepared)
         except PaymentInvalidError as exc:
@@ -187,17 +173,9 @@ class Facilitator:
         return resp
 
     def supported(self) -> SupportedResponse:
-        kinds: list[SupportedKind] = []
-        for (network, scheme_name), scheme in sorted(self.schemes.items()):
-            kinds.append(SupportedKind(x402_version=2, scheme=scheme_name, network=network, extra=scheme.supported_extra()))
-            if scheme_name == "exact":
-                try:
-                    from facilitator.x402.networks import to_v1_name
-
-                    kinds.append(SupportedKind(x402_version=1, scheme=scheme_name, network=to_v1_name(network)))
-                except UnknownNetworkError:
-                    pass
-        return SupportedResponse(kinds=kinds, extensions=[], signers={"eip155:*": self.signers.addresses})
+        """What the registry holds; every registered namespace is settled by our signers."""
+        signers = {f"{namespace}:*": self.signers.addresses for namespace in self.registry.namespaces()}
+        return SupportedResponse(kinds=self.registry.kinds(), extensions=[], signers=signers)
 
     async def close(self) -> None:
         closed: set[int] = set()
@@ -208,13 +186,3 @@ class Facilitator:
                 closed.add(id(nonces))
                 await nonces.close()
         await self.store.close()
-
-
-
-
-def _claimed_payer(payload: PaymentPayload | PaymentPayloadV1) -> str | None:
-    inner = payload.payload
-    auth = inner.get("permit2Authorization") or inner.get("authorization")
-    if isinstance(auth, dict) and isinstance(auth.get("from"), str):
-        return auth["from"]
-    return None

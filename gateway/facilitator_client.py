@@ -121,8 +121,8 @@ class LocalFacilitatorClient:
         return self.facilitator.signers.get(address) is not None
 
     async def upto_signers(self) -> dict[str, str]:
-        extra = {net: sch.supported_extra() for (net, name), sch in self.facilitator.schemes.items() if name == "upto"}
-        return {net: e["facilitatorAddress"] for net, e in extra.items() if e and e.get("facilitatorAddress")}
+        return {k.network: k.extra["facilitatorAddress"] for k in self.facilitator.supported().kinds
+                if k.scheme == "upto" and k.x402_version == 2 and k.extra and k.extra.get("facilitatorAddress")}
 
     async def ready(self) -> bool:
         try:

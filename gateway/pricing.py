@@ -13,6 +13,7 @@ from decimal import Decimal
 
 import orjson
 
+from facilitator.x402.matching import RequirementMismatchError, find_offered
 from facilitator.x402.networks import to_v1_name
 from facilitator.x402.types import PaymentRequirements, PaymentRequirementsV1
 from gateway.errors import GatewayError
@@ -30,6 +31,14 @@ class PricingError(GatewayError):
         super().__init__(reason, message, status)
 
 
+class OfferMismatchError(Exception):
+    """A payment for something this route does not offer; `field` names what differs."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(f"the payment does not match what this route offers ({field} differs)")
+        self.field = field
+
+
 @dataclass(frozen=True, slots=True)
 class Offer:
     route: Route
@@ -42,6 +51,15 @@ class Offer:
     @property
     def route_id(self) -> str:
         return f"{self.route.method} {self.route.path}"
+
+    def bind(self, accepted: PaymentRequirements) -> PaymentRequirements:
+        """The offered requirement a payment accepted, compared field for field (the facilitator's
+        rule) before any facilitator call: a payment for a cheaper route, another payTo, asset or
+        network raises OfferMismatchError naming the field."""
+        try:
+            return find_offered(accepted, self.requirements)
+        except RequirementMismatchError as exc:
+            raise OfferMismatchError(exc.field) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,23 +248,3 @@ class Pricing:
         return {"id": model, "object": "model", "created": self.created, "owned_by": route.upstream,
                 "route": f"{route.method} {route.path}", "model": model}
 
-
-def matches(accepted: PaymentRequirements, offered: PaymentRequirements) -> str | None:
-    """None when the client accepted exactly what we offer; else the first field that differs.
-    Amount, asset, payTo and network are compared before anything is sent to a facilitator."""
-    if accepted.scheme != offered.scheme:
-        return "scheme"
-    if accepted.network != offered.network:
-        return "network"
-    if accepted.asset.lower() != offered.asset.lower():
-        return "asset"
-    if accepted.amount != offered.amount:
-        return "amount"
-    if accepted.pay_to.lower() != offered.pay_to.lower():
-        return "payTo"
-    if accepted.max_timeout_seconds != offered.max_timeout_seconds:
-        return "maxTimeoutSeconds"
-    for k, v in offered.extra.items():
-        if accepted.extra.get(k) != v:
-            return f"extra.{k}"
-    return None

@@ -9,9 +9,8 @@ cannot drift apart.
 from __future__ import annotations
 
 import hashlib
-
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from facilitator.x402.types import PaymentPayload, PaymentRequirements
 
@@ -29,11 +28,17 @@ class SettlementPlan:
 
 
 class PreparedPayment(Protocol):
-    payer: str
-    record_key: str  # network + nonce space + payer + nonce: unique per on-chain authorization
-    digest: str  # payment_digest(): same signed payment <=> same digest
-    nonce_used_reason: str
-    settle_amount: int
+    # Read-only members, so that a dataclass field and a computed property both qualify.
+    @property
+    def payer(self) -> str: ...
+    @property
+    def record_key(self) -> str: ...  # network + nonce space + payer + nonce: unique per on-chain authorization
+    @property
+    def digest(self) -> str: ...  # payment_digest(): same signed payment <=> same digest
+    @property
+    def nonce_used_reason(self) -> str: ...
+    @property
+    def settle_amount(self) -> int: ...
 
     async def confirm(self) -> None: ...
 
@@ -41,14 +46,19 @@ class PreparedPayment(Protocol):
 
 
 class SchemeFacilitator(Protocol):
+    """One scheme on one network (or a pattern of networks), registered in the `SchemeRegistry`."""
+
     scheme: str
     network: str
+    # The accepted amount is a ceiling: a settle request carries the amount to move, so settle
+    # does not compare the requirements with `accepted` (the signature still bounds the amount).
+    amount_is_maximum: bool
 
     def prepare(
         self, payload: PaymentPayload, requirements: PaymentRequirements, *, now: float, settle: bool = False
     ) -> PreparedPayment: ...
 
-    def supported_extra(self) -> dict | None: ...
+    def supported_extra(self) -> dict[str, Any] | None: ...
 
 
 def payment_digest(typed_digest: bytes, signature: bytes) -> str:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from facilitator.errors import PaymentInvalidError
 from facilitator.evm.chain import EvmChain
 from facilitator.schemes.evm_exact.permit2 import Permit2Payment, prepare_permit2
@@ -12,6 +14,7 @@ from facilitator.x402.types import PaymentPayload, PaymentRequirements
 
 class UptoEvmScheme:
     scheme = "upto"
+    amount_is_maximum = True
 
     def __init__(self, chain: EvmChain, facilitator_addresses: list[str]) -> None:
         self.chain = chain
@@ -22,7 +25,7 @@ class UptoEvmScheme:
     def prepare(
         self, payload: PaymentPayload, requirements: PaymentRequirements, *, now: float, settle: bool = False
     ) -> Permit2Payment:
-        if payload.accepted.scheme != "upto" or requirements.scheme != "upto":
+        if payload.accepted.scheme != self.scheme or requirements.scheme != self.scheme:
             raise PaymentInvalidError(R.INVALID_UPTO_EVM_SCHEME, "scheme must be upto")
         if payload.accepted.network != requirements.network:
             raise PaymentInvalidError(R.INVALID_UPTO_EVM_NETWORK_MISMATCH, "accepted.network differs from the requirements")
@@ -33,6 +36,6 @@ class UptoEvmScheme:
             facilitator_addresses=self._lower, settle=settle,
         )  # fmt: skip
 
-    def supported_extra(self) -> dict | None:
+    def supported_extra(self) -> dict[str, Any] | None:
         # One address per kind, as the reference does; every one of ours can settle.
         return {"facilitatorAddress": self._addresses[0]}

@@ -17,7 +17,7 @@ from facilitator.x402.networks import to_caip2
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import PaymentPayload, PaymentPayloadV1, PaymentRequirements, PaymentRequirementsV1
 from gateway.errors import GatewayError
-from gateway.pricing import Offer, matches, to_v1
+from gateway.pricing import Offer, OfferMismatchError, to_v1
 
 PAYMENT_ID = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 AnyPayload = PaymentPayload | PaymentPayloadV1
@@ -74,14 +74,10 @@ def bind(payload: AnyPayload, offer: Offer, resource_url: str) -> AnyRequirement
     """The offered requirement this payment is for, compared field for field, before any
     facilitator call: a payment for a cheaper route, another payTo, asset or network fails here."""
     if isinstance(payload, PaymentPayload):
-        for offered in offer.requirements:
-            if matches(payload.accepted, offered) is None:
-                return offered
-        # Name the difference from the offer in the same asset, if there is one.
-        same_asset = [o for o in offer.requirements if o.asset.lower() == payload.accepted.asset.lower()]
-        diff = matches(payload.accepted, (same_asset or list(offer.requirements))[0])
-        raise GatewayError(R.INVALID_PAYMENT_REQUIREMENTS.value,
-                           f"the payment does not match what this route offers ({diff} differs)", offer=offer)
+        try:
+            return offer.bind(payload.accepted)
+        except OfferMismatchError as exc:
+            raise GatewayError(R.INVALID_PAYMENT_REQUIREMENTS.value, str(exc), offer=offer) from None
     for offered in offer.requirements:
         try:
             same_network = to_caip2(payload.network) == offered.network

@@ -35,8 +35,10 @@ invalid we must name an `ErrorReason`. Both reasons are pinned in `EXPECTED`, wh
 | insufficient_balance  | permit2 | invalid_exact_evm_insufficient_balance                 | invalid_exact_evm_insufficient_balance                 |     |
 | insufficient_balance  | eip3009 | invalid_exact_evm_insufficient_balance                 | invalid_exact_evm_insufficient_balance                 |     |
 | no_allowance          | permit2 | permit2_allowance_required                             | permit2_allowance_required                             |     |
+| accepted_differs      | permit2 | invalid_payment_requirements                           | **valid**                                              | (5) |
+| accepted_differs      | eip3009 | invalid_payment_requirements                           | **valid**                                              | (5) |
 
-Validity agrees everywhere except (4). Where the reason strings differ:
+Validity agrees everywhere except (4) and (5). Where the reason strings differ:
 
 1. We compare `paymentPayload.accepted` with `paymentRequirements` field by field (after the
    scheme's local checks, before any chain read); the SDK has no such check, builds the EIP-3009
@@ -49,6 +51,10 @@ Validity agrees everywhere except (4). Where the reason strings differ:
    bitmap, so it accepts a payment that was already settled (the settle would revert with
    InvalidNonce). We refuse it from the settlement store (`replayed`) and, with an empty store,
    from the on-chain bitmap (`replayed_fresh_store`). For EIP-3009 the SDK's simulation catches it.
+5. Documented, expected: we are stricter. `paymentPayload.accepted` names another maxTimeoutSeconds
+   than `paymentRequirements` (the signed payment is valid). The SDK's facilitator leaves that to
+   the resource server; we apply the rule the gateway binds payments with
+   (`facilitator.x402.matching`, the SDK server's own rule) and refuse it.
 
 Payers, payees and spenders are fresh accounts derived from a fixed seed, so the shared dev-chain
 accounts are untouched. Run with `-s` to see the table row of every case.
@@ -139,6 +145,8 @@ EXPECTED: dict[tuple[str, str], tuple[str | None, str | None]] = {
     ("wrong_network", "eip3009"): ("invalid_network", "network_mismatch"),  # (2)
     ("replayed", "permit2"): ("permit2_invalid_nonce", None),  # (4)
     ("replayed_fresh_store", "permit2"): ("permit2_invalid_nonce", None),  # (4)
+    ("accepted_differs", "permit2"): ("invalid_payment_requirements", None),  # (5)
+    ("accepted_differs", "eip3009"): ("invalid_payment_requirements", None),  # (5)
 }
 
 # Where we are deliberately stricter than the SDK: we say invalid, it says valid.
@@ -147,6 +155,10 @@ STRICTER = {
     # (the replay would revert at settle with InvalidNonce). We refuse it at verify.
     ("replayed", "permit2"),
     ("replayed_fresh_store", "permit2"),
+    # The SDK's facilitator does not compare `accepted` with the requirements beyond scheme and
+    # network; we compare every field, as a resource server must.
+    ("accepted_differs", "permit2"),
+    ("accepted_differs", "eip3009"),
 }
 
 CASES: list[tuple[str, str]] = [
@@ -167,6 +179,7 @@ CASES: list[tuple[str, str]] = [
         "replayed_fresh_store",
         "insufficient_balance",
         "no_allowance",
+        "accepted_differs",
     )
     for method in ("permit2", "eip3009")
     if not (method == "eip3009" and case in ("wrong_spender", "no_allowance"))
@@ -388,6 +401,10 @@ async def build_case(e: Env, case: str, method: str) -> tuple[dict[str, Any], di
         return await official_sign(e.broke, req), req, e.ours
     if case == "no_allowance":
         return await official_sign(e.unapproved, req), req, e.ours
+    if case == "accepted_differs":
+        payload = await official_sign(e.payer, req)
+        payload["accepted"]["maxTimeoutSeconds"] += 60
+        return payload, req, e.ours
     raise AssertionError(case)
 
 
