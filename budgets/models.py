@@ -14,6 +14,7 @@ policy has when the spend happens: a limit added mid-window sees the spend alrea
 from __future__ import annotations
 
 import datetime as dt
+from enum import StrEnum
 import re
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
@@ -183,6 +184,19 @@ class Hold:
     route: str
     model: str | None
     group: str | None = None
+
+
+class BudgetReason(StrEnum):
+    """Why budgets refuse a call (the `error` an agent gets)."""
+
+    BUDGET_EXCEEDED = "budget_exceeded"
+    PER_CALL_LIMIT = "per_call_limit"
+    MODEL_NOT_ALLOWED = "model_not_allowed"
+    ROUTE_NOT_ALLOWED = "route_not_allowed"
+    RATE_LIMITED = "rate_limited"
+    AGENT_SUSPENDED = "agent_suspended"
+    AGENT_NOT_ALLOWED = "agent_not_allowed"
+    BUDGET_STORE_UNAVAILABLE = "budget_store_unavailable"
 
 
 @dataclass
