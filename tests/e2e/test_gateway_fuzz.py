@@ -38,7 +38,7 @@ from facilitator.x402.types import (
     PaymentPayloadV1,
     PaymentRequirements,
 )
-from gateway.pricing import matches
+from facilitator.x402.matching import requirement_mismatch
 from tests.gateway_client import (
     CHAT,
     CHAT_BODY,
@@ -222,7 +222,7 @@ class Oracle:
             return False
         view = _signed_view(decoded.payload)
         for signed, accepted in self.genuine:
-            if view == signed and (isinstance(decoded, PaymentPayloadV1) or matches(decoded.accepted, accepted) is None):
+            if view == signed and (isinstance(decoded, PaymentPayloadV1) or requirement_mismatch(decoded.accepted, accepted) is None):
                 return True
         return False
 
