@@ -14,7 +14,7 @@ from decimal import Decimal
 import orjson
 
 from facilitator.x402.matching import RequirementMismatchError, find_offered
-from facilitator.x402.networks import to_v1_name
+from facilitator.x402.networks import CAIP2_TO_V1_NETWORK, V1_NETWORK_TO_CAIP2, to_v1_name
 from facilitator.x402.types import PaymentRequirements, PaymentRequirementsV1
 from gateway.errors import GatewayError
 from gateway.metering import TokenPrice, to_base_units
@@ -86,6 +86,12 @@ def requirement_for(option: PaymentOption, amount: int, pay_to: str) -> PaymentR
         max_timeout_seconds=option.max_timeout_seconds,
         extra=extra,
     )
+
+
+def v1_offered(req: PaymentRequirements) -> bool:
+    """Whether a v1 client can pay this requirement: x402 v1 has `exact` only, on networks with a
+    v1 name (a CAIP-2-only network is offered to v2 clients alone)."""
+    return req.scheme == "exact" and (req.network in CAIP2_TO_V1_NETWORK or req.network in V1_NETWORK_TO_CAIP2)
 
 
 def to_v1(req: PaymentRequirements, resource: str, description: str, mime_type: str) -> PaymentRequirementsV1:

@@ -17,7 +17,7 @@ from facilitator.x402.networks import to_caip2
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import PaymentPayload, PaymentPayloadV1, PaymentRequirements, PaymentRequirementsV1
 from gateway.errors import GatewayError
-from gateway.pricing import Offer, OfferMismatchError, to_v1
+from gateway.pricing import Offer, OfferMismatchError, to_v1, v1_offered
 
 PAYMENT_ID = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 AnyPayload = PaymentPayload | PaymentPayloadV1
@@ -78,7 +78,7 @@ def bind(payload: AnyPayload, offer: Offer, resource_url: str) -> AnyRequirement
             return offer.bind(payload.accepted)
         except OfferMismatchError as exc:
             raise GatewayError(R.INVALID_PAYMENT_REQUIREMENTS.value, str(exc), offer=offer) from None
-    for offered in offer.requirements:
+    for offered in filter(v1_offered, offer.requirements):
         try:
             same_network = to_caip2(payload.network) == offered.network
         except UnknownNetworkError:

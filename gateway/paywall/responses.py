@@ -13,7 +13,7 @@ from facilitator.x402.headers import PAYMENT_RESPONSE_HEADER, X_PAYMENT_RESPONSE
 from facilitator.x402.types import PaymentPayload, PaymentPayloadV1, PaymentRequired, ResourceInfo, SettleResponse
 from gateway.metrics import GatewayMetrics
 from gateway.errors import GatewayError, UpstreamRefused
-from gateway.pricing import Offer, to_v1
+from gateway.pricing import Offer, to_v1, v1_offered
 from gateway.settings import GatewaySettings
 
 PAYMENT_IDENTIFIER_EXTENSION = {
@@ -71,7 +71,7 @@ class Challenges:
             "price": {"amount": str(offer.price), "model": offer.model, "route": offer.route_id},
             "accepts": [
                 to_v1(r, resource.url, offer.route.description, offer.route.mime_type).model_dump(by_alias=True, exclude_none=True)
-                for r in offer.requirements
+                for r in offer.requirements if v1_offered(r)
             ],
         }
         headers = {"PAYMENT-REQUIRED": header, "Cache-Control": "no-store", **(extra_headers or {})}

@@ -237,3 +237,18 @@ def test_undecodable_headers_are_400_and_never_reach_the_facilitator(gateway: Te
 def test_unoffered_paths_and_methods(gateway: TestClient) -> None:
     assert gateway.get("/nowhere").json()["error"] == GatewayReason.NOT_FOUND
     assert gateway.get(CHAT).status_code == 405
+
+
+def test_a_network_without_a_v1_name_is_offered_to_v2_clients_only(upstream_url: str, tmp_path: Path) -> None:
+    settings = GatewaySettings.model_validate({
+        "pay_to": PAY_TO, "store_url": f"sqlite://{tmp_path / 'records.sqlite3'}",
+        "accepts": [{"network": "eip155:999999", "asset": OPG, "symbol": "OPG", "decimals": 18,
+                     "transfer_method": "permit2", "eip712_name": "OpenGradient", "eip712_version": "1"}],
+        "upstreams": {"llm": {"urls": [upstream_url]}},
+        "routes": [{"path": CHAT, "upstream": "llm", "price": "0.005"}],
+        "quote": {"rates": {"OPG": "1"}},
+    })  # fmt: skip
+    with TestClient(create_app(settings, facilitator=StandInFacilitator())) as client:
+        r = client.post(CHAT, json=BODY)
+    assert r.status_code == 402 and r.json()["accepts"] == []
+    assert decode_payment_required(r.headers["PAYMENT-REQUIRED"]).accepts[0].network == "eip155:999999"
