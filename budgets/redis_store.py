@@ -173,7 +173,7 @@ class RedisBudgetStore:
         self._usage = client.register_script(_USAGE)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "x402b:") -> "RedisBudgetStore":
+    def from_url(cls, url: str, *, prefix: str = "x402b:") -> RedisBudgetStore:
         return cls(redis_from_url(url), prefix=prefix)
 
     def _k(self, scope: Scope, suffix: str) -> str:

@@ -16,7 +16,8 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from gateway.budget_hook import BudgetHook, NoBudgets, Refusal
-from gateway.errors import GatewayError, GatewayReason as G
+from gateway.errors import GatewayError
+from gateway.errors import GatewayReason as G
 from gateway.facilitator_client import FacilitatorClient, HttpFacilitatorClient, LocalFacilitatorClient
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestIdMiddleware

@@ -35,7 +35,7 @@ SERVE_ARGS_ENV = "GATEWAY_SERVE_ARGS"
 _SOURCE_ARGS = ("config", "devchain", "upstream", "host", "port", "store", "facilitator_url")
 
 
-def load_serve_settings(source: dict[str, Any]) -> "GatewaySettings":
+def load_serve_settings(source: dict[str, Any]) -> GatewaySettings:
     """The settings `serve` runs with, from its command-line options (`_SOURCE_ARGS`), the files
     they name and the environment ("$VAR" secrets are resolved here, in each process)."""
     from gateway.settings import GatewaySettings, env_tunables, load_gateway_settings

@@ -280,7 +280,7 @@ class RedisPaymentRecords:
         self._save = client.register_script(_SAVE)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "x402gw:") -> "RedisPaymentRecords":
+    def from_url(cls, url: str, *, prefix: str = "x402gw:") -> RedisPaymentRecords:
         return cls(redis_from_url(url, decode_responses=False), prefix=prefix)
 
     def _key(self, key: str) -> str:

@@ -22,7 +22,8 @@ from starlette.responses import Response, StreamingResponse
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import PaymentPayload, PaymentRequirements, SettleResponse
 from gateway.budget_hook import BudgetHook, Hold
-from gateway.errors import GatewayError, GatewayReason as G
+from gateway.errors import GatewayError
+from gateway.errors import GatewayReason as G
 from gateway.facilitator_client import FacilitatorClient
 from gateway.metering import StreamMeter, to_base_units, usage_from_body
 from gateway.metrics import GatewayMetrics
@@ -115,7 +116,7 @@ class SessionCalls:
         try:
             upstream = await asyncio.wait_for(self.upstreams.open(request, offer.route.upstream, body, request_id),
                                               max(0.1, finish_by - time.time()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self._nothing(session, offer, worst, hold)
             raise GatewayError(G.SESSION_DEADLINE, "the call could not finish before the session is settled; not "
                                "charged: sign a new permit", status=504, headers={SESSION_HEADER: session_id},
@@ -141,7 +142,7 @@ class SessionCalls:
         try:
             content = await asyncio.wait_for(read_all(upstream, self.settings.max_body_bytes),
                                              max(0.1, finish_by - time.time()))
-        except (UpstreamFailedError, asyncio.TimeoutError):
+        except (TimeoutError, UpstreamFailedError):
             upstream.release()
             await self._nothing(session, offer, worst, hold)
             raise GatewayError(G.UPSTREAM_ERROR, "the upstream failed; not charged", status=502,
@@ -168,7 +169,7 @@ class SessionCalls:
                         break
                     meter.feed(chunk)
                     yield chunk
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 deadline_cut = True
             except aiohttp.ClientError:
                 cut = True
@@ -254,7 +255,7 @@ class SessionCalls:
         try:
             result = await asyncio.wait_for(self.facilitator.settle(payload, final_requirement),
                                             self.settings.settle_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             result = SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value, transaction="",
                                     network=requirement.network, error_message="timed out")
         dump = result.model_dump_json(by_alias=True, exclude_none=True)

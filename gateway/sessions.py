@@ -167,7 +167,7 @@ class RedisSessionStore:
         self._claim = client.register_script(_CLAIM)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "x402gw:") -> "RedisSessionStore":
+    def from_url(cls, url: str, *, prefix: str = "x402gw:") -> RedisSessionStore:
         return cls(redis_from_url(url), prefix=prefix)
 
     def _k(self, id: str) -> str:

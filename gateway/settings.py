@@ -83,7 +83,7 @@ class FacilitatorRef(_Model):
     auth_value: SecretStr | None = None
 
     @model_validator(mode="after")
-    def _remote_needs_url(self) -> "FacilitatorRef":
+    def _remote_needs_url(self) -> FacilitatorRef:
         if self.mode == "remote" and not self.url:
             raise ValueError("facilitator.mode = 'remote' needs facilitator.url")
         return self
@@ -160,7 +160,7 @@ class UptoSessions(_Model):
     max_timeout_s: int = Field(default=3600, ge=60, le=86_400, description="the permit's lifetime (maxTimeoutSeconds)")
 
     @model_validator(mode="after")
-    def _margins(self) -> "UptoSessions":
+    def _margins(self) -> UptoSessions:
         if parse_price(self.cap) <= 0:
             raise ValueError("sessions.cap must be positive")
         if self.serve_margin_s <= self.settle_margin_s:
@@ -207,7 +207,7 @@ class Route(_Model):
         return v
 
     @model_validator(mode="after")
-    def _priced(self) -> "Route":
+    def _priced(self) -> Route:
         if self.metered:
             if self.max_per_call is None or parse_price(self.max_per_call) <= 0:
                 raise ValueError(f"metered route {self.path} needs a positive max_per_call")
@@ -246,7 +246,7 @@ class GatewaySettings(_Model):
         return self.payment_identifier if route.payment_identifier is None else route.payment_identifier
 
     @model_validator(mode="after")
-    def _routes_name_known_upstreams(self) -> "GatewaySettings":
+    def _routes_name_known_upstreams(self) -> GatewaySettings:
         for r in self.routes:
             if r.upstream not in self.upstreams:
                 raise ValueError(f"route {r.method} {r.path} names unknown upstream {r.upstream!r}")

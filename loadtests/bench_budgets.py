@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     HOST,
     ROOT,
     CpuMeter,
@@ -58,7 +58,7 @@ from _common import (  # noqa: E402
     run_load,
     write_results,
 )
-from bench_gateway import (  # noqa: E402
+from bench_gateway import (
     CHAT,
     PaymentPool,
     PaymentSigner,
@@ -101,7 +101,7 @@ class RedisProc:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self) -> "RedisProc":
+    def start(self) -> RedisProc:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
         self.proc = subprocess.Popen(

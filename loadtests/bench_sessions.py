@@ -29,12 +29,12 @@ from eth_account import Account
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from devtools.devchain import DevChain, calldata, write_description  # noqa: E402
-from facilitator.x402.headers import decode_payment_required, encode_payment_payload  # noqa: E402
-from facilitator.x402.types import PaymentPayload  # noqa: E402
-from gateway.app import create_app  # noqa: E402
-from devtools.devconfig import dev_settings  # noqa: E402
-from devtools.upstream import create_upstream_app  # noqa: E402
+from devtools.devchain import DevChain, calldata, write_description
+from devtools.devconfig import dev_settings
+from devtools.upstream import create_upstream_app
+from facilitator.x402.headers import decode_payment_required, encode_payment_payload
+from facilitator.x402.types import PaymentPayload
+from gateway.app import create_app
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "summarise the settlement model in a sentence"}]}

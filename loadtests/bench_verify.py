@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 METHODS = {"permit2": "OPG", "eip3009": "USDC"}
 
@@ -513,8 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     C.install_sigterm_handler()
     stubbed = C.ensure_sdk_importable() if not args.skip_sdk else False
-    from facilitator.app import build_facilitator
     from devtools.devchain import DevChain
+    from facilitator.app import build_facilitator
     from facilitator.settings import devchain_overlay, load_settings
 
     t_start = time.perf_counter()

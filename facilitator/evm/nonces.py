@@ -92,7 +92,7 @@ class RedisNonces:
         self._owner = f"{os.getpid()}:{uuid.uuid4().hex}"
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "x402:") -> "RedisNonces":
+    def from_url(cls, url: str, *, prefix: str = "x402:") -> RedisNonces:
         return cls(redis_from_url(url, max_connections=32), prefix=prefix)
 
     def _k(self, key: str, what: str) -> str:

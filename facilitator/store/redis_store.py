@@ -72,7 +72,7 @@ class RedisSettlementStore:
         self._release = client.register_script(_RELEASE)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "x402:") -> "RedisSettlementStore":
+    def from_url(cls, url: str, *, prefix: str = "x402:") -> RedisSettlementStore:
         return cls(redis_from_url(url), prefix=prefix)
 
     def _key(self, key: str) -> str:

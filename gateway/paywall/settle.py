@@ -59,7 +59,7 @@ class Settlement:
         in time is treated as the money possibly having moved)."""
         try:
             return await asyncio.wait_for(self.facilitator.settle(call.payload, requirement), self.settings.settle_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,
                                   error_message="the facilitator did not answer in time", transaction="", network=call.network)
 
@@ -137,7 +137,7 @@ class Settlement:
             async for chunk in body:
                 yield chunk
             record.delivered = True
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             log.warning("upstream_stream_cut", extra={"tx": record.tx})
         finally:
             await claim.close()
@@ -158,7 +158,7 @@ class Settlement:
                 async for chunk in upstream.content.iter_any():
                     meter.feed(chunk)
                     yield chunk
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 upstream_cut = True
                 log.warning("upstream_stream_cut", extra={"request_id": call.request_id})
             finished = True

@@ -469,7 +469,7 @@ async def _send(http: aiohttp.ClientSession, url: str, case: Case) -> tuple[int 
     try:
         async with http.post(url, data=json.dumps(case.body), headers=headers) as r:
             return r.status, await r.read(), "PAYMENT-RESPONSE" in r.headers
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return f"no answer: {type(exc).__name__}", b"", False
 
 

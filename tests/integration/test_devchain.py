@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from eth_utils import abi_to_signature, function_signature_to_4byte_selector, keccak
+from eth_utils import abi_to_signature, keccak
 from web3 import Web3
 from web3.exceptions import ContractCustomError, ContractLogicError
 from web3.logs import DISCARD

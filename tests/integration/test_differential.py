@@ -81,9 +81,9 @@ from x402.schemas import PaymentPayload as SdkPaymentPayload
 from x402.schemas import PaymentRequired, ResourceInfo
 from x402.schemas import PaymentRequirements as SdkPaymentRequirements
 
-from facilitator.app import build_facilitator
 from devtools.devchain import calldata
 from devtools.rpc import BlockingRpc
+from facilitator.app import build_facilitator
 from facilitator.service import Facilitator
 from facilitator.settings import devchain_overlay, load_settings
 from facilitator.x402.reasons import ErrorReason

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from facilitator.errors import ChainUnavailableError, PaymentInvalidError
 from facilitator.evm import contracts
 from facilitator.evm.chain import EvmChain
-from facilitator.evm.eip712 import address_bytes, checksum_address as _checksum, expand_signature, permit2_witness_digest
+from facilitator.evm.eip712 import address_bytes, expand_signature, permit2_witness_digest
+from facilitator.evm.eip712 import checksum_address as _checksum
 from facilitator.evm.rpc import Call, RpcError, RpcUnavailableError
 from facilitator.evm.signatures import check_signature, try_recover
 from facilitator.schemes.base import SettlementPlan, payment_digest
