@@ -255,7 +255,7 @@ class RedisBudgetStore:
         res = await self._run(self._usage, keys.keys, [orjson.dumps(spec).decode()])
         held = int(res[0])
         out = []
-        for w, spent in zip(check.windows, res[1:]):
+        for w, spent in zip(check.windows, res[1:], strict=True):
             used = int(spent)
             out.append(BudgetUsage(scope=check.scope.name, period=w.period, rolling=w.rolling, limit=w.limit,
                                    spent=used, reserved=held, remaining=max(0, w.limit - used - held),
@@ -315,7 +315,7 @@ class RedisBudgetStore:
         keys = sorted(await self._r.smembers(f"{self._p}pol:index"))
         values = await self._r.mget(keys) if keys else []
         out = []
-        for key, raw in zip(keys, values):
+        for key, raw in zip(keys, values, strict=True):
             if raw:
                 kind, id = key[len(self._p) + 4:].split(":", 2)[:2]
                 out.append((kind, id, Policy.model_validate_json(raw)))

@@ -78,7 +78,7 @@ async def _probe(ping: Callable[[], Awaitable[None]]) -> str:
     try:
         await ping()
         return "ok"
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a probe reports any failure as unavailable, never raises
         return f"unavailable: {type(exc).__name__}"
 
 

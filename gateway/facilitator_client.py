@@ -130,7 +130,7 @@ class LocalFacilitatorClient:
             for chain in self.facilitator.chains.values():
                 await chain.rpc.call("eth_chainId", [])
             return True
-        except Exception:
+        except Exception:  # noqa: BLE001 - readiness: any failure of the store or a chain means not ready
             return False
 
     async def close(self) -> None:
@@ -216,7 +216,8 @@ class HttpFacilitatorClient:
         out: dict[str, str] = {}
         for kind in doc.get("kinds", []) if isinstance(doc, dict) else []:
             extra = kind.get("extra") or {}
-            if kind.get("scheme") == "upto" and kind.get("x402Version") == 2 and TX_ADDRESS.match(str(extra.get("facilitatorAddress", ""))):
+            if (kind.get("scheme") == "upto" and kind.get("x402Version") == 2
+                    and TX_ADDRESS.match(str(extra.get("facilitatorAddress", "")))):
                 out.setdefault(kind["network"], extra["facilitatorAddress"])
         return out
 

@@ -62,7 +62,8 @@ class SessionCalls:
         session = Session(
             id=new_session_id(), payer=payer, network=requirement.network, asset=requirement.asset.lower(),
             cap=int(requirement.amount), accrued=0, held=0, calls=0, deadline=float(auth["deadline"]), last_used=now,
-            state=SessionState.OPEN, route=offer.route_id, per_call=self.worst_case(offer, requirement.asset, int(requirement.amount)),
+            state=SessionState.OPEN, route=offer.route_id,
+            per_call=self.worst_case(offer, requirement.asset, int(requirement.amount)),
             payment=orjson.dumps({"payload": payload.model_dump(by_alias=True, exclude_none=True),
                                   "requirements": requirement.model_dump(by_alias=True, exclude_none=True)}).decode(),
         )  # fmt: skip

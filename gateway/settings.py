@@ -254,7 +254,8 @@ class GatewaySettings(_Model):
             if r.metered and not self.quote.feed_url:
                 missing = [o.symbol for o in self.accepts if o.symbol not in self.quote.rates]
                 if missing:
-                    raise ValueError(f"metered route {r.path}: no quote rate for {', '.join(missing)} (quote.rates or quote.feed_url)")
+                    raise ValueError(f"metered route {r.path}: no quote rate for {', '.join(missing)}"
+                                     " (quote.rates or quote.feed_url)")
         for opt in self.accepts:
             for r in self.routes:
                 for price in [p for p in [r.price, *r.models.values()] if p is not None]:

@@ -87,7 +87,7 @@ class JsonRpcClient:
         for _ in range(len(calls) - 1):
             next(self._ids)
         body = orjson.dumps(
-            [{"jsonrpc": "2.0", "id": i, "method": c.method, "params": c.params} for i, c in zip(ids, calls)]
+            [{"jsonrpc": "2.0", "id": i, "method": c.method, "params": c.params} for i, c in zip(ids, calls, strict=True)]
         )
         reply = await self._post(body)
         if not isinstance(reply, list):

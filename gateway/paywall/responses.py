@@ -75,7 +75,8 @@ class Challenges:
             "message": message,
             "price": {"amount": str(offer.price), "model": offer.model, "route": offer.route_id},
             "accepts": [
-                to_v1(r, resource.url, offer.route.description, offer.route.mime_type).model_dump(by_alias=True, exclude_none=True)
+                to_v1(r, resource.url, offer.route.description, offer.route.mime_type)
+                .model_dump(by_alias=True, exclude_none=True)
                 for r in offer.requirements
             ],
         }

@@ -162,7 +162,8 @@ def prepare_permit2(
         permitted = int(auth.permitted.amount)
         nonce = int(auth.nonce)
     except (TypeError, ValueError):
-        raise PaymentInvalidError(R.INVALID_PERMIT2_PAYLOAD_FORMAT, "deadline, validAfter, amount, nonce must be integers") from None
+        raise PaymentInvalidError(R.INVALID_PERMIT2_PAYLOAD_FORMAT,
+                                  "deadline, validAfter, amount, nonce must be integers") from None
     if not (0 <= nonce < 2**256 and 0 <= deadline < 2**256 and 0 <= valid_after < 2**256 and 0 <= permitted < 2**256):
         raise PaymentInvalidError(R.INVALID_PERMIT2_PAYLOAD_FORMAT, "integer out of uint256 range")
     if deadline < now + DEADLINE_BUFFER_S:
