@@ -503,7 +503,7 @@ def added_latency(samples: list[tuple[float, dict[str, float]]]) -> dict[str, fl
         return {}
     tot = [s[0] for s in samples]
     add = [s[0] - s[1].get("upstream", 0.0) - s[1].get("settle", 0.0) for s in samples]
-    add_nv = [a - s[1].get("verify", 0.0) for a, s in zip(add, samples)]
+    add_nv = [a - s[1].get("verify", 0.0) for a, s in zip(add, samples, strict=True)]
     no_settle = [s[0] - s[1].get("settle", 0.0) for s in samples]
     part = lambda k: percentile([s[1].get(k, float("nan")) for s in samples], 50)  # noqa: E731
     return {
