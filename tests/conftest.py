@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,17 +44,6 @@ def devchain() -> Iterator[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------
 # Real processes: redis-server and facilitator services on free ports.
-
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-import uuid
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 

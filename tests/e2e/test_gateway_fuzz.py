@@ -481,7 +481,7 @@ def fuzz(loop: asyncio.AbstractEventLoop, url: str, genuine: list[dict[str, Any]
     async def send_batch(batch: list[Case]) -> list[tuple[Case, int | str, bytes, bool]]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
             replies = await asyncio.gather(*(_send(http, url, c) for c in batch))
-        return [(c, *r) for c, r in zip(batch, replies)]
+        return [(c, *r) for c, r in zip(batch, replies, strict=True)]
 
     @settings(max_examples=batches, derandomize=True, database=None, deadline=None,
               phases=[Phase.generate], print_blob=False,  # no shrinking: failures list their inputs
