@@ -11,12 +11,11 @@ doubles (2^53) and Redis' int64 counters after a few tokens.
 from __future__ import annotations
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope, Window
 from budgets.store import BudgetStoreUnavailableError, Check, RateState
-from storage import BackendErrors, redis_from_url
+from storage import BackendErrors, RedisClient, redis_from_url
 from storage.lua import BIGNUM
 
 _errors = BackendErrors(BudgetStoreUnavailableError)
@@ -163,7 +162,7 @@ def entry_from(doc: dict) -> LedgerEntry:
 
 
 class RedisBudgetStore:
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "x402b:") -> None:
+    def __init__(self, client: RedisClient, *, prefix: str = "x402b:") -> None:
         self._r = client
         self._p = prefix
         self._reserve = client.register_script(_RESERVE)

@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
-
 import storage
-from storage import BackendErrors, connect_sqlite, immediate, redis_from_url
+from storage import BackendErrors, RedisClient, connect_sqlite, immediate, redis_from_url
 from storage.lua import CLAIM_WITH_LEASE, claim_args, hash_fields
 
 
@@ -270,7 +268,7 @@ return 0
 
 
 class RedisPaymentRecords:
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "x402gw:") -> None:
+    def __init__(self, client: RedisClient, *, prefix: str = "x402gw:") -> None:
         self._redis = client
         self._prefix = prefix
         self._begin = client.register_script(CLAIM_WITH_LEASE)

@@ -20,10 +20,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-import redis.asyncio as aioredis
-
 import storage
-from storage import BackendErrors, connect_sqlite, immediate, redis_from_url
+from storage import BackendErrors, RedisClient, connect_sqlite, immediate, redis_from_url
 from storage.lua import BIGNUM, hash_fields
 
 
@@ -158,7 +156,7 @@ class RedisSessionStore:
     set written after them. A lost index write only delays a settlement to the next due time: the
     reaper reads the session's real state before it acts."""
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "x402gw:") -> None:
+    def __init__(self, client: RedisClient, *, prefix: str = "x402gw:") -> None:
         self._r = client
         self._p = prefix
         self._due = f"{prefix}sessions:due"

@@ -8,10 +8,8 @@ is finished, so a reconciler can always find a broadcast that a crashed process 
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
-
 from facilitator.store.base import ClaimResult, SettlementRecord, SettlementState, StoreUnavailableError
-from storage import BackendErrors, redis_from_url
+from storage import BackendErrors, RedisClient, redis_from_url
 from storage.lua import CLAIM_WITH_LEASE, claim_args, hash_fields
 
 _errors = BackendErrors(StoreUnavailableError)
@@ -61,7 +59,7 @@ def _record(key: str, fields: dict[str, str]) -> SettlementRecord:
 
 
 class RedisSettlementStore:
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "x402:", retention_s: int = 7 * 86400) -> None:
+    def __init__(self, client: RedisClient, *, prefix: str = "x402:", retention_s: int = 7 * 86400) -> None:
         self._redis = client
         self._prefix = prefix
         self._retention_ms = retention_s * 1000
