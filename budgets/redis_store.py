@@ -10,6 +10,8 @@ doubles (2^53) and Redis' int64 counters after a few tokens.
 
 from __future__ import annotations
 
+from typing import cast
+
 import orjson
 from redis.exceptions import RedisError
 
@@ -273,14 +275,15 @@ class RedisBudgetStore:
                     current = await self._r.hget(dst, bucket)
                     await self._r.hset(dst, bucket, str(int(current or 0) + int(amount)))
             else:
-                amount = await self._r.get(src)
-                if amount is None:
+                total = await self._r.get(src)
+                if total is None:
                     continue
                 current = await self._r.get(dst)
-                await self._r.set(dst, str(int(current or 0) + int(amount)))
+                await self._r.set(dst, str(int(current or 0) + int(total)))
             await self._r.expire(dst, w.ttl_s)
             await self._r.delete(src)
-        holds = await self._r.zrange(self._k(old, "rz"), 0, -1, withscores=True)
+        # The client decodes replies (decode_responses=True); redis-py types them all `bytes | str`.
+        holds = cast(list[tuple[str, float]], await self._r.zrange(self._k(old, "rz"), 0, -1, withscores=True))
         amounts = await self._r.hgetall(self._k(old, "rh"))
         for hold_id, expires in holds:
             if hold_id in amounts:
@@ -311,7 +314,7 @@ class RedisBudgetStore:
 
     @_errors
     async def list_policies(self) -> list[tuple[str, str, Policy]]:
-        keys = sorted(await self._r.smembers(f"{self._p}pol:index"))
+        keys = sorted(cast(set[str], await self._r.smembers(f"{self._p}pol:index")))
         values = await self._r.mget(keys) if keys else []
         out = []
         for key, raw in zip(keys, values, strict=True):
@@ -322,10 +325,10 @@ class RedisBudgetStore:
 
     @_errors
     async def ledger(self, *, agent: str | None, start: float, end: float, limit: int) -> list[LedgerEntry]:
-        tags = await self._r.smembers(f"{self._p}ledger:tags")
+        tags = cast(set[str], await self._r.smembers(f"{self._p}ledger:tags"))
         entries: list[LedgerEntry] = []
         for tag in tags:
-            for raw in await self._r.zrangebyscore(f"{self._p}b:{{{tag}}}:ledger", start, end):
+            for raw in cast(list[str], await self._r.zrangebyscore(f"{self._p}b:{{{tag}}}:ledger", start, end)):
                 e = entry_from(orjson.loads(raw))
                 if agent is None or e.agent.lower() == agent.lower():
                     entries.append(e)

@@ -8,6 +8,8 @@ is finished, so a reconciler can always find a broadcast that a crashed process 
 
 from __future__ import annotations
 
+from typing import cast
+
 from facilitator.store.base import ClaimResult, SettlementRecord, SettlementState, StoreUnavailableError
 from storage import BackendErrors, RedisClient, redis_from_url
 from storage.lua import CLAIM_WITH_LEASE, claim_args, hash_fields
@@ -106,12 +108,13 @@ class RedisSettlementStore:
 
     @_errors
     async def get(self, key: str) -> SettlementRecord | None:
-        fields = await self._redis.hgetall(self._key(key))
+        # The client decodes replies (decode_responses=True); redis-py types them all `bytes | str`.
+        fields = cast(dict[str, str], await self._redis.hgetall(self._key(key)))
         return _record(key, fields) if fields else None
 
     @_errors
     async def unfinished(self, *, older_than_ms: int, limit: int = 100) -> list[SettlementRecord]:
-        keys = await self._redis.zrangebyscore(self._index, "-inf", older_than_ms, start=0, num=limit)
+        keys = cast(list[str], await self._redis.zrangebyscore(self._index, "-inf", older_than_ms, start=0, num=limit))
         out: list[SettlementRecord] = []
         for key in keys:
             rec = await self.get(key)
