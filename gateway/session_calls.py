@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from decimal import Decimal
 
 import aiohttp
@@ -32,7 +33,7 @@ from gateway.paywall.metered import capped_body, metered_charge
 from gateway.pricing import Offer, PricingError
 from gateway.proxy import UpstreamFailedError, Upstreams, UpstreamUnavailableError, read_all, response_headers
 from gateway.sessions import HoldOutcome, Session, SessionState, SessionStore, new_session_id
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, UptoSessions
 from gateway.sse_usage import forwarded_stream
 
 log = logging.getLogger("gateway.sessions")
@@ -217,7 +218,7 @@ class SessionCalls:
 
     # -- settling ------------------------------------------------------------------------------
 
-    async def reap_once(self, sessions_cfg: dict[str, object]) -> int:
+    async def reap_once(self, sessions_cfg: Mapping[str, UptoSessions]) -> int:
         """Settle every due session this replica can claim. Returns how many it settled."""
         now = time.time()
         settled = 0
@@ -231,12 +232,12 @@ class SessionCalls:
             cfg = sessions_cfg.get(session.route)
             if cfg is None:
                 continue
-            idle = now - session.last_used >= cfg.idle_s  # type: ignore[attr-defined]
-            near_deadline = now >= session.deadline - cfg.settle_margin_s  # type: ignore[attr-defined]
+            idle = now - session.last_used >= cfg.idle_s
+            near_deadline = now >= session.deadline - cfg.settle_margin_s
             used_up = session.cap - session.accrued - session.held < session.per_call
             if not (idle or near_deadline or used_up or session.state == SessionState.SETTLING):
-                await self.store.reschedule(session_id, min(session.last_used + cfg.idle_s,  # type: ignore[attr-defined]
-                                                            session.deadline - cfg.settle_margin_s))  # type: ignore[attr-defined]
+                await self.store.reschedule(session_id, min(session.last_used + cfg.idle_s,
+                                                            session.deadline - cfg.settle_margin_s))
                 continue
             if not self.facilitator.can_sign(_signer_of(session)):
                 # The permit names a signer this replica has no key for: its holder settles it.
@@ -282,7 +283,7 @@ class SessionCalls:
         log.warning("session_settlement_retry", extra={"session": session.id, "reason": result.error_reason})
         return 0
 
-    async def reap_forever(self, sessions_cfg: dict[str, object], interval_s: float = 0.5) -> None:
+    async def reap_forever(self, sessions_cfg: Mapping[str, UptoSessions], interval_s: float = 0.5) -> None:
         while True:
             try:
                 await self.reap_once(sessions_cfg)

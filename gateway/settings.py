@@ -44,7 +44,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Literal
 
@@ -54,6 +54,13 @@ from budgets.settings import BudgetSettings
 from facilitator.settings import resolve_env
 
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+
+
+Scheme = Literal["exact", "upto"]
+
+
+def _exact_only() -> list[Scheme]:
+    return ["exact"]
 
 
 class _Model(BaseModel):
@@ -182,7 +189,7 @@ class Route(_Model):
     token_prices: dict[str, TokenPricing] = Field(default_factory=dict)  # "*" = any other model
     max_per_call: str | None = None  # quote currency: the upto ceiling, and the exact price
     max_tokens_cap: int | None = Field(default=None, ge=1)
-    schemes: list[Literal["exact", "upto"]] = Field(default_factory=lambda: ["exact"], min_length=1)
+    schemes: list[Scheme] = Field(default_factory=_exact_only, min_length=1)
     missing_usage: Literal["ceiling", "floor"] = "ceiling"  # usage missing or stream cut: charge the max, or only per_call
     sessions: UptoSessions | None = None  # upto sessions on this (metered) route
     api: Literal["openai", "anthropic", "other"] = "openai"
@@ -288,7 +295,7 @@ def _flag(value: str) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
-_TUNABLES = {
+_TUNABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "GATEWAY_SETTLE_TIMEOUT_S": ("settle_timeout_s", float),
     "GATEWAY_VERIFY_TIMEOUT_S": ("verify_timeout_s", float),
     "GATEWAY_RECORD_LEASE_S": ("record_lease_s", float),
