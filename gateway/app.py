@@ -144,7 +144,7 @@ def create_app(
         hook = budgets or enforcer or NoBudgets()
         upstreams = Upstreams(pools, session)
         challenges = Challenges(settings)
-        in_background: set[asyncio.Task] = set()  # settlements of streams whose client left
+        in_background: set[asyncio.Task[object]] = set()  # settlements of streams whose client left
         session_routes = {f"{r.method} {r.path}": r.sessions for r in settings.routes if r.sessions is not None}
         sessions_store, calls = None, None
         if session_routes:

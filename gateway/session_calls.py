@@ -44,7 +44,7 @@ SETTLE_LEASE_S = 60.0
 class SessionCalls:
     def __init__(self, store: SessionStore, settings: GatewaySettings, facilitator: FacilitatorClient,
                  budgets: BudgetHook, metrics: GatewayMetrics, upstreams: Upstreams,
-                 background: set[asyncio.Task]) -> None:
+                 background: set[asyncio.Task[object]]) -> None:
         self.store = store
         self.settings = settings
         self.facilitator = facilitator

@@ -26,7 +26,7 @@ from gateway.facilitator_client import FacilitatorClient
 from gateway.metering import StreamMeter
 from gateway.metrics import GatewayMetrics
 from gateway.paywall.call import AnyRequirement, PaidCall, stored_payment
-from gateway.paywall.metered import metered_charge
+from gateway.paywall.metered import ChargeDetails, metered_charge
 from gateway.paywall.responses import payment_response_header
 from gateway.records import PaymentRecord, PaymentRecords, RecordState, RecordStoreUnavailableError
 from gateway.settings import GatewaySettings
@@ -40,7 +40,7 @@ AMBIGUOUS = {R.SETTLEMENT_PENDING.value, R.UNEXPECTED_SETTLE_ERROR.value, R.INVA
 
 class Settlement:
     def __init__(self, settings: GatewaySettings, facilitator: FacilitatorClient, records: PaymentRecords,
-                 budgets: BudgetHook, metrics: GatewayMetrics, background: set[asyncio.Task]) -> None:
+                 budgets: BudgetHook, metrics: GatewayMetrics, background: set[asyncio.Task[object]]) -> None:
         self.settings = settings
         self.facilitator = facilitator
         self.records = records
@@ -64,7 +64,7 @@ class Settlement:
                                   error_message="the facilitator did not answer in time", transaction="", network=call.network)
 
     async def run(self, call: PaidCall, claim: Claim, record: PaymentRecord, requirement: AnyRequirement, hold: Hold,
-                  amount: int, content: bytes | None, details: dict | None = None) -> SettleResponse:
+                  amount: int, content: bytes | None, details: ChargeDetails | None = None) -> SettleResponse:
         """Settle, record, count against the budget. `content`: a complete response that may be
         kept for replays."""
         offer, network, request_id = call.offer, call.network, call.request_id
@@ -176,7 +176,7 @@ class Settlement:
         yield b"event: x402.payment\ndata: " + orjson.dumps({k: v for k, v in event.items() if v is not None}) + b"\n\n"
 
     async def _settle_stream(self, call: PaidCall, claim: Claim, record: PaymentRecord, requirement: PaymentRequirements,
-                             hold: Hold, meter: StreamMeter, *, cut: bool) -> tuple[SettleResponse, dict]:
+                             hold: Hold, meter: StreamMeter, *, cut: bool) -> tuple[SettleResponse, ChargeDetails]:
         try:
             amount, details = metered_charge(call.offer, requirement, meter.usage, cut=cut)
             settle_requirement = requirement.model_copy(update={"amount": str(amount)})
