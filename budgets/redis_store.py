@@ -10,13 +10,14 @@ doubles (2^53) and Redis' int64 counters after a few tokens.
 
 from __future__ import annotations
 
+from typing import cast
+
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope, Window
 from budgets.store import BudgetStoreUnavailableError, Check, RateState
-from storage import BackendErrors, redis_from_url
+from storage import BackendErrors, RedisClient, redis_from_url
 from storage.lua import BIGNUM
 
 _errors = BackendErrors(BudgetStoreUnavailableError)
@@ -163,7 +164,7 @@ def entry_from(doc: dict) -> LedgerEntry:
 
 
 class RedisBudgetStore:
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "x402b:") -> None:
+    def __init__(self, client: RedisClient, *, prefix: str = "x402b:") -> None:
         self._r = client
         self._p = prefix
         self._reserve = client.register_script(_RESERVE)
@@ -173,7 +174,7 @@ class RedisBudgetStore:
         self._usage = client.register_script(_USAGE)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "x402b:") -> "RedisBudgetStore":
+    def from_url(cls, url: str, *, prefix: str = "x402b:") -> RedisBudgetStore:
         return cls(redis_from_url(url), prefix=prefix)
 
     def _k(self, scope: Scope, suffix: str) -> str:
@@ -255,7 +256,7 @@ class RedisBudgetStore:
         res = await self._run(self._usage, keys.keys, [orjson.dumps(spec).decode()])
         held = int(res[0])
         out = []
-        for w, spent in zip(check.windows, res[1:]):
+        for w, spent in zip(check.windows, res[1:], strict=True):
             used = int(spent)
             out.append(BudgetUsage(scope=check.scope.name, period=w.period, rolling=w.rolling, limit=w.limit,
                                    spent=used, reserved=held, remaining=max(0, w.limit - used - held),
@@ -274,14 +275,15 @@ class RedisBudgetStore:
                     current = await self._r.hget(dst, bucket)
                     await self._r.hset(dst, bucket, str(int(current or 0) + int(amount)))
             else:
-                amount = await self._r.get(src)
-                if amount is None:
+                total = await self._r.get(src)
+                if total is None:
                     continue
                 current = await self._r.get(dst)
-                await self._r.set(dst, str(int(current or 0) + int(amount)))
+                await self._r.set(dst, str(int(current or 0) + int(total)))
             await self._r.expire(dst, w.ttl_s)
             await self._r.delete(src)
-        holds = await self._r.zrange(self._k(old, "rz"), 0, -1, withscores=True)
+        # The client decodes replies (decode_responses=True); redis-py types them all `bytes | str`.
+        holds = cast(list[tuple[str, float]], await self._r.zrange(self._k(old, "rz"), 0, -1, withscores=True))
         amounts = await self._r.hgetall(self._k(old, "rh"))
         for hold_id, expires in holds:
             if hold_id in amounts:
@@ -312,10 +314,10 @@ class RedisBudgetStore:
 
     @_errors
     async def list_policies(self) -> list[tuple[str, str, Policy]]:
-        keys = sorted(await self._r.smembers(f"{self._p}pol:index"))
+        keys = sorted(cast(set[str], await self._r.smembers(f"{self._p}pol:index")))
         values = await self._r.mget(keys) if keys else []
         out = []
-        for key, raw in zip(keys, values):
+        for key, raw in zip(keys, values, strict=True):
             if raw:
                 kind, id = key[len(self._p) + 4:].split(":", 2)[:2]
                 out.append((kind, id, Policy.model_validate_json(raw)))
@@ -323,10 +325,10 @@ class RedisBudgetStore:
 
     @_errors
     async def ledger(self, *, agent: str | None, start: float, end: float, limit: int) -> list[LedgerEntry]:
-        tags = await self._r.smembers(f"{self._p}ledger:tags")
+        tags = cast(set[str], await self._r.smembers(f"{self._p}ledger:tags"))
         entries: list[LedgerEntry] = []
         for tag in tags:
-            for raw in await self._r.zrangebyscore(f"{self._p}b:{{{tag}}}:ledger", start, end):
+            for raw in cast(list[str], await self._r.zrangebyscore(f"{self._p}b:{{{tag}}}:ledger", start, end)):
                 e = entry_from(orjson.loads(raw))
                 if agent is None or e.agent.lower() == agent.lower():
                     entries.append(e)

@@ -38,7 +38,7 @@ class PolicyEntry(Policy):
     group_id: str | None = Field(default=None, alias="group_name")
 
     @model_validator(mode="after")
-    def _one_owner(self) -> "PolicyEntry":
+    def _one_owner(self) -> PolicyEntry:
         if (self.agent is None) == (self.group_id is None):
             raise ValueError("a policy entry names exactly one of agent or group_name")
         if self.group_id is not None and not GROUP_ID.match(self.group_id):

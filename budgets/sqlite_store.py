@@ -4,6 +4,8 @@ it is atomic across processes sharing the file. Amounts are TEXT (SQLite integer
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import orjson
 
 from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope, Window
@@ -197,4 +199,5 @@ class SQLiteBudgetStore:
 def open_budget_store(url: str, *, prefix: str = "x402b:") -> BudgetStore:
     from budgets.redis_store import RedisBudgetStore
 
-    return open_url(url, sqlite=SQLiteBudgetStore, redis=lambda r: RedisBudgetStore(r, prefix=prefix), what="budget store")
+    sqlite: Callable[[str], BudgetStore] = SQLiteBudgetStore  # checks that it is one
+    return open_url(url, sqlite=sqlite, redis=lambda r: RedisBudgetStore(r, prefix=prefix), what="budget store")

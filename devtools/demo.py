@@ -38,7 +38,7 @@ def _units(value: int, decimals: int) -> str:
 async def _serve(app: Any) -> tuple[uvicorn.Server, asyncio.Task, int]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     task = asyncio.create_task(server.serve())
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110 - uvicorn.Server has a `started` flag, no event
         await asyncio.sleep(0.01)
     port = server.servers[0].sockets[0].getsockname()[1]
     return server, task, port
@@ -107,7 +107,8 @@ async def run_demo() -> int:
         client = x402Client()
         register_exact_evm_client(client, agent)
         client.set_spend_controls(False)  # our test tokens are not in the SDK's default-asset table
-        client.on_after_payment_creation(lambda ctx: captured.append(ctx.payment_payload.model_dump(by_alias=True, exclude_none=True)))
+        client.on_after_payment_creation(
+            lambda ctx: captured.append(ctx.payment_payload.model_dump(by_alias=True, exclude_none=True)))
         price = 2 * 10**16  # gpt-4o: 0.02 OPG
 
         print("\n== 4. the agent pays with the official x402 client (OPG through Permit2)")
@@ -152,7 +153,8 @@ async def run_demo() -> int:
             r = await paid.post(gateway + "/v1/embeddings", json={"model": "text-embedding-3-small", "input": "hello"})
         s = x402HTTPClient(usdc_client).get_payment_settle_response(r.headers.get)
         moved = balance(usdc, payee) - before_u
-        print(f"   HTTP {r.status_code}: {len(r.json()['data'][0]['embedding'])}-dim embedding; payee +{_units(moved, 6)} USDC; tx {s.transaction[:18]}…")
+        dims = len(r.json()["data"][0]["embedding"])
+        print(f"   HTTP {r.status_code}: {dims}-dim embedding; payee +{_units(moved, 6)} USDC; tx {s.transaction[:18]}…")
         check(r.status_code == 200 and s.success and moved == 1000, "USDC payment of exactly 0.001 settled")
 
         print("\n== 7. a tampered payment: the agent's signed payment redirected to another payTo")
@@ -164,7 +166,8 @@ async def run_demo() -> int:
             async with http.post(gateway + "/v1/chat/completions", json=chat, headers={"PAYMENT-SIGNATURE": header}) as resp:
                 refused = await resp.json()
         print(f"   HTTP {resp.status}: {refused['error']}: {refused['message']}")
-        check(resp.status == 402 and refused["error"] == "invalid_payment_requirements", "tampered payment refused, nothing charged")
+        check(resp.status == 402 and refused["error"] == "invalid_payment_requirements",
+              "tampered payment refused, nothing charged")
 
         print("\n== 8. the first payment presented again")
         replay = base64.b64encode(json.dumps(captured[0]).encode()).decode()
@@ -173,9 +176,11 @@ async def run_demo() -> int:
             async with http.post(gateway + "/v1/chat/completions", data=chat_bytes,
                                  headers=as_json | {"PAYMENT-SIGNATURE": replay}) as resp:
                 replay_status = resp.status
-                same = resp.headers.get("PAYMENT-RESPONSE") and decode_payment_response(resp.headers["PAYMENT-RESPONSE"]).transaction == settle.transaction
+                same = (resp.headers.get("PAYMENT-RESPONSE")
+                        and decode_payment_response(resp.headers["PAYMENT-RESPONSE"]).transaction == settle.transaction)
         print(f"   HTTP {replay_status}: the recorded result (same settlement {settle.transaction[:18]}…), not charged again")
-        check(replay_status == 200 and bool(same) and balance(opg, payee) == paid_before, "replay served from the record, no second charge")
+        check(replay_status == 200 and bool(same) and balance(opg, payee) == paid_before,
+              "replay served from the record, no second charge")
 
         for server in (gw_server, up_server):
             server.should_exit = True

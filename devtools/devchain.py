@@ -276,7 +276,7 @@ class DevChain:
             **{symbol: self._deploy_tx(spec["contract"]) for symbol, spec in TOKENS.items()},
         }
         receipts = self._send_and_wait(list(deploys.values()))
-        deployed = {name: to_checksum_address(r["contractAddress"]) for name, r in zip(deploys, receipts)}
+        deployed = {name: to_checksum_address(r["contractAddress"]) for name, r in zip(deploys, receipts, strict=True)}
         self.token_addresses = {symbol: deployed[symbol] for symbol in TOKENS}
         for symbol, address in CANONICAL_TOKENS.get(self.chain_id, {}).items():
             self._move(deployed[symbol], address)
@@ -341,7 +341,7 @@ class DevChain:
                 raise DevChainError("setup transactions were not mined in time")
             if time.monotonic() > resend_at:
                 # anvil may run a batch's sends out of order under load: send the missing ones again
-                for raw, receipt in zip(raw_txs, receipts):
+                for raw, receipt in zip(raw_txs, receipts, strict=True):
                     if not receipt:
                         try:
                             self.rpc.call("eth_sendRawTransaction", raw)
@@ -349,7 +349,7 @@ class DevChain:
                             pass
                 resend_at = time.monotonic() + 2.0
             time.sleep(0.005)
-        failed = [h for h, r in zip(hashes, receipts) if int(r["status"], 16) != 1]
+        failed = [h for h, r in zip(hashes, receipts, strict=True) if int(r["status"], 16) != 1]
         if failed:
             raise DevChainError(f"setup transactions reverted: {failed}")
         return receipts

@@ -50,7 +50,7 @@ async def run_demo() -> int:
         settings = load_settings(None, env={}, overrides=devchain_overlay(d) | {"store_url": "memory://", "port": _free_port()})
         server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=settings.port, log_level="warning"))
         serve = asyncio.create_task(server.serve())
-        while not server.started:
+        while not server.started:  # noqa: ASYNC110 - uvicorn.Server has a `started` flag, no event
             await asyncio.sleep(0.01)
         base = f"http://127.0.0.1:{settings.port}"
         print(f"   chain {d['network']} at {d['rpc_url']}; facilitator at {base}")
@@ -62,7 +62,8 @@ async def run_demo() -> int:
         failures = 0
         async with aiohttp.ClientSession() as http:
             supported = await (await http.get(f"{base}/supported")).json()
-            print("== GET /supported:", ", ".join(f"{k['scheme']}@{k['network']}" for k in supported["kinds"] if k["x402Version"] == 2))
+            kinds = [f"{k['scheme']}@{k['network']}" for k in supported["kinds"] if k["x402Version"] == 2]
+            print("== GET /supported:", ", ".join(kinds))
             for symbol, price in (("OPG", 25 * 10**16), ("USDC", 250_000)):
                 t = d["tokens"][symbol]
                 extra = {"name": t["eip712_name"], "version": t["eip712_version"]}
@@ -74,7 +75,8 @@ async def run_demo() -> int:
                 payload = await client.create_payment_payload(PaymentRequired(accepts=[req], resource=ResourceInfo(url="http://demo/v1/chat/completions")))
                 body: dict[str, Any] = {"x402Version": 2, "paymentPayload": payload.model_dump(by_alias=True, exclude_none=True),
                         "paymentRequirements": req.model_dump(by_alias=True, exclude_none=True)}
-                print("   agent signed:", json.dumps({k: v for k, v in body["paymentPayload"]["payload"].items() if k != "signature"})[:160] + "…")
+                signed = {k: v for k, v in body["paymentPayload"]["payload"].items() if k != "signature"}
+                print("   agent signed:", json.dumps(signed)[:160] + "…")
                 before = (await _balance(chain, t["address"], agent.address), await _balance(chain, t["address"], payee))
                 verify = await (await http.post(f"{base}/verify", json=body)).json()
                 print("   POST /verify ->", verify)

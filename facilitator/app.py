@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from facilitator.evm.chain import EvmChain, TokenInfo
 from facilitator.evm.nonces import LocalNonces, RedisNonces
-from facilitator.evm.rpc import RpcError, RpcUnavailableError
+from facilitator.evm.rpc import Call, RpcError, RpcUnavailableError
 from facilitator.evm.signer import Signer, SignerPool
 from facilitator.metrics import FacilitatorMetrics
 from facilitator.registry import SchemeRegistry
@@ -114,22 +114,16 @@ async def _signer_gauges(fac: Facilitator) -> None:
             try:
                 bal, pending, latest = await chain.rpc.batch(
                     [
-                        _call("eth_getBalance", [signer.address, "latest"]),
-                        _call("eth_getTransactionCount", [signer.address, "pending"]),
-                        _call("eth_getTransactionCount", [signer.address, "latest"]),
+                        Call("eth_getBalance", [signer.address, "latest"]),
+                        Call("eth_getTransactionCount", [signer.address, "pending"]),
+                        Call("eth_getTransactionCount", [signer.address, "latest"]),
                     ]
                 )
             except RpcUnavailableError:
                 continue
-            if not any(isinstance(x, RpcError) for x in (bal, pending, latest)):
+            if not (isinstance(bal, RpcError) or isinstance(pending, RpcError) or isinstance(latest, RpcError)):
                 fac.metrics.signer_balance.labels(network, signer.address).set(int(bal, 16))
                 fac.metrics.signer_nonce_lag.labels(network, signer.address).set(int(pending, 16) - int(latest, 16))
-
-
-def _call(method: str, params: list) -> object:
-    from facilitator.evm.rpc import Call
-
-    return Call(method, params)
 
 
 async def reconcile_forever(fac: Facilitator, interval_s: float) -> None:

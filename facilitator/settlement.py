@@ -18,7 +18,6 @@ import logging
 import time
 from collections.abc import Callable
 
-
 from facilitator.errors import ChainUnavailableError, PaymentInvalidError
 from facilitator.evm.chain import EvmChain
 from facilitator.evm.contracts import TRANSFER_TOPIC

@@ -16,7 +16,8 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from gateway.budget_hook import BudgetHook, NoBudgets, Refusal
-from gateway.errors import GatewayError, GatewayReason as G
+from gateway.errors import GatewayError
+from gateway.errors import GatewayReason as G
 from gateway.facilitator_client import FacilitatorClient, HttpFacilitatorClient, LocalFacilitatorClient
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestIdMiddleware
@@ -77,7 +78,7 @@ async def _probe(ping: Callable[[], Awaitable[None]]) -> str:
     try:
         await ping()
         return "ok"
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a probe reports any failure as unavailable, never raises
         return f"unavailable: {type(exc).__name__}"
 
 
@@ -143,7 +144,7 @@ def create_app(
         hook = budgets or enforcer or NoBudgets()
         upstreams = Upstreams(pools, session)
         challenges = Challenges(settings)
-        in_background: set[asyncio.Task] = set()  # settlements of streams whose client left
+        in_background: set[asyncio.Task[object]] = set()  # settlements of streams whose client left
         session_routes = {f"{r.method} {r.path}": r.sessions for r in settings.routes if r.sessions is not None}
         sessions_store, calls = None, None
         if session_routes:

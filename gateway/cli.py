@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from pydantic import ValidationError
 
@@ -35,7 +35,19 @@ SERVE_ARGS_ENV = "GATEWAY_SERVE_ARGS"
 _SOURCE_ARGS = ("config", "devchain", "upstream", "host", "port", "store", "facilitator_url")
 
 
-def load_serve_settings(source: dict[str, Any]) -> "GatewaySettings":
+class _ServerOptions(TypedDict):
+    """uvicorn.run's options shared by the one-process and the workers' runs."""
+
+    host: str
+    port: int
+    loop: str
+    http: str
+    log_level: str
+    access_log: bool
+    timeout_graceful_shutdown: int
+
+
+def load_serve_settings(source: dict[str, Any]) -> GatewaySettings:
     """The settings `serve` runs with, from its command-line options (`_SOURCE_ARGS`), the files
     they name and the environment ("$VAR" secrets are resolved here, in each process)."""
     from gateway.settings import GatewaySettings, env_tunables, load_gateway_settings
@@ -82,9 +94,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"error: invalid gateway settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    common = dict(host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                  log_level=settings.log_level, access_log=False,
-                  timeout_graceful_shutdown=int(settings.shutdown_grace_s))
+    common = _ServerOptions(host=settings.host, port=settings.port, loop="uvloop", http="httptools",
+                            log_level=settings.log_level, access_log=False,
+                            timeout_graceful_shutdown=int(settings.shutdown_grace_s))
     if args.workers > 1:
         # Workers load the settings themselves from the same options, files and environment: no
         # resolved secret is ever copied into an environment variable (/proc/PID/environ).

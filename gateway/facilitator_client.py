@@ -130,7 +130,7 @@ class LocalFacilitatorClient:
             for chain in self.facilitator.chains.values():
                 await chain.rpc.call("eth_chainId", [])
             return True
-        except Exception:
+        except Exception:  # noqa: BLE001 - readiness: any failure of the store or a chain means not ready
             return False
 
     async def close(self) -> None:
@@ -167,7 +167,7 @@ class HttpFacilitatorClient:
                                   invalid_message="the payment cannot be encoded as JSON")
         try:
             status, raw = await self._post("/verify", body)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return VerifyResponse(is_valid=False, invalid_reason=R.UNEXPECTED_VERIFY_ERROR.value,
                                   invalid_message=f"facilitator unreachable: {type(exc).__name__}")
         if status != 200:
@@ -187,7 +187,7 @@ class HttpFacilitatorClient:
                                   error_message="the payment cannot be encoded as JSON", transaction="", network=network)
         try:
             status, raw = await self._post("/settle", body)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             # It may have settled: the caller keeps the payment unresolved, not "free to retry".
             return SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,
                                   error_message=f"facilitator unreachable or timed out: {type(exc).__name__}",
@@ -211,12 +211,13 @@ class HttpFacilitatorClient:
         try:
             async with self._client().get(self.url + "/supported") as resp:
                 doc = orjson.loads(await resp.read()) if resp.status == 200 else {}
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError):
+        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
             return {}
         out: dict[str, str] = {}
         for kind in doc.get("kinds", []) if isinstance(doc, dict) else []:
             extra = kind.get("extra") or {}
-            if kind.get("scheme") == "upto" and kind.get("x402Version") == 2 and TX_ADDRESS.match(str(extra.get("facilitatorAddress", ""))):
+            if (kind.get("scheme") == "upto" and kind.get("x402Version") == 2
+                    and TX_ADDRESS.match(str(extra.get("facilitatorAddress", "")))):
                 out.setdefault(kind["network"], extra["facilitatorAddress"])
         return out
 
@@ -224,7 +225,7 @@ class HttpFacilitatorClient:
         try:
             async with self._client().get(self.url + "/supported") as resp:
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def close(self) -> None:

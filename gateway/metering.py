@@ -148,6 +148,6 @@ def cap_request(body: bytes, cap: int, *, anthropic: bool) -> bytes:
         if "max_completion_tokens" not in doc:
             doc["max_tokens"] = min(int(doc.get("max_tokens") or cap), cap)
         if stream:
-            opts = doc.get("stream_options") if isinstance(doc.get("stream_options"), dict) else {}
-            doc["stream_options"] = {**opts, "include_usage": True}
+            opts = doc.get("stream_options")
+            doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
     return orjson.dumps(doc)

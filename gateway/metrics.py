@@ -20,9 +20,13 @@ class GatewayMetrics:
             "x402_gateway_revenue_atomic_total", "Settled amounts in the asset's base units",
             ["network", "asset"], registry=r,
         )  # fmt: skip
-        self.verify_seconds = Histogram("x402_gateway_verify_seconds", "Facilitator verify latency", ["route"], buckets=_BUCKETS, registry=r)
+        self.verify_seconds = Histogram(
+            "x402_gateway_verify_seconds", "Facilitator verify latency", ["route"], buckets=_BUCKETS, registry=r
+        )
         self.upstream_seconds = Histogram(
             "x402_gateway_upstream_seconds", "Upstream latency to the full body (non-streaming) or first byte",
             ["route", "upstream"], buckets=_BUCKETS, registry=r,
         )  # fmt: skip
-        self.settle_seconds = Histogram("x402_gateway_settle_seconds", "Facilitator settle latency", ["route"], buckets=_BUCKETS, registry=r)
+        self.settle_seconds = Histogram(
+            "x402_gateway_settle_seconds", "Facilitator settle latency", ["route"], buckets=_BUCKETS, registry=r
+        )

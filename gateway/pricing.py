@@ -117,7 +117,8 @@ class Pricing:
         self._routes: list[_CompiledRoute] = []
         for route in settings.routes:
             params = _PARAM.findall(route.path)
-            regex = "^" + _PARAM.sub(lambda m: f"(?P<{m.group(1)}>[^/]+)", re.escape(route.path).replace(r"\{", "{").replace(r"\}", "}")) + "$"
+            escaped = re.escape(route.path).replace(r"\{", "{").replace(r"\}", "}")
+            regex = "^" + _PARAM.sub(lambda m: f"(?P<{m.group(1)}>[^/]+)", escaped) + "$"
             model_param = "name" if "name" in params else (params[0] if params else None)
             self._routes.append(_CompiledRoute(route, re.compile(regex), model_param))
         self._offers: dict[tuple[int, str | None, int], Offer] = {}

@@ -9,7 +9,6 @@ reach the upstream.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator
@@ -97,7 +96,7 @@ class UpstreamPool:
                 self._down_until[base] = time.monotonic() + _COOLDOWN_S
                 errors.append(f"{base}: {type(exc).__name__}")
                 continue
-            except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 raise UpstreamFailedError(f"{type(exc).__name__}") from exc
             self._down_until.pop(base, None)
             return resp
@@ -110,7 +109,7 @@ class UpstreamPool:
                 async with session.get(base + "/", timeout=aiohttp.ClientTimeout(total=2)) as r:
                     await r.read()
                 return True
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            except (TimeoutError, aiohttp.ClientError, OSError):
                 continue
         return False
 
@@ -125,7 +124,7 @@ async def read_all(resp: aiohttp.ClientResponse, limit: int) -> bytes:
                 raise UpstreamFailedError(f"upstream body exceeds {limit} bytes")
             chunks.append(chunk)
         return b"".join(chunks)
-    except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         raise UpstreamFailedError(f"{type(exc).__name__} while reading the body") from exc
 
 

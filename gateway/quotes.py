@@ -61,6 +61,6 @@ class QuoteBook:
                     self.update({s: v for s, v in parsed.items() if v.is_finite() and v > 0})
                 else:
                     log.warning("quote_feed_unusable", extra={"status": r.status})
-            except (aiohttp.ClientError, asyncio.TimeoutError, orjson.JSONDecodeError, InvalidOperation, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError, InvalidOperation, OSError) as exc:
                 log.warning("quote_feed_failed", extra={"error": type(exc).__name__})
             await asyncio.sleep(self.config.refresh_s)

@@ -18,14 +18,13 @@ payment it belongs to, so only the very payment that was recorded ever gets its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
-
-import redis.asyncio as aioredis
+from typing import Any, Protocol, cast
 
 import storage
-from storage import BackendErrors, connect_sqlite, immediate, redis_from_url
+from storage import BackendErrors, RedisClient, connect_sqlite, immediate, redis_from_url
 from storage.lua import CLAIM_WITH_LEASE, claim_args, hash_fields
 
 
@@ -116,7 +115,7 @@ def _encode_headers(headers: list[tuple[str, str]]) -> str:
 def _decode_headers(raw: str | bytes) -> list[tuple[str, str]]:
     import orjson
 
-    return [tuple(h) for h in orjson.loads(raw)] if raw else []  # type: ignore[misc]
+    return [tuple(h) for h in orjson.loads(raw)] if raw else []
 
 
 _RECORDS_SCHEMA = """
@@ -270,7 +269,7 @@ return 0
 
 
 class RedisPaymentRecords:
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "x402gw:") -> None:
+    def __init__(self, client: RedisClient, *, prefix: str = "x402gw:") -> None:
         self._redis = client
         self._prefix = prefix
         self._begin = client.register_script(CLAIM_WITH_LEASE)
@@ -280,7 +279,7 @@ class RedisPaymentRecords:
         self._save = client.register_script(_SAVE)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "x402gw:") -> "RedisPaymentRecords":
+    def from_url(cls, url: str, *, prefix: str = "x402gw:") -> RedisPaymentRecords:
         return cls(redis_from_url(url, decode_responses=False), prefix=prefix)
 
     def _key(self, key: str) -> str:
@@ -348,12 +347,13 @@ class RedisPaymentRecords:
     async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False) -> str:
         k = f"{self._prefix}pid:{{{payment_id}}}"
         await self._redis.set(k, key, nx=not replace, ex=ttl_s)
-        bound = await self._redis.get(k)
+        # This client returns bytes (decode_responses=False); redis-py types replies `bytes | str`.
+        bound = cast(bytes | None, await self._redis.get(k))
         return bound.decode() if bound else key
 
     @_errors
     async def get(self, key: str) -> PaymentRecord | None:
-        raw = await self._redis.hgetall(self._key(key))
+        raw = cast(dict[bytes, bytes], await self._redis.hgetall(self._key(key)))
         return self._record(key, raw) if raw else None
 
     @_errors
@@ -365,5 +365,6 @@ class RedisPaymentRecords:
 
 
 def open_records(url: str, *, prefix: str = "x402gw:") -> PaymentRecords:
-    return storage.open_url(url, sqlite=SQLitePaymentRecords, redis=lambda r: RedisPaymentRecords(r, prefix=prefix),
+    sqlite: Callable[[str], PaymentRecords] = SQLitePaymentRecords  # checks that it is one
+    return storage.open_url(url, sqlite=sqlite, redis=lambda r: RedisPaymentRecords(r, prefix=prefix),
                             decode_responses=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Mapping
 from decimal import Decimal
 
 import aiohttp
@@ -22,7 +23,8 @@ from starlette.responses import Response, StreamingResponse
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import PaymentPayload, PaymentRequirements, SettleResponse
 from gateway.budget_hook import BudgetHook, Hold
-from gateway.errors import GatewayError, GatewayReason as G
+from gateway.errors import GatewayError
+from gateway.errors import GatewayReason as G
 from gateway.facilitator_client import FacilitatorClient
 from gateway.metering import StreamMeter, to_base_units, usage_from_body
 from gateway.metrics import GatewayMetrics
@@ -31,7 +33,7 @@ from gateway.paywall.metered import capped_body, metered_charge
 from gateway.pricing import Offer, PricingError
 from gateway.proxy import UpstreamFailedError, Upstreams, UpstreamUnavailableError, read_all, response_headers
 from gateway.sessions import HoldOutcome, Session, SessionState, SessionStore, new_session_id
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, UptoSessions
 from gateway.sse_usage import forwarded_stream
 
 log = logging.getLogger("gateway.sessions")
@@ -42,7 +44,7 @@ SETTLE_LEASE_S = 60.0
 class SessionCalls:
     def __init__(self, store: SessionStore, settings: GatewaySettings, facilitator: FacilitatorClient,
                  budgets: BudgetHook, metrics: GatewayMetrics, upstreams: Upstreams,
-                 background: set[asyncio.Task]) -> None:
+                 background: set[asyncio.Task[object]]) -> None:
         self.store = store
         self.settings = settings
         self.facilitator = facilitator
@@ -61,7 +63,8 @@ class SessionCalls:
         session = Session(
             id=new_session_id(), payer=payer, network=requirement.network, asset=requirement.asset.lower(),
             cap=int(requirement.amount), accrued=0, held=0, calls=0, deadline=float(auth["deadline"]), last_used=now,
-            state=SessionState.OPEN, route=offer.route_id, per_call=self.worst_case(offer, requirement.asset, int(requirement.amount)),
+            state=SessionState.OPEN, route=offer.route_id,
+            per_call=self.worst_case(offer, requirement.asset, int(requirement.amount)),
             payment=orjson.dumps({"payload": payload.model_dump(by_alias=True, exclude_none=True),
                                   "requirements": requirement.model_dump(by_alias=True, exclude_none=True)}).decode(),
         )  # fmt: skip
@@ -115,7 +118,7 @@ class SessionCalls:
         try:
             upstream = await asyncio.wait_for(self.upstreams.open(request, offer.route.upstream, body, request_id),
                                               max(0.1, finish_by - time.time()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             await self._nothing(session, offer, worst, hold)
             raise GatewayError(G.SESSION_DEADLINE, "the call could not finish before the session is settled; not "
                                "charged: sign a new permit", status=504, headers={SESSION_HEADER: session_id},
@@ -141,7 +144,7 @@ class SessionCalls:
         try:
             content = await asyncio.wait_for(read_all(upstream, self.settings.max_body_bytes),
                                              max(0.1, finish_by - time.time()))
-        except (UpstreamFailedError, asyncio.TimeoutError):
+        except (TimeoutError, UpstreamFailedError):
             upstream.release()
             await self._nothing(session, offer, worst, hold)
             raise GatewayError(G.UPSTREAM_ERROR, "the upstream failed; not charged", status=502,
@@ -168,7 +171,7 @@ class SessionCalls:
                         break
                     meter.feed(chunk)
                     yield chunk
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 deadline_cut = True
             except aiohttp.ClientError:
                 cut = True
@@ -215,7 +218,7 @@ class SessionCalls:
 
     # -- settling ------------------------------------------------------------------------------
 
-    async def reap_once(self, sessions_cfg: dict[str, object]) -> int:
+    async def reap_once(self, sessions_cfg: Mapping[str, UptoSessions]) -> int:
         """Settle every due session this replica can claim. Returns how many it settled."""
         now = time.time()
         settled = 0
@@ -229,12 +232,12 @@ class SessionCalls:
             cfg = sessions_cfg.get(session.route)
             if cfg is None:
                 continue
-            idle = now - session.last_used >= cfg.idle_s  # type: ignore[attr-defined]
-            near_deadline = now >= session.deadline - cfg.settle_margin_s  # type: ignore[attr-defined]
+            idle = now - session.last_used >= cfg.idle_s
+            near_deadline = now >= session.deadline - cfg.settle_margin_s
             used_up = session.cap - session.accrued - session.held < session.per_call
             if not (idle or near_deadline or used_up or session.state == SessionState.SETTLING):
-                await self.store.reschedule(session_id, min(session.last_used + cfg.idle_s,  # type: ignore[attr-defined]
-                                                            session.deadline - cfg.settle_margin_s))  # type: ignore[attr-defined]
+                await self.store.reschedule(session_id, min(session.last_used + cfg.idle_s,
+                                                            session.deadline - cfg.settle_margin_s))
                 continue
             if not self.facilitator.can_sign(_signer_of(session)):
                 # The permit names a signer this replica has no key for: its holder settles it.
@@ -254,7 +257,7 @@ class SessionCalls:
         try:
             result = await asyncio.wait_for(self.facilitator.settle(payload, final_requirement),
                                             self.settings.settle_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             result = SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value, transaction="",
                                     network=requirement.network, error_message="timed out")
         dump = result.model_dump_json(by_alias=True, exclude_none=True)
@@ -280,7 +283,7 @@ class SessionCalls:
         log.warning("session_settlement_retry", extra={"session": session.id, "reason": result.error_reason})
         return 0
 
-    async def reap_forever(self, sessions_cfg: dict[str, object], interval_s: float = 0.5) -> None:
+    async def reap_forever(self, sessions_cfg: Mapping[str, UptoSessions], interval_s: float = 0.5) -> None:
         while True:
             try:
                 await self.reap_once(sessions_cfg)

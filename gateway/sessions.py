@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
 import storage
-from storage import BackendErrors, connect_sqlite, immediate, redis_from_url
+from storage import BackendErrors, RedisClient, connect_sqlite, immediate, redis_from_url
 from storage.lua import BIGNUM, hash_fields
 
 
@@ -158,7 +158,7 @@ class RedisSessionStore:
     set written after them. A lost index write only delays a settlement to the next due time: the
     reaper reads the session's real state before it acts."""
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "x402gw:") -> None:
+    def __init__(self, client: RedisClient, *, prefix: str = "x402gw:") -> None:
         self._r = client
         self._p = prefix
         self._due = f"{prefix}sessions:due"
@@ -167,7 +167,7 @@ class RedisSessionStore:
         self._claim = client.register_script(_CLAIM)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "x402gw:") -> "RedisSessionStore":
+    def from_url(cls, url: str, *, prefix: str = "x402gw:") -> RedisSessionStore:
         return cls(redis_from_url(url), prefix=prefix)
 
     def _k(self, id: str) -> str:
@@ -178,7 +178,7 @@ class RedisSessionStore:
         return await coro
 
     async def open(self, session: Session, *, first_hold: int, due_at: float) -> None:
-        fields = {
+        fields: dict[FieldT, EncodableT] = {
             "id": session.id, "payer": session.payer, "network": session.network, "asset": session.asset,
             "cap": str(session.cap), "accrued": "0", "held": str(first_hold), "calls": "0",
             "deadline": repr(session.deadline), "last_used": repr(session.last_used), "state": "open",
@@ -336,8 +336,10 @@ class SQLiteSessionStore:
 
 def open_sessions(url: str, *, prefix: str = "x402gw:") -> SessionStore:
     """Beside the payment records, in a file of its own on SQLite (`….sqlite3` -> `…-sessions.sqlite3`)."""
-    return storage.open_url(url, sqlite=lambda path: SQLiteSessionStore(_own_file(path)),
-                            redis=lambda r: RedisSessionStore(r, prefix=prefix))
+    def sqlite(path: str) -> SessionStore:
+        return SQLiteSessionStore(_own_file(path))
+
+    return storage.open_url(url, sqlite=sqlite, redis=lambda r: RedisSessionStore(r, prefix=prefix))
 
 
 def _own_file(path: str) -> str:

@@ -44,7 +44,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal, InvalidOperation
 from typing import Literal
 
@@ -54,6 +54,13 @@ from budgets.settings import BudgetSettings
 from facilitator.settings import resolve_env
 
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
+
+
+Scheme = Literal["exact", "upto"]
+
+
+def _exact_only() -> list[Scheme]:
+    return ["exact"]
 
 
 class _Model(BaseModel):
@@ -83,7 +90,7 @@ class FacilitatorRef(_Model):
     auth_value: SecretStr | None = None
 
     @model_validator(mode="after")
-    def _remote_needs_url(self) -> "FacilitatorRef":
+    def _remote_needs_url(self) -> FacilitatorRef:
         if self.mode == "remote" and not self.url:
             raise ValueError("facilitator.mode = 'remote' needs facilitator.url")
         return self
@@ -160,7 +167,7 @@ class UptoSessions(_Model):
     max_timeout_s: int = Field(default=3600, ge=60, le=86_400, description="the permit's lifetime (maxTimeoutSeconds)")
 
     @model_validator(mode="after")
-    def _margins(self) -> "UptoSessions":
+    def _margins(self) -> UptoSessions:
         if parse_price(self.cap) <= 0:
             raise ValueError("sessions.cap must be positive")
         if self.serve_margin_s <= self.settle_margin_s:
@@ -182,7 +189,7 @@ class Route(_Model):
     token_prices: dict[str, TokenPricing] = Field(default_factory=dict)  # "*" = any other model
     max_per_call: str | None = None  # quote currency: the upto ceiling, and the exact price
     max_tokens_cap: int | None = Field(default=None, ge=1)
-    schemes: list[Literal["exact", "upto"]] = Field(default_factory=lambda: ["exact"], min_length=1)
+    schemes: list[Scheme] = Field(default_factory=_exact_only, min_length=1)
     missing_usage: Literal["ceiling", "floor"] = "ceiling"  # usage missing or stream cut: charge the max, or only per_call
     sessions: UptoSessions | None = None  # upto sessions on this (metered) route
     api: Literal["openai", "anthropic", "other"] = "openai"
@@ -207,7 +214,7 @@ class Route(_Model):
         return v
 
     @model_validator(mode="after")
-    def _priced(self) -> "Route":
+    def _priced(self) -> Route:
         if self.metered:
             if self.max_per_call is None or parse_price(self.max_per_call) <= 0:
                 raise ValueError(f"metered route {self.path} needs a positive max_per_call")
@@ -246,7 +253,7 @@ class GatewaySettings(_Model):
         return self.payment_identifier if route.payment_identifier is None else route.payment_identifier
 
     @model_validator(mode="after")
-    def _routes_name_known_upstreams(self) -> "GatewaySettings":
+    def _routes_name_known_upstreams(self) -> GatewaySettings:
         for r in self.routes:
             if r.upstream not in self.upstreams:
                 raise ValueError(f"route {r.method} {r.path} names unknown upstream {r.upstream!r}")
@@ -254,7 +261,8 @@ class GatewaySettings(_Model):
             if r.metered and not self.quote.feed_url:
                 missing = [o.symbol for o in self.accepts if o.symbol not in self.quote.rates]
                 if missing:
-                    raise ValueError(f"metered route {r.path}: no quote rate for {', '.join(missing)} (quote.rates or quote.feed_url)")
+                    raise ValueError(f"metered route {r.path}: no quote rate for {', '.join(missing)}"
+                                     " (quote.rates or quote.feed_url)")
         for opt in self.accepts:
             for r in self.routes:
                 for price in [p for p in [r.price, *r.models.values()] if p is not None]:
@@ -287,7 +295,7 @@ def _flag(value: str) -> bool:
     raise ValueError(f"expected true or false, got {value!r}")
 
 
-_TUNABLES = {
+_TUNABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "GATEWAY_SETTLE_TIMEOUT_S": ("settle_timeout_s", float),
     "GATEWAY_VERIFY_TIMEOUT_S": ("verify_timeout_s", float),
     "GATEWAY_RECORD_LEASE_S": ("record_lease_s", float),

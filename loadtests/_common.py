@@ -183,7 +183,7 @@ async def run_load(
             t0 = time.perf_counter()
             try:
                 ok, reason = await asyncio.wait_for(op(item), timeout=max_seconds + 30)
-            except Exception as exc:  # counted, reported; a benchmark must not hide failures
+            except Exception as exc:  # noqa: BLE001 - counted, reported; a benchmark must not hide failures
                 ok, reason = False, f"exception:{type(exc).__name__}"
             res.latencies.append(time.perf_counter() - t0)
             res.ops += 1
@@ -380,7 +380,7 @@ class ServeProcess:
                 proc.wait(timeout=10)
         self._dir.cleanup()
 
-    def __enter__(self) -> "ServeProcess":
+    def __enter__(self) -> ServeProcess:
         self.start()
         return self
 
@@ -406,7 +406,7 @@ def anvil_version() -> str | None:
         out = subprocess.run([str(find_node_modules() / ANVIL_BIN), "--version"], capture_output=True, text=True,
                              timeout=10, check=False)
         return out.stdout.strip().splitlines()[0] if out.stdout.strip() else None
-    except Exception:
+    except Exception:  # noqa: BLE001 - best-effort machine description
         return None
 
 
@@ -423,14 +423,14 @@ def machine_info() -> dict[str, Any]:
         _k(b"")
         hasher = getattr(_k, "hasher", None)
         eth_hash_backend = type(getattr(hasher, "__self__", hasher)).__name__
-    except Exception:
+    except Exception:  # noqa: BLE001 - best-effort machine description
         eth_hash_backend = None
     try:
         from facilitator.evm import eip712
 
         fk = getattr(eip712, "_keccak_256", None)
         fast_keccak = f"{fk.__module__}.keccak_256 (safe-pysha3)" if fk is not None else "eth_hash.auto (fallback)"
-    except Exception:
+    except Exception:  # noqa: BLE001 - best-effort machine description
         fast_keccak = None
     return {
         "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
@@ -451,11 +451,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def today() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d")
 
 
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def new_run_id() -> str:

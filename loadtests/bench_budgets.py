@@ -41,7 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     HOST,
     ROOT,
     CpuMeter,
@@ -58,7 +58,7 @@ from _common import (  # noqa: E402
     run_load,
     write_results,
 )
-from bench_gateway import (  # noqa: E402
+from bench_gateway import (
     CHAT,
     PaymentPool,
     PaymentSigner,
@@ -101,7 +101,7 @@ class RedisProc:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self) -> "RedisProc":
+    def start(self) -> RedisProc:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
         self.proc = subprocess.Popen(
@@ -223,7 +223,7 @@ async def store_run(kind: str, op: str, conc: int, ctx: dict[str, Any], rep: int
         enforcer = BudgetEnforcer(store, timezone="UTC")
         wl = Workload(enforcer, f"{kind}-{label}")
         if op == "enforcer":
-            for g, (pol, gpol) in wl.pol.items():
+            for g, (_pol, gpol) in wl.pol.items():
                 await store.put_policy("group", g, gpol)
             for a in wl.agents:
                 await store.put_policy("agent", a, wl.pol[wl.group_of[a]][0])
@@ -539,7 +539,8 @@ def summarize(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                 "tp": median(r["ops_per_s"] for r in tp), "tp_ratio": median(dtp), "tp_ratio_per_rep": dtp,
                 "tp_p50_ms": median(r["p50_ms"] for r in tp),
                 "gw_cpu_us": median(r["cpu_us_per_op"].get("gateway") or float("nan") for r in tp),
-                "redis_cpu_us": median((r["cpu_us_per_op"].get("redis") or float("nan")) for r in tp) if "Redis" in name else None,
+                "redis_cpu_us": (median((r["cpu_us_per_op"].get("redis") or float("nan")) for r in tp)
+                                 if "Redis" in name else None),
                 "ok": sum(r["ok"] for r in lat + tp), "ops": sum(r["ops"] for r in lat + tp),
             })
         out["gateway"] = table
@@ -667,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     machine["loadavg_end"] = list(os.getloadavg())
     machine["redis_server"] = result["redis_version"]
     data = {"kind": "budgets", "finished": now_iso(), "elapsed_s": time.monotonic() - started,
-            "args": {k: v for k, v in vars(args).items()}, "machine": machine, "result": result}
+            "args": dict(vars(args)), "machine": machine, "result": result}
     data["summary"] = summarize(result, args)
     md = render(data, args)
     print(md)

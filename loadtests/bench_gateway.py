@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+from _common import (
     HOST,
     ROOT,
     CpuMeter,
@@ -153,10 +153,10 @@ def serve_gateway_inproc(port: int, devchain_file: str, upstream: str, log_level
     import uvicorn
 
     from devtools.devchain import load_description
+    from devtools.devconfig import dev_settings
     from facilitator.logs import configure_logging
     from facilitator.x402.types import SettleResponse, VerifyResponse
     from gateway.app import create_app
-    from devtools.devconfig import dev_settings
 
     def payer_of(payload: Any) -> str | None:
         inner = payload.payload
@@ -215,7 +215,7 @@ class Proc:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self, timeout_s: float = 30.0) -> "Proc":
+    def start(self, timeout_s: float = 30.0) -> Proc:
         with open(self.log, "ab") as fh:
             self.proc = subprocess.Popen(self.argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=self.env, cwd=str(ROOT))
@@ -503,7 +503,7 @@ def added_latency(samples: list[tuple[float, dict[str, float]]]) -> dict[str, fl
         return {}
     tot = [s[0] for s in samples]
     add = [s[0] - s[1].get("upstream", 0.0) - s[1].get("settle", 0.0) for s in samples]
-    add_nv = [a - s[1].get("verify", 0.0) for a, s in zip(add, samples)]
+    add_nv = [a - s[1].get("verify", 0.0) for a, s in zip(add, samples, strict=True)]
     no_settle = [s[0] - s[1].get("settle", 0.0) for s in samples]
     part = lambda k: percentile([s[1].get(k, float("nan")) for s in samples], 50)  # noqa: E731
     return {

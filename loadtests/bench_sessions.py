@@ -29,12 +29,12 @@ from eth_account import Account
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from devtools.devchain import DevChain, calldata, write_description  # noqa: E402
-from facilitator.x402.headers import decode_payment_required, encode_payment_payload  # noqa: E402
-from facilitator.x402.types import PaymentPayload  # noqa: E402
-from gateway.app import create_app  # noqa: E402
-from devtools.devconfig import dev_settings  # noqa: E402
-from devtools.upstream import create_upstream_app  # noqa: E402
+from devtools.devchain import DevChain, calldata, write_description
+from devtools.devconfig import dev_settings
+from devtools.upstream import create_upstream_app
+from facilitator.x402.headers import decode_payment_required, encode_payment_payload
+from facilitator.x402.types import PaymentPayload
+from gateway.app import create_app
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "summarise the settlement model in a sentence"}]}
@@ -43,7 +43,7 @@ PROMPT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "summarise
 async def serve(app) -> tuple[uvicorn.Server, asyncio.Task, int]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     task = asyncio.create_task(server.serve())
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110 - uvicorn.Server has a `started` flag, no event
         await asyncio.sleep(0.01)
     return server, task, server.servers[0].sockets[0].getsockname()[1]
 
@@ -165,7 +165,8 @@ async def main() -> int:
     ratio = rows[0]["gas_per_call"] / rows[1]["gas_per_call"] if rows[1]["gas_per_call"] else float("inf")
     stamp = time.strftime("%Y-%m-%d")
     lines = [
-        f"# Gas and transactions per paid call, upto sessions vs one settlement per call — {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
+        "# Gas and transactions per paid call, upto sessions vs one settlement per call — "
+        f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
         "",
         f"`loadtests/bench_sessions.py --calls {args.calls} --concurrency {args.concurrency}` on the dev chain (anvil),"
         f" the same metered chat completion (gpt-4o, per-token USD prices, OPG at $0.10) paid both ways; {os.cpu_count()} CPUs,"
@@ -176,7 +177,8 @@ async def main() -> int:
     ]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['paid_calls']} | {r['settlement_txs']} | {r['txs_per_call']:.3f} | "
-                     f"{r['gas_per_call']:,.0f} | {r['charged']} = {r['moved_to_payee']} ({'exact' if r['exact'] else 'MISMATCH'}) |")
+                     f"{r['gas_per_call']:,.0f} | {r['charged']} = {r['moved_to_payee']} "
+                     f"({'exact' if r['exact'] else 'MISMATCH'}) |")
     lines += ["", f"Sessions use {ratio:.0f}× less gas per paid call at this load "
                   f"({args.calls // args.concurrency} calls per session)."]
     report = "\n".join(lines) + "\n"

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 SYMBOLS = ("OPG", "USDC")  # Permit2, EIP-3009
 
@@ -86,7 +86,7 @@ def balances(rpc: Any, d: dict[str, Any], who: list[str]) -> dict[str, dict[str,
         calls.append(("eth_getTransactionCount", [a, "latest"]))
         keys.append(("nonce", a))
     out: dict[str, dict[str, int]] = {}
-    for (group, a), value in zip(keys, rpc.batch(calls)):
+    for (group, a), value in zip(keys, rpc.batch(calls), strict=True):
         out.setdefault(group, {})[a] = int(value, 16)
     return out
 
@@ -278,7 +278,8 @@ def build_report(data: dict[str, Any]) -> str:
              "(automine: each transaction is mined when it arrives), "
              f"{a['payments']} fresh payments per configuration and repetition (alternating Permit2/OPG and "
              f"EIP-3009/USDC, signed by the official x402 client over {a['agents']} agents), each settled once; "
-             f"median of {a['reps']} repetitions. Every run gets a fresh anvil (see Notes). Store `{a['store']}` (a fresh key space per configuration). "
+             f"median of {a['reps']} repetitions. Every run gets a fresh anvil (see Notes). "
+             f"Store `{a['store']}` (a fresh key space per configuration). "
              f"Event loop {data['event_loop']}.", "",
              "## Machine", "", C.md_machine(data["machine"]), "",
              "## Settlements", "",
@@ -288,7 +289,7 @@ def build_report(data: dict[str, Any]) -> str:
     rows = []
     for label, reps in runs.items():
         mode, keys, conc = label.split(" ")
-        procs = [k for k in reps[0]["cpu_us_per_op"]]
+        procs = list(reps[0]["cpu_us_per_op"])
         cpu_txt = ", ".join(
             f"{p.split()[0]} {C.fmt(C.median((r['cpu_us_per_op'] or {}).get(p) or float('nan') for r in reps))}"
             for p in procs)

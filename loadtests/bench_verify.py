@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as C  # noqa: E402
+import _common as C
 
 METHODS = {"permit2": "OPG", "eip3009": "USDC"}
 
@@ -305,7 +305,7 @@ async def inprocess_part(args: argparse.Namespace, d: dict[str, Any], pays: dict
     try:
         # warm-up: connection pools, lru caches, the token DOMAIN_SEPARATOR check, first-call imports
         for m in METHODS:
-            for name, (op, _, _) in runners.items():
+            for op, _, _ in runners.values():
                 await C.run_load(op, rotors[m].iterator(), concurrency=4, max_ops=40, max_seconds=10)
         for rep in range(args.reps):
             for m in METHODS:
@@ -468,14 +468,14 @@ def compute_ratios_and_targets(data: dict[str, Any]) -> None:
             sdk = runs.get(sdk_key)
             if not sdk:
                 continue
-            per_rep = [o["ops_per_s"] / s["ops_per_s"] for o, s in zip(ours, sdk) if s["ops_per_s"] > 0]
+            per_rep = [o["ops_per_s"] / s["ops_per_s"] for o, s in zip(ours, sdk, strict=False) if s["ops_per_s"] > 0]
             ratios.setdefault(m, {})[f"ours@{conc} / {sdk_key} (throughput)"] = {
                 "per_rep": per_rep, "median_of_ratios": C.median(per_rep),
                 "ratio_of_medians": med_of(ours, "ops_per_s") / med_of(sdk, "ops_per_s"),
             }
         o1, s1 = runs.get("ours@1"), runs.get("sdk@1")
         if o1 and s1:
-            per_rep = [s["p50_ms"] / o["p50_ms"] for o, s in zip(o1, s1)]
+            per_rep = [s["p50_ms"] / o["p50_ms"] for o, s in zip(o1, s1, strict=False)]
             ratios.setdefault(m, {})["sdk@1 p50 / ours@1 p50 (latency)"] = {
                 "per_rep": per_rep, "median_of_ratios": C.median(per_rep),
                 "ratio_of_medians": med_of(s1, "p50_ms") / med_of(o1, "p50_ms"),
@@ -493,8 +493,8 @@ def compute_ratios_and_targets(data: dict[str, Any]) -> None:
         ours, sdk, thr = runs.get(f"ours@{conc}"), runs.get(f"sdk@{conc}"), runs.get(f"sdk_threads@{conc}")
         if not ours or not sdk:
             continue
-        best = [max(s["ops_per_s"], t["ops_per_s"]) for s, t in zip(sdk, thr or sdk)]
-        per_rep = [o["ops_per_s"] / b for o, b in zip(ours, best) if b > 0]
+        best = [max(s["ops_per_s"], t["ops_per_s"]) for s, t in zip(sdk, thr or sdk, strict=False)]
+        per_rep = [o["ops_per_s"] / b for o, b in zip(ours, best, strict=False) if b > 0]
         ratios.setdefault(m, {})[f"ours@{conc} / best SDK mode@{conc} (throughput)"] = {
             "per_rep": per_rep, "median_of_ratios": C.median(per_rep),
             "ratio_of_medians": med_of(ours, "ops_per_s") / C.median(best),
@@ -513,8 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     C.install_sigterm_handler()
     stubbed = C.ensure_sdk_importable() if not args.skip_sdk else False
-    from facilitator.app import build_facilitator
     from devtools.devchain import DevChain
+    from facilitator.app import build_facilitator
     from facilitator.settings import devchain_overlay, load_settings
 
     t_start = time.perf_counter()

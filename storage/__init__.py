@@ -4,12 +4,13 @@ their errors derive from, and the Lua the Redis stores share. It imports none of
 above it."""
 
 from storage.errors import BackendErrors, StoreUnavailableError
-from storage.redis_client import is_redis_url, redis_from_url
+from storage.redis_client import RedisClient, is_redis_url, redis_from_url
 from storage.sqlite_conn import connect_sqlite, immediate
 from storage.urls import StoreURL, open_url, parse_store_url
 
 __all__ = [
     "BackendErrors",
+    "RedisClient",
     "StoreURL",
     "StoreUnavailableError",
     "connect_sqlite",

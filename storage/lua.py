@@ -71,4 +71,4 @@ def claim_args(state: str, *, now_ms: int, lease_ms: int, ttl_ms: int, fields: d
 
 def hash_fields(reply: list[Any]) -> dict[Any, Any]:
     """HGETALL's flat [field, value, …] reply from a script, as a dict."""
-    return dict(zip(reply[::2], reply[1::2]))
+    return dict(zip(reply[::2], reply[1::2], strict=True))

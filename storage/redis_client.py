@@ -13,6 +13,7 @@ connection instead of failing with "Too many connections" under load.
 from __future__ import annotations
 
 import asyncio
+from typing import Any, TypeAlias
 from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
@@ -29,7 +30,12 @@ REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis
 TIMEOUTS = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0, "health_check_interval": 5}
 
 
-def _retry() -> dict:
+# What `redis_from_url` returns: the cluster client has the same command API as a single server's
+# (and a Sentinel master's) client, which every store uses.
+RedisClient: TypeAlias = "aioredis.Redis | RedisCluster"
+
+
+def _retry() -> dict[str, Any]:
     """One retry on a broken connection (a Redis restart closes pooled sockets; the new server has
     not seen the command). Not on timeouts, where the command may have run. Every script of the
     project is idempotent per id, for the rare reply lost after a command ran."""
@@ -57,14 +63,14 @@ class BoundedRedisCluster(RedisCluster):
     script loads: AttributeError inside send_packed_command, seen in the contract tests). The
     first command runs alone; after it succeeded, up to `max_in_flight` run at once."""
 
-    def __init__(self, *args, max_in_flight: int = 64, **kwargs) -> None:
+    def __init__(self, *args: Any, max_in_flight: int = 64, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._max_in_flight = max_in_flight
         self._warm = False
         self._first: asyncio.Lock | None = None
         self._gate: asyncio.Semaphore | None = None
 
-    async def execute_command(self, *args, **kwargs):
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if not self._warm:
             if self._first is None:
                 self._first = asyncio.Lock()
@@ -84,7 +90,7 @@ class BlockingSentinelConnectionPool(SentinelConnectionPool, aioredis.BlockingCo
     pool, instead of failing with "Too many connections" under load."""
 
 
-def redis_from_url(url: str, *, decode_responses: bool = True, max_connections: int = 64):
+def redis_from_url(url: str, *, decode_responses: bool = True, max_connections: int = 64) -> RedisClient:
     if url.startswith(("redis+cluster://", "rediss+cluster://")):
         parts = urlsplit(url)
         password, hosts = _hosts(parts.netloc)
@@ -103,9 +109,11 @@ def redis_from_url(url: str, *, decode_responses: bool = True, max_connections: 
             raise ValueError("redis+sentinel:// URLs name the service: redis+sentinel://host:port/service_name[/db]")
         service, db = path[0], int(path[1]) if len(path) > 1 else 0
         sentinel = Sentinel(hosts, sentinel_kwargs=dict(TIMEOUTS), **TIMEOUTS)
-        return sentinel.master_for(service, connection_pool_class=BlockingSentinelConnectionPool,
-                                   max_connections=max_connections, timeout=2.0, password=password, db=db,
-                                   decode_responses=decode_responses, ssl=url.startswith("rediss+"), **_retry())
+        master: aioredis.Redis = sentinel.master_for(
+            service, connection_pool_class=BlockingSentinelConnectionPool, max_connections=max_connections, timeout=2.0,
+            password=password, db=db, decode_responses=decode_responses, ssl=url.startswith("rediss+"), **_retry(),
+        )
+        return master
     pool = aioredis.BlockingConnectionPool.from_url(
         url, decode_responses=decode_responses, max_connections=max_connections, timeout=2.0, **TIMEOUTS, **_retry()
     )

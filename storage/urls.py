@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
-from storage.redis_client import is_redis_url, redis_from_url
+from storage.redis_client import RedisClient, is_redis_url, redis_from_url
 
 T = TypeVar("T")
 
@@ -35,7 +35,7 @@ def parse_store_url(url: str, *, what: str = "store") -> StoreURL:
     raise ValueError(f"unsupported {what} URL scheme: {url.split(':', 1)[0]!r}")
 
 
-def open_url(url: str, *, sqlite: Callable[[str], T], redis: Callable[[Any], T], what: str = "store",
+def open_url(url: str, *, sqlite: Callable[[str], T], redis: Callable[[RedisClient], T], what: str = "store",
              decode_responses: bool = True) -> T:
     """`sqlite(path)` or `redis(client)`, by the URL's scheme."""
     parsed = parse_store_url(url, what=what)

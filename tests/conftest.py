@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,17 +44,6 @@ def devchain() -> Iterator[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------
 # Real processes: redis-server and facilitator services on free ports.
-
-import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-import uuid
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,7 +136,7 @@ class ServiceProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "ServiceProcess":
+    def start(self) -> ServiceProcess:
         self._fh = open(self.log, "ab")
         self.proc = subprocess.Popen(self.argv, stdout=self._fh, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
         try:

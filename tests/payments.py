@@ -71,7 +71,7 @@ def send_transactions(devchain: dict[str, Any], txs: list[tuple[LocalAccount, st
     try:
         senders = sorted({a.address for a, _, _ in txs})
         counts = rpc.batch([("eth_getTransactionCount", [a, "pending"]) for a in senders])
-        nonces = {a: int(c, 16) for a, c in zip(senders, counts)}
+        nonces = {a: int(c, 16) for a, c in zip(senders, counts, strict=True)}
         raw = []
         for account, to, data in txs:
             tx = {"to": to, "data": data, "gas": 200_000, "chainId": devchain["chain_id"], "type": 2,

@@ -14,8 +14,16 @@ from starlette.responses import Response, StreamingResponse
 from budgets.admin.bodies import read_json
 from budgets.admin.errors import AdminError, json_response
 from budgets.admin.openapi import openapi_document
-from budgets.admin.requests import (LedgerQuery, owner_of, parse_policy, parse_policy_filter, parse_suspension,
-                                    parse_usage_query, path_param, policy_target)
+from budgets.admin.requests import (
+    LedgerQuery,
+    owner_of,
+    parse_policy,
+    parse_policy_filter,
+    parse_suspension,
+    parse_usage_query,
+    path_param,
+    policy_target,
+)
 from budgets.admin.responses import ResponseBodies
 from budgets.enforcer import BudgetEnforcer
 from budgets.models import Policy, Refusal

@@ -11,8 +11,7 @@ from typing import Any, TextIO
 
 from budgets.admin_client import AdminApiError, AdminClient, Owner, Reply
 from budgets.amounts import Assets
-from budgets.cli.parser import (AMOUNT_UNIT, PERIODS, UsageError, parse_amount, parse_list, parse_rate,
-                                parse_when)
+from budgets.cli.parser import AMOUNT_UNIT, PERIODS, UsageError, parse_amount, parse_list, parse_rate, parse_when
 from budgets.cli.render import ledger_text, policies_table, suspension_text, usage_text
 
 Command = Callable[[AdminClient, argparse.Namespace, TextIO], Awaitable[None]]

@@ -42,7 +42,7 @@ class EvmChain:
         self.upto_proxy_b = address_bytes(self.upto_proxy)
 
     @classmethod
-    def connect(cls, network: str, chain_id: int, rpc_url: str, *, nonces: Nonces | None = None, **kwargs) -> "EvmChain":
+    def connect(cls, network: str, chain_id: int, rpc_url: str, *, nonces: Nonces | None = None, **kwargs) -> EvmChain:
         rpc = JsonRpcClient(rpc_url)
         sender = TransactionSender(rpc, chain_id, nonces=nonces)
         return cls(network=network, chain_id=chain_id, rpc=rpc, sender=sender, **kwargs)

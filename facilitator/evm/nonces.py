@@ -20,10 +20,9 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Protocol
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from storage import BackendErrors, redis_from_url
+from storage import BackendErrors, RedisClient, redis_from_url
 
 ChainCount = Callable[[], Awaitable[int]]
 
@@ -82,7 +81,7 @@ return 0
 
 
 class RedisNonces:
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "x402:", lock_ttl_ms: int = 15_000,
+    def __init__(self, client: RedisClient, *, prefix: str = "x402:", lock_ttl_ms: int = 15_000,
                  wait_s: float = 10.0) -> None:
         self._r = client
         self._p = prefix
@@ -92,7 +91,7 @@ class RedisNonces:
         self._owner = f"{os.getpid()}:{uuid.uuid4().hex}"
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "x402:") -> "RedisNonces":
+    def from_url(cls, url: str, *, prefix: str = "x402:") -> RedisNonces:
         return cls(redis_from_url(url, max_connections=32), prefix=prefix)
 
     def _k(self, key: str, what: str) -> str:

@@ -7,7 +7,6 @@ concurrency here (feasibility.md §6c).
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,7 +66,7 @@ class JsonRpcClient:
                 raw = await resp.read()
                 if resp.status != 200:
                     raise RpcUnavailableError(f"HTTP {resp.status} from RPC")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise RpcUnavailableError(f"RPC request failed: {type(exc).__name__}: {exc}") from exc
         try:
             return orjson.loads(raw)
@@ -88,7 +87,7 @@ class JsonRpcClient:
         for _ in range(len(calls) - 1):
             next(self._ids)
         body = orjson.dumps(
-            [{"jsonrpc": "2.0", "id": i, "method": c.method, "params": c.params} for i, c in zip(ids, calls)]
+            [{"jsonrpc": "2.0", "id": i, "method": c.method, "params": c.params} for i, c in zip(ids, calls, strict=True)]
         )
         reply = await self._post(body)
         if not isinstance(reply, list):

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from eth_abi import decode as abi_decode
 
-from facilitator.errors import PaymentInvalidError
+from facilitator.errors import ChainUnavailableError, PaymentInvalidError
 from facilitator.evm import contracts
 from facilitator.evm.eip712 import SignatureFormatError, recover_signer
 from facilitator.evm.rpc import JsonRpcClient, RpcError, RpcUnavailableError
-from facilitator.errors import ChainUnavailableError
 from facilitator.x402.reasons import ErrorReason
 
 ERC6492_SUFFIX = bytes.fromhex("6492" * 16)

@@ -23,7 +23,7 @@ class Signer:
     _account: LocalAccount = field(repr=False)
 
     @classmethod
-    def from_key(cls, private_key: str) -> "Signer":
+    def from_key(cls, private_key: str) -> Signer:
         account: LocalAccount = Account.from_key(private_key)
         return cls(address=account.address, _account=account)
 

@@ -1,3 +1,5 @@
+from collections.abc import Callable
+
 import storage
 from facilitator.store.base import (
     TERMINAL,
@@ -25,4 +27,5 @@ def open_store(url: str, *, prefix: str = "x402:") -> SettlementStore:
     from facilitator.store.redis_store import RedisSettlementStore
     from facilitator.store.sqlite_store import SQLiteSettlementStore
 
-    return storage.open_url(url, sqlite=SQLiteSettlementStore, redis=lambda r: RedisSettlementStore(r, prefix=prefix))
+    sqlite: Callable[[str], SettlementStore] = SQLiteSettlementStore  # checks that it is one
+    return storage.open_url(url, sqlite=sqlite, redis=lambda r: RedisSettlementStore(r, prefix=prefix))

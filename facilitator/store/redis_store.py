@@ -8,10 +8,10 @@ is finished, so a reconciler can always find a broadcast that a crashed process 
 
 from __future__ import annotations
 
-import redis.asyncio as aioredis
+from typing import cast
 
 from facilitator.store.base import ClaimResult, SettlementRecord, SettlementState, StoreUnavailableError
-from storage import BackendErrors, redis_from_url
+from storage import BackendErrors, RedisClient, redis_from_url
 from storage.lua import CLAIM_WITH_LEASE, claim_args, hash_fields
 
 _errors = BackendErrors(StoreUnavailableError)
@@ -61,7 +61,7 @@ def _record(key: str, fields: dict[str, str]) -> SettlementRecord:
 
 
 class RedisSettlementStore:
-    def __init__(self, client: aioredis.Redis, *, prefix: str = "x402:", retention_s: int = 7 * 86400) -> None:
+    def __init__(self, client: RedisClient, *, prefix: str = "x402:", retention_s: int = 7 * 86400) -> None:
         self._redis = client
         self._prefix = prefix
         self._retention_ms = retention_s * 1000
@@ -72,7 +72,7 @@ class RedisSettlementStore:
         self._release = client.register_script(_RELEASE)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "x402:") -> "RedisSettlementStore":
+    def from_url(cls, url: str, *, prefix: str = "x402:") -> RedisSettlementStore:
         return cls(redis_from_url(url), prefix=prefix)
 
     def _key(self, key: str) -> str:
@@ -108,12 +108,13 @@ class RedisSettlementStore:
 
     @_errors
     async def get(self, key: str) -> SettlementRecord | None:
-        fields = await self._redis.hgetall(self._key(key))
+        # The client decodes replies (decode_responses=True); redis-py types them all `bytes | str`.
+        fields = cast(dict[str, str], await self._redis.hgetall(self._key(key)))
         return _record(key, fields) if fields else None
 
     @_errors
     async def unfinished(self, *, older_than_ms: int, limit: int = 100) -> list[SettlementRecord]:
-        keys = await self._redis.zrangebyscore(self._index, "-inf", older_than_ms, start=0, num=limit)
+        keys = cast(list[str], await self._redis.zrangebyscore(self._index, "-inf", older_than_ms, start=0, num=limit))
         out: list[SettlementRecord] = []
         for key in keys:
             rec = await self.get(key)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, overload
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -151,7 +151,7 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return value
 
 
-def _decode_header(value: str, model: type[M], header: str) -> M:
+def _decode_header(value: object, model: type[M], header: str) -> M:
     if not isinstance(value, str | bytes):
         raise PaymentHeaderError(ErrorReason.INVALID_PAYLOAD, f"{header}: not a string")
     if len(value) > MAX_HEADER_BYTES:
@@ -167,7 +167,8 @@ def _decode_header(value: str, model: type[M], header: str) -> M:
         raw = base64.b64decode(value, validate=True)
     except ValueError as exc:  # binascii.Error, or non-ASCII text
         raise PaymentHeaderError(ErrorReason.INVALID_PAYLOAD, f"{header}: not base64 ({exc})") from None
-    return _validate_json(raw, model, MAX_JSON_BYTES, MAX_JSON_DEPTH, header, PaymentHeaderError, "decoded JSON")
+    return _validate_json(raw, model.model_validate_json, MAX_JSON_BYTES, MAX_JSON_DEPTH, header, PaymentHeaderError,
+                          "decoded JSON")
 
 
 # -- request bodies -----------------------------------------------------------------------
@@ -207,7 +208,8 @@ def parse_json_body(
         raw = bytes(raw)
     if not raw.strip():
         raise WireFormatError(ErrorReason.INVALID_PAYLOAD, "body: empty")
-    return _validate_json(raw, model, max_bytes, max_depth, "body", WireFormatError, "body")
+    validate = model.validate_json if isinstance(model, TypeAdapter) else model.model_validate_json
+    return _validate_json(raw, validate, max_bytes, max_depth, "body", WireFormatError, "body")
 
 
 # -- shared validation --------------------------------------------------------------------
@@ -242,13 +244,13 @@ def _nesting_exceeds(raw: bytes, limit: int) -> bool:
 
 def _validate_json(
     raw: bytes,
-    model: type[BaseModel] | TypeAdapter[Any],
+    validate: Callable[[bytes], T],
     max_bytes: int,
     max_depth: int,
     where: str,
     error_cls: type[WireFormatError],
     what: str,
-) -> Any:
+) -> T:
     if len(raw) > max_bytes:
         raise error_cls(
             ErrorReason.INVALID_PAYLOAD, f"{where}: {what} too large: {len(raw)} bytes (max {max_bytes})"
@@ -256,9 +258,7 @@ def _validate_json(
     if _nesting_exceeds(raw, max_depth):
         raise error_cls(ErrorReason.INVALID_PAYLOAD, f"{where}: JSON nested deeper than {max_depth} levels")
     try:
-        if isinstance(model, TypeAdapter):
-            return model.validate_json(raw)
-        return model.model_validate_json(raw)
+        return validate(raw)
     except ValidationError as exc:
         raise _wire_error(exc, where, error_cls) from None
 

@@ -29,7 +29,8 @@ from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
 from gateway.budget_hook import BudgetHook, Hold
 from gateway.claim import Claim
-from gateway.errors import GatewayError, GatewayReason as G, UpstreamRefused
+from gateway.errors import GatewayError, UpstreamRefused
+from gateway.errors import GatewayReason as G
 from gateway.facilitator_client import FacilitatorClient
 from gateway.metering import usage_from_body
 from gateway.metrics import GatewayMetrics
@@ -122,7 +123,7 @@ class Paywall:
         try:
             verify = await asyncio.wait_for(self.facilitator.verify(call.payload, call.requirement),
                                             self.settings.verify_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise GatewayError(R.UNEXPECTED_VERIFY_ERROR, "the facilitator did not answer in time", offer=call.offer) from None
         verify_s = time.perf_counter() - started
         self.metrics.verify_seconds.labels(call.offer.route_id).observe(verify_s)
@@ -213,7 +214,7 @@ class Paywall:
             content = await read_all(upstream, self.settings.max_body_bytes)
             upstream.release()
             return upstream, b"", content
-        except (UpstreamFailedError, asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, UpstreamFailedError, aiohttp.ClientError) as exc:
             upstream.release()
             raise GatewayError(G.UPSTREAM_ERROR, f"the upstream failed ({type(exc).__name__}); you were not charged",
                                status=502, outcome="not_charged") from None

@@ -27,8 +27,13 @@ def capped_body(offer: Offer, body: bytes, *, ceiling: Decimal | None = None) ->
         raise PricingError("invalid_request", "request body must be a JSON object") from None
 
 
+# What a metered charge was made of (usage, the missing-usage policy applied): the budget ledger
+# entry's `extra`, and the fields of the final SSE payment event.
+ChargeDetails = dict[str, str | int]
+
+
 def metered_charge(offer: Offer, requirement: PaymentRequirements, usage: Usage | None, *, cut: bool = False,
-                   policy: str | None = None) -> tuple[int, dict]:
+                   policy: str | None = None) -> tuple[int, ChargeDetails]:
     """What an upto call costs in the asset: metered from the usage the upstream reported, or by
     the route's policy when usage is missing or the stream was cut. Never above the signed maximum."""
     assert offer.token_price is not None
@@ -41,7 +46,7 @@ def metered_charge(offer: Offer, requirement: PaymentRequirements, usage: Usage 
                         "output_tokens": usage.output_tokens, "cost": str(cost)}
     policy = policy or offer.route.missing_usage
     amount = ceiling if policy == "ceiling" else min(to_base_units(offer.token_price.per_call, rate, decimals), ceiling)
-    details: dict = {"usage_policy": policy, "reason": "stream cut" if cut else "usage missing"}
+    details: ChargeDetails = {"usage_policy": policy, "reason": "stream cut" if cut else "usage missing"}
     if usage is not None:
         details |= {"input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens}
     return amount, details

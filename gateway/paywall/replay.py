@@ -25,7 +25,8 @@ from facilitator.x402.networks import to_caip2
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import PaymentRequirements, SettleResponse, VerifyResponse
 from gateway.claim import Claim, new_owner, retry_after_s
-from gateway.errors import GatewayError, GatewayReason as G
+from gateway.errors import GatewayError
+from gateway.errors import GatewayReason as G
 from gateway.facilitator_client import FacilitatorClient
 from gateway.metrics import GatewayMetrics
 from gateway.paywall.call import PaidCall, load_payment, stored_payment
@@ -99,7 +100,7 @@ class Replays:
         try:
             verify = await asyncio.wait_for(self.facilitator.verify(call.payload, call.requirement),
                                             self.settings.verify_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise GatewayError(R.UNEXPECTED_VERIFY_ERROR, "the facilitator did not answer in time", offer=call.offer) from None
         if not verify.is_valid or (verify.payer or call.payer).lower() != earlier_payer.lower():
             raise GatewayError(verify.invalid_reason or G.PAYMENT_IDENTIFIER_CONFLICT,

@@ -8,11 +8,16 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.budget_hook import Refusal
-from facilitator.x402.headers import PAYMENT_RESPONSE_HEADER, X_PAYMENT_RESPONSE_HEADER, encode_payment_required, encode_settle_response
+from facilitator.x402.headers import (
+    PAYMENT_RESPONSE_HEADER,
+    X_PAYMENT_RESPONSE_HEADER,
+    encode_payment_required,
+    encode_settle_response,
+)
 from facilitator.x402.types import PaymentPayload, PaymentPayloadV1, PaymentRequired, ResourceInfo, SettleResponse
-from gateway.metrics import GatewayMetrics
+from gateway.budget_hook import Refusal
 from gateway.errors import GatewayError, UpstreamRefused
+from gateway.metrics import GatewayMetrics
 from gateway.pricing import Offer, to_v1, v1_offered
 from gateway.settings import GatewaySettings
 
@@ -70,7 +75,8 @@ class Challenges:
             "message": message,
             "price": {"amount": str(offer.price), "model": offer.model, "route": offer.route_id},
             "accepts": [
-                to_v1(r, resource.url, offer.route.description, offer.route.mime_type).model_dump(by_alias=True, exclude_none=True)
+                to_v1(r, resource.url, offer.route.description, offer.route.mime_type)
+                .model_dump(by_alias=True, exclude_none=True)
                 for r in offer.requirements if v1_offered(r)
             ],
         }

@@ -26,7 +26,7 @@ from gateway.facilitator_client import FacilitatorClient
 from gateway.metering import StreamMeter
 from gateway.metrics import GatewayMetrics
 from gateway.paywall.call import AnyRequirement, PaidCall, stored_payment
-from gateway.paywall.metered import metered_charge
+from gateway.paywall.metered import ChargeDetails, metered_charge
 from gateway.paywall.responses import payment_response_header
 from gateway.records import PaymentRecord, PaymentRecords, RecordState, RecordStoreUnavailableError
 from gateway.settings import GatewaySettings
@@ -40,7 +40,7 @@ AMBIGUOUS = {R.SETTLEMENT_PENDING.value, R.UNEXPECTED_SETTLE_ERROR.value, R.INVA
 
 class Settlement:
     def __init__(self, settings: GatewaySettings, facilitator: FacilitatorClient, records: PaymentRecords,
-                 budgets: BudgetHook, metrics: GatewayMetrics, background: set[asyncio.Task]) -> None:
+                 budgets: BudgetHook, metrics: GatewayMetrics, background: set[asyncio.Task[object]]) -> None:
         self.settings = settings
         self.facilitator = facilitator
         self.records = records
@@ -59,12 +59,12 @@ class Settlement:
         in time is treated as the money possibly having moved)."""
         try:
             return await asyncio.wait_for(self.facilitator.settle(call.payload, requirement), self.settings.settle_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,
                                   error_message="the facilitator did not answer in time", transaction="", network=call.network)
 
     async def run(self, call: PaidCall, claim: Claim, record: PaymentRecord, requirement: AnyRequirement, hold: Hold,
-                  amount: int, content: bytes | None, details: dict | None = None) -> SettleResponse:
+                  amount: int, content: bytes | None, details: ChargeDetails | None = None) -> SettleResponse:
         """Settle, record, count against the budget. `content`: a complete response that may be
         kept for replays."""
         offer, network, request_id = call.offer, call.network, call.request_id
@@ -137,7 +137,7 @@ class Settlement:
             async for chunk in body:
                 yield chunk
             record.delivered = True
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             log.warning("upstream_stream_cut", extra={"tx": record.tx})
         finally:
             await claim.close()
@@ -158,7 +158,7 @@ class Settlement:
                 async for chunk in upstream.content.iter_any():
                     meter.feed(chunk)
                     yield chunk
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 upstream_cut = True
                 log.warning("upstream_stream_cut", extra={"request_id": call.request_id})
             finished = True
@@ -176,7 +176,7 @@ class Settlement:
         yield b"event: x402.payment\ndata: " + orjson.dumps({k: v for k, v in event.items() if v is not None}) + b"\n\n"
 
     async def _settle_stream(self, call: PaidCall, claim: Claim, record: PaymentRecord, requirement: PaymentRequirements,
-                             hold: Hold, meter: StreamMeter, *, cut: bool) -> tuple[SettleResponse, dict]:
+                             hold: Hold, meter: StreamMeter, *, cut: bool) -> tuple[SettleResponse, ChargeDetails]:
         try:
             amount, details = metered_charge(call.offer, requirement, meter.usage, cut=cut)
             settle_requirement = requirement.model_copy(update={"amount": str(amount)})

@@ -43,7 +43,8 @@ async def test_settled_records_keep_the_response_bytes(records: PaymentRecords, 
     body = bytes(range(256)) * 4
     await records.save(PaymentRecord(key="p2", state=RecordState.SETTLED, request_fp="fp", tx="0x" + "ab" * 32,
                                      settle='{"success":true}', status=200, headers=[("content-type", "application/json")],
-                                     body=body, cached=True, payment='{"payload":{}}', digest="d1", owner="a"), ttl_s=86400, now_ms=now_ms())
+                                     body=body, cached=True, payment='{"payload":{}}', digest="d1", owner="a"),
+                       ttl_s=86400, now_ms=now_ms())
     rec = await records.get("p2")
     assert rec is not None and rec.state == RecordState.SETTLED and rec.body == body and rec.cached
     assert rec.headers == [("content-type", "application/json")] and rec.payment == '{"payload":{}}'
@@ -93,6 +94,7 @@ async def test_concurrent_begins_have_one_owner(records: PaymentRecords, begin, 
 
 
 async def test_concurrent_acquires_have_one_owner(records: PaymentRecords, begin, now_ms) -> None:
-    await records.save(PaymentRecord(key="owed", state=RecordState.SETTLED, request_fp="fp", digest="d1"), ttl_s=600, now_ms=now_ms())
+    await records.save(PaymentRecord(key="owed", state=RecordState.SETTLED, request_fp="fp", digest="d1"),
+                       ttl_s=600, now_ms=now_ms())
     results = await asyncio.gather(*(records.acquire("owed", str(i), now_ms=now_ms(), lease_ms=60_000) for i in range(50)))
     assert sum(r is not None for r in results) == 1

@@ -38,7 +38,8 @@ async def test_claim_is_exclusive_and_reports_the_holder(store: SettlementStore,
 
 async def test_lifecycle_submitted_then_settled(store: SettlementStore, t0: int) -> None:
     assert (await store.claim("k2", "d", now_ms=t0 + 1, lease_ms=LEASE)).won
-    await store.mark_submitted("k2", "d", tx_hash="0xabc", raw_tx="0xraw", signer="0xS", response='{"success":true}', now_ms=t0 + 2)
+    await store.mark_submitted("k2", "d", tx_hash="0xabc", raw_tx="0xraw", signer="0xS", response='{"success":true}',
+                               now_ms=t0 + 2)
     rec = await store.get("k2")
     assert rec is not None and rec.state == SettlementState.SUBMITTED
     assert (rec.tx_hash, rec.raw_tx, rec.signer, rec.response) == ("0xabc", "0xraw", "0xS", '{"success":true}')

@@ -352,7 +352,7 @@ async def test_redis_stopped_under_load_fails_closed_and_service_resumes(
                 sent_in, t0 = phase["now"], time.monotonic()
                 try:
                     reply: Reply | BaseException = await post(http, url, payment=payment)
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     reply = exc
                 results.append((sent_in, time.monotonic() - t0, reply))
                 await asyncio.sleep(0.2 if isinstance(reply, Reply) and reply.status in (402, 503) else 0.02)
@@ -364,7 +364,7 @@ async def test_redis_stopped_under_load_fails_closed_and_service_resumes(
 
     async def until(pred, timeout_s: float) -> None:
         end = time.monotonic() + timeout_s
-        while not pred() and time.monotonic() < end:
+        while not pred() and time.monotonic() < end:  # noqa: ASYNC110 - polls other tasks' results
             await asyncio.sleep(0.02)
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
@@ -396,7 +396,8 @@ async def test_redis_stopped_under_load_fails_closed_and_service_resumes(
     usage = await admin.wait_usage(agent.address, reserved=0, timeout_s=8)  # holds stranded by the outage expire
     ledger = await admin.ledger(agent.address)
     n, on_chain = count(served), (opg_balance(devchain, payee) - payee_before) // PRICE
-    print(f"\nredis outage: {summary}\n  budget reached {recovered_s:.1f}s after the restart; calls while down took {min(down_s, default=0):.2f}-{max(down_s, default=0):.2f}s;"
+    print(f"\nredis outage: {summary}\n  budget reached {recovered_s:.1f}s after the restart;"
+          f" calls while down took {min(down_s, default=0):.2f}-{max(down_s, default=0):.2f}s;"
           f" served {n}, transfers on chain {on_chain}, ledger {len(ledger)} (budget {budget_calls}),"
           f" provider calls {chat_count(upstream) - upstream_before}")
 
@@ -478,7 +479,7 @@ async def test_a_call_settled_as_redis_goes_down_is_still_counted(
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
         call = asyncio.ensure_future(post(http, url, payment=first))
         end = time.monotonic() + 10
-        while opg_balance(devchain, agent.address) == payer_before and time.monotonic() < end:
+        while opg_balance(devchain, agent.address) == payer_before and time.monotonic() < end:  # noqa: ASYNC110 - polls the chain
             await asyncio.sleep(0.05)
         assert payer_before - opg_balance(devchain, agent.address) == PRICE and not call.done()  # paid, not answered
         await asyncio.to_thread(own_redis.stop)

@@ -469,7 +469,7 @@ async def _send(http: aiohttp.ClientSession, url: str, case: Case) -> tuple[int 
     try:
         async with http.post(url, data=json.dumps(case.body), headers=headers) as r:
             return r.status, await r.read(), "PAYMENT-RESPONSE" in r.headers
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return f"no answer: {type(exc).__name__}", b"", False
 
 
@@ -481,7 +481,7 @@ def fuzz(loop: asyncio.AbstractEventLoop, url: str, genuine: list[dict[str, Any]
     async def send_batch(batch: list[Case]) -> list[tuple[Case, int | str, bytes, bool]]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
             replies = await asyncio.gather(*(_send(http, url, c) for c in batch))
-        return [(c, *r) for c, r in zip(batch, replies)]
+        return [(c, *r) for c, r in zip(batch, replies, strict=True)]
 
     @settings(max_examples=batches, derandomize=True, database=None, deadline=None,
               phases=[Phase.generate], print_blob=False,  # no shrinking: failures list their inputs

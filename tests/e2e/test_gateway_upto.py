@@ -274,7 +274,7 @@ async def test_an_upstream_failure_is_charged_nothing(devchain: dict, metered: d
     assert "PAYMENT-RESPONSE" not in r.headers and "PAYMENT-RESPONSE" not in s.headers
     assert money.moved() == (0, 0)
     assert money.transfers() == []
-    assert [e for e in await metered["admin"].ledger(payer.address)] == []
+    assert list(await metered["admin"].ledger(payer.address)) == []
 
 
 async def test_budgets_reserve_the_maximum_and_commit_the_metered_cost(devchain: dict, metered: dict) -> None:

@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("yaml", reason="needs PyYAML")
 
-from tests.helm.chart import ROOT, ci_values, manifests, materialize_config, one, render  # noqa: E402
+from tests.helm.chart import ROOT, ci_values, manifests, materialize_config, one, render
 
 DOCKERFILE = ROOT / "Dockerfile"
 ENTRYPOINT = ROOT / "deploy" / "docker" / "entrypoint.sh"

@@ -10,6 +10,7 @@ the enforcer the gateway calls.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import time
 import uuid
@@ -301,7 +302,7 @@ async def test_a_policy_change_reaches_the_hot_path_within_the_cache_time(store:
     await spend(e, agent, 60)
     # another replica (or the admin API) lowers the limit; this enforcer is not told
     await store.put_policy("agent", agent, Policy(network=NET, asset=ASSET, limits=[Limit(period="day", amount=70)]))
-    time.sleep(POLICY_CACHE_S + 0.05)
+    await asyncio.sleep(POLICY_CACHE_S + 0.05)
     assert refused(await reserve(e, agent, 11), "budget_exceeded").remaining == 10
 
 

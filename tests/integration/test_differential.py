@@ -81,9 +81,9 @@ from x402.schemas import PaymentPayload as SdkPaymentPayload
 from x402.schemas import PaymentRequired, ResourceInfo
 from x402.schemas import PaymentRequirements as SdkPaymentRequirements
 
-from facilitator.app import build_facilitator
 from devtools.devchain import calldata
 from devtools.rpc import BlockingRpc
+from facilitator.app import build_facilitator
 from facilitator.service import Facilitator
 from facilitator.settings import devchain_overlay, load_settings
 from facilitator.x402.reasons import ErrorReason
@@ -284,7 +284,7 @@ def _signed(account: LocalAccount, signer: LocalAccount, domain: dict, types: di
             sig[i] ^= 0xFF
             try:
                 recovered = Account.recover_message(signable, signature=bytes(sig))
-            except Exception:
+            except Exception:  # noqa: BLE001 - any failure to recover is as good as a wrong address
                 continue
             assert recovered != account.address
             break
@@ -437,14 +437,14 @@ def render(rows: list[Row]) -> str:
     header = ["case", "method", "ours", "sdk", "note"]
     lines = [header] + [r.cells() for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |"  # noqa: E731
+    fmt = lambda line: "| " + " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) + " |"  # noqa: E731
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines[1:])])
 
 
 async def sdk_verify(sdk: x402Facilitator, payload: dict[str, Any], requirements: dict[str, Any]) -> tuple[bool | None, str | None]:
     try:
         resp = await sdk.verify(SdkPaymentPayload.model_validate(payload), SdkPaymentRequirements.model_validate(requirements))
-    except Exception as exc:  # an exception is not an answer: recorded, and fails the case
+    except Exception as exc:  # noqa: BLE001 - an exception is not an answer: recorded, and fails the case
         return None, f"raised {type(exc).__name__}: {exc}"
     return resp.is_valid, resp.invalid_reason
 

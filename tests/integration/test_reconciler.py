@@ -29,7 +29,8 @@ async def test_reconciler_broadcasts_a_recorded_transaction_that_never_left(devc
         body = SettleRequest.model_validate(facilitator_body(await sign_async(devchain, req, agent=2), req))
         payload, requirements, _ = normalize(body.payment_payload, body.payment_requirements)
         chain = fac.chains[requirements.network]
-        prepared = fac.registry.find(2, requirements.network, "exact").prepare(payload, requirements, now=time.time(), settle=True)
+        scheme = fac.registry.find(2, requirements.network, "exact")
+        prepared = scheme.prepare(payload, requirements, now=time.time(), settle=True)
         await prepared.confirm()
         plan = prepared.plan()
         now_ms = int(time.time() * 1000)

@@ -43,7 +43,7 @@ class ThreadedAdmin:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_until_complete, args=(self.server.serve(),), daemon=True)
 
-    def __enter__(self) -> "ThreadedAdmin":
+    def __enter__(self) -> ThreadedAdmin:
         self.thread.start()
         while not self.server.started:
             if not self.thread.is_alive():

@@ -23,7 +23,7 @@ def _answer(request: dict[str, Any]) -> dict[str, Any]:
 class _Node(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         reply = [_answer(r) for r in body] if isinstance(body, list) else _answer(body)
         data = json.dumps(reply).encode()

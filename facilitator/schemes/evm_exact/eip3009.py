@@ -161,9 +161,11 @@ def prepare_eip3009(chain: EvmChain, raw_payload: dict, requirements: PaymentReq
     if not (0 <= value < 2**256 and 0 <= valid_after < 2**256 and 0 <= valid_before < 2**256):
         raise PaymentInvalidError(R.INVALID_PAYLOAD, "integer out of uint256 range")
     if value != int(requirements.amount):
-        raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALUE_MISMATCH, "value differs from the required amount")
+        raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALUE_MISMATCH,
+                                  "value differs from the required amount")
     if valid_before < now + DEADLINE_BUFFER_S:
-        raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALID_BEFORE, "authorization expired or expires within 6 s")
+        raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALID_BEFORE,
+                                  "authorization expired or expires within 6 s")
     if valid_after > now:
         raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALID_AFTER, "authorization is not yet valid")
     if value == 0:

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from facilitator.errors import ChainUnavailableError, PaymentInvalidError
 from facilitator.evm import contracts
 from facilitator.evm.chain import EvmChain
-from facilitator.evm.eip712 import address_bytes, checksum_address as _checksum, expand_signature, permit2_witness_digest
+from facilitator.evm.eip712 import address_bytes, expand_signature, permit2_witness_digest
+from facilitator.evm.eip712 import checksum_address as _checksum
 from facilitator.evm.rpc import Call, RpcError, RpcUnavailableError
 from facilitator.evm.signatures import check_signature, try_recover
 from facilitator.schemes.base import SettlementPlan, payment_digest
@@ -161,7 +162,8 @@ def prepare_permit2(
         permitted = int(auth.permitted.amount)
         nonce = int(auth.nonce)
     except (TypeError, ValueError):
-        raise PaymentInvalidError(R.INVALID_PERMIT2_PAYLOAD_FORMAT, "deadline, validAfter, amount, nonce must be integers") from None
+        raise PaymentInvalidError(R.INVALID_PERMIT2_PAYLOAD_FORMAT,
+                                  "deadline, validAfter, amount, nonce must be integers") from None
     if not (0 <= nonce < 2**256 and 0 <= deadline < 2**256 and 0 <= valid_after < 2**256 and 0 <= permitted < 2**256):
         raise PaymentInvalidError(R.INVALID_PERMIT2_PAYLOAD_FORMAT, "integer out of uint256 range")
     if deadline < now + DEADLINE_BUFFER_S:
