@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from facilitator.x402.errors import WireFormatError
 from facilitator.x402.headers import decode_payment_header
+from facilitator.x402.matching import requirement_mismatch
 from facilitator.x402.types import (
     UINT256_MAX,
     ExactEip3009Payload,
@@ -38,7 +39,6 @@ from facilitator.x402.types import (
     PaymentPayloadV1,
     PaymentRequirements,
 )
-from facilitator.x402.matching import requirement_mismatch
 from tests.gateway_client import (
     CHAT,
     CHAT_BODY,
@@ -222,7 +222,8 @@ class Oracle:
             return False
         view = _signed_view(decoded.payload)
         for signed, accepted in self.genuine:
-            if view == signed and (isinstance(decoded, PaymentPayloadV1) or requirement_mismatch(decoded.accepted, accepted) is None):
+            if view == signed and (isinstance(decoded, PaymentPayloadV1)
+                                   or requirement_mismatch(decoded.accepted, accepted) is None):
                 return True
         return False
 
