@@ -14,9 +14,9 @@ policy has when the spend happens: a limit added mid-window sees the spend alrea
 from __future__ import annotations
 
 import datetime as dt
-from enum import StrEnum
 import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo
 
