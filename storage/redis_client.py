@@ -117,4 +117,4 @@ def redis_from_url(url: str, *, decode_responses: bool = True, max_connections: 
     pool = aioredis.BlockingConnectionPool.from_url(
         url, decode_responses=decode_responses, max_connections=max_connections, timeout=2.0, **TIMEOUTS, **_retry()
     )
-    return aioredis.Redis(connection_pool=pool)
+    return aioredis.Redis.from_pool(pool)  # owns the pool: close() disconnects it
