@@ -82,8 +82,11 @@ class Replays:
         if bound == call.key:
             return None
         earlier = await self.records.get(bound)
-        if earlier is None:  # the earlier payment was never charged (its record is gone): this one takes the id
+        if earlier is None or (earlier.state == RecordState.PROCESSING and earlier.lease_until_ms < _now_ms()):
+            # The earlier payment was never charged (its record is gone, or its request died before
+            # settling): this one takes the id and is charged as a payment of its own.
             await self.records.link_id(call.payment_id, call.key, ttl_s=RECORD_TTL_S, replace=True)
+            return None
         return earlier
 
     async def answer_under_id(self, call: PaidCall, earlier: PaymentRecord) -> Response:
@@ -128,11 +131,13 @@ class Replays:
             if record.delivered:
                 raise already_used("this payment was settled and its response was already delivered", record)
         # Pending, or settled and owed: one request at a time resolves it.
-        owner = new_owner()
-        held = await self.records.acquire(call.key, owner, now_ms=now, lease_ms=self.lease_ms)
-        if held is None:
+        if record.state == RecordState.PROCESSING:  # never settled: only its own request may go on
             raise in_progress(now + self.lease_ms, now)
-        claim = Claim(self.records, call.key, owner, self.settings.record_lease_s).start()
+        owner = new_owner()
+        held = await self.records.acquire(record.key, owner, now_ms=now, lease_ms=self.lease_ms)
+        if held is None or held.state not in (RecordState.PENDING, RecordState.SETTLED):
+            raise in_progress(now + self.lease_ms, now)
+        claim = Claim(self.records, record.key, owner, self.settings.record_lease_s).start()
         try:
             return await self._resume(call, claim, held)
         finally:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import hashlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -28,12 +30,14 @@ from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import SettleResponse, VerifyResponse
 from gateway.app import create_app
 from gateway.errors import GatewayReason
+from gateway.records import SQLitePaymentRecords
 from gateway.settings import GatewaySettings
 from tests.gateway_client import encode_payment
 
 OPG = "0x" + "22" * 20
 PAY_TO = "0x" + "11" * 20
 CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"  # the route with the payment-identifier extension on
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
 
 
@@ -127,29 +131,33 @@ def gateway(upstream_url: str, facilitator: StandInFacilitator, tmp_path: Path) 
         "accepts": [{"network": "eip155:8453", "asset": OPG, "symbol": "OPG", "decimals": 18,
                      "transfer_method": "permit2", "eip712_name": "OpenGradient", "eip712_version": "1"}],
         "upstreams": {"llm": {"urls": [upstream_url]}},
-        "routes": [{"path": CHAT, "upstream": "llm", "price": "0.005"}],
+        "routes": [{"path": CHAT, "upstream": "llm", "price": "0.005"},
+                   {"path": COMPLETIONS, "upstream": "llm", "price": "0.005", "payment_identifier": True}],
         "quote": {"rates": {"OPG": "1"}},
     })  # fmt: skip
     with TestClient(create_app(settings, facilitator=facilitator)) as client:
         yield client
 
 
-def pay(client: TestClient, facilitator: StandInFacilitator, body: dict[str, Any] = BODY) -> dict[str, Any]:
+def pay(client: TestClient, facilitator: StandInFacilitator, body: dict[str, Any] = BODY, *, account: Any = None,
+        path: str = CHAT, payment_id: str | None = None) -> dict[str, Any]:
     """The official client's payment for what the gateway asks, registered as genuine."""
-    challenge = client.post(CHAT, json=body)
+    challenge = client.post(path, json=body)
     assert challenge.status_code == 402
     required = decode_payment_required(challenge.headers["PAYMENT-REQUIRED"])
     sdk = x402Client()
-    register_exact_evm_client(sdk, Account.create())
+    register_exact_evm_client(sdk, account or Account.create())
     sdk.set_spend_controls(False)
     wire = SdkPaymentRequired.model_validate(required.model_dump(by_alias=True, exclude_none=True))
     payload = asyncio.run(sdk.create_payment_payload(wire)).model_dump(by_alias=True, exclude_none=True)
+    if payment_id is not None:
+        payload["extensions"] = {"payment-identifier": {"info": {"id": payment_id}}}
     facilitator.genuine.add(signed_payload_digest(payload["payload"]))
     return payload
 
 
-def send(client: TestClient, payment: dict[str, Any], body: dict[str, Any] = BODY) -> Any:
-    return client.post(CHAT, json=body, headers={"PAYMENT-SIGNATURE": encode_payment(payment)})
+def send(client: TestClient, payment: dict[str, Any], body: dict[str, Any] = BODY, *, path: str = CHAT) -> Any:
+    return client.post(path, json=body, headers={"PAYMENT-SIGNATURE": encode_payment(payment)})
 
 
 def test_no_payment_gets_a_challenge_naming_the_price(gateway: TestClient) -> None:
@@ -252,3 +260,40 @@ def test_a_network_without_a_v1_name_is_offered_to_v2_clients_only(upstream_url:
         r = client.post(CHAT, json=BODY)
     assert r.status_code == 402 and r.json()["accepts"] == []
     assert decode_payment_required(r.headers["PAYMENT-REQUIRED"]).accepts[0].network == "eip155:999999"
+
+
+PROMPT = {"model": "gpt-4o-mini", "prompt": "hello"}
+
+
+def test_a_retry_under_a_payment_identifier_gets_the_earlier_result_for_its_payer_only(
+        gateway: TestClient, facilitator: StandInFacilitator) -> None:
+    agent, pid = Account.create(), "retry_" + "a" * 20
+    first = send(gateway, pay(gateway, facilitator, PROMPT, account=agent, path=COMPLETIONS, payment_id=pid), PROMPT,
+                 path=COMPLETIONS)
+    assert first.status_code == 200, first.text
+    retry = send(gateway, pay(gateway, facilitator, PROMPT, account=agent, path=COMPLETIONS, payment_id=pid), PROMPT,
+                 path=COMPLETIONS)
+    assert retry.status_code == 200 and retry.content == first.content
+    assert facilitator.calls["settle"] == 1  # no new charge
+    other = send(gateway, pay(gateway, facilitator, PROMPT, path=COMPLETIONS, payment_id=pid), PROMPT, path=COMPLETIONS)
+    assert other.status_code == 409 and other.json()["error"] == GatewayReason.PAYMENT_IDENTIFIER_CONFLICT
+
+
+def test_an_id_whose_first_payment_died_before_settling_serves_nothing_unpaid(
+        gateway: TestClient, facilitator: StandInFacilitator, tmp_path: Path) -> None:
+    """The first request under an id died mid-call (its record PROCESSING, the lease lapsed): a
+    retry under the id is a payment of its own, charged, never the dead one's free delivery."""
+    agent, pid = Account.create(), "dead_" + "b" * 20
+    dead = pay(gateway, facilitator, PROMPT, account=agent, path=COMPLETIONS, payment_id=pid)
+    records = SQLitePaymentRecords(str(tmp_path / "records.sqlite3"))
+    _, dead_key = payment_identity(dead["payload"], "eip155:8453", OPG)
+    past = int(time.time() * 1000) - 60_000
+    raw = json.dumps(PROMPT).encode()
+    same_request = hashlib.sha256(b"POST " + COMPLETIONS.encode() + b"?\n" + raw).hexdigest()
+    assert asyncio.run(records.begin(dead_key, same_request, "d", owner="gone", now_ms=past, lease_ms=1_000)) is None
+    assert asyncio.run(records.link_id(pid, dead_key, ttl_s=600)) == dead_key
+    retry = pay(gateway, facilitator, PROMPT, account=agent, path=COMPLETIONS, payment_id=pid)
+    r = gateway.post(COMPLETIONS, content=raw, headers={"Content-Type": "application/json",
+                                                        "PAYMENT-SIGNATURE": encode_payment(retry)})
+    assert r.status_code == 200, r.text
+    assert facilitator.calls["settle"] == 1  # it paid for what it got
