@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, TypedDict
+from typing import Any
 
 # ---------------------------------------------------------------------------------------------
 # devchain, demo (dev tooling)
@@ -48,25 +48,10 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (default 1)")
 
 
-class _ServerOptions(TypedDict):
-    """uvicorn.run's options shared by the one-process and the workers' runs."""
-
-    host: str
-    port: int
-    loop: str
-    http: str
-    log_level: str
-    access_log: bool
-    timeout_graceful_shutdown: int
-
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import json
-    import os
-
-    import uvicorn
-
     from facilitator.app import SERVE_ARGS_ENV, create_app
+    from facilitator.serving import serve
     from facilitator.settings import load_settings
 
     overrides: dict[str, Any] = {}
@@ -82,16 +67,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: invalid settings: {exc}", file=sys.stderr)
         return 2
-    common = _ServerOptions(host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                            log_level=settings.log_level, access_log=False,
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s))
-    if args.workers > 1:
-        # Workers load the settings themselves from the same files and environment: only where to
-        # find them goes into their environment, never a resolved secret (/proc/PID/environ).
-        os.environ[SERVE_ARGS_ENV] = json.dumps(source)
-        uvicorn.run("facilitator.app:app_from_env", factory=True, workers=args.workers, **common)
-        return 0
-    uvicorn.run(create_app(settings), **common)
+    serve(lambda: create_app(settings), factory="facilitator.app:app_from_env", env_name=SERVE_ARGS_ENV,
+          source=source, workers=args.workers, host=settings.host, port=settings.port, log_level=settings.log_level,
+          shutdown_grace_s=settings.shutdown_grace_s)
     return 0
 
 

@@ -6,11 +6,10 @@ imported only inside the subcommand that needs them."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -34,17 +33,6 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
 SERVE_ARGS_ENV = "GATEWAY_SERVE_ARGS"
 _SOURCE_ARGS = ("config", "devchain", "upstream", "host", "port", "store", "facilitator_url")
 
-
-class _ServerOptions(TypedDict):
-    """uvicorn.run's options shared by the one-process and the workers' runs."""
-
-    host: str
-    port: int
-    loop: str
-    http: str
-    log_level: str
-    access_log: bool
-    timeout_graceful_shutdown: int
 
 
 def load_serve_settings(source: dict[str, Any]) -> GatewaySettings:
@@ -82,9 +70,8 @@ def load_serve_settings(source: dict[str, Any]) -> GatewaySettings:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from facilitator.logs import configure_logging
+    from facilitator.serving import serve
     from gateway.app import create_app
 
     source = {k: getattr(args, k) for k in _SOURCE_ARGS}
@@ -94,16 +81,9 @@ def _run_serve(args: argparse.Namespace) -> int:
         print(f"error: invalid gateway settings: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
-    common = _ServerOptions(host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-                            log_level=settings.log_level, access_log=False,
-                            timeout_graceful_shutdown=int(settings.shutdown_grace_s))
-    if args.workers > 1:
-        # Workers load the settings themselves from the same options, files and environment: no
-        # resolved secret is ever copied into an environment variable (/proc/PID/environ).
-        os.environ[SERVE_ARGS_ENV] = json.dumps(source)
-        uvicorn.run("gateway.app:app_from_env", factory=True, workers=args.workers, **common)
-    else:
-        uvicorn.run(create_app(settings), **common)
+    serve(lambda: create_app(settings), factory="gateway.app:app_from_env", env_name=SERVE_ARGS_ENV, source=source,
+          workers=args.workers, host=settings.host, port=settings.port, log_level=settings.log_level,
+          shutdown_grace_s=settings.shutdown_grace_s)
     return 0
 
 
