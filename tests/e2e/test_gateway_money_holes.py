@@ -36,16 +36,6 @@ pytestmark = pytest.mark.e2e
 ECHO = "Echo: hello paid world"
 
 
-@pytest.fixture(scope="module")
-def procs(devchain_file: str, tmp_path_factory: pytest.TempPathFactory):
-    p = Processes(devchain_file, tmp_path_factory.mktemp("money-holes"))
-    yield p
-    p.stop_all()
-
-
-@pytest.fixture(scope="module")
-def upstream(procs: Processes) -> Any:
-    return procs.upstream()
 
 
 @pytest.fixture(scope="module")

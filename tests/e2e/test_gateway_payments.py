@@ -41,16 +41,6 @@ EMBED_BODY = {"model": "text-embedding-3-small", "input": "paid vector"}
 OTHER = "0x" + "5a" * 20
 
 
-@pytest.fixture(scope="module")
-def procs(devchain_file: str, tmp_path_factory: pytest.TempPathFactory):
-    p = Processes(devchain_file, tmp_path_factory.mktemp("gateway-payments"))
-    yield p
-    p.stop_all()
-
-
-@pytest.fixture(scope="module")
-def upstream(procs: Processes) -> Any:
-    return procs.upstream()
 
 
 @pytest.fixture(scope="module")
