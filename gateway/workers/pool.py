@@ -153,6 +153,12 @@ class WorkerPool:
         if worker.ready:
             self._wake()
 
+    def _mark_down(self, worker: Worker) -> None:
+        """Not ready until a probe finds it again."""
+        worker.ready = False
+        if self.metrics is not None:
+            self.metrics.worker_ready.labels(self.name, worker.url).set(0)
+
     def _forget(self, worker: Worker) -> None:
         self.workers.pop(worker.url, None)
         if self.metrics is not None:
@@ -211,7 +217,7 @@ class WorkerPool:
                                              timeout=self._timeout, allow_redirects=False, auto_decompress=False)
             except aiohttp.ClientConnectorError as exc:
                 # Not connected: nothing ran, so another worker may take it.
-                worker.ready = False
+                self._mark_down(worker)
                 self._finish(worker, model, started, failed=True)
                 tried.add(worker.url)
                 errors.append(f"{worker.url}: {type(exc).__name__}")
@@ -220,7 +226,7 @@ class WorkerPool:
                 # The request may have reached the worker (a reused connection dropped, a reset,
                 # a timeout): never retried. A dropped connection also means "probably gone".
                 if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
-                    worker.ready = False
+                    self._mark_down(worker)
                 self._finish(worker, model, started, failed=True)
                 raise WorkerCallFailedError(type(exc).__name__) from exc
             except BaseException:
