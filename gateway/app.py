@@ -26,11 +26,11 @@ from gateway.paywall.responses import Challenges, render_refusal
 from gateway.paywall.settle import Settlement
 from gateway.pricing import Pricing
 from gateway.proxy import UpstreamPool, Upstreams
-from gateway.workers.pool import TrackedResponse, WorkerPool
 from gateway.records import PaymentRecords, open_records
 from gateway.session_calls import SessionCalls
 from gateway.sessions import SessionStore, open_sessions
 from gateway.settings import GatewaySettings
+from gateway.workers.pool import TrackedResponse, WorkerPool
 from storage import StoreUnavailableError, is_redis_url
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import aiohttp
 from starlette.requests import Request
 
-from gateway.errors import GatewayError, GatewayReason as G
+from gateway.errors import GatewayError
+from gateway.errors import GatewayReason as G
 from gateway.settings import Upstream
 from gateway.workers.pool import NoWorkerError, PoolRefusal, WorkerCallFailedError, WorkerPool
 

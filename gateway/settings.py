@@ -137,7 +137,7 @@ class Upstream(_Model):
         return [u.rstrip("/") for u in urls]
 
     @model_validator(mode="after")
-    def _members(self) -> "Upstream":
+    def _members(self) -> Upstream:
         if self.kind == "workers":
             self.workers = self.workers or WorkerPoolSettings()
             if not self.urls and not self.workers.dns:

@@ -26,7 +26,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (  # noqa: E402
+import aiohttp
+from _common import (
     HOST,
     ROOT,
     event_loop_runner,
@@ -41,11 +42,9 @@ from _common import (  # noqa: E402
     write_results,
 )
 
-import aiohttp  # noqa: E402
-
-from devtools.devchain import free_port  # noqa: E402
-from gateway.settings import Upstream  # noqa: E402
-from gateway.workers.pool import TrackedResponse, WorkerPool  # noqa: E402
+from devtools.devchain import free_port
+from gateway.settings import Upstream
+from gateway.workers.pool import NoWorkerError, TrackedResponse, WorkerCallFailedError, WorkerPool
 
 BODY = b'{"model": "m1", "messages": [{"role": "user", "content": "route me"}]}'
 HEADERS = {"content-type": "application/json"}
@@ -112,7 +111,7 @@ async def one_run(policy: str, workers: list[Worker], args: argparse.Namespace) 
                         served[resp.headers.get("x-devupstream-name", "?")] += 1
                     finally:
                         resp.release()
-                except Exception:
+                except (aiohttp.ClientError, TimeoutError, NoWorkerError, WorkerCallFailedError):
                     ok = False
                 latencies.append(time.perf_counter() - t)
                 failures += not ok

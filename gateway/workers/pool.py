@@ -222,7 +222,7 @@ class WorkerPool:
                 tried.add(worker.url)
                 errors.append(f"{worker.url}: {type(exc).__name__}")
                 continue
-            except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 # The request may have reached the worker (a reused connection dropped, a reset,
                 # a timeout): never retried. A dropped connection also means "probably gone".
                 if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):

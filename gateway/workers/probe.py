@@ -9,7 +9,6 @@ configured model's `GET /v2/models/{name}/ready`.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -46,45 +45,45 @@ def waiting_from_metrics(text: str) -> float | None:
 
 async def probe(session: aiohttp.ClientSession, base: str, w: WorkerPoolSettings,
                 headers: dict[str, str]) -> Probe:
-    timeout = aiohttp.ClientTimeout(total=w.probe_timeout_s)
+    limit = aiohttp.ClientTimeout(total=w.probe_timeout_s)
     # No kept-alive probe connections: a worker that dies between calls then shows as a connect
     # error (safe to retry elsewhere), not as a stale connection dropping a call.
     headers = headers | {"connection": "close"}
     try:
         if w.protocol == "openai":
-            return await _probe_openai(session, base, timeout, headers)
-        return await _probe_kserve(session, base, w, timeout, headers)
-    except (aiohttp.ClientConnectorError, asyncio.TimeoutError):
+            return await _probe_openai(session, base, limit, headers)
+        return await _probe_kserve(session, base, w, limit, headers)
+    except (TimeoutError, aiohttp.ClientConnectorError):
         return DOWN
     except (aiohttp.ClientError, OSError, ValueError):
         return Probe(reachable=True)  # it answered, but not as a ready worker does
 
 
-async def _probe_openai(session: aiohttp.ClientSession, base: str, timeout: aiohttp.ClientTimeout,
+async def _probe_openai(session: aiohttp.ClientSession, base: str, limit: aiohttp.ClientTimeout,
                         headers: dict[str, str]) -> Probe:
-    async with session.get(base + "/v1/models", timeout=timeout, headers=headers) as r:
+    async with session.get(base + "/v1/models", timeout=limit, headers=headers) as r:
         if r.status != 200:
             return Probe(reachable=True)
         doc = orjson.loads(await r.read())
     models = frozenset(m["id"] for m in doc.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str))
     waiting = 0.0
     try:
-        async with session.get(base + "/metrics", timeout=timeout, headers=headers) as r:
+        async with session.get(base + "/metrics", timeout=limit, headers=headers) as r:
             if r.status == 200:
                 waiting = waiting_from_metrics((await r.read()).decode("utf-8", "replace")) or 0.0
-    except (aiohttp.ClientError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ClientError):
         pass  # no gauge: the gateway's own count of outstanding calls is all there is
     return Probe(reachable=True, ready=bool(models), models=models, waiting=waiting)
 
 
 async def _probe_kserve(session: aiohttp.ClientSession, base: str, w: WorkerPoolSettings,
-                        timeout: aiohttp.ClientTimeout, headers: dict[str, str]) -> Probe:
-    async with session.get(base + "/v2/health/ready", timeout=timeout, headers=headers) as r:
+                        limit: aiohttp.ClientTimeout, headers: dict[str, str]) -> Probe:
+    async with session.get(base + "/v2/health/ready", timeout=limit, headers=headers) as r:
         await r.read()
         if r.status != 200:
             return Probe(reachable=True)
     models: set[str] = set()
-    async with session.post(base + "/v2/repository/index", timeout=timeout, data=b"{}",
+    async with session.post(base + "/v2/repository/index", timeout=limit, data=b"{}",
                             headers=headers | {"content-type": "application/json"}) as r:
         index = orjson.loads(await r.read()) if r.status == 200 else None
     if isinstance(index, list):
@@ -92,7 +91,7 @@ async def _probe_kserve(session: aiohttp.ClientSession, base: str, w: WorkerPool
                   and m.get("state", "READY") == "READY"}
     else:
         for name in w.models:
-            async with session.get(f"{base}/v2/models/{name}/ready", timeout=timeout, headers=headers) as r:
+            async with session.get(f"{base}/v2/models/{name}/ready", timeout=limit, headers=headers) as r:
                 await r.read()
                 if r.status == 200:
                     models.add(name)
