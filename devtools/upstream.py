@@ -18,6 +18,12 @@ Test hooks:
   request carried ``PAYMENT-SIGNATURE`` or ``X-PAYMENT`` (the gateway must strip them).
 * ``GET /_stats`` counts requests (``/_stats*`` excluded); ``POST /_stats/reset`` zeroes them.
 
+A GPU worker (the options of ``WorkerSim``, for worker pools): ``--models`` (what it serves:
+``/v1/models``, the KServe repository index, 404 for others), ``--latency-ms`` (per call, inside a
+slot), ``--concurrency`` (slots; the rest wait, counted in ``/metrics`` as vLLM's
+``vllm:num_requests_waiting``), ``--ready-after-s`` (503 and not ready until then) and
+``--fault`` (an ``X-Devupstream-Fault`` value applied to every call).
+
 Run with ``python -m devtools.upstream --port 8000``.
 """
 
@@ -53,6 +59,7 @@ __all__ = [
     "FAULT_HEADER",
     "Fault",
     "UpstreamStats",
+    "WorkerSim",
     "add_arguments",
     "create_upstream_app",
     "main",
@@ -427,7 +434,11 @@ def embeddings(request: Request, body: dict[str, Any], fault: Fault) -> Response
 
 
 def list_models(request: Request, body: dict[str, Any], fault: Fault) -> Response:
-    return Response(_MODELS_BODY, media_type="application/json")
+    sim: WorkerSim | None = request.app.state.worker
+    if sim is None or sim.models is None:
+        return Response(_MODELS_BODY, media_type="application/json")
+    data = [{"id": m, "object": "model", "created": 1700000000, "owned_by": "devupstream"} for m in sim.models]
+    return _json({"object": "list", "data": data})
 
 
 # --- Anthropic --------------------------------------------------------------------------------
@@ -507,6 +518,66 @@ def kserve_model_ready(request: Request, body: dict[str, Any], fault: Fault) -> 
     return _json({"name": request.path_params["name"], "ready": True})
 
 
+# --- a simulated GPU worker ---------------------------------------------------------------------
+
+
+@dataclass
+class WorkerSim:
+    """What makes the stand-in behave like one inference server of a pool."""
+
+    models: tuple[str, ...] | None = None  # None: every model (the plain stand-in)
+    latency_s: float = 0.0
+    concurrency: int | None = None
+    ready_after_s: float = 0.0
+    fault: Fault = NO_FAULT
+    started: float = field(default_factory=time.monotonic)
+    waiting: int = 0
+    running: int = 0
+    _slots: asyncio.Semaphore | None = None
+
+    def ready(self) -> bool:
+        return time.monotonic() - self.started >= self.ready_after_s
+
+    def serves(self, model: str | None) -> bool:
+        return self.models is None or model is None or model in self.models
+
+    def slots(self) -> asyncio.Semaphore | None:
+        if self.concurrency is not None and self._slots is None:
+            self._slots = asyncio.Semaphore(self.concurrency)
+        return self._slots
+
+    def metrics(self) -> bytes:
+        return (b"# TYPE vllm:num_requests_waiting gauge\n"
+                + f'vllm:num_requests_waiting{{model_name="any"}} {float(self.waiting)}\n'.encode()
+                + b"# TYPE vllm:num_requests_running gauge\n"
+                + f'vllm:num_requests_running{{model_name="any"}} {float(self.running)}\n'.encode())
+
+
+async def _in_slot(sim: WorkerSim, work: Callable[[], Any]) -> Any:
+    slots = sim.slots()
+    if slots is None:
+        sim.running += 1
+        try:
+            if sim.latency_s:
+                await asyncio.sleep(sim.latency_s)
+            return await work()
+        finally:
+            sim.running -= 1
+    sim.waiting += 1
+    try:
+        await slots.acquire()
+    finally:
+        sim.waiting -= 1
+    sim.running += 1
+    try:
+        if sim.latency_s:
+            await asyncio.sleep(sim.latency_s)
+        return await work()
+    finally:
+        sim.running -= 1
+        slots.release()
+
+
 # --- wiring -----------------------------------------------------------------------------------
 
 Handler = Callable[[Request, dict[str, Any], Fault], Response]
@@ -531,10 +602,30 @@ def provider_endpoint(provider: Provider, handler: Handler) -> Callable[[Request
     async def endpoint(request: Request) -> Response:
         if not _authorized(request, provider, request.app.state.require_auth):
             return error_response(provider, 401, "invalid or missing API key")
+        sim: WorkerSim | None = request.app.state.worker
+        if sim is None:
+            return await answer(request)
+        if not sim.ready():
+            return error_response(provider, 503, "the model is still loading")
+        if request.url.path != "/v1/models":
+            model = request.path_params.get("name")
+            if model is None and request.method == "POST":
+                try:
+                    model = (await _json_body(request)).get("model")
+                except BadRequestError:
+                    model = None
+            if not sim.serves(model if isinstance(model, str) else None):
+                return error_response(provider, 404, f"model {model!r} is not served here")
+        return await _in_slot(sim, lambda: answer(request))
+
+    async def answer(request: Request) -> Response:
         try:
             fault = parse_fault(request.headers.get(FAULT_HEADER))
         except ValueError as exc:
             return error_response(provider, 400, str(exc))
+        sim: WorkerSim | None = request.app.state.worker
+        if sim is not None and fault is NO_FAULT and request.url.path != "/v1/models":
+            fault = sim.fault  # the worker stays discoverable; its calls misbehave
         if fault.hang:
             await _wait_for_disconnect(request)
             return Response(status_code=499)  # nobody is listening any more
@@ -570,6 +661,27 @@ async def healthz(request: Request) -> Response:
     return _json({"status": "ok", "name": request.app.state.name})
 
 
+async def kserve_ready(request: Request) -> Response:
+    sim: WorkerSim | None = request.app.state.worker
+    if sim is not None and not sim.ready():
+        return _json({"ready": False}, 503)
+    return _json({"ready": True})
+
+
+async def kserve_index(request: Request) -> Response:
+    """KServe/Triton repository index: every model this worker serves, READY once loaded."""
+    sim: WorkerSim | None = request.app.state.worker
+    models = MODELS if sim is None or sim.models is None else sim.models
+    state = "READY" if sim is None or sim.ready() else "LOADING"
+    return _json([{"name": m, "version": "1", "state": state} for m in models])
+
+
+async def worker_metrics(request: Request) -> Response:
+    sim: WorkerSim | None = request.app.state.worker
+    body = sim.metrics() if sim is not None else b""
+    return Response(body, media_type="text/plain; version=0.0.4")
+
+
 async def stats(request: Request) -> Response:
     return _json(request.app.state.stats.as_dict())
 
@@ -579,7 +691,8 @@ async def reset_stats(request: Request) -> Response:
     return _json(request.app.state.stats.as_dict())
 
 
-def create_upstream_app(*, name: str = "devupstream", require_auth: str | None = None) -> Starlette:
+def create_upstream_app(*, name: str = "devupstream", require_auth: str | None = None,
+                        worker: WorkerSim | None = None) -> Starlette:
     """The fake provider app; its only state (name, auth key, request counts) lives in ``app.state``."""
     openai, anthropic, kserve = Provider.OPENAI, Provider.ANTHROPIC, Provider.KSERVE
     routes = [
@@ -590,7 +703,9 @@ def create_upstream_app(*, name: str = "devupstream", require_auth: str | None =
         Route("/v1/messages", provider_endpoint(anthropic, messages), methods=["POST"]),
         Route("/v2/models/{name}/infer", provider_endpoint(kserve, kserve_infer), methods=["POST"]),
         Route("/v2/models/{name}/ready", provider_endpoint(kserve, kserve_model_ready), methods=["GET"]),
-        Route("/v2/health/ready", healthz, methods=["GET"]),
+        Route("/v2/health/ready", kserve_ready, methods=["GET"]),
+        Route("/v2/repository/index", kserve_index, methods=["POST"]),
+        Route("/metrics", worker_metrics, methods=["GET"]),
         Route("/v2/health/live", healthz, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/_stats", stats, methods=["GET"]),
@@ -601,6 +716,7 @@ def create_upstream_app(*, name: str = "devupstream", require_auth: str | None =
     app.state.name = name
     app.state.require_auth = require_auth
     app.state.stats = upstream_stats
+    app.state.worker = worker
     return app
 
 
@@ -611,12 +727,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default="devupstream", help="echoed in the X-Devupstream-Name header")
     parser.add_argument("--require-auth", metavar="KEY", help="require this provider API key")
     parser.add_argument("--log-level", default="info")
+    worker = parser.add_argument_group("simulated GPU worker")
+    worker.add_argument("--models", help="comma-separated models served (default: every model)")
+    worker.add_argument("--latency-ms", type=float, default=0.0, help="per-call latency, inside a slot")
+    worker.add_argument("--concurrency", type=int, help="calls served at once; the rest wait (vLLM's queue)")
+    worker.add_argument("--ready-after-s", type=float, default=0.0, help="not ready (503) until this long after start")
+    worker.add_argument("--fault", help="an X-Devupstream-Fault value applied to every call")
+
+
+def worker_from_args(args: argparse.Namespace) -> WorkerSim | None:
+    if not (args.models or args.latency_ms or args.concurrency or args.ready_after_s or args.fault):
+        return None
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip()) if args.models else None
+    return WorkerSim(models=models, latency_s=args.latency_ms / 1000, concurrency=args.concurrency,
+                     ready_after_s=args.ready_after_s, fault=parse_fault(args.fault))
 
 
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    app = create_upstream_app(name=args.name, require_auth=args.require_auth)
+    app = create_upstream_app(name=args.name, require_auth=args.require_auth, worker=worker_from_args(args))
     uvicorn.run(
         app,
         host=args.host,

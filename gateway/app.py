@@ -30,6 +30,7 @@ from gateway.records import PaymentRecords, open_records
 from gateway.session_calls import SessionCalls
 from gateway.sessions import SessionStore, open_sessions
 from gateway.settings import GatewaySettings
+from gateway.workers.pool import TrackedResponse, WorkerPool
 from storage import StoreUnavailableError, is_redis_url
 
 
@@ -130,10 +131,12 @@ def create_app(
         records = open_records(settings.store_url, prefix=settings.store_prefix)
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300, keepalive_timeout=30),
-            auto_decompress=False,
+            auto_decompress=False, response_class=TrackedResponse,  # worker slots follow the body
         )
         m = metrics or GatewayMetrics()
-        pools = {name: UpstreamPool(name, up) for name, up in settings.upstreams.items()}
+        pools: dict[str, UpstreamPool | WorkerPool] = {
+            name: WorkerPool(name, up, m) if up.kind == "workers" else UpstreamPool(name, up)
+            for name, up in settings.upstreams.items()}
         if enforcer is not None:
             await seed_policies(settings, enforcer)
         background: list[asyncio.Task] = []
@@ -143,6 +146,7 @@ def create_app(
             background.append(asyncio.create_task(pricing.quotes.refresh_forever(session)))
         hook = budgets or enforcer or NoBudgets()
         upstreams = Upstreams(pools, session)
+        await upstreams.start()
         challenges = Challenges(settings)
         in_background: set[asyncio.Task[object]] = set()  # settlements of streams whose client left
         session_routes = {f"{r.method} {r.path}": r.sessions for r in settings.routes if r.sessions is not None}
@@ -159,6 +163,7 @@ def create_app(
         finally:
             for task in background:
                 task.cancel()
+            await upstreams.close()
             await session.close()
             await fac.close()
             await records.close()

@@ -3,7 +3,7 @@ comes from configuration, never from the request path."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -30,3 +30,21 @@ class GatewayMetrics:
         self.settle_seconds = Histogram(
             "x402_gateway_settle_seconds", "Facilitator settle latency", ["route"], buckets=_BUCKETS, registry=r
         )
+        # Worker pools (gateway/workers/): labels are the pool's name, a worker's base URL (from
+        # configuration or DNS) and a model some worker serves (unknown models are refused first).
+        self.worker_in_flight = Gauge("x402_gateway_worker_in_flight", "Calls in flight per worker",
+                                      ["upstream", "worker"], registry=r)
+        self.worker_queue = Gauge("x402_gateway_worker_queue", "Requests waiting inside the worker (its own gauge)",
+                                  ["upstream", "worker"], registry=r)
+        self.worker_ready = Gauge("x402_gateway_worker_ready", "1 if the worker is ready and admitted",
+                                  ["upstream", "worker"], registry=r)
+        self.worker_ejections = Counter("x402_gateway_worker_ejections_total", "Outlier ejections",
+                                        ["upstream", "worker"], registry=r)
+        self.worker_seconds = Histogram(
+            "x402_gateway_worker_seconds", "Worker call latency, first byte sent to last byte read",
+            ["upstream", "worker", "model"], buckets=_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.model_waiting = Gauge("x402_gateway_model_waiting", "Calls waiting in the gateway for a worker",
+                                   ["upstream", "model"], registry=r)
+        self.backpressure = Counter("x402_gateway_backpressure_total", "Calls refused before payment (503/404)",
+                                    ["upstream", "model", "reason"], registry=r)

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 import aiohttp
 from starlette.requests import Request
 
+from gateway.errors import GatewayError
+from gateway.errors import GatewayReason as G
 from gateway.settings import Upstream
+from gateway.workers.pool import NoWorkerError, PoolRefusal, WorkerCallFailedError, WorkerPool
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and what the gateway owns.
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
@@ -129,11 +132,36 @@ async def read_all(resp: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 class Upstreams:
-    """The routes' upstream pools over one client session."""
+    """The routes' upstream pools over one client session: URL lists with failover, and worker
+    pools (gateway/workers/)."""
 
-    def __init__(self, pools: dict[str, UpstreamPool], session: aiohttp.ClientSession) -> None:
+    def __init__(self, pools: dict[str, UpstreamPool | WorkerPool], session: aiohttp.ClientSession) -> None:
         self.pools = pools
         self.session = session
+
+    async def start(self) -> None:
+        for pool in self.pools.values():
+            if isinstance(pool, WorkerPool):
+                await pool.start(self.session)
+
+    async def close(self) -> None:
+        for pool in self.pools.values():
+            if isinstance(pool, WorkerPool):
+                await pool.close()
+
+    def admit(self, request: Request, upstream: str, body: bytes, model: str | None) -> None:
+        """Backpressure before payment: refuse now (404 unknown model, 503 + Retry-After when no
+        worker can take the call soon) rather than after the agent paid. URL pools admit all."""
+        pool = self.pools[upstream]
+        if not isinstance(pool, WorkerPool) or request.method == "HEAD":
+            return
+        try:
+            pool.admit(model or pool.model_of(request.url.path, body))
+        except PoolRefusal as exc:
+            if exc.status == 404:
+                raise GatewayError(G.MODEL_NOT_OFFERED, str(exc), status=404) from None
+            raise GatewayError(G.UPSTREAM_UNAVAILABLE, str(exc), status=503,
+                               headers={"Retry-After": str(exc.retry_after_s or 1)}) from None
 
     async def open(self, request: Request, upstream: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
         """The upstream answering this request (status and headers read, body not yet), with the
@@ -142,7 +170,12 @@ class Upstreams:
         path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         headers = forward_headers(request.headers.raw, pool.config)
         headers["x-request-id"] = request_id
-        return await pool.open(self.session, request.method, path_qs, headers, body)
+        try:
+            return await pool.open(self.session, request.method, path_qs, headers, body)
+        except NoWorkerError as exc:
+            raise UpstreamUnavailableError(str(exc)) from None
+        except WorkerCallFailedError as exc:
+            raise UpstreamFailedError(str(exc)) from None
 
     async def healthy(self) -> list[bool]:
         return [await pool.healthy(self.session) for pool in self.pools.values()]

@@ -96,12 +96,37 @@ class FacilitatorRef(_Model):
         return self
 
 
+class WorkerPoolSettings(_Model):
+    """A pool of inference servers (kind = "workers"): who is in it, how calls are spread, when
+    the gateway refuses before anyone pays. gateway/workers/ runs it."""
+
+    protocol: Literal["openai", "kserve"] = "openai"  # vLLM/SGLang/TGI, or Open Inference Protocol (Triton, KServe)
+    dns: str | None = None  # a headless Service: every A record is a worker (re-resolved every resolve_every_s)
+    port: int = Field(default=8000, ge=1, le=65535)  # the workers' port when found by DNS
+    scheme: Literal["http", "https"] = "http"
+    hosts_file: str | None = None  # answer `dns` from this hosts-format file instead of the resolver
+    resolve_every_s: float = Field(default=10.0, gt=0)
+    probe_every_s: float = Field(default=2.0, gt=0)  # served models, readiness, queue gauge
+    probe_timeout_s: float = Field(default=2.0, gt=0)
+    models: list[str] = Field(default_factory=list)  # KServe without a repository index: probe these
+    balance: Literal["least_request", "round_robin"] = "least_request"
+    max_concurrency: int = Field(default=32, ge=1)  # calls in flight per worker
+    max_queue: int = Field(default=32, ge=0)  # calls per model waiting in the gateway for a worker
+    queue_timeout_s: float = Field(default=30.0, gt=0)
+    retry_after_s: int = Field(default=1, ge=1)  # the 503's Retry-After
+    eject_after: int = Field(default=3, ge=1)  # consecutive failures (connect error, 5xx, timeout)
+    eject_base_s: float = Field(default=5.0, gt=0)  # doubled per ejection in a row, up to eject_max_s
+    eject_max_s: float = Field(default=60.0, gt=0)
+
+
 class Upstream(_Model):
-    urls: list[str] = Field(min_length=1)
+    kind: Literal["urls", "workers"] = "urls"
+    urls: list[str] = Field(default_factory=list)  # urls: failover order; workers: static members
     auth_header: str | None = None
     auth_value: SecretStr | None = None
     connect_timeout_s: float = Field(default=5.0, gt=0)
     timeout_s: float = Field(default=600.0, gt=0)  # long LLM calls
+    workers: WorkerPoolSettings | None = None
 
     @field_validator("urls")
     @classmethod
@@ -110,6 +135,18 @@ class Upstream(_Model):
             if not re.match(r"^https?://", u):
                 raise ValueError(f"upstream URL must be http(s): {u}")
         return [u.rstrip("/") for u in urls]
+
+    @model_validator(mode="after")
+    def _members(self) -> Upstream:
+        if self.kind == "workers":
+            self.workers = self.workers or WorkerPoolSettings()
+            if not self.urls and not self.workers.dns:
+                raise ValueError("a workers upstream needs urls or workers.dns")
+        elif not self.urls:
+            raise ValueError("an upstream needs at least one URL")
+        elif self.workers is not None:
+            raise ValueError("[workers] settings need kind = \"workers\"")
+        return self
 
 
 def parse_price(value: str) -> Decimal:

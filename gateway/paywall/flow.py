@@ -68,6 +68,8 @@ class Paywall:
 
     async def handle(self, request: Request, body: bytes, request_id: str) -> Response:
         offer = self.price(request, body)
+        # Backpressure before payment: a busy or absent worker is a 503 before anything is verified or reserved.
+        self.upstreams.admit(request, offer.route.upstream, body, offer.model)
         if self.sessions is not None and offer.route.sessions is not None and request.method != "HEAD" \
                 and (session_id := request.headers.get("x-upto-session")):
             return await self.sessions.call(request, offer, capped_body(offer, body), session_id, request_id)

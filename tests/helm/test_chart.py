@@ -42,6 +42,7 @@ VALUE_SETS = [
     "ingress-tls",
     "autoscaling",
     "external-facilitator",
+    "gpu-workers",
 ]
 KUBE_VERSIONS = ["1.33.0", "1.27.0"]  # a recent one, and the chart's kubeVersion floor
 SIGNER_KEYS = [  # 32-byte test keys (anvil's published development accounts); never funded on a real chain
@@ -370,7 +371,12 @@ def test_gateway_config_loads_with_the_gateway_loader(name, objects, tmp_path):
     assert [(r.path, r.upstream, r.price) for r in settings.routes] == [
         (r["path"], r["upstream"], r.get("price")) for r in g["routes"]]
     for up_name, up in g["upstreams"].items():
-        assert settings.upstreams[up_name].urls == [u.rstrip("/") for u in up["urls"]]
+        assert settings.upstreams[up_name].urls == [u.rstrip("/") for u in up.get("urls", [])]
+        assert settings.upstreams[up_name].kind == up.get("kind", "urls")
+        if "workers" in up:
+            pool = settings.upstreams[up_name].workers
+            assert pool is not None and pool.protocol == up["workers"].get("protocol", "openai")
+            assert (pool.dns, pool.max_concurrency) == (up["workers"].get("dns"), up["workers"].get("maxConcurrency", 32))
         if "auth" in up:
             expected = up["auth"].get("value") or f"Bearer sk-from-{up['auth']['existingSecret']}"
             assert settings.upstreams[up_name].auth_value.get_secret_value() == expected

@@ -46,7 +46,19 @@ they are "$VAR" references the loaders resolve from the environment, or environm
 {{- $_ := set $cfg "accepts" $accepts }}
 {{- $ups := dict }}
 {{- range $name, $up := $g.upstreams }}
-{{- $u := dict "urls" $up.urls }}
+{{- $u := dict "urls" (default list $up.urls) }}
+{{- if eq (default "urls" $up.kind) "workers" }}
+{{- $_ := set $u "kind" "workers" }}
+{{- $w := dict }}
+{{- $keys := dict "protocol" "protocol" "dns" "dns" "port" "port" "models" "models" "balance" "balance"
+      "resolveEverySeconds" "resolve_every_s" "probeEverySeconds" "probe_every_s" "maxConcurrency" "max_concurrency"
+      "maxQueue" "max_queue" "queueTimeoutSeconds" "queue_timeout_s" "retryAfterSeconds" "retry_after_s"
+      "ejectAfter" "eject_after" "ejectBaseSeconds" "eject_base_s" "ejectMaxSeconds" "eject_max_s" }}
+{{- range $k, $v := (default dict $up.workers) }}
+{{- $_ := set $w (get $keys $k) $v }}
+{{- end }}
+{{- $_ := set $u "workers" $w }}
+{{- end }}
 {{- if $up.timeoutSeconds }}{{ $_ := set $u "timeout_s" $up.timeoutSeconds }}{{ end }}
 {{- if $up.connectTimeoutSeconds }}{{ $_ := set $u "connect_timeout_s" $up.connectTimeoutSeconds }}{{ end }}
 {{- if $up.auth }}
