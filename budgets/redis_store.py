@@ -1,11 +1,12 @@
-"""Budgets on Redis: one Lua script per atomic operation, on a single Redis, behind Sentinel, or
-on Cluster.
+"""Budgets on Redis: one Lua script per atomic operation (budgets/lua.py), on a single Redis,
+behind Sentinel, or on Cluster. A paid call costs two round trips: reserve (with the rate limit)
+and commit (with the ledger entry).
 
 Key layout: every key a script touches carries the hash tag of the agent's group (or of the
 agent itself when it has no group), `{prefix}b:{<tag>}:…`, so the agent's budget, its group's
 budget, their reservations, the rate bucket and the ledger live in one slot and change together.
-Amounts are decimal strings with exact arithmetic in Lua: 18-decimal tokens pass both Lua's
-doubles (2^53) and Redis' int64 counters after a few tokens.
+The one key outside it, the index of tags that have a ledger, is written once per tag and
+process (a set only grows, so knowing a tag is in it is never stale).
 """
 
 from __future__ import annotations
@@ -14,127 +15,12 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from budgets import lua
 from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope, Window
 from budgets.store import BudgetStoreUnavailableError, Check, RateState
 from storage import BackendErrors, redis_from_url
-from storage.lua import BIGNUM
 
 _errors = BackendErrors(BudgetStoreUnavailableError)
-
-_HELPERS = BIGNUM + """
--- reserved total of a scope, dropping expired holds
-local function reserved(z, h, now)
-  local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
-  for _, id in ipairs(expired) do redis.call('HDEL', h, id) end
-  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now) end
-  local total = '0'
-  for _, v in ipairs(redis.call('HVALS', h)) do total = add(total, v) end
-  return total
-end
--- spent in a window (rolling: the current bucket and the 60 before it, so spend is never forgiven early)
-local function spent(key, w)
-  if w.rolling then
-    local total = '0'
-    local all = redis.call('HGETALL', key)
-    for i = 1, #all, 2 do
-      if tonumber(all[i]) >= w.bucket - 60 then total = add(total, all[i + 1]) else redis.call('HDEL', key, all[i]) end
-    end
-    return total
-  end
-  return redis.call('GET', key) or '0'
-end
-local function bucket(key, r, now, take)
-  local cap = r.burst
-  if cap <= 0 then cap = r.per_minute end
-  local per_s = r.per_minute / 60.0
-  local st = redis.call('HMGET', key, 'tokens', 'ts')
-  local tokens = tonumber(st[1]) or cap
-  local ts = tonumber(st[2]) or now
-  tokens = math.min(cap, tokens + math.max(0, now - ts) * per_s)
-  if tokens < 1 then return false, (1 - tokens) / per_s end
-  if take then
-    -- numbers, not tostring(): Redis converts them exactly; tostring keeps 14 digits and would
-    -- round a unix time with a fraction to 0.1 ms
-    redis.call('HSET', key, 'tokens', tokens - 1, 'ts', now)
-    redis.call('EXPIRE', key, 3600)
-  end
-  return true, 0
-end
-"""
-
-_RESERVE = _HELPERS + """
-local spec = cjson.decode(ARGV[1])
-local now, amt = spec.now, spec.amount
-for ci, c in ipairs(spec.checks) do
-  local held = reserved(KEYS[c.z], KEYS[c.h], now)
-  for wi, w in ipairs(c.windows) do
-    local used = add(spent(KEYS[w.k], w), held)
-    if cmp(add(used, amt), w.limit) > 0 then
-      return {'budget', ci, wi, sub(w.limit, used)}
-    end
-  end
-end
-for ci, c in ipairs(spec.checks) do
-  if c.rate then
-    local ok, wait = bucket(KEYS[c.rate.k], c.rate, now, false)
-    if not ok then return {'rate', ci, 0, tostring(math.ceil(wait))} end
-  end
-end
-for _, c in ipairs(spec.checks) do
-  if c.rate then bucket(KEYS[c.rate.k], c.rate, now, true) end
-  redis.call('ZADD', KEYS[c.z], spec.exp, spec.id)
-  redis.call('HSET', KEYS[c.h], spec.id, amt)
-  redis.call('EXPIRE', KEYS[c.z], spec.keep)
-  redis.call('EXPIRE', KEYS[c.h], spec.keep)
-end
-return {'ok'}
-"""
-
-_COMMIT = _HELPERS + """
-local spec = cjson.decode(ARGV[1])
-if redis.call('SET', KEYS[spec.done], '1', 'NX', 'EX', 604800) == false then return 0 end
-for _, c in ipairs(spec.checks) do
-  redis.call('ZREM', KEYS[c.z], spec.id)
-  redis.call('HDEL', KEYS[c.h], spec.id)
-  for _, w in ipairs(c.windows) do
-    local key = KEYS[w.k]
-    if w.rolling then
-      local b = tostring(w.bucket)
-      redis.call('HSET', key, b, add(redis.call('HGET', key, b) or '0', spec.amount))
-    else
-      redis.call('SET', key, add(redis.call('GET', key) or '0', spec.amount))
-    end
-    redis.call('EXPIRE', key, w.ttl)
-  end
-end
-redis.call('ZADD', KEYS[spec.ledger], spec.now, ARGV[2])
-return 1
-"""
-
-_RELEASE = """
-local spec = cjson.decode(ARGV[1])
-for _, c in ipairs(spec.checks) do
-  redis.call('ZREM', KEYS[c.z], spec.id)
-  redis.call('HDEL', KEYS[c.h], spec.id)
-end
-return 1
-"""
-
-_RATE = _HELPERS + """
-local r = cjson.decode(ARGV[1])
-local ok, wait = bucket(KEYS[1], r, r.now, r.take)
-if ok then return {1, '0'} end
-return {0, tostring(wait)}
-"""
-
-_USAGE = _HELPERS + """
-local spec = cjson.decode(ARGV[1])
-local c = spec.checks[1]
-local held = reserved(KEYS[c.z], KEYS[c.h], spec.now)
-local out = {held}
-for _, w in ipairs(c.windows) do out[#out + 1] = spent(KEYS[w.k], w) end
-return out
-"""
 
 
 class _Keys:
@@ -146,6 +32,15 @@ class _Keys:
     def add(self, key: str) -> int:
         self.keys.append(key)
         return len(self.keys)
+
+
+def _window(w: Window, commit: bool) -> dict:
+    """A window as the scripts read it: `k` the calendar window's key or the rolling period's
+    (its buckets are the fields `k:<bucket>`), `p` the period's name in the cleanup markers."""
+    out = {"k": w.key, "p": w.key if w.rolling else w.period, "rolling": w.rolling, "bucket": w.bucket}
+    if not commit:
+        out["limit"] = str(w.limit)
+    return out
 
 
 def _entry_json(entry: LedgerEntry) -> str:
@@ -166,11 +61,12 @@ class RedisBudgetStore:
     def __init__(self, client: aioredis.Redis, *, prefix: str = "x402b:") -> None:
         self._r = client
         self._p = prefix
-        self._reserve = client.register_script(_RESERVE)
-        self._commit = client.register_script(_COMMIT)
-        self._release = client.register_script(_RELEASE)
-        self._rate = client.register_script(_RATE)
-        self._usage = client.register_script(_USAGE)
+        self._reserve = client.register_script(lua.RESERVE)
+        self._commit = client.register_script(lua.COMMIT)
+        self._release = client.register_script(lua.RELEASE)
+        self._rate = client.register_script(lua.RATE)
+        self._usage = client.register_script(lua.USAGE)
+        self._indexed: set[str] = set()  # tags known to be in the ledger's index
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "x402b:") -> "RedisBudgetStore":
@@ -179,18 +75,14 @@ class RedisBudgetStore:
     def _k(self, scope: Scope, suffix: str) -> str:
         return f"{self._p}b:{{{scope.tag}}}:{scope.name}:{suffix}"
 
-    def _spec(self, checks: list[Check], keys: _Keys) -> list[dict]:
+    def _spec(self, checks: list[Check], keys: _Keys, *, commit: bool = False) -> list[dict]:
         out = []
         for c in checks:
-            item: dict = {
-                "z": keys.add(self._k(c.scope, "rz")),
-                "h": keys.add(self._k(c.scope, "rh")),
-                "windows": [
-                    {"k": keys.add(self._k(c.scope, w.key)), "rolling": w.rolling, "limit": str(w.limit),
-                     "bucket": w.bucket, "ttl": w.ttl_s}
-                    for w in c.windows
-                ],
-            }
+            item: dict = {"z": keys.add(self._k(c.scope, "rz")), "h": keys.add(self._k(c.scope, "rh")),
+                          "t": keys.add(self._k(c.scope, "rt")), "c": keys.add(self._k(c.scope, "c")),
+                          "windows": [_window(w, commit) for w in c.windows]}
+            if commit:
+                item["ttl"] = max((w.ttl_s for w in c.windows), default=0)
             if c.rate is not None:
                 item["rate"] = {"k": keys.add(self._k(c.scope, "rate")), "per_minute": c.rate.per_minute,
                                 "burst": c.rate.burst}
@@ -223,14 +115,20 @@ class RedisBudgetStore:
                      *, now: float) -> bool:
         keys = _Keys()
         tag_scope = checks[0].scope
-        spec = {"now": now, "amount": str(amount), "id": reservation_id, "checks": self._spec(checks, keys),
+        spec = {"now": now, "amount": str(amount), "id": reservation_id,
+                "checks": self._spec(checks, keys, commit=True),
                 "done": keys.add(self._k(tag_scope, f"done:{reservation_id}")),
                 "ledger": keys.add(f"{self._p}b:{{{tag_scope.tag}}}:ledger")}
         res = await self._run(self._commit, keys.keys, [orjson.dumps(spec).decode(), _entry_json(entry)])
-        try:
-            await self._r.sadd(f"{self._p}ledger:tags", tag_scope.tag)
-        except RedisError:
-            pass  # only an index: the entry itself is in the ledger already
+        if tag_scope.tag not in self._indexed:
+            try:
+                await self._r.sadd(f"{self._p}ledger:tags", tag_scope.tag)
+            except RedisError:
+                pass  # only an index: the entry itself is in the ledger already; the next commit retries
+            else:
+                if len(self._indexed) > 100_000:
+                    self._indexed.clear()
+                self._indexed.add(tag_scope.tag)
         return res == 1
 
     async def release(self, checks: list[Check], reservation_id: str) -> None:
@@ -264,30 +162,33 @@ class RedisBudgetStore:
 
     @_errors
     async def move_spend(self, old: Scope, new: Scope, windows: tuple[Window, ...]) -> None:
+        """Every counter and hold of `old` is added to `new` (counters) or moved there (holds)."""
         if old.tag == new.tag:
             return
-        for w in windows:
-            src, dst = self._k(old, w.key), self._k(new, w.key)
-            if w.rolling:
-                buckets = await self._r.hgetall(src)
-                for bucket, amount in buckets.items():
-                    current = await self._r.hget(dst, bucket)
-                    await self._r.hset(dst, bucket, str(int(current or 0) + int(amount)))
-            else:
-                amount = await self._r.get(src)
-                if amount is None:
-                    continue
-                current = await self._r.get(dst)
-                await self._r.set(dst, str(int(current or 0) + int(amount)))
-            await self._r.expire(dst, w.ttl_s)
-            await self._r.delete(src)
+        src_c, dst_c = self._k(old, "c"), self._k(new, "c")
+        src = await self._r.hgetall(src_c)
+        if src:
+            dst = await self._r.hgetall(dst_c)
+            for field, value in src.items():
+                if field.startswith(("cur:", "prev:", "lo:")):
+                    dst.setdefault(field, value)  # markers only steer cleanup
+                else:
+                    dst[field] = str(int(dst.get(field, 0)) + int(value))
+            ttl = max(await self._r.ttl(src_c), await self._r.ttl(dst_c), max((w.ttl_s for w in windows), default=0))
+            await self._r.hset(dst_c, mapping=dst)
+            await self._r.expire(dst_c, ttl)
+            await self._r.delete(src_c)
         holds = await self._r.zrange(self._k(old, "rz"), 0, -1, withscores=True)
         amounts = await self._r.hgetall(self._k(old, "rh"))
         for hold_id, expires in holds:
             if hold_id in amounts:
                 await self._r.zadd(self._k(new, "rz"), {hold_id: expires})
                 await self._r.hset(self._k(new, "rh"), hold_id, amounts[hold_id])
-        await self._r.delete(self._k(old, "rz"), self._k(old, "rh"))
+        await self._r.delete(self._k(old, "rz"), self._k(old, "rh"), self._k(old, "rt"))
+        # the new scope's running total, from its holds (an admin operation: a sum is fine here)
+        held = sum(int(v) for v in (await self._r.hgetall(self._k(new, "rh"))).values())
+        keep = max(await self._r.ttl(self._k(new, "rh")), 3600)
+        await self._r.set(self._k(new, "rt"), str(held), ex=keep)
 
     def _pk(self, kind: str, id: str, network: str, asset: str) -> str:
         return f"{self._p}pol:{kind}:{id.lower() if kind == 'agent' else id}:{network}:{asset.lower()}"
