@@ -123,6 +123,7 @@ class Window:
     bucket_s: int  # rolling: bucket length in seconds
     resets_at: float  # unix seconds when the window (calendar) or its oldest bucket (rolling) rolls over
     ttl_s: int  # how long the counter must live
+    start: float = 0.0  # unix seconds when the window (calendar) or its oldest bucket (rolling) began
 
 
 def commit_windows(limits: list[Limit], now: float, tz: ZoneInfo) -> list[Window]:
@@ -143,7 +144,7 @@ def resolve_windows(limits: list[Limit], now: float, tz: ZoneInfo) -> list[Windo
             bucket = int(now // bucket_s)
             # Spend in bucket b counts until bucket b + 61 starts: at least a full window, never less.
             out.append(Window(lim.period, True, lim.amount, f"roll:{lim.period}", bucket, bucket_s,
-                              (bucket + 1) * bucket_s, length + 3 * bucket_s))
+                              (bucket + 1) * bucket_s, length + 3 * bucket_s, (bucket - ROLLING_BUCKETS) * bucket_s))
             continue
         if lim.period == "hour":
             start = local.replace(minute=0, second=0, microsecond=0)
@@ -160,7 +161,7 @@ def resolve_windows(limits: list[Limit], now: float, tz: ZoneInfo) -> list[Windo
         start = start.replace(tzinfo=tz)
         end = end.replace(tzinfo=tz)
         out.append(Window(lim.period, False, lim.amount, f"{lim.period}:{start.strftime('%Y-%m-%dT%H')}", 0, 0,
-                          end.timestamp(), int(end.timestamp() - now) + 3600))
+                          end.timestamp(), int(end.timestamp() - now) + 3600, start.timestamp()))
     return out
 
 

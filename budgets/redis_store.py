@@ -34,12 +34,56 @@ class _Keys:
         return len(self.keys)
 
 
-def _window(w: Window, commit: bool) -> dict:
-    """A window as the scripts read it: `k` the calendar window's key or the rolling period's
-    (its buckets are the fields `k:<bucket>`), `p` the period's name in the cleanup markers."""
-    out = {"k": w.key, "p": w.key if w.rolling else w.period, "rolling": w.rolling, "bucket": w.bucket}
-    if not commit:
-        out["limit"] = str(w.limit)
+def _limbs(amount: int) -> list[int]:
+    """An amount as the scripts take it: its length, then its base-10^9 limbs, lowest first."""
+    out = []
+    while amount:
+        amount, limb = divmod(amount, lua.LIMB)
+        out.append(limb)
+    return [len(out), *out]
+
+
+def _from_limbs(limbs: list[int]) -> int:
+    return sum(int(x) * lua.LIMB**i for i, x in enumerate(limbs))
+
+
+def _window_args(w: Window, *, limit: bool) -> list[str | int | float]:
+    """rolling, period (the markers' name), key (the calendar window's, or the rolling period's:
+    its buckets are `key:<bucket>`), bucket[, bucket_s, first hour, limit]."""
+    out: list[str | int | float] = [int(w.rolling), w.key if w.rolling else w.period, w.key, w.bucket]
+    if limit:
+        out += [w.bucket_s or 1, int(w.start // 3600), *_limbs(w.limit)]
+    return out
+
+
+def _merge_counters(src: dict[str, str], dst: dict[str, str]) -> dict[str, str | int]:
+    """Two scopes' counter hashes as one (budgets/lua.py has the layout)."""
+    counters: dict[str, int] = {}
+    for side in (src, dst):
+        for field, value in side.items():
+            if "#" in field:
+                name, limb = field.rsplit("#", 1)
+                counters[name] = counters.get(name, 0) + int(value) * lua.LIMB ** int(limb)
+    tracked = {f for f in src if f.startswith(("cur:", "lo:")) and f != "lo:h"}
+    both = tracked & set(dst)
+    out: dict[str, str | int] = {}
+    for field in both:
+        out[field] = min(src[field], dst[field], key=int) if field.startswith("lo:") else dst[field]
+        prev = "prev:" + field[4:]
+        if field.startswith("cur:") and prev in dst:
+            out[prev] = dst[prev]
+    dropped = [f.split(":", 1)[1] for f in (tracked | {f for f in dst if f.startswith(("cur:", "lo:"))}) - both
+               if f != "lo:h"]
+    for name, amount in counters.items():
+        period = name.split(":", 1)[0] if not name.startswith("roll:") else name.rsplit(":", 1)[0]
+        if period in dropped:
+            continue
+        for i, limb in enumerate(_limbs(amount)[1:]):
+            out[f"{name}#{i}"] = limb
+    out["n"] = max([int(src.get("n", 0)), int(dst.get("n", 0)), *(len(_limbs(v)) - 1 for v in counters.values())])
+    his = [int(x) for x in (src.get("lo:h"), dst.get("lo:h")) if x is not None]
+    if his:
+        out["lo:h"] = min(his)
     return out
 
 
@@ -75,18 +119,15 @@ class RedisBudgetStore:
     def _k(self, scope: Scope, suffix: str) -> str:
         return f"{self._p}b:{{{scope.tag}}}:{scope.name}:{suffix}"
 
-    def _spec(self, checks: list[Check], keys: _Keys, *, commit: bool = False) -> list[dict]:
-        out = []
-        for c in checks:
-            item: dict = {"z": keys.add(self._k(c.scope, "rz")), "h": keys.add(self._k(c.scope, "rh")),
-                          "t": keys.add(self._k(c.scope, "rt")), "c": keys.add(self._k(c.scope, "c")),
-                          "windows": [_window(w, commit) for w in c.windows]}
-            if commit:
-                item["ttl"] = max((w.ttl_s for w in c.windows), default=0)
-            if c.rate is not None:
-                item["rate"] = {"k": keys.add(self._k(c.scope, "rate")), "per_minute": c.rate.per_minute,
-                                "burst": c.rate.burst}
-            out.append(item)
+    def _check_args(self, c: Check, keys: _Keys, *, rate: bool | None, limits: bool = True) -> list[str | int | float]:
+        """z, h, c[, 1, per_minute, burst | 0], #windows, windows (`rate` None: no rate flag)."""
+        out: list[str | int | float] = [keys.add(self._k(c.scope, "rz")), keys.add(self._k(c.scope, "rh")),
+                                        keys.add(self._k(c.scope, "c"))]
+        if rate is not None:
+            out += [1, c.rate.per_minute, c.rate.burst] if rate and c.rate is not None else [0]
+        out.append(len(c.windows))
+        for w in c.windows:
+            out += _window_args(w, limit=limits)
         return out
 
     @_errors
@@ -96,9 +137,11 @@ class RedisBudgetStore:
     async def reserve(self, checks: list[Check], amount: int, reservation_id: str, *, now: float,
                       hold_s: float) -> Refusal | None:
         keys = _Keys()
-        spec = {"now": now, "amount": str(amount), "id": reservation_id, "exp": now + hold_s,
-                "keep": int(hold_s) + 3600, "checks": self._spec(checks, keys)}
-        res = await self._run(self._reserve, keys.keys, [orjson.dumps(spec).decode()])
+        args: list[str | int | float] = [repr(now), repr(now + hold_s), int(hold_s) + 3600, reservation_id,
+                                         str(amount), *_limbs(amount), int(now // 3600), len(checks)]
+        for c in checks:
+            args += self._check_args(c, keys, rate=True)
+        res = await self._run(self._reserve, keys.keys, args)
         if res[0] == "ok":
             return None
         check = checks[int(res[1]) - 1]
@@ -107,19 +150,24 @@ class RedisBudgetStore:
             return Refusal("rate_limited", "rate limit reached", status=429, scope=check.scope.name,
                            retry_after_s=wait, resets_at=now + wait)
         window = check.windows[int(res[2]) - 1]
+        used = _from_limbs(res[3:])
         kind = "group" if check.scope.kind == "group" else "agent"
         return Refusal("budget_exceeded", f"{kind} {window.period}{' (rolling)' if window.rolling else ''} budget exceeded",
-                       scope=check.scope.name, remaining=int(res[3]), resets_at=window.resets_at)
+                       scope=check.scope.name, remaining=max(0, window.limit - used), resets_at=window.resets_at)
 
     async def commit(self, checks: list[Check], reservation_id: str, amount: int, entry: LedgerEntry,
                      *, now: float) -> bool:
+        """Counts in the windows of `checks` that the scope is limited by (tracked); pass every
+        period's window (the enforcer's `for_commit`), so a period tracked since is counted too."""
         keys = _Keys()
         tag_scope = checks[0].scope
-        spec = {"now": now, "amount": str(amount), "id": reservation_id,
-                "checks": self._spec(checks, keys, commit=True),
-                "done": keys.add(self._k(tag_scope, f"done:{reservation_id}")),
-                "ledger": keys.add(f"{self._p}b:{{{tag_scope.tag}}}:ledger")}
-        res = await self._run(self._commit, keys.keys, [orjson.dumps(spec).decode(), _entry_json(entry)])
+        args: list[str | int | float] = [
+            repr(now), reservation_id, *_limbs(amount), int(now // 3600),
+            keys.add(self._k(tag_scope, f"done:{reservation_id}")), keys.add(f"{self._p}b:{{{tag_scope.tag}}}:ledger"),
+            _entry_json(entry), len(checks)]
+        for c in checks:
+            args += self._check_args(c, keys, rate=None, limits=False)
+        res = await self._run(self._commit, keys.keys, args)
         if tag_scope.tag not in self._indexed:
             try:
                 await self._r.sadd(f"{self._p}ledger:tags", tag_scope.tag)
@@ -133,12 +181,14 @@ class RedisBudgetStore:
 
     async def release(self, checks: list[Check], reservation_id: str) -> None:
         keys = _Keys()
-        spec = {"id": reservation_id, "checks": self._spec(checks, keys)}
-        await self._run(self._release, keys.keys, [orjson.dumps(spec).decode()])
+        args: list[str | int | float] = [reservation_id, len(checks)]
+        for c in checks:
+            args += [keys.add(self._k(c.scope, "rz")), keys.add(self._k(c.scope, "rh"))]
+        await self._run(self._release, keys.keys, args)
 
     async def _bucket(self, scope: Scope, rate: RateLimit, now: float, take: bool) -> RateState:
         args = {"per_minute": rate.per_minute, "burst": rate.burst, "now": now, "take": take}
-        ok, wait = await self._run(self._rate, [self._k(scope, "rate")], [orjson.dumps(args).decode()])
+        ok, wait = await self._run(self._rate, [self._k(scope, "rh")], [orjson.dumps(args).decode()])
         return RateState(allowed=ok == 1, retry_after_s=float(wait))
 
     async def rate_peek(self, scope: Scope, rate: RateLimit, *, now: float) -> RateState:
@@ -149,12 +199,16 @@ class RedisBudgetStore:
 
     async def usage(self, check: Check, *, now: float) -> list[BudgetUsage]:
         keys = _Keys()
-        spec = {"now": now, "checks": self._spec([check], keys)}
-        res = await self._run(self._usage, keys.keys, [orjson.dumps(spec).decode()])
-        held = int(res[0])
+        args = [repr(now), int(now // 3600), *self._check_args(check, keys, rate=None)]
+        res = [int(x) for x in await self._run(self._usage, keys.keys, args)]
+        lists, i = [], 0
+        while i < len(res):
+            lists.append(res[i + 1:i + 1 + res[i]])
+            i += 1 + res[i]
+        held = _from_limbs(lists[0])
         out = []
-        for w, spent in zip(check.windows, res[1:]):
-            used = int(spent)
+        for w, limbs in zip(check.windows, lists[1:]):
+            used = _from_limbs(limbs)
             out.append(BudgetUsage(scope=check.scope.name, period=w.period, rolling=w.rolling, limit=w.limit,
                                    spent=used, reserved=held, remaining=max(0, w.limit - used - held),
                                    resets_at=w.resets_at))
@@ -162,33 +216,34 @@ class RedisBudgetStore:
 
     @_errors
     async def move_spend(self, old: Scope, new: Scope, windows: tuple[Window, ...]) -> None:
-        """Every counter and hold of `old` is added to `new` (counters) or moved there (holds)."""
+        """Every counter and hold of `old` is added to `new` (counters) or moved there (holds). A
+        period tracked on one side only is dropped from tracking (and its counters with it): the
+        next reserve limited by it rebuilds it from the merged hourly spend."""
         if old.tag == new.tag:
             return
         src_c, dst_c = self._k(old, "c"), self._k(new, "c")
-        src = await self._r.hgetall(src_c)
+        src, dst = await self._r.hgetall(src_c), await self._r.hgetall(dst_c)
         if src:
-            dst = await self._r.hgetall(dst_c)
-            for field, value in src.items():
-                if field.startswith(("cur:", "prev:", "lo:")):
-                    dst.setdefault(field, value)  # markers only steer cleanup
-                else:
-                    dst[field] = str(int(dst.get(field, 0)) + int(value))
-            ttl = max(await self._r.ttl(src_c), await self._r.ttl(dst_c), max((w.ttl_s for w in windows), default=0))
-            await self._r.hset(dst_c, mapping=dst)
-            await self._r.expire(dst_c, ttl)
+            merged = _merge_counters(src, dst) if dst else src
+            await self._r.delete(dst_c)
+            await self._r.hset(dst_c, mapping=merged)
+            await self._r.expire(dst_c, lua.COUNTERS_TTL_S)
             await self._r.delete(src_c)
+        old_h, new_h = self._k(old, "rh"), self._k(new, "rh")
         holds = await self._r.zrange(self._k(old, "rz"), 0, -1, withscores=True)
-        amounts = await self._r.hgetall(self._k(old, "rh"))
+        amounts = await self._r.hgetall(old_h)
         for hold_id, expires in holds:
-            if hold_id in amounts:
+            if f"h:{hold_id}" in amounts:
                 await self._r.zadd(self._k(new, "rz"), {hold_id: expires})
-                await self._r.hset(self._k(new, "rh"), hold_id, amounts[hold_id])
-        await self._r.delete(self._k(old, "rz"), self._k(old, "rh"), self._k(old, "rt"))
-        # the new scope's running total, from its holds (an admin operation: a sum is fine here)
-        held = sum(int(v) for v in (await self._r.hgetall(self._k(new, "rh"))).values())
-        keep = max(await self._r.ttl(self._k(new, "rh")), 3600)
-        await self._r.set(self._k(new, "rt"), str(held), ex=keep)
+                await self._r.hset(new_h, f"h:{hold_id}", amounts[f"h:{hold_id}"])
+        await self._r.delete(self._k(old, "rz"), old_h)
+        # the new scope's running total, from its holds (an admin operation: a sum is fine here);
+        # 'x' goes, so the next reserve sweeps by score
+        held = sum(int(v) for f, v in (await self._r.hgetall(new_h)).items() if f.startswith("h:"))
+        if held or await self._r.exists(new_h):
+            await self._r.hset(new_h, "t", ",".join(str(x) for x in _limbs(held)[1:]))
+            await self._r.hset(new_h, "x", "0")
+            await self._r.expire(new_h, max(await self._r.ttl(new_h), 3600))
 
     def _pk(self, kind: str, id: str, network: str, asset: str) -> str:
         return f"{self._p}pol:{kind}:{id.lower() if kind == 'agent' else id}:{network}:{asset.lower()}"

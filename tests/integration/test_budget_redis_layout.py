@@ -1,7 +1,9 @@
 """The Redis budget store's own layout (budgets/lua.py): the running total of holds stays equal to
-the holds it sums (reserve, re-reserve, commit, release, expiry swept by score), and the one hash
-of counters per scope keeps a bounded number of fields as windows move on, while the counters a
-reserve may still read (the previous calendar window, the last 61 rolling buckets) stay."""
+the holds it sums (reserve, re-reserve, commit, release, expiry swept by score); the one hash of
+counters per scope keeps a bounded number of fields as windows move on, while the counters a
+reserve may still read (the previous calendar window, the last 61 rolling buckets) stay; a period
+limited later is rebuilt from the hourly spend (exactly for a calendar window starting on the
+hour, never less for a rolling one); counters are read as far as their longest limb."""
 
 from __future__ import annotations
 
@@ -41,9 +43,9 @@ def entry(rid: str, amount: int, ts: float) -> LedgerEntry:
 
 async def holds(store: RedisBudgetStore, s: Scope) -> tuple[int, int]:
     """(running total, sum of the holds themselves)."""
-    total = await store._r.get(store._k(s, "rt"))
-    amounts = await store._r.hvals(store._k(s, "rh"))
-    return int(total or 0), sum(int(a) for a in amounts)
+    h = await store._r.hgetall(store._k(s, "rh"))
+    total = sum(int(x) * 10 ** (9 * i) for i, x in enumerate(h.get("t", "").split(",")) if x)
+    return total, sum(int(a) for f, a in h.items() if f.startswith("h:"))
 
 
 async def test_the_running_total_of_holds_is_their_sum_through_every_operation(store: RedisBudgetStore) -> None:
@@ -64,34 +66,81 @@ async def test_the_running_total_of_holds_is_their_sum_through_every_operation(s
     total, summed = await holds(store, s)
     assert u.reserved == total == summed
     assert summed == sum(10 + i for i in range(1, 300, 2) if i != 299 and not (i < 40 and i % 3 in (0, 1))) + 5
-    assert await store._r.zcard(store._k(s, "rz")) == await store._r.hlen(store._k(s, "rh"))
+    members = [m for m in await store._r.zrange(store._k(s, "rz"), 0, -1) if m]  # '' keeps the key alive
+    assert sorted(f"h:{m}" for m in members) == sorted(f for f in await store._r.hkeys(store._k(s, "rh"))
+                                                       if f.startswith("h:"))
+
+
+EVERY = [Limit(period=p, amount=10**40, rolling=r) for r in (False, True) for p in ("hour", "day", "week", "month")]
 
 
 async def test_counters_of_past_windows_are_dropped_and_the_live_ones_kept(store: RedisBudgetStore) -> None:
     s = scope("0xc1")
     c_key = store._k(s, "c")
     now = T0
-    for i in range(3 * 24 * 6):  # every 10 minutes for three days, every window counted (as the enforcer does)
-        now = T0 + i * 600
+    times = [T0 + i * 600 for i in range(3 * 24 * 6)]  # every 10 minutes for three days
+    for i, now in enumerate(times):
+        assert await store.reserve([Check(s, tuple(resolve_windows(EVERY, now, UTC)))], 1, f"c{i}", now=now,
+                                   hold_s=60) is None  # every period limited: every period tracked
         check = Check(s, tuple(commit_windows([], now, UTC)))
-        await store.reserve([Check(s, ())], 1, f"c{i}", now=now, hold_s=60)
         assert await store.commit([check], f"c{i}", 1, entry(f"c{i}", 1, now), now=now)
     fields = await store._r.hkeys(c_key)
-    # four calendar periods: the current and the previous window each, plus two markers; four rolling
-    # periods: at most 61 buckets each plus one marker
-    assert len(fields) <= 4 * 4 + 4 * 62
+    # calendar: the current and the previous window, two markers; rolling: 61 buckets, one marker;
+    # the hours of spend, two markers of their own
+    assert len(fields) <= 4 * 4 + 4 * 62 + 73 + 2
     hour = [w for w in commit_windows([], now, UTC) if w.period == "hour" and not w.rolling][0]
     previous_hour = [w for w in commit_windows([], now - 3600, UTC) if w.period == "hour" and not w.rolling][0]
     two_back = [w for w in commit_windows([], now - 7200, UTC) if w.period == "hour" and not w.rolling][0]
-    assert hour.key in fields and previous_hour.key in fields and two_back.key not in fields
-    # what a reserve reads is what was spent: the rolling day is the last 24 h (+ one bucket at most)
+    assert f"{hour.key}#0" in fields and f"{previous_hour.key}#0" in fields and f"{two_back.key}#0" not in fields
+    # what a reserve reads is what was spent
     limits = [Limit(period="day", amount=10**6, rolling=True), Limit(period="hour", amount=10**6, rolling=True),
               Limit(period="day", amount=10**6)]
     usage = await store.usage(Check(s, tuple(resolve_windows(limits, now, UTC))), now=now)
-    times = [T0 + i * 600 for i in range(3 * 24 * 6)]
 
     def rolling(bucket_s: int) -> int:  # calls in the current bucket and the 60 before it
         return sum(1 for t in times if t // bucket_s >= now // bucket_s - 60)
 
     assert [u.spent for u in usage] == [rolling(1440), rolling(60), sum(1 for t in times if t >= now // 86400 * 86400)]
     assert usage[0].spent >= 144 and usage[1].spent >= 6  # at least the whole last day / hour
+
+
+async def test_a_period_limited_later_is_rebuilt_from_the_hourly_spend(store: RedisBudgetStore) -> None:
+    s = scope("0xr1")
+    times = [T0 + i * 700 for i in range(200)]  # 700 s apart: about 39 hours
+    for i, now in enumerate(times):
+        assert await store.reserve([Check(s, ())], 3, f"r{i}", now=now, hold_s=60) is None
+        assert await store.commit([Check(s, tuple(commit_windows([], now, UTC)))], f"r{i}", 3,
+                                  entry(f"r{i}", 3, now), now=now)
+    now = times[-1]
+    # nothing was limited, so no window was counted: only the hours
+    assert not [f for f in await store._r.hkeys(store._k(s, "c")) if f.startswith(("day:", "roll:"))]
+    limits = [Limit(period="day", amount=10**6), Limit(period="hour", amount=10**6, rolling=True),
+              Limit(period="week", amount=10**6, rolling=True)]
+    day, roll_hour, roll_week = await store.usage(Check(s, tuple(resolve_windows(limits, now, UTC))), now=now)
+    assert day.spent == 3 * sum(1 for t in times if t >= now // 86400 * 86400)  # the day starts on the hour: exact
+    # rolling: the hours that overlap the window count whole (never less than the window's spend)
+    assert 3 * sum(1 for t in times if t >= now - 3600) <= roll_hour.spent <= 3 * sum(1 for t in times if t >= (now // 3600 - 1) * 3600)
+    assert roll_week.spent == 3 * len(times)
+    # from now on they are tracked: a commit counts in them
+    later = now + 10
+    assert await store.reserve([Check(s, ())], 5, "x", now=later, hold_s=60) is None
+    assert await store.commit([Check(s, tuple(commit_windows([], later, UTC)))], "x", 5, entry("x", 5, later), now=later)
+    after = await store.usage(Check(s, tuple(resolve_windows(limits, later, UTC))), now=later)
+    assert [u.spent for u in after] == [day.spent + 5, roll_hour.spent + 5, roll_week.spent + 5]
+
+
+async def test_a_counter_longer_than_the_limit_is_read_whole(store: RedisBudgetStore) -> None:
+    """Limbs are read as far as the longest counter of the scope, not only as far as the limit."""
+    s = scope("0xl1")
+    month = Check(s, tuple(resolve_windows([Limit(period="month", amount=10**40)], T0, UTC)))
+    day = Check(s, tuple(resolve_windows([Limit(period="day", amount=10**40)], T0, UTC)))
+    assert await store.reserve([month], 10**30, "big", now=T0, hold_s=60) is None
+    assert await store.reserve([day], 1, "track", now=T0, hold_s=60) is None
+    await store.release([day], "track")
+    assert await store.commit([Check(s, tuple(commit_windows([], T0, UTC)))], "big", 10**30,
+                              entry("big", 10**30, T0), now=T0)
+    small = Check(s, tuple(resolve_windows([Limit(period="day", amount=100)], T0, UTC)))
+    refused = await store.reserve([small], 1, "small", now=T0, hold_s=60)
+    assert refused is not None and refused.reason == "budget_exceeded" and refused.remaining == 0
+    (u,) = await store.usage(small, now=T0)
+    assert u.spent == 10**30
