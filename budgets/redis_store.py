@@ -59,6 +59,7 @@ def _window_args(w: Window, *, limit: bool) -> list[str | int | float]:
 def _merge_counters(src: dict[str, str], dst: dict[str, str]) -> dict[str, str | int]:
     """Two scopes' counter hashes as one (budgets/lua.py has the layout)."""
     counters: dict[str, int] = {}
+    out: dict[str, str | int] = {}
     for side in (src, dst):
         for field, value in side.items():
             if "#" in field:
@@ -66,7 +67,6 @@ def _merge_counters(src: dict[str, str], dst: dict[str, str]) -> dict[str, str |
                 counters[name] = counters.get(name, 0) + int(value) * lua.LIMB ** int(limb)
     tracked = {f for f in src if f.startswith(("cur:", "lo:")) and f != "lo:h"}
     both = tracked & set(dst)
-    out: dict[str, str | int] = {}
     for field in both:
         out[field] = min(src[field], dst[field], key=int) if field.startswith("lo:") else dst[field]
         prev = "prev:" + field[4:]
@@ -78,8 +78,8 @@ def _merge_counters(src: dict[str, str], dst: dict[str, str]) -> dict[str, str |
         period = name.split(":", 1)[0] if not name.startswith("roll:") else name.rsplit(":", 1)[0]
         if period in dropped:
             continue
-        for i, limb in enumerate(_limbs(amount)[1:]):
-            out[f"{name}#{i}"] = limb
+        for i, part in enumerate(_limbs(amount)[1:]):
+            out[f"{name}#{i}"] = part
     out["n"] = max([int(src.get("n", 0)), int(dst.get("n", 0)), *(len(_limbs(v)) - 1 for v in counters.values())])
     his = [int(x) for x in (src.get("lo:h"), dst.get("lo:h")) if x is not None]
     if his:
@@ -131,7 +131,7 @@ class RedisBudgetStore:
         return out
 
     @_errors
-    async def _run(self, script, keys: list[str], args: list[str]):
+    async def _run(self, script, keys: list[str], args: list[str | int | float]):
         return await script(keys=keys, args=args)
 
     async def reserve(self, checks: list[Check], amount: int, reservation_id: str, *, now: float,
@@ -222,16 +222,18 @@ class RedisBudgetStore:
         if old.tag == new.tag:
             return
         src_c, dst_c = self._k(old, "c"), self._k(new, "c")
-        src, dst = await self._r.hgetall(src_c), await self._r.hgetall(dst_c)
+        # the client decodes replies (redis_from_url): str, not bytes
+        src: dict[str, str] = await self._r.hgetall(src_c)  # type: ignore[assignment]
+        dst: dict[str, str] = await self._r.hgetall(dst_c)  # type: ignore[assignment]
         if src:
-            merged = _merge_counters(src, dst) if dst else src
+            merged: dict[str, str | int] = _merge_counters(src, dst) if dst else dict(src)
             await self._r.delete(dst_c)
             await self._r.hset(dst_c, mapping=merged)
             await self._r.expire(dst_c, lua.COUNTERS_TTL_S)
             await self._r.delete(src_c)
         old_h, new_h = self._k(old, "rh"), self._k(new, "rh")
-        holds = await self._r.zrange(self._k(old, "rz"), 0, -1, withscores=True)
-        amounts = await self._r.hgetall(old_h)
+        holds: list[tuple[str, float]] = await self._r.zrange(self._k(old, "rz"), 0, -1, withscores=True)  # type: ignore[assignment]
+        amounts: dict[str, str] = await self._r.hgetall(old_h)  # type: ignore[assignment]
         for hold_id, expires in holds:
             if f"h:{hold_id}" in amounts:
                 await self._r.zadd(self._k(new, "rz"), {hold_id: expires})
@@ -239,7 +241,8 @@ class RedisBudgetStore:
         await self._r.delete(self._k(old, "rz"), old_h)
         # the new scope's running total, from its holds (an admin operation: a sum is fine here);
         # 'x' goes, so the next reserve sweeps by score
-        held = sum(int(v) for f, v in (await self._r.hgetall(new_h)).items() if f.startswith("h:"))
+        moved: dict[str, str] = await self._r.hgetall(new_h)  # type: ignore[assignment]
+        held = sum(int(v) for f, v in moved.items() if f.startswith("h:"))
         if held or await self._r.exists(new_h):
             await self._r.hset(new_h, "t", ",".join(str(x) for x in _limbs(held)[1:]))
             await self._r.hset(new_h, "x", "0")
