@@ -335,20 +335,32 @@ return {'ok'}
 """)
 
 # ARGV: now, id, amount limbs, hour, done key, ledger key, ledger entry (JSON), #checks, then per
-#   check: z, h, c, #windows, then per window: rolling, period, key, bucket
+#   check: z, h, c, #windows (-1: the previous check's), then per window its counter's name (a
+#   calendar window's key, or `roll:<period>:<bucket>`)
 COMMIT = _script("""
 local now, id = num(), arg()
 local amt = limbs_arg()
 local hour, done, ledger, entry = num(), KEYS[num()], KEYS[num()], arg()
 if redis.call('SET', done, '1', 'NX', 'EX', 604800) == false then return 0 end
+local windows = {}
 for _ = 1, num() do
   local z, h, key = KEYS[num()], KEYS[num()], KEYS[num()]
   drop(z, h, id)
-  local windows = {}
+  local nw = num()
+  if nw >= 0 then  -- else: the same windows as the check before
+    windows = {}
+    for wi = 1, nw do
+      local f = arg()
+      local p, b = string.match(f, '^(roll:[^:]+):(%d+)$')
+      if p then
+        windows[wi] = {rolling = true, p = p, k = p, bucket = tonumber(b)}
+      else
+        windows[wi] = {rolling = false, p = string.match(f, '^[^:]+'), k = f, bucket = 0}
+      end
+    end
+  end
   local fields = {'n', 'lo:h', 'h' .. string.format('%d', hour) .. '#0'}
-  for wi = 1, num() do
-    local w = {rolling = num() == 1, p = arg(), k = arg(), bucket = num()}
-    windows[wi] = w
+  for _, w in ipairs(windows) do
     if w.rolling then
       fields[#fields + 1] = 'lo:' .. w.p
       fields[#fields + 1] = 'lo:' .. w.p

@@ -165,8 +165,14 @@ class RedisBudgetStore:
             repr(now), reservation_id, *_limbs(amount), int(now // 3600),
             keys.add(self._k(tag_scope, f"done:{reservation_id}")), keys.add(f"{self._p}b:{{{tag_scope.tag}}}:ledger"),
             _entry_json(entry), len(checks)]
+        previous: tuple[Window, ...] | None = None
         for c in checks:
-            args += self._check_args(c, keys, rate=None, limits=False)
+            args += [keys.add(self._k(c.scope, "rz")), keys.add(self._k(c.scope, "rh")), keys.add(self._k(c.scope, "c"))]
+            if c.windows == previous:  # the enforcer's commit: every scope has the same windows
+                args.append(-1)
+            else:
+                args += [len(c.windows), *(f"{w.key}:{w.bucket}" if w.rolling else w.key for w in c.windows)]
+            previous = c.windows
         res = await self._run(self._commit, keys.keys, args)
         if tag_scope.tag not in self._indexed:
             try:
