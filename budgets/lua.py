@@ -184,9 +184,11 @@ local function read_check(with_rate)
   end
   return c
 end
+-- a rolling window reads its bucket and the 60 before it, and 3 after it: a replica whose clock is
+-- a little behind still sees what one ahead of it counted (spend is never forgiven early)
 local function counter_fields(fields, w, n)
   if w.rolling then
-    for b = w.bucket - 60, w.bucket do
+    for b = w.bucket - 60, w.bucket + 3 do
       local pre = w.k .. ':' .. string.format('%d', b) .. '#'
       for i = 0, n - 1 do fields[#fields + 1] = pre .. i end
     end
@@ -261,7 +263,7 @@ local function spent(c, hour)
     j = j + 1
     local tracked = vals[j]
     local per = 1
-    if w.rolling then per = 61 end
+    if w.rolling then per = 64 end
     if tracked then
       local sum = {}
       for _ = 1, per do
