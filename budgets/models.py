@@ -7,8 +7,10 @@ group's. Windows are calendar windows in the operator's time zone (the hour, day
 month in progress) or rolling windows (the last hour/day/week/30 days, at 1/60 resolution; spend
 counts for between one and 61/60 of the window, never less).
 
-Every commit counts in every window (all calendar and rolling periods), not only the windows the
-policy has when the spend happens: a limit added mid-window sees the spend already made in it.
+A limit added mid-window sees the spend already made in it: the enforcer's commit passes every
+period's window (`commit_windows`); SQLite counts in all of them, Redis in those the budget is
+limited by plus the spend of each hour, from which it rebuilds a window limited later
+(budgets/lua.py).
 """
 
 from __future__ import annotations
