@@ -88,9 +88,9 @@ async def test_counters_of_past_windows_are_dropped_and_the_live_ones_kept(store
     # calendar: the current and the previous window, two markers; rolling: 61 buckets, one marker;
     # the hours of spend, two markers of their own
     assert len(fields) <= 4 * 4 + 4 * 62 + 73 + 2
-    hour = [w for w in commit_windows([], now, UTC) if w.period == "hour" and not w.rolling][0]
-    previous_hour = [w for w in commit_windows([], now - 3600, UTC) if w.period == "hour" and not w.rolling][0]
-    two_back = [w for w in commit_windows([], now - 7200, UTC) if w.period == "hour" and not w.rolling][0]
+    hour = next(w for w in commit_windows([], now, UTC) if w.period == "hour" and not w.rolling)
+    previous_hour = next(w for w in commit_windows([], now - 3600, UTC) if w.period == "hour" and not w.rolling)
+    two_back = next(w for w in commit_windows([], now - 7200, UTC) if w.period == "hour" and not w.rolling)
     assert f"{hour.key}#0" in fields and f"{previous_hour.key}#0" in fields and f"{two_back.key}#0" not in fields
     # what a reserve reads is what was spent
     limits = [Limit(period="day", amount=10**6, rolling=True), Limit(period="hour", amount=10**6, rolling=True),
