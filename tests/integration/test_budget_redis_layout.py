@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from budgets.models import LedgerEntry, Limit, Scope, commit_windows, resolve_windows
+from budgets.models import LedgerEntry, Limit, RateLimit, Scope, commit_windows, resolve_windows
 from budgets.redis_store import RedisBudgetStore
 from budgets.store import Check
 
@@ -144,3 +144,43 @@ async def test_a_counter_longer_than_the_limit_is_read_whole(store: RedisBudgetS
     assert refused is not None and refused.reason == "budget_exceeded" and refused.remaining == 0
     (u,) = await store.usage(small, now=T0)
     assert u.spent == 10**30
+
+
+async def test_a_store_written_by_the_earlier_layout_is_carried_over(store: RedisBudgetStore) -> None:
+    """Keys as the earlier scripts wrote them (a decimal string per calendar window, a hash per
+    rolling period, holds as id -> amount, the rate bucket on its own) keep their spend, holds and
+    rate state after `migrate_layout`, and a second run changes nothing."""
+    from budgets.redis_migrate import migrate_layout
+
+    s = scope("0xm1")
+    base = f"{store._p}b:{{{s.tag}}}:{s.name}"
+    day = resolve_windows([Limit(period="day", amount=1)], T0, UTC)[0]
+    yesterday = resolve_windows([Limit(period="day", amount=1)], T0 - 86400, UTC)[0]
+    roll = resolve_windows([Limit(period="hour", amount=1, rolling=True)], T0, UTC)[0]
+    big = 3 * 10**21 + 7  # past int64 and 2^53
+    await store._r.set(f"{base}:{day.key}", str(big))
+    await store._r.set(f"{base}:{yesterday.key}", "999")
+    await store._r.hset(f"{base}:roll:hour", mapping={str(roll.bucket - 5): "40", str(roll.bucket): "2"})
+    await store._r.zadd(f"{base}:rz", {"held-1": T0 + 100, "gone": T0 - 1})
+    await store._r.hset(f"{base}:rh", mapping={"held-1": "30", "gone": "50"})
+    await store._r.hset(f"{base}:rate", mapping={"tokens": "0.5", "ts": str(T0)})
+    await store._r.set(f"{base}:done:r0", "1")
+    assert await migrate_layout(store._r, store._p) > 0
+    assert await migrate_layout(store._r, store._p) == 0
+
+    limits = [Limit(period="day", amount=4 * 10**21), Limit(period="hour", amount=1000, rolling=True)]
+    check = Check(s, tuple(resolve_windows(limits, T0, UTC)))
+    day_use, roll_use = await store.usage(check, now=T0)
+    assert (day_use.spent, roll_use.spent, day_use.reserved) == (big, 42, 30)  # the expired hold is swept
+    refused = await store.reserve([check], 10**21, "new", now=T0, hold_s=60)
+    assert refused is not None and refused.remaining == 4 * 10**21 - big - 30
+    # the rate bucket came along: half a token left, so a rate-limited reserve is refused
+    rated = Check(s, check.windows, RateLimit(per_minute=1))
+    refused = await store.reserve([rated], 1, "rated", now=T0, hold_s=60)
+    assert refused is not None and refused.reason == "rate_limited"
+    # and the counters keep counting: a commit lands in the same window
+    assert await store.reserve([check], 8, "more", now=T0 + 61, hold_s=60) is None
+    assert await store.commit([Check(s, tuple(commit_windows([], T0 + 61, UTC)))], "more", 8,
+                              entry("more", 8, T0 + 61), now=T0 + 61)
+    (day_use, roll_use) = await store.usage(check, now=T0 + 61)
+    assert (day_use.spent, roll_use.spent) == (big + 8, 50)
