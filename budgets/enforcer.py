@@ -1,6 +1,11 @@
 """Budget enforcement for the gateway: which budgets apply to a payer, the cheap pre-check, and
 reserve / commit / release around each paid call.
 
+A paid call costs the store two round trips: reserve (which takes the rate limit's token too) and
+commit. The pre-check reads nothing from the store on the hot path: policies are cached (1 s) and
+the rate limit is peeked at in a local copy of each bucket that this enforcer's own reserves keep
+(see RateMirror); the reserve stays the exact check.
+
 Fails closed: if the store cannot be reached, the call is refused with 503 and nothing is
 forwarded or charged.
 """
@@ -13,8 +18,10 @@ import time
 from collections.abc import Callable
 from zoneinfo import ZoneInfo
 
-from budgets.models import DefaultPolicy, Hold, LedgerEntry, Policy, Refusal, Scope, commit_windows, resolve_windows
+from budgets.models import DefaultPolicy, Hold, LedgerEntry, Policy, Refusal, Scope
+from budgets.rate_mirror import RateMirror
 from budgets.store import BudgetStore, BudgetStoreUnavailableError, Check
+from budgets.windows import WindowCache
 
 log = logging.getLogger("budgets.enforcer")
 POLICY_CACHE_S = 1.0  # how stale a policy may be on the hot path (suspension takes effect within 1 s)
@@ -41,6 +48,8 @@ class BudgetEnforcer:
         self.hold_s = hold_s
         self.clock = clock
         self._cache: dict[tuple[str, str, str, str], tuple[float, Policy | None]] = {}
+        self.windows = WindowCache(self.tz)
+        self.rates = RateMirror()
         self._pending: set[asyncio.Task] = set()  # commits waiting for the store to come back
         self._deferred: dict[str, int] = {}  # agents with such a commit: refused until it lands
 
@@ -70,8 +79,7 @@ class BudgetEnforcer:
             before = old or Policy(network=policy.network, asset=policy.asset)
             old_scope, _ = self.scopes(owner, before, policy.network, policy.asset)
             new_scope, _ = self.scopes(owner, policy, policy.network, policy.asset)
-            windows = tuple(commit_windows([], self.clock(), self.tz))
-            await self.store.move_spend(old_scope, new_scope, windows)
+            await self.store.move_spend(old_scope, new_scope, self.windows.every(self.clock()))
         self.invalidate()
 
     async def policies_for(self, agent: str, network: str, asset: str) -> tuple[Policy, Policy | None, bool]:
@@ -95,11 +103,16 @@ class BudgetEnforcer:
     def checks(self, agent: str, policy: Policy, group: Policy | None, network: str, asset: str, now: float,
                *, with_rate: bool, for_commit: bool = False) -> list[Check]:
         """`for_commit`: every window, so limits added later see this spend."""
-        windows = commit_windows if for_commit else resolve_windows
         agent_scope, group_scope = self.scopes(agent, policy, network, asset)
-        out = [Check(agent_scope, tuple(windows(policy.limits, now, self.tz)), policy.rate_limit if with_rate else None)]
+        if for_commit:
+            every = self.windows.every(now)
+            out = [Check(agent_scope, every)]
+            if group_scope is not None and group is not None:
+                out.append(Check(group_scope, every))
+            return out
+        out = [Check(agent_scope, self.windows.limited(policy.limits, now), policy.rate_limit if with_rate else None)]
         if group_scope is not None and group is not None:
-            out.append(Check(group_scope, tuple(windows(group.limits, now, self.tz)),
+            out.append(Check(group_scope, self.windows.limited(group.limits, now),
                              group.rate_limit if with_rate else None))
         return out
 
@@ -125,13 +138,13 @@ class BudgetEnforcer:
             if group is not None:
                 self._allowed(group, route, model, "group")
             now = self.clock()
-            for check in self.checks(payer, policy, group, network, asset, now, with_rate=True):
-                if check.rate is not None:
-                    state = await self.store.rate_peek(check.scope, check.rate, now=now)
-                    if not state.allowed:
-                        wait = max(1, int(state.retry_after_s + 0.999))
-                        raise Refusal("rate_limited", "rate limit reached", status=429, scope=check.scope.name,
-                                      retry_after_s=wait, resets_at=now + wait)
+            for p, scope in zip((policy, group), self.scopes(payer, policy, network, asset), strict=True):
+                if p is not None and p.rate_limit is not None and scope is not None:
+                    wait = self.rates.wait(scope, p.rate_limit, now)
+                    if wait > 0:
+                        wait_s = max(1, int(wait + 0.999))
+                        raise Refusal("rate_limited", "rate limit reached", status=429, scope=scope.name,
+                                      retry_after_s=wait_s, resets_at=now + wait_s)
         except BudgetStoreUnavailableError as exc:
             raise _unavailable(exc) from exc
 
@@ -156,7 +169,14 @@ class BudgetEnforcer:
         except BudgetStoreUnavailableError as exc:
             raise _unavailable(exc) from exc
         if refusal is not None:
+            if refusal.reason == "rate_limited" and refusal.retry_after_s is not None:
+                for c in checks:
+                    if c.rate is not None and c.scope.name == refusal.scope:
+                        self.rates.refused(c.scope, c.rate, now, refusal.retry_after_s)
             raise refusal
+        for c in checks:
+            if c.rate is not None:
+                self.rates.took(c.scope, c.rate, now)
         return Hold(id=request_id, agent=payer, network=network, asset=asset.lower(), amount=amount, route=route,
                     model=model, group=policy.group)
 

@@ -7,8 +7,10 @@ group's. Windows are calendar windows in the operator's time zone (the hour, day
 month in progress) or rolling windows (the last hour/day/week/30 days, at 1/60 resolution; spend
 counts for between one and 61/60 of the window, never less).
 
-Every commit counts in every window (all calendar and rolling periods), not only the windows the
-policy has when the spend happens: a limit added mid-window sees the spend already made in it.
+A limit added mid-window sees the spend already made in it: the enforcer's commit passes every
+period's window (`commit_windows`); SQLite counts in all of them, Redis in those the budget is
+limited by plus the spend of each hour, from which it rebuilds a window limited later
+(budgets/lua.py).
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ class Window:
     bucket_s: int  # rolling: bucket length in seconds
     resets_at: float  # unix seconds when the window (calendar) or its oldest bucket (rolling) rolls over
     ttl_s: int  # how long the counter must live
+    start: float = 0.0  # unix seconds when the window (calendar) or its oldest bucket (rolling) began
 
 
 def commit_windows(limits: list[Limit], now: float, tz: ZoneInfo) -> list[Window]:
@@ -143,7 +146,7 @@ def resolve_windows(limits: list[Limit], now: float, tz: ZoneInfo) -> list[Windo
             bucket = int(now // bucket_s)
             # Spend in bucket b counts until bucket b + 61 starts: at least a full window, never less.
             out.append(Window(lim.period, True, lim.amount, f"roll:{lim.period}", bucket, bucket_s,
-                              (bucket + 1) * bucket_s, length + 3 * bucket_s))
+                              (bucket + 1) * bucket_s, length + 3 * bucket_s, (bucket - ROLLING_BUCKETS) * bucket_s))
             continue
         if lim.period == "hour":
             start = local.replace(minute=0, second=0, microsecond=0)
@@ -160,7 +163,7 @@ def resolve_windows(limits: list[Limit], now: float, tz: ZoneInfo) -> list[Windo
         start = start.replace(tzinfo=tz)
         end = end.replace(tzinfo=tz)
         out.append(Window(lim.period, False, lim.amount, f"{lim.period}:{start.strftime('%Y-%m-%dT%H')}", 0, 0,
-                          end.timestamp(), int(end.timestamp() - now) + 3600))
+                          end.timestamp(), int(end.timestamp() - now) + 3600, start.timestamp()))
     return out
 
 

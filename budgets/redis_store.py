@@ -1,11 +1,12 @@
-"""Budgets on Redis: one Lua script per atomic operation, on a single Redis, behind Sentinel, or
-on Cluster.
+"""Budgets on Redis: one Lua script per atomic operation (budgets/lua.py), on a single Redis,
+behind Sentinel, or on Cluster. A paid call costs two round trips: reserve (with the rate limit)
+and commit (with the ledger entry).
 
 Key layout: every key a script touches carries the hash tag of the agent's group (or of the
 agent itself when it has no group), `{prefix}b:{<tag>}:…`, so the agent's budget, its group's
 budget, their reservations, the rate bucket and the ledger live in one slot and change together.
-Amounts are decimal strings with exact arithmetic in Lua: 18-decimal tokens pass both Lua's
-doubles (2^53) and Redis' int64 counters after a few tokens.
+The one key outside it, the index of tags that have a ledger, is written once per tag and
+process (a set only grows, so knowing a tag is in it is never stale).
 """
 
 from __future__ import annotations
@@ -14,128 +15,14 @@ from typing import cast
 
 import orjson
 from redis.exceptions import RedisError
+from redis.typing import EncodableT
 
+from budgets import lua
 from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope, Window
 from budgets.store import BudgetStoreUnavailableError, Check, RateState
 from storage import BackendErrors, RedisClient, redis_from_url
-from storage.lua import BIGNUM
 
 _errors = BackendErrors(BudgetStoreUnavailableError)
-
-_HELPERS = BIGNUM + """
--- reserved total of a scope, dropping expired holds
-local function reserved(z, h, now)
-  local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
-  for _, id in ipairs(expired) do redis.call('HDEL', h, id) end
-  if #expired > 0 then redis.call('ZREMRANGEBYSCORE', z, '-inf', now) end
-  local total = '0'
-  for _, v in ipairs(redis.call('HVALS', h)) do total = add(total, v) end
-  return total
-end
--- spent in a window (rolling: the current bucket and the 60 before it, so spend is never forgiven early)
-local function spent(key, w)
-  if w.rolling then
-    local total = '0'
-    local all = redis.call('HGETALL', key)
-    for i = 1, #all, 2 do
-      if tonumber(all[i]) >= w.bucket - 60 then total = add(total, all[i + 1]) else redis.call('HDEL', key, all[i]) end
-    end
-    return total
-  end
-  return redis.call('GET', key) or '0'
-end
-local function bucket(key, r, now, take)
-  local cap = r.burst
-  if cap <= 0 then cap = r.per_minute end
-  local per_s = r.per_minute / 60.0
-  local st = redis.call('HMGET', key, 'tokens', 'ts')
-  local tokens = tonumber(st[1]) or cap
-  local ts = tonumber(st[2]) or now
-  tokens = math.min(cap, tokens + math.max(0, now - ts) * per_s)
-  if tokens < 1 then return false, (1 - tokens) / per_s end
-  if take then
-    -- numbers, not tostring(): Redis converts them exactly; tostring keeps 14 digits and would
-    -- round a unix time with a fraction to 0.1 ms
-    redis.call('HSET', key, 'tokens', tokens - 1, 'ts', now)
-    redis.call('EXPIRE', key, 3600)
-  end
-  return true, 0
-end
-"""
-
-_RESERVE = _HELPERS + """
-local spec = cjson.decode(ARGV[1])
-local now, amt = spec.now, spec.amount
-for ci, c in ipairs(spec.checks) do
-  local held = reserved(KEYS[c.z], KEYS[c.h], now)
-  for wi, w in ipairs(c.windows) do
-    local used = add(spent(KEYS[w.k], w), held)
-    if cmp(add(used, amt), w.limit) > 0 then
-      return {'budget', ci, wi, sub(w.limit, used)}
-    end
-  end
-end
-for ci, c in ipairs(spec.checks) do
-  if c.rate then
-    local ok, wait = bucket(KEYS[c.rate.k], c.rate, now, false)
-    if not ok then return {'rate', ci, 0, tostring(math.ceil(wait))} end
-  end
-end
-for _, c in ipairs(spec.checks) do
-  if c.rate then bucket(KEYS[c.rate.k], c.rate, now, true) end
-  redis.call('ZADD', KEYS[c.z], spec.exp, spec.id)
-  redis.call('HSET', KEYS[c.h], spec.id, amt)
-  redis.call('EXPIRE', KEYS[c.z], spec.keep)
-  redis.call('EXPIRE', KEYS[c.h], spec.keep)
-end
-return {'ok'}
-"""
-
-_COMMIT = _HELPERS + """
-local spec = cjson.decode(ARGV[1])
-if redis.call('SET', KEYS[spec.done], '1', 'NX', 'EX', 604800) == false then return 0 end
-for _, c in ipairs(spec.checks) do
-  redis.call('ZREM', KEYS[c.z], spec.id)
-  redis.call('HDEL', KEYS[c.h], spec.id)
-  for _, w in ipairs(c.windows) do
-    local key = KEYS[w.k]
-    if w.rolling then
-      local b = tostring(w.bucket)
-      redis.call('HSET', key, b, add(redis.call('HGET', key, b) or '0', spec.amount))
-    else
-      redis.call('SET', key, add(redis.call('GET', key) or '0', spec.amount))
-    end
-    redis.call('EXPIRE', key, w.ttl)
-  end
-end
-redis.call('ZADD', KEYS[spec.ledger], spec.now, ARGV[2])
-return 1
-"""
-
-_RELEASE = """
-local spec = cjson.decode(ARGV[1])
-for _, c in ipairs(spec.checks) do
-  redis.call('ZREM', KEYS[c.z], spec.id)
-  redis.call('HDEL', KEYS[c.h], spec.id)
-end
-return 1
-"""
-
-_RATE = _HELPERS + """
-local r = cjson.decode(ARGV[1])
-local ok, wait = bucket(KEYS[1], r, r.now, r.take)
-if ok then return {1, '0'} end
-return {0, tostring(wait)}
-"""
-
-_USAGE = _HELPERS + """
-local spec = cjson.decode(ARGV[1])
-local c = spec.checks[1]
-local held = reserved(KEYS[c.z], KEYS[c.h], spec.now)
-local out = {held}
-for _, w in ipairs(c.windows) do out[#out + 1] = spent(KEYS[w.k], w) end
-return out
-"""
 
 
 class _Keys:
@@ -147,6 +34,59 @@ class _Keys:
     def add(self, key: str) -> int:
         self.keys.append(key)
         return len(self.keys)
+
+
+def _limbs(amount: int) -> list[int]:
+    """An amount as the scripts take it: its length, then its base-10^9 limbs, lowest first."""
+    out = []
+    while amount:
+        amount, limb = divmod(amount, lua.LIMB)
+        out.append(limb)
+    return [len(out), *out]
+
+
+def _from_limbs(limbs: list[int]) -> int:
+    return sum(int(x) * lua.LIMB**i for i, x in enumerate(limbs))
+
+
+def _window_args(w: Window, *, limit: bool) -> list[str | int | float]:
+    """rolling, period (the markers' name), key (the calendar window's, or the rolling period's:
+    its buckets are `key:<bucket>`), bucket[, bucket_s, first hour, limit]."""
+    out: list[str | int | float] = [int(w.rolling), w.key if w.rolling else w.period, w.key, w.bucket]
+    if limit:
+        out += [w.bucket_s or 1, int(w.start // 3600), *_limbs(w.limit)]
+    return out
+
+
+def _merge_counters(src: dict[str, str], dst: dict[str, str]) -> dict[str, str | int]:
+    """Two scopes' counter hashes as one (budgets/lua.py has the layout)."""
+    counters: dict[str, int] = {}
+    out: dict[str, str | int] = {}
+    for side in (src, dst):
+        for field, value in side.items():
+            if "#" in field:
+                name, limb = field.rsplit("#", 1)
+                counters[name] = counters.get(name, 0) + int(value) * lua.LIMB ** int(limb)
+    tracked = {f for f in src if f.startswith(("cur:", "lo:")) and f != "lo:h"}
+    both = tracked & set(dst)
+    for field in both:
+        out[field] = min(src[field], dst[field], key=int) if field.startswith("lo:") else dst[field]
+        prev = "prev:" + field[4:]
+        if field.startswith("cur:") and prev in dst:
+            out[prev] = dst[prev]
+    dropped = [f.split(":", 1)[1] for f in (tracked | {f for f in dst if f.startswith(("cur:", "lo:"))}) - both
+               if f != "lo:h"]
+    for name, amount in counters.items():
+        period = name.split(":", 1)[0] if not name.startswith("roll:") else name.rsplit(":", 1)[0]
+        if period in dropped:
+            continue
+        for i, part in enumerate(_limbs(amount)[1:]):
+            out[f"{name}#{i}"] = part
+    out["n"] = max([int(src.get("n", 0)), int(dst.get("n", 0)), *(len(_limbs(v)) - 1 for v in counters.values())])
+    his = [int(x) for x in (src.get("lo:h"), dst.get("lo:h")) if x is not None]
+    if his:
+        out["lo:h"] = min(his)
+    return out
 
 
 def _entry_json(entry: LedgerEntry) -> str:
@@ -167,11 +107,12 @@ class RedisBudgetStore:
     def __init__(self, client: RedisClient, *, prefix: str = "x402b:") -> None:
         self._r = client
         self._p = prefix
-        self._reserve = client.register_script(_RESERVE)
-        self._commit = client.register_script(_COMMIT)
-        self._release = client.register_script(_RELEASE)
-        self._rate = client.register_script(_RATE)
-        self._usage = client.register_script(_USAGE)
+        self._reserve = client.register_script(lua.RESERVE)
+        self._commit = client.register_script(lua.COMMIT)
+        self._release = client.register_script(lua.RELEASE)
+        self._rate = client.register_script(lua.RATE)
+        self._usage = client.register_script(lua.USAGE)
+        self._indexed: set[str] = set()  # tags known to be in the ledger's index
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "x402b:") -> RedisBudgetStore:
@@ -180,34 +121,29 @@ class RedisBudgetStore:
     def _k(self, scope: Scope, suffix: str) -> str:
         return f"{self._p}b:{{{scope.tag}}}:{scope.name}:{suffix}"
 
-    def _spec(self, checks: list[Check], keys: _Keys) -> list[dict]:
-        out = []
-        for c in checks:
-            item: dict = {
-                "z": keys.add(self._k(c.scope, "rz")),
-                "h": keys.add(self._k(c.scope, "rh")),
-                "windows": [
-                    {"k": keys.add(self._k(c.scope, w.key)), "rolling": w.rolling, "limit": str(w.limit),
-                     "bucket": w.bucket, "ttl": w.ttl_s}
-                    for w in c.windows
-                ],
-            }
-            if c.rate is not None:
-                item["rate"] = {"k": keys.add(self._k(c.scope, "rate")), "per_minute": c.rate.per_minute,
-                                "burst": c.rate.burst}
-            out.append(item)
+    def _check_args(self, c: Check, keys: _Keys, *, rate: bool | None, limits: bool = True) -> list[str | int | float]:
+        """z, h, c[, 1, per_minute, burst | 0], #windows, windows (`rate` None: no rate flag)."""
+        out: list[str | int | float] = [keys.add(self._k(c.scope, "rz")), keys.add(self._k(c.scope, "rh")),
+                                        keys.add(self._k(c.scope, "c"))]
+        if rate is not None:
+            out += [1, c.rate.per_minute, c.rate.burst] if rate and c.rate is not None else [0]
+        out.append(len(c.windows))
+        for w in c.windows:
+            out += _window_args(w, limit=limits)
         return out
 
     @_errors
-    async def _run(self, script, keys: list[str], args: list[str]):
+    async def _run(self, script, keys: list[str], args: list[str | int | float]):
         return await script(keys=keys, args=args)
 
     async def reserve(self, checks: list[Check], amount: int, reservation_id: str, *, now: float,
                       hold_s: float) -> Refusal | None:
         keys = _Keys()
-        spec = {"now": now, "amount": str(amount), "id": reservation_id, "exp": now + hold_s,
-                "keep": int(hold_s) + 3600, "checks": self._spec(checks, keys)}
-        res = await self._run(self._reserve, keys.keys, [orjson.dumps(spec).decode()])
+        args: list[str | int | float] = [repr(now), repr(now + hold_s), int(hold_s) + 3600, reservation_id,
+                                         str(amount), *_limbs(amount), int(now // 3600), len(checks)]
+        for c in checks:
+            args += self._check_args(c, keys, rate=True)
+        res = await self._run(self._reserve, keys.keys, args)
         if res[0] == "ok":
             return None
         check = checks[int(res[1]) - 1]
@@ -216,32 +152,51 @@ class RedisBudgetStore:
             return Refusal("rate_limited", "rate limit reached", status=429, scope=check.scope.name,
                            retry_after_s=wait, resets_at=now + wait)
         window = check.windows[int(res[2]) - 1]
+        used = _from_limbs(res[3:])
         kind = "group" if check.scope.kind == "group" else "agent"
         return Refusal("budget_exceeded", f"{kind} {window.period}{' (rolling)' if window.rolling else ''} budget exceeded",
-                       scope=check.scope.name, remaining=int(res[3]), resets_at=window.resets_at)
+                       scope=check.scope.name, remaining=max(0, window.limit - used), resets_at=window.resets_at)
 
     async def commit(self, checks: list[Check], reservation_id: str, amount: int, entry: LedgerEntry,
                      *, now: float) -> bool:
+        """Counts in the windows of `checks` that the scope is limited by (tracked); pass every
+        period's window (the enforcer's `for_commit`), so a period tracked since is counted too."""
         keys = _Keys()
         tag_scope = checks[0].scope
-        spec = {"now": now, "amount": str(amount), "id": reservation_id, "checks": self._spec(checks, keys),
-                "done": keys.add(self._k(tag_scope, f"done:{reservation_id}")),
-                "ledger": keys.add(f"{self._p}b:{{{tag_scope.tag}}}:ledger")}
-        res = await self._run(self._commit, keys.keys, [orjson.dumps(spec).decode(), _entry_json(entry)])
-        try:
-            await self._r.sadd(f"{self._p}ledger:tags", tag_scope.tag)
-        except RedisError:
-            pass  # only an index: the entry itself is in the ledger already
+        args: list[str | int | float] = [
+            repr(now), reservation_id, *_limbs(amount), int(now // 3600),
+            keys.add(self._k(tag_scope, f"done:{reservation_id}")), keys.add(f"{self._p}b:{{{tag_scope.tag}}}:ledger"),
+            _entry_json(entry), len(checks)]
+        previous: tuple[Window, ...] | None = None
+        for c in checks:
+            args += [keys.add(self._k(c.scope, "rz")), keys.add(self._k(c.scope, "rh")), keys.add(self._k(c.scope, "c"))]
+            if c.windows == previous:  # the enforcer's commit: every scope has the same windows
+                args.append(-1)
+            else:
+                args += [len(c.windows), *(f"{w.key}:{w.bucket}" if w.rolling else w.key for w in c.windows)]
+            previous = c.windows
+        res = await self._run(self._commit, keys.keys, args)
+        if tag_scope.tag not in self._indexed:
+            try:
+                await self._r.sadd(f"{self._p}ledger:tags", tag_scope.tag)
+            except RedisError:
+                pass  # only an index: the entry itself is in the ledger already; the next commit retries
+            else:
+                if len(self._indexed) > 100_000:
+                    self._indexed.clear()
+                self._indexed.add(tag_scope.tag)
         return res == 1
 
     async def release(self, checks: list[Check], reservation_id: str) -> None:
         keys = _Keys()
-        spec = {"id": reservation_id, "checks": self._spec(checks, keys)}
-        await self._run(self._release, keys.keys, [orjson.dumps(spec).decode()])
+        args: list[str | int | float] = [reservation_id, len(checks)]
+        for c in checks:
+            args += [keys.add(self._k(c.scope, "rz")), keys.add(self._k(c.scope, "rh"))]
+        await self._run(self._release, keys.keys, args)
 
     async def _bucket(self, scope: Scope, rate: RateLimit, now: float, take: bool) -> RateState:
         args = {"per_minute": rate.per_minute, "burst": rate.burst, "now": now, "take": take}
-        ok, wait = await self._run(self._rate, [self._k(scope, "rate")], [orjson.dumps(args).decode()])
+        ok, wait = await self._run(self._rate, [self._k(scope, "rh")], [orjson.dumps(args).decode()])
         return RateState(allowed=ok == 1, retry_after_s=float(wait))
 
     async def rate_peek(self, scope: Scope, rate: RateLimit, *, now: float) -> RateState:
@@ -252,12 +207,16 @@ class RedisBudgetStore:
 
     async def usage(self, check: Check, *, now: float) -> list[BudgetUsage]:
         keys = _Keys()
-        spec = {"now": now, "checks": self._spec([check], keys)}
-        res = await self._run(self._usage, keys.keys, [orjson.dumps(spec).decode()])
-        held = int(res[0])
+        args = [repr(now), int(now // 3600), *self._check_args(check, keys, rate=None)]
+        res = [int(x) for x in await self._run(self._usage, keys.keys, args)]
+        lists, i = [], 0
+        while i < len(res):
+            lists.append(res[i + 1:i + 1 + res[i]])
+            i += 1 + res[i]
+        held = _from_limbs(lists[0])
         out = []
-        for w, spent in zip(check.windows, res[1:], strict=True):
-            used = int(spent)
+        for w, limbs in zip(check.windows, lists[1:], strict=True):
+            used = _from_limbs(limbs)
             out.append(BudgetUsage(scope=check.scope.name, period=w.period, rolling=w.rolling, limit=w.limit,
                                    spent=used, reserved=held, remaining=max(0, w.limit - used - held),
                                    resets_at=w.resets_at))
@@ -265,31 +224,37 @@ class RedisBudgetStore:
 
     @_errors
     async def move_spend(self, old: Scope, new: Scope, windows: tuple[Window, ...]) -> None:
+        """Every counter and hold of `old` is added to `new` (counters) or moved there (holds). A
+        period tracked on one side only is dropped from tracking (and its counters with it): the
+        next reserve limited by it rebuilds it from the merged hourly spend."""
         if old.tag == new.tag:
             return
-        for w in windows:
-            src, dst = self._k(old, w.key), self._k(new, w.key)
-            if w.rolling:
-                buckets = await self._r.hgetall(src)
-                for bucket, amount in buckets.items():
-                    current = await self._r.hget(dst, bucket)
-                    await self._r.hset(dst, bucket, str(int(current or 0) + int(amount)))
-            else:
-                total = await self._r.get(src)
-                if total is None:
-                    continue
-                current = await self._r.get(dst)
-                await self._r.set(dst, str(int(current or 0) + int(total)))
-            await self._r.expire(dst, w.ttl_s)
-            await self._r.delete(src)
-        # The client decodes replies (decode_responses=True); redis-py types them all `bytes | str`.
+        src_c, dst_c = self._k(old, "c"), self._k(new, "c")
+        # the client decodes replies (redis_from_url): str, not bytes
+        src = cast(dict[str, str], await self._r.hgetall(src_c))
+        dst = cast(dict[str, str], await self._r.hgetall(dst_c))
+        if src:
+            merged: dict[EncodableT, EncodableT] = dict((_merge_counters(src, dst) if dst else src).items())
+            await self._r.delete(dst_c)
+            await self._r.hset(dst_c, mapping=merged)
+            await self._r.expire(dst_c, lua.COUNTERS_TTL_S)
+            await self._r.delete(src_c)
+        old_h, new_h = self._k(old, "rh"), self._k(new, "rh")
         holds = cast(list[tuple[str, float]], await self._r.zrange(self._k(old, "rz"), 0, -1, withscores=True))
-        amounts = await self._r.hgetall(self._k(old, "rh"))
+        amounts = cast(dict[str, str], await self._r.hgetall(old_h))
         for hold_id, expires in holds:
-            if hold_id in amounts:
+            if f"h:{hold_id}" in amounts:
                 await self._r.zadd(self._k(new, "rz"), {hold_id: expires})
-                await self._r.hset(self._k(new, "rh"), hold_id, amounts[hold_id])
-        await self._r.delete(self._k(old, "rz"), self._k(old, "rh"))
+                await self._r.hset(new_h, f"h:{hold_id}", amounts[f"h:{hold_id}"])
+        await self._r.delete(self._k(old, "rz"), old_h)
+        # the new scope's running total, from its holds (an admin operation: a sum is fine here);
+        # 'x' goes, so the next reserve sweeps by score
+        moved = cast(dict[str, str], await self._r.hgetall(new_h))
+        held = sum(int(v) for f, v in moved.items() if f.startswith("h:"))
+        if held or await self._r.exists(new_h):
+            await self._r.hset(new_h, "t", ",".join(str(x) for x in _limbs(held)[1:]))
+            await self._r.hset(new_h, "x", "0")
+            await self._r.expire(new_h, max(await self._r.ttl(new_h), 3600))
 
     def _pk(self, kind: str, id: str, network: str, asset: str) -> str:
         return f"{self._p}pol:{kind}:{id.lower() if kind == 'agent' else id}:{network}:{asset.lower()}"

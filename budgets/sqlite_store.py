@@ -42,16 +42,22 @@ class SQLiteBudgetStore:
         self._db.execute("DELETE FROM holds WHERE scope = ? AND expires <= ?", (scope.name, now))
         return sum(int(a) for (a,) in self._db.execute("SELECT amount FROM holds WHERE scope = ?", (scope.name,)))
 
-    def _spent(self, scope: Scope, w: Window) -> int:
-        if w.rolling:
-            # the current bucket and the 60 before it: spend is never forgiven early
-            self._db.execute("DELETE FROM counters WHERE scope = ? AND wkey = ? AND bucket < ?",
-                             (scope.name, w.key, w.bucket - 60))
-            rows = self._db.execute("SELECT amount FROM counters WHERE scope = ? AND wkey = ?", (scope.name, w.key))
-        else:
-            rows = self._db.execute("SELECT amount FROM counters WHERE scope = ? AND wkey = ? AND bucket = 0",
-                                    (scope.name, w.key))
-        return sum(int(a) for (a,) in rows)
+    def _spent(self, scope: Scope, windows: tuple[Window, ...]) -> list[int]:
+        """Each window's spend, from one query over the scope's counters. A rolling window is its
+        current bucket and the 60 before it: spend is never forgiven early (older buckets are
+        dropped by commit once they expire)."""
+        if not windows:
+            return []
+        keys = sorted({w.key for w in windows})
+        rows = self._db.execute(f"SELECT wkey, bucket, amount FROM counters WHERE scope = ? AND wkey IN"
+                                f" ({', '.join('?' * len(keys))})", (scope.name, *keys)).fetchall()
+        out = []
+        for w in windows:
+            if w.rolling:
+                out.append(sum(int(a) for k, b, a in rows if k == w.key and b >= w.bucket - 60))
+            else:
+                out.append(sum(int(a) for k, b, a in rows if k == w.key and b == 0))
+        return out
 
     def _bucket(self, scope: Scope, rate: RateLimit, now: float, take: bool) -> RateState:
         cap = rate.burst or rate.per_minute
@@ -74,8 +80,8 @@ class SQLiteBudgetStore:
         with self._tx():
             for c in checks:
                 held = self._reserved(c.scope, now)
-                for w in c.windows:
-                    used = self._spent(c.scope, w) + held
+                for w, spent in zip(c.windows, self._spent(c.scope, c.windows), strict=True):
+                    used = spent + held
                     if used + amount > w.limit:
                         kind = "group" if c.scope.kind == "group" else "agent"
                         return Refusal("budget_exceeded",
@@ -102,12 +108,17 @@ class SQLiteBudgetStore:
                 return False
             for c in checks:
                 self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ?", (reservation_id, c.scope.name))
-                for w in c.windows:
-                    row = self._db.execute("SELECT amount FROM counters WHERE scope = ? AND wkey = ? AND bucket = ?",
-                                           (c.scope.name, w.key, w.bucket)).fetchone()
-                    total = (int(row[0]) if row else 0) + amount
-                    self._db.execute("INSERT OR REPLACE INTO counters (scope, wkey, bucket, amount, expires)"
-                                     " VALUES (?, ?, ?, ?, ?)", (c.scope.name, w.key, w.bucket, str(total), now + w.ttl_s))
+                if not c.windows:
+                    continue
+                # one read of the scope's counters and one batch of writes, not two statements a window
+                keys = sorted({w.key for w in c.windows})
+                have = {(k, b): int(a) for k, b, a in self._db.execute(
+                    f"SELECT wkey, bucket, amount FROM counters WHERE scope = ? AND wkey IN ({', '.join('?' * len(keys))})",
+                    (c.scope.name, *keys))}
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO counters (scope, wkey, bucket, amount, expires) VALUES (?, ?, ?, ?, ?)",
+                    [(c.scope.name, w.key, w.bucket, str(have.get((w.key, w.bucket), 0) + amount), now + w.ttl_s)
+                     for w in c.windows])
             self._db.execute(
                 "INSERT INTO ledger (ts, agent, grp, route, model, amount, asset, network, tx_hash, request_id, extra)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -134,8 +145,7 @@ class SQLiteBudgetStore:
         with self._tx():
             held = self._reserved(check.scope, now)
             out = []
-            for w in check.windows:
-                spent = self._spent(check.scope, w)
+            for w, spent in zip(check.windows, self._spent(check.scope, check.windows), strict=True):
                 out.append(BudgetUsage(scope=check.scope.name, period=w.period, rolling=w.rolling, limit=w.limit,
                                        spent=spent, reserved=held, remaining=max(0, w.limit - spent - held),
                                        resets_at=w.resets_at))

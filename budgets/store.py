@@ -40,14 +40,17 @@ class BudgetStore(Protocol):
 
     async def commit(self, checks: list[Check], reservation_id: str, amount: int, entry: LedgerEntry,
                      *, now: float) -> bool:
-        """Add `amount` to every window, drop the hold, append the ledger entry. Idempotent per
-        reservation id: returns False if it was already committed."""
+        """Add `amount` to the windows (every period's, from the enforcer: a store may count only
+        those a budget is limited by, if it can rebuild the others exactly or conservatively),
+        drop the hold, append the ledger entry. Idempotent per reservation id: returns False if it
+        was already committed."""
         ...
 
     async def release(self, checks: list[Check], reservation_id: str) -> None: ...
 
     async def rate_peek(self, scope: Scope, rate: RateLimit, *, now: float) -> RateState:
-        """Would a call be allowed now? Does not consume (the claimed payer is not verified yet)."""
+        """Would a call be allowed now? Does not consume. (The enforcer's pre-check peeks at its
+        local mirror instead: budgets/rate_mirror.py.)"""
         ...
 
     async def rate_take(self, scope: Scope, rate: RateLimit, *, now: float) -> RateState:

@@ -9,7 +9,10 @@ how their cost grows with state, and the latency budget enforcement adds to a pa
    - "reserve+commit": one operation = reserve, then commit (with its ledger entry);
    - "reserve": reserve alone (holds stay outstanding until the end of the run);
    - "enforcer": what the gateway does per paid call through `BudgetEnforcer`: precheck (policy
-     lookups, rate peek), reserve, commit — with the policies in the store.
+     lookups, rate limit), reserve, commit — with the policies in the store;
+   - "evalsha" (Redis only): a trivial script (`return 1`) through the same client, the floor one
+     round trip to Redis costs at that concurrency; the enforcer's rate is reported against it.
+   Round trips per operation are counted at the client (every command redis-py sends).
    Sequential (concurrency 1) and concurrency 64 (asyncio tasks sharing one store object).
 2. Scaling (sequential, one store call at a time): reserve latency as reservations accumulate in
    one group, and SQLite commit latency as the counters table grows.
@@ -243,6 +246,12 @@ async def store_run(kind: str, op: str, conc: int, ctx: dict[str, Any], rep: int
                                     now=now)
             return ok, "" if ok else "commit_not_applied"
 
+        noop = store._r.register_script("return 1") if kind == "redis" else None
+
+        async def floor(item: tuple[str, str]) -> tuple[bool, str]:
+            assert noop is not None
+            return await noop() == 1, ""
+
         async def enforced(item: tuple[str, str]) -> tuple[bool, str]:
             agent, rid = item
             route, model = "POST /v1/chat/completions", "gpt-4o-mini"
@@ -251,7 +260,8 @@ async def store_run(kind: str, op: str, conc: int, ctx: dict[str, Any], rep: int
             await enforcer.commit(hold, AMOUNT, "0x" + "ab" * 32, rid)
             return True, ""
 
-        fn = {"reserve": reserve, "reserve+commit": pair, "enforcer": enforced}[op]
+        fns = {"reserve": reserve, "reserve+commit": pair, "enforcer": enforced, "evalsha": floor}
+        fn = fns[op]
         max_ops = args.store_max_ops if op != "reserve" else args.reserve_max_ops
         # warm-up (connections, statement cache), on other ids
         warm = Workload(enforcer, f"{kind}-{label}-warm", agents=16, groups=1)
@@ -259,14 +269,22 @@ async def store_run(kind: str, op: str, conc: int, ctx: dict[str, Any], rep: int
             for a in warm.agents:
                 await store.put_policy("agent", a, warm.pol[warm.group_of[a]][0])
             await store.put_policy("group", warm.groups[0], warm.pol[warm.groups[0]][1])
-        wfn = {"reserve": reserve, "reserve+commit": pair, "enforcer": enforced}[op]
+        wfn = fns[op]
         saved = wl
         wl = warm
         await asyncio.gather(*(wfn(i) for i in itertools.islice(warm.items(), 64)))
         wl = saved
         pids = {"client": None} | ({"redis": ctx["redis"].pid} if kind == "redis" else {})
+        sent = [0]
         if kind == "redis":
             await redis_stats(ctx, reset=True)
+            send = store._r.execute_command
+
+            async def counted(*a: Any, **kw: Any) -> Any:
+                sent[0] += 1
+                return await send(*a, **kw)
+
+            store._r.execute_command = counted  # type: ignore[method-assign]
         res = await run_load(fn, wl.items(), concurrency=conc, max_ops=max_ops, max_seconds=args.store_seconds,
                              cpu=CpuMeter(pids))
         row = {"rep": rep, "store": kind, "op": op, "concurrency": conc, **res.summary(),
@@ -280,6 +298,8 @@ async def store_run(kind: str, op: str, conc: int, ctx: dict[str, Any], rep: int
             row["redis_usec_per_op"] = sum(v["usec"] for v in top) / n
             row["redis_scripts_per_op"] = sum(stats[c]["calls"] for c in ("evalsha", "eval") if c in stats) / n
             row["redis_sadd_per_op"] = stats.get("sadd", {}).get("calls", 0) / n
+            row["round_trips_per_op"] = sent[0] / n
+            row["redis_commands_per_op"] = sum(v["calls"] for c, v in stats.items() if c not in ("evalsha", "eval")) / n
             row["redis_usec_per_script"] = (sum(stats[c]["usec"] for c in ("evalsha", "eval") if c in stats)
                                             / max(1, sum(stats[c]["calls"] for c in ("evalsha", "eval") if c in stats)))
         return row
@@ -465,6 +485,8 @@ async def run_benchmark(args: argparse.Namespace, ctx: dict[str, Any], stack: co
         for kind in (stores if rep % 2 == 0 else stores[::-1]):
             for op in ops:
                 for conc in concs:
+                    if op == "evalsha" and kind != "redis":
+                        continue
                     row = await store_run(kind, op, conc, ctx, rep, args)
                     store_runs.append(row)
                     print(f"store rep {rep} {kind:<6} {op:<15} c={conc:<3} {row['ops_per_s']:>9,.0f}/s "
@@ -488,6 +510,13 @@ async def run_benchmark(args: argparse.Namespace, ctx: dict[str, Any], stack: co
 # Report
 
 
+def _vs_floor(row: dict[str, Any], runs: list[dict[str, Any]]) -> float:
+    """ops/s of `row` over the trivial EVALSHA's at the same concurrency in the same repetition."""
+    base = [r for r in runs if r["store"] == "redis" and r["op"] == "evalsha" and r["rep"] == row["rep"]
+            and r["concurrency"] == row["concurrency"]]
+    return row["ops_per_s"] / base[0]["ops_per_s"] if base and base[0]["ops_per_s"] else float("nan")
+
+
 def summarize(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     sr = res["store_runs"]
@@ -508,6 +537,11 @@ def summarize(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                      if store == "redis" else None,
                      "redis_sadd_per_op": median(r.get("redis_sadd_per_op", float("nan")) for r in sel)
                      if store == "redis" else None,
+                     "round_trips_per_op": median(r.get("round_trips_per_op", float("nan")) for r in sel)
+                     if store == "redis" else None,
+                     "redis_commands_per_op": median(r.get("redis_commands_per_op", float("nan")) for r in sel)
+                     if store == "redis" else None,
+                     "vs_evalsha": median(_vs_floor(r, sr) for r in sel) if store == "redis" else None,
                      "windows": f"{sel[0]['windows_per_reserve']} / {sel[0]['windows_per_commit']}"})
     out: dict[str, Any] = {"stores": rows}
     g = res.get("gateway")
@@ -550,15 +584,19 @@ def summarize(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 def render(data: dict[str, Any], args: argparse.Namespace) -> str:
     s, m, res = data["summary"], data["machine"], data["result"]
     label = {"reserve+commit": "reserve + commit", "reserve": "reserve alone",
-             "enforcer": "enforcer: precheck + reserve + commit"}
+             "enforcer": "enforcer: precheck + reserve + commit", "evalsha": "trivial EVALSHA (floor)"}
     rows = []
     for r in s["stores"]:
         cpu = f"client {fmt(r['client_cpu_us'])}" + (f", redis {fmt(r['redis_cpu_us'])}" if r["redis_cpu_us"] is not None else "")
         rs = ("—" if r["redis_usec_per_op"] is None else
               f"{fmt(r['redis_usec_per_op'])} µs: {r['redis_scripts_per_op']:.1f} scripts"
               + (f" + {r['redis_sadd_per_op']:.1f} SADD" if r["redis_sadd_per_op"] else ""))
-        rows.append([r["store"], label[r["op"]], r["concurrency"], fmt(r["ops_per_s"]), fmt(r["p50_ms"], 3),
-                     fmt(r["p99_ms"], 3), f"{r['ok']}/{r['ops']}", cpu, rs, r["windows"]])
+        redis_row = r["store"] == "redis"
+        rows.append([r["store"], label[r["op"]], r["concurrency"], fmt(r["ops_per_s"]),
+                     f"{r['vs_evalsha']:.3f}×" if redis_row else "—", fmt(r["p50_ms"], 3),
+                     fmt(r["p99_ms"], 3), f"{r['ok']}/{r['ops']}", cpu, rs,
+                     f"{r['round_trips_per_op']:.2f}" if redis_row else "—",
+                     f"{r['redis_commands_per_op']:.1f}" if redis_row else "—", r["windows"]])
     lines = [
         f"### Budgets benchmark — {data['finished']}", "",
         f"`loadtests/bench_budgets.py {' '.join(sys.argv[1:])}` — {data['elapsed_s']:.0f} s. {args.reps} repetitions, "
@@ -577,9 +615,12 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> str:
         "store (cached 1 s). Windows = windows checked at reserve / counted at commit. CPU is µs per operation "
         "of the benchmark process (client: the store's Python side) and of redis-server; Redis execution is its own "
         "time running the Lua scripts (EVALSHA) and the other top-level commands per operation (INFO "
-        "commandstats), without network I/O.", "",
-        md_table(["store", "operation", "concurrency", "ops/s", "p50 ms", "p99 ms", "ok", "CPU µs/op",
-                  "Redis execution per op (commandstats)", "windows"], rows), "",
+        "commandstats), without network I/O. \"vs trivial EVALSHA\": ops/s over a `return 1` script's "
+        "through the same client at the same concurrency (same repetition). Round trips: commands redis-py "
+        "sent per operation (counted at the client).", "",
+        md_table(["store", "operation", "concurrency", "ops/s", "vs trivial EVALSHA", "p50 ms", "p99 ms", "ok",
+                  "CPU µs/op", "Redis execution per op (commandstats)", "round trips per op",
+                  "Redis commands per op (in scripts + top level)", "windows"], rows), "",
     ]
     if res["scaling_holds"]:
         lines += ["#### Reserve latency as reservations accumulate in one group", "",
@@ -635,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--stores", default="sqlite,redis")
-    p.add_argument("--ops", default="reserve+commit,reserve,enforcer")
+    p.add_argument("--ops", default="reserve+commit,reserve,enforcer,evalsha")
     p.add_argument("--conc", default="1,64")
     p.add_argument("--store-seconds", type=float, default=1.5, help="time bound of each store run")
     p.add_argument("--store-max-ops", type=int, default=3000)

@@ -1,0 +1,187 @@
+"""The Redis budget store's own layout (budgets/lua.py): the running total of holds stays equal to
+the holds it sums (reserve, re-reserve, commit, release, expiry swept by score); the one hash of
+counters per scope keeps a bounded number of fields as windows move on, while the counters a
+reserve may still read (the previous calendar window, the last 61 rolling buckets) stay; a period
+limited later is rebuilt from the hourly spend (exactly for a calendar window starting on the
+hour, never less for a rolling one); counters are read as far as their longest limb."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from budgets.models import LedgerEntry, Limit, RateLimit, Scope, commit_windows, resolve_windows
+from budgets.redis_store import RedisBudgetStore
+from budgets.store import Check
+
+pytestmark = pytest.mark.integration
+
+NET = "eip155:84532"
+ASSET = "0x" + "33" * 20
+UTC = ZoneInfo("UTC")
+T0 = 1_800_000_000.0  # a fixed moment: the store takes `now` from its caller
+
+
+@pytest.fixture
+async def store(redis_server) -> AsyncIterator[RedisBudgetStore]:  # type: ignore[no-untyped-def]
+    s = RedisBudgetStore.from_url(redis_server.url, prefix=f"lay{uuid.uuid4().hex[:8]}:")
+    yield s
+    await s.close()
+
+
+def scope(name: str) -> Scope:
+    return Scope("agent", name, NET, ASSET, f"a:{name}")
+
+
+def entry(rid: str, amount: int, ts: float) -> LedgerEntry:
+    return LedgerEntry(ts=ts, agent="0xa", group=None, route="POST /x", model=None, amount=amount, asset=ASSET,
+                       network=NET, tx_hash="0x" + "aa" * 32, request_id=rid)
+
+
+async def holds(store: RedisBudgetStore, s: Scope) -> tuple[int, int]:
+    """(running total, sum of the holds themselves)."""
+    h = await store._r.hgetall(store._k(s, "rh"))
+    total = sum(int(x) * 10 ** (9 * i) for i, x in enumerate(h.get("t", "").split(",")) if x)
+    return total, sum(int(a) for f, a in h.items() if f.startswith("h:"))
+
+
+async def test_the_running_total_of_holds_is_their_sum_through_every_operation(store: RedisBudgetStore) -> None:
+    s = scope("0xh1")
+    check = Check(s, tuple(resolve_windows([Limit(period="day", amount=10**6)], T0, UTC)))
+    for i in range(300):
+        assert await store.reserve([check], 10 + i, f"r{i}", now=T0, hold_s=100 if i % 2 else 10) is None
+    assert (await holds(store, s))[0] == (await holds(store, s))[1] == sum(10 + i for i in range(300))
+    assert await store.reserve([check], 5, "r299", now=T0, hold_s=100) is None  # the same id again: replaced
+    for i in range(0, 40, 3):
+        await store.release([check], f"r{i}")
+    for i in range(1, 40, 3):
+        await store.commit([check], f"r{i}", 1, entry(f"r{i}", 1, T0), now=T0)
+    await store.release([check], "r1")  # already committed: nothing left to drop
+    total, summed = await holds(store, s)
+    assert total == summed
+    (u,) = await store.usage(check, now=T0 + 11)  # the 10 s holds expired: swept by score
+    total, summed = await holds(store, s)
+    assert u.reserved == total == summed
+    assert summed == sum(10 + i for i in range(1, 300, 2) if i != 299 and not (i < 40 and i % 3 in (0, 1))) + 5
+    members = [m for m in await store._r.zrange(store._k(s, "rz"), 0, -1) if m]  # '' keeps the key alive
+    assert sorted(f"h:{m}" for m in members) == sorted(f for f in await store._r.hkeys(store._k(s, "rh"))
+                                                       if f.startswith("h:"))
+
+
+EVERY = [Limit(period=p, amount=10**40, rolling=r) for r in (False, True) for p in ("hour", "day", "week", "month")]
+
+
+async def test_counters_of_past_windows_are_dropped_and_the_live_ones_kept(store: RedisBudgetStore) -> None:
+    s = scope("0xc1")
+    c_key = store._k(s, "c")
+    now = T0
+    times = [T0 + i * 600 for i in range(3 * 24 * 6)]  # every 10 minutes for three days
+    for i, now in enumerate(times):
+        assert await store.reserve([Check(s, tuple(resolve_windows(EVERY, now, UTC)))], 1, f"c{i}", now=now,
+                                   hold_s=60) is None  # every period limited: every period tracked
+        check = Check(s, tuple(commit_windows([], now, UTC)))
+        assert await store.commit([check], f"c{i}", 1, entry(f"c{i}", 1, now), now=now)
+    fields = await store._r.hkeys(c_key)
+    # calendar: the current and the previous window, two markers; rolling: 61 buckets, one marker;
+    # the hours of spend, two markers of their own
+    assert len(fields) <= 4 * 4 + 4 * 62 + 73 + 2
+    hour = next(w for w in commit_windows([], now, UTC) if w.period == "hour" and not w.rolling)
+    previous_hour = next(w for w in commit_windows([], now - 3600, UTC) if w.period == "hour" and not w.rolling)
+    two_back = next(w for w in commit_windows([], now - 7200, UTC) if w.period == "hour" and not w.rolling)
+    assert f"{hour.key}#0" in fields and f"{previous_hour.key}#0" in fields and f"{two_back.key}#0" not in fields
+    # what a reserve reads is what was spent
+    limits = [Limit(period="day", amount=10**6, rolling=True), Limit(period="hour", amount=10**6, rolling=True),
+              Limit(period="day", amount=10**6)]
+    usage = await store.usage(Check(s, tuple(resolve_windows(limits, now, UTC))), now=now)
+
+    def rolling(bucket_s: int) -> int:  # calls in the current bucket and the 60 before it
+        return sum(1 for t in times if t // bucket_s >= now // bucket_s - 60)
+
+    assert [u.spent for u in usage] == [rolling(1440), rolling(60), sum(1 for t in times if t >= now // 86400 * 86400)]
+    assert usage[0].spent >= 144 and usage[1].spent >= 6  # at least the whole last day / hour
+
+
+async def test_a_period_limited_later_is_rebuilt_from_the_hourly_spend(store: RedisBudgetStore) -> None:
+    s = scope("0xr1")
+    times = [T0 + i * 700 for i in range(200)]  # 700 s apart: about 39 hours
+    for i, now in enumerate(times):
+        assert await store.reserve([Check(s, ())], 3, f"r{i}", now=now, hold_s=60) is None
+        assert await store.commit([Check(s, tuple(commit_windows([], now, UTC)))], f"r{i}", 3,
+                                  entry(f"r{i}", 3, now), now=now)
+    now = times[-1]
+    # nothing was limited, so no window was counted: only the hours
+    assert not [f for f in await store._r.hkeys(store._k(s, "c")) if f.startswith(("day:", "roll:"))]
+    limits = [Limit(period="day", amount=10**6), Limit(period="hour", amount=10**6, rolling=True),
+              Limit(period="week", amount=10**6, rolling=True)]
+    day, roll_hour, roll_week = await store.usage(Check(s, tuple(resolve_windows(limits, now, UTC))), now=now)
+    assert day.spent == 3 * sum(1 for t in times if t >= now // 86400 * 86400)  # the day starts on the hour: exact
+    # rolling: the hours that overlap the window count whole (never less than the window's spend)
+    hours_start = (now // 3600 - 1) * 3600
+    assert 3 * sum(1 for t in times if t >= now - 3600) <= roll_hour.spent <= 3 * sum(1 for t in times if t >= hours_start)
+    assert roll_week.spent == 3 * len(times)
+    # from now on they are tracked: a commit counts in them
+    later = now + 10
+    assert await store.reserve([Check(s, ())], 5, "x", now=later, hold_s=60) is None
+    assert await store.commit([Check(s, tuple(commit_windows([], later, UTC)))], "x", 5, entry("x", 5, later), now=later)
+    after = await store.usage(Check(s, tuple(resolve_windows(limits, later, UTC))), now=later)
+    assert [u.spent for u in after] == [day.spent + 5, roll_hour.spent + 5, roll_week.spent + 5]
+
+
+async def test_a_counter_longer_than_the_limit_is_read_whole(store: RedisBudgetStore) -> None:
+    """Limbs are read as far as the longest counter of the scope, not only as far as the limit."""
+    s = scope("0xl1")
+    month = Check(s, tuple(resolve_windows([Limit(period="month", amount=10**40)], T0, UTC)))
+    day = Check(s, tuple(resolve_windows([Limit(period="day", amount=10**40)], T0, UTC)))
+    assert await store.reserve([month], 10**30, "big", now=T0, hold_s=60) is None
+    assert await store.reserve([day], 1, "track", now=T0, hold_s=60) is None
+    await store.release([day], "track")
+    assert await store.commit([Check(s, tuple(commit_windows([], T0, UTC)))], "big", 10**30,
+                              entry("big", 10**30, T0), now=T0)
+    small = Check(s, tuple(resolve_windows([Limit(period="day", amount=100)], T0, UTC)))
+    refused = await store.reserve([small], 1, "small", now=T0, hold_s=60)
+    assert refused is not None and refused.reason == "budget_exceeded" and refused.remaining == 0
+    (u,) = await store.usage(small, now=T0)
+    assert u.spent == 10**30
+
+
+async def test_a_store_written_by_the_earlier_layout_is_carried_over(store: RedisBudgetStore) -> None:
+    """Keys as the earlier scripts wrote them (a decimal string per calendar window, a hash per
+    rolling period, holds as id -> amount, the rate bucket on its own) keep their spend, holds and
+    rate state after `migrate_layout`, and a second run changes nothing."""
+    from budgets.redis_migrate import migrate_layout
+
+    s = scope("0xm1")
+    base = f"{store._p}b:{{{s.tag}}}:{s.name}"
+    day = resolve_windows([Limit(period="day", amount=1)], T0, UTC)[0]
+    yesterday = resolve_windows([Limit(period="day", amount=1)], T0 - 86400, UTC)[0]
+    roll = resolve_windows([Limit(period="hour", amount=1, rolling=True)], T0, UTC)[0]
+    big = 3 * 10**21 + 7  # past int64 and 2^53
+    await store._r.set(f"{base}:{day.key}", str(big))
+    await store._r.set(f"{base}:{yesterday.key}", "999")
+    await store._r.hset(f"{base}:roll:hour", mapping={str(roll.bucket - 5): "40", str(roll.bucket): "2"})
+    await store._r.zadd(f"{base}:rz", {"held-1": T0 + 100, "gone": T0 - 1})
+    await store._r.hset(f"{base}:rh", mapping={"held-1": "30", "gone": "50"})
+    await store._r.hset(f"{base}:rate", mapping={"tokens": "0.5", "ts": str(T0)})
+    await store._r.set(f"{base}:done:r0", "1")
+    assert await migrate_layout(store._r, store._p) > 0
+    assert await migrate_layout(store._r, store._p) == 0
+
+    limits = [Limit(period="day", amount=4 * 10**21), Limit(period="hour", amount=1000, rolling=True)]
+    check = Check(s, tuple(resolve_windows(limits, T0, UTC)))
+    day_use, roll_use = await store.usage(check, now=T0)
+    assert (day_use.spent, roll_use.spent, day_use.reserved) == (big, 42, 30)  # the expired hold is swept
+    refused = await store.reserve([check], 10**21, "new", now=T0, hold_s=60)
+    assert refused is not None and refused.remaining == 4 * 10**21 - big - 30
+    # the rate bucket came along: half a token left, so a rate-limited reserve is refused
+    rated = Check(s, check.windows, RateLimit(per_minute=1))
+    refused = await store.reserve([rated], 1, "rated", now=T0, hold_s=60)
+    assert refused is not None and refused.reason == "rate_limited"
+    # and the counters keep counting: a commit lands in the same window
+    assert await store.reserve([check], 8, "more", now=T0 + 61, hold_s=60) is None
+    assert await store.commit([Check(s, tuple(commit_windows([], T0 + 61, UTC)))], "more", 8,
+                              entry("more", 8, T0 + 61), now=T0 + 61)
+    (day_use, roll_use) = await store.usage(check, now=T0 + 61)
+    assert (day_use.spent, roll_use.spent) == (big + 8, 50)
