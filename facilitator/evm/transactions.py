@@ -95,19 +95,8 @@ class TransactionSender:
         async with self.nonces.hold(key):
             for _attempt in range(3):
                 nonce = await self.nonces.current(key, chain_count)
-                signed = signer.sign(
-                    {
-                        "type": 2,
-                        "chainId": self.chain_id,
-                        "nonce": nonce,
-                        "to": to,
-                        "data": data,
-                        "value": 0,
-                        "gas": gas,
-                        "maxFeePerGas": max_fee,
-                        "maxPriorityFeePerGas": priority,
-                    }
-                )
+                signed = signer.sign(chain_id=self.chain_id, nonce=nonce, to=to, data=data, gas=gas,
+                                     max_fee=max_fee, priority_fee=priority)
                 await persist(signed)
                 try:
                     await self.rpc.call("eth_sendRawTransaction", [signed.raw])
