@@ -180,6 +180,7 @@ class Facilitator:
     async def close(self) -> None:
         closed: set[int] = set()
         for chain in self.chains.values():
+            await chain.sender.receipts.close()
             await chain.rpc.close()
             nonces = chain.sender.nonces
             if id(nonces) not in closed and hasattr(nonces, "close"):
