@@ -108,14 +108,17 @@ class LocalFacilitatorClient:
             self._task = asyncio.create_task(reconcile_forever(self.facilitator, self._interval))
 
     # The payload and requirements are validated models already: hand them over as they are
-    # (dumping and re-validating them cost ~100 µs per call).
+    # (dumping and re-validating them cost ~100 µs per call). A payment verified here is settled
+    # with the very same objects, so the facilitator keeps what verify prepared for settle.
     async def verify(self, payload: AnyPayload, requirements: AnyRequirements) -> VerifyResponse:
         return await self.facilitator.verify(VerifyRequest.model_construct(
-            x402_version=payload.x402_version, payment_payload=payload, payment_requirements=requirements))
+            x402_version=payload.x402_version, payment_payload=payload, payment_requirements=requirements),
+            keep=True)
 
     async def settle(self, payload: AnyPayload, requirements: AnyRequirements) -> SettleResponse:
         return await self.facilitator.settle(SettleRequest.model_construct(
-            x402_version=payload.x402_version, payment_payload=payload, payment_requirements=requirements))
+            x402_version=payload.x402_version, payment_payload=payload, payment_requirements=requirements),
+            reuse=True)
 
     def can_sign(self, address: str) -> bool:
         return self.facilitator.signers.get(address) is not None
@@ -167,7 +170,7 @@ class HttpFacilitatorClient:
                                   invalid_message="the payment cannot be encoded as JSON")
         try:
             status, raw = await self._post("/verify", body)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return VerifyResponse(is_valid=False, invalid_reason=R.UNEXPECTED_VERIFY_ERROR.value,
                                   invalid_message=f"facilitator unreachable: {type(exc).__name__}")
         if status != 200:
@@ -187,7 +190,7 @@ class HttpFacilitatorClient:
                                   error_message="the payment cannot be encoded as JSON", transaction="", network=network)
         try:
             status, raw = await self._post("/settle", body)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             # It may have settled: the caller keeps the payment unresolved, not "free to retry".
             return SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,
                                   error_message=f"facilitator unreachable or timed out: {type(exc).__name__}",
@@ -211,7 +214,7 @@ class HttpFacilitatorClient:
         try:
             async with self._client().get(self.url + "/supported") as resp:
                 doc = orjson.loads(await resp.read()) if resp.status == 200 else {}
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, orjson.JSONDecodeError):
+        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
             return {}
         out: dict[str, str] = {}
         for kind in doc.get("kinds", []) if isinstance(doc, dict) else []:
@@ -224,7 +227,7 @@ class HttpFacilitatorClient:
         try:
             async with self._client().get(self.url + "/supported") as resp:
                 return resp.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return False
 
     async def close(self) -> None:

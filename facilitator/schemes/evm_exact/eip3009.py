@@ -56,6 +56,10 @@ class Eip3009Payment:
     def settle_amount(self) -> int:
         return self.value
 
+    def check_time(self, now: float) -> None:
+        """The time checks of prepare(), again: a payment prepared at verify and settled later."""
+        check_eip3009_window(self.valid_before, self.valid_after, now)
+
     async def confirm(self) -> None:
         """The chain checks (one round trip); raises PaymentInvalidError. The settlement call
         data is built only when settling (`plan()`), not on every verify."""
@@ -137,6 +141,13 @@ class Eip3009Payment:
         )
 
 
+def check_eip3009_window(valid_before: int, valid_after: int, now: float) -> None:
+    if valid_before < now + DEADLINE_BUFFER_S:
+        raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALID_BEFORE, "authorization expired or expires within 6 s")
+    if valid_after > now:
+        raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALID_AFTER, "authorization is not yet valid")
+
+
 def prepare_eip3009(chain: EvmChain, raw_payload: dict, requirements: PaymentRequirements, *, now: float) -> Eip3009Payment:
     try:
         payload = ExactEip3009Payload.model_validate(raw_payload)
@@ -162,10 +173,7 @@ def prepare_eip3009(chain: EvmChain, raw_payload: dict, requirements: PaymentReq
         raise PaymentInvalidError(R.INVALID_PAYLOAD, "integer out of uint256 range")
     if value != int(requirements.amount):
         raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALUE_MISMATCH, "value differs from the required amount")
-    if valid_before < now + DEADLINE_BUFFER_S:
-        raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALID_BEFORE, "authorization expired or expires within 6 s")
-    if valid_after > now:
-        raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALID_AFTER, "authorization is not yet valid")
+    check_eip3009_window(valid_before, valid_after, now)
     if value == 0:
         raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALUE_MISMATCH, "amount must be positive")
     try:

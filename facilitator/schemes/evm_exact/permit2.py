@@ -49,6 +49,10 @@ class Permit2Payment:
     nonce_used_reason: str = R.PERMIT2_INVALID_NONCE.value
     payer_is_eoa: bool = False  # known after confirm()
 
+    def check_time(self, now: float) -> None:
+        """The time checks of prepare(), again: a payment prepared at verify and settled later."""
+        check_permit2_window(self.deadline, self.valid_after, now)
+
     async def confirm(self) -> None:
         """The chain checks (one round trip); raises PaymentInvalidError. The settlement call
         data is built only when settling (`plan()`), not on every verify."""
@@ -129,6 +133,13 @@ class Permit2Payment:
         )
 
 
+def check_permit2_window(deadline: int, valid_after: int, now: float) -> None:
+    if deadline < now + DEADLINE_BUFFER_S:
+        raise PaymentInvalidError(R.PERMIT2_DEADLINE_EXPIRED, "permit deadline has passed or is within 6 s")
+    if valid_after > now:
+        raise PaymentInvalidError(R.PERMIT2_NOT_YET_VALID, "validAfter is in the future")
+
+
 def prepare_permit2(
     chain: EvmChain,
     raw_payload: dict,
@@ -164,10 +175,7 @@ def prepare_permit2(
         raise PaymentInvalidError(R.INVALID_PERMIT2_PAYLOAD_FORMAT, "deadline, validAfter, amount, nonce must be integers") from None
     if not (0 <= nonce < 2**256 and 0 <= deadline < 2**256 and 0 <= valid_after < 2**256 and 0 <= permitted < 2**256):
         raise PaymentInvalidError(R.INVALID_PERMIT2_PAYLOAD_FORMAT, "integer out of uint256 range")
-    if deadline < now + DEADLINE_BUFFER_S:
-        raise PaymentInvalidError(R.PERMIT2_DEADLINE_EXPIRED, "permit deadline has passed or is within 6 s")
-    if valid_after > now:
-        raise PaymentInvalidError(R.PERMIT2_NOT_YET_VALID, "validAfter is in the future")
+    check_permit2_window(deadline, valid_after, now)
     required = int(requirements.amount)
     settle_amount = permitted
     if upto and settle:
