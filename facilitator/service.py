@@ -124,7 +124,7 @@ class Facilitator:
             record = await self.store.get(prepared.record_key)
             if record is not None:
                 raise PaymentInvalidError(R(prepared.nonce_used_reason), "payment already settled or being settled")
-            await prepared.confirm()
+            await prepared.confirm(fresh=False)
             if keep and not scheme.amount_is_maximum:  # upto settles another amount: prepared again
                 self.verified.keep(request.payment_payload, request.payment_requirements, prepared, requirements.network)
             resp = VerifyResponse(is_valid=True, payer=payer)
@@ -194,6 +194,7 @@ class Facilitator:
         closed: set[int] = set()
         for chain in self.chains.values():
             await chain.sender.receipts.close()
+            await chain.state.close()
             await chain.rpc.close()
             nonces = chain.sender.nonces
             if id(nonces) not in closed and hasattr(nonces, "close"):

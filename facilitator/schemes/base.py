@@ -42,7 +42,7 @@ class PreparedPayment(Protocol):
 
     def check_time(self, now: float) -> None: ...  # prepare()'s validity-window checks, at another time
 
-    async def confirm(self) -> None: ...
+    async def confirm(self, *, fresh: bool = True) -> None: ...  # fresh=False: verify, may use the state cache
 
     def plan(self) -> SettlementPlan: ...
 

@@ -17,7 +17,13 @@ from facilitator.service import Facilitator
 from facilitator.settings import devchain_overlay, load_settings
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import SettleRequest, VerifyRequest
-from tests.payments import balance_of, facilitator_body, requirements_for, send_transactions, sign_async
+from tests.payments import (
+    balance_of,
+    facilitator_body,
+    requirements_for,
+    send_transactions,
+    sign_async,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -60,9 +60,11 @@ class Eip3009Payment:
         """The time checks of prepare(), again: a payment prepared at verify and settled later."""
         check_eip3009_window(self.valid_before, self.valid_after, now)
 
-    async def confirm(self) -> None:
+    async def confirm(self, *, fresh: bool = True) -> None:
         """The chain checks (one round trip); raises PaymentInvalidError. The settlement call
-        data is built only when settling (`plan()`), not on every verify."""
+        data is built only when settling (`plan()`), not on every verify. `fresh=False` (verify):
+        reads may come from the chain's state cache, and the payer's settlements in flight count
+        against its balance; the settlement's re-check reads the chain."""
         chain = self.chain
         reads = [
             Call("eth_getCode", [self.payer, "latest"]),
@@ -76,7 +78,11 @@ class Eip3009Payment:
         if check_domain:
             reads.append(Call("eth_call", [{"to": self.asset, "data": contracts.domain_separator()}, "latest"]))
         try:
-            results = await chain.rpc.batch(reads)
+            if fresh or not chain.state.enabled:
+                results = await chain.rpc.batch(reads)
+            else:
+                chain.state.watch(self.asset)
+                results = await chain.state.read(self.payer, reads)
         except RpcUnavailableError as exc:
             raise ChainUnavailableError(str(exc)) from exc
         payer_code, balance, used = results[:3]
@@ -118,7 +124,7 @@ class Eip3009Payment:
             raise PaymentInvalidError(R.INVALID_EXACT_EVM_NONCE_ALREADY_USED, "authorization nonce already used on-chain")
         if isinstance(balance, RpcError):
             raise PaymentInvalidError(R.BALANCE_CHECK_FAILED, "balanceOf reverted")
-        if contracts.decode_uint(balance) < self.value:
+        if contracts.decode_uint(balance) < self.value + (0 if fresh else chain.state.inflight(self.asset, self.payer)):
             raise PaymentInvalidError(R.INVALID_EXACT_EVM_INSUFFICIENT_BALANCE, "payer balance is below the amount")
 
     def plan(self) -> SettlementPlan:

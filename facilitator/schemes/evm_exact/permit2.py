@@ -53,9 +53,11 @@ class Permit2Payment:
         """The time checks of prepare(), again: a payment prepared at verify and settled later."""
         check_permit2_window(self.deadline, self.valid_after, now)
 
-    async def confirm(self) -> None:
+    async def confirm(self, *, fresh: bool = True) -> None:
         """The chain checks (one round trip); raises PaymentInvalidError. The settlement call
-        data is built only when settling (`plan()`), not on every verify."""
+        data is built only when settling (`plan()`), not on every verify. `fresh=False` (verify):
+        reads may come from the chain's state cache, and the payer's settlements in flight count
+        against its balance; the settlement's re-check reads the chain."""
         chain = self.chain
         reads = [
             Call("eth_getCode", [self.payer, "latest"]),
@@ -67,7 +69,11 @@ class Permit2Payment:
         if check_asset:
             reads.append(Call("eth_getCode", [self.token, "latest"]))
         try:
-            results = await chain.rpc.batch(reads)
+            if fresh or not chain.state.enabled:
+                results = await chain.rpc.batch(reads)
+            else:
+                chain.state.watch(self.token)
+                results = await chain.state.read(self.payer, reads)
         except RpcUnavailableError as exc:
             raise ChainUnavailableError(str(exc)) from exc
         payer_code, allowance, balance, bitmap = results[:4]
@@ -94,9 +100,10 @@ class Permit2Payment:
         )
         if isinstance(allowance, RpcError) or isinstance(balance, RpcError):
             raise PaymentInvalidError(R.BALANCE_CHECK_FAILED, "allowance/balance read reverted")
-        if contracts.decode_uint(allowance) < self.permitted:
+        need = self.permitted + (0 if fresh else chain.state.inflight(self.token, self.payer))
+        if contracts.decode_uint(allowance) < need:
             raise PaymentInvalidError(R.PERMIT2_ALLOWANCE_REQUIRED, "payer has not approved Permit2 for this amount")
-        if contracts.decode_uint(balance) < self.permitted:
+        if contracts.decode_uint(balance) < need:
             reason = R.PERMIT2_INSUFFICIENT_BALANCE if self.upto else R.INVALID_EXACT_EVM_INSUFFICIENT_BALANCE
             raise PaymentInvalidError(reason, "payer balance is below the amount")
         if isinstance(bitmap, RpcError):
