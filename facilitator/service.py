@@ -175,14 +175,15 @@ class Facilitator:
             payer = prepared.payer
             if not scheme.amount_is_maximum:
                 check_accepted(payload, requirements)
-        except Exception as exc:
+            chain = self.chains[requirements.network]
+        except Exception as exc:  # noqa: BLE001 - every failure is a wire answer; _settle_failure logs the unexpected
             return _settle_failure(exc, payer, network)
-        return await self._run_settler(self.chains[requirements.network], prepared, network)
+        return await self._run_settler(chain, prepared, network)
 
     async def _run_settler(self, chain: EvmChain, prepared: PreparedPayment, network: str) -> SettleResponse:
         try:
             return await self.settler.settle(chain, prepared)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure is a wire answer; _settle_failure logs the unexpected
             return _settle_failure(exc, prepared.payer, network)
 
     def supported(self) -> SupportedResponse:
