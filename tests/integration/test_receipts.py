@@ -11,6 +11,7 @@ import pytest
 
 from facilitator.app import build_facilitator
 from facilitator.evm.receipts import ReceiptWaiter
+from facilitator.evm.rpc import Call
 from facilitator.evm.signer import SignedTransaction
 from facilitator.settings import devchain_overlay, load_settings
 
@@ -29,6 +30,10 @@ async def test_pending_hashes_share_one_poll_and_unknown_ones_time_out(devchain:
         payee = devchain["accounts"]["payee"]["address"]
         sent = [await chain.sender.send(signer, to=payee, data=b"", gas=21_000, persist=_noop) for _ in range(3)]
         assert len({s.nonce for s in sent}) == 3
+        for _ in range(500):  # mined (anvil may mine just after answering), so one poll finds all three
+            if all(await chain.rpc.batch([Call("eth_getTransactionReceipt", [s.tx_hash]) for s in sent])):
+                break
+            await asyncio.sleep(0.01)
 
         waiter = ReceiptWaiter(chain.rpc)
         receipts = await asyncio.gather(*(waiter.wait(s.tx_hash, s.raw, 10.0) for s in sent))
