@@ -65,6 +65,7 @@ def build_facilitator(settings: FacilitatorSettings, *, metrics: FacilitatorMetr
             permit2=net.permit2,
             exact_proxy=net.exact_proxy,
             upto_proxy=net.upto_proxy,
+            state_poll_s=settings.state_poll_s,
             tokens={
                 t.address.lower(): TokenInfo(
                     t.address, t.symbol, t.decimals, t.transfer_method, t.eip712_name, t.eip712_version

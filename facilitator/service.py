@@ -12,8 +12,10 @@ from facilitator.evm.chain import EvmChain
 from facilitator.evm.signer import SignerPool
 from facilitator.metrics import FacilitatorMetrics
 from facilitator.registry import SchemeRegistry
+from facilitator.schemes.base import PreparedPayment
 from facilitator.settlement import Settler
 from facilitator.store.base import SettlementStore, StoreUnavailableError
+from facilitator.verified import VerifiedPayments
 from facilitator.x402.errors import UnknownNetworkError
 from facilitator.x402.identity import claimed_payer
 from facilitator.x402.matching import requirement_mismatch
@@ -94,6 +96,7 @@ class Facilitator:
         self.clock = clock
         self.registry = registry
         self.settler = Settler(store, signers, receipt_timeout_s=receipt_timeout_s, clock=clock)
+        self.verified = VerifiedPayments()
 
     def _labels(self, requirements: PaymentRequirements | PaymentRequirementsV1) -> tuple[str, str]:
         """Bounded metric labels: only configured networks and known schemes, never raw input."""
@@ -106,7 +109,9 @@ class Facilitator:
         scheme = requirements.scheme if self.registry.has_scheme(requirements.scheme) else "unknown"
         return scheme, network if network in self.chains else "unknown"
 
-    async def verify(self, request: VerifyRequest) -> VerifyResponse:
+    async def verify(self, request: VerifyRequest, *, keep: bool = False) -> VerifyResponse:
+        """`keep`: an in-process caller that will settle these very request objects; the
+        prepared payment is kept for that settlement (facilitator/verified.py)."""
         started = time.perf_counter()
         scheme_name, network = self._labels(request.payment_requirements)
         payer = claimed_payer(request.payment_payload.payload)
@@ -119,7 +124,9 @@ class Facilitator:
             record = await self.store.get(prepared.record_key)
             if record is not None:
                 raise PaymentInvalidError(R(prepared.nonce_used_reason), "payment already settled or being settled")
-            await prepared.confirm()
+            await prepared.confirm(fresh=False)
+            if keep and not scheme.amount_is_maximum:  # upto settles another amount: prepared again
+                self.verified.keep(request.payment_payload, request.payment_requirements, prepared, requirements.network)
             resp = VerifyResponse(is_valid=True, payer=payer)
         except PaymentInvalidError as exc:
             resp = VerifyResponse(is_valid=False, invalid_reason=exc.reason.value, invalid_message=exc.message, payer=payer)
@@ -137,9 +144,29 @@ class Facilitator:
         m.verify_total.labels(scheme_name, network, "valid" if resp.is_valid else "invalid", resp.invalid_reason or "").inc()
         return resp
 
-    async def settle(self, request: SettleRequest) -> SettleResponse:
+    async def settle(self, request: SettleRequest, *, reuse: bool = False) -> SettleResponse:
+        """`reuse`: take the payment `verify(keep=True)` prepared for these very objects, if any;
+        its validity window is checked again here and its chain state by the settler."""
         started = time.perf_counter()
         scheme_name, network = self._labels(request.payment_requirements)
+        kept = self.verified.take(request.payment_payload, request.payment_requirements) if reuse else None
+        if kept is not None:
+            resp = await self._settle_kept(*kept)
+        else:
+            resp = await self._settle(request, network)
+        m = self.metrics
+        m.settle_seconds.labels(scheme_name, network).observe(time.perf_counter() - started)
+        m.settle_total.labels(scheme_name, network, "success" if resp.success else "failure", resp.error_reason or "").inc()
+        return resp
+
+    async def _settle_kept(self, prepared: PreparedPayment, network: str) -> SettleResponse:
+        try:
+            prepared.check_time(self.clock())
+        except PaymentInvalidError as exc:
+            return _settle_failure(exc, prepared.payer, network)
+        return await self._run_settler(self.chains[network], prepared, network)
+
+    async def _settle(self, request: SettleRequest, network: str) -> SettleResponse:
         payer = claimed_payer(request.payment_payload.payload)
         try:
             payload, requirements, version = normalize(request.payment_payload, request.payment_requirements)
@@ -148,29 +175,16 @@ class Facilitator:
             payer = prepared.payer
             if not scheme.amount_is_maximum:
                 check_accepted(payload, requirements)
-            resp = await self.settler.settle(self.chains[requirements.network], prepared)
-        except PaymentInvalidError as exc:
-            resp = SettleResponse(
-                success=False, error_reason=exc.reason.value, error_message=exc.message, payer=payer,
-                transaction="", network=network, extra={"final": True},
-            )  # fmt: skip
-        except (ChainUnavailableError, StoreUnavailableError) as exc:
-            # Before any broadcast (the settler absorbs store failures after one): nothing moved.
-            log.warning("settle_dependency_unavailable", extra={"error": str(exc)})
-            resp = SettleResponse(
-                success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,
-                error_message=f"dependency unavailable: {type(exc).__name__}", payer=payer, transaction="",
-                network=network, extra={"final": True},
-            )  # fmt: skip
-        except Exception:
-            log.exception("settle_unexpected_error")
-            resp = SettleResponse(
-                success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value, payer=payer, transaction="", network=network
-            )
-        m = self.metrics
-        m.settle_seconds.labels(scheme_name, network).observe(time.perf_counter() - started)
-        m.settle_total.labels(scheme_name, network, "success" if resp.success else "failure", resp.error_reason or "").inc()
-        return resp
+            chain = self.chains[requirements.network]
+        except Exception as exc:  # noqa: BLE001 - every failure is a wire answer; _settle_failure logs the unexpected
+            return _settle_failure(exc, payer, network)
+        return await self._run_settler(chain, prepared, network)
+
+    async def _run_settler(self, chain: EvmChain, prepared: PreparedPayment, network: str) -> SettleResponse:
+        try:
+            return await self.settler.settle(chain, prepared)
+        except Exception as exc:  # noqa: BLE001 - every failure is a wire answer; _settle_failure logs the unexpected
+            return _settle_failure(exc, prepared.payer, network)
 
     def supported(self) -> SupportedResponse:
         """What the registry holds; every registered namespace is settled by our signers."""
@@ -180,9 +194,32 @@ class Facilitator:
     async def close(self) -> None:
         closed: set[int] = set()
         for chain in self.chains.values():
+            await chain.sender.receipts.close()
+            await chain.state.close()
             await chain.rpc.close()
             nonces = chain.sender.nonces
             if id(nonces) not in closed and hasattr(nonces, "close"):
                 closed.add(id(nonces))
                 await nonces.close()
         await self.store.close()
+
+
+def _settle_failure(exc: Exception, payer: str | None, network: str) -> SettleResponse:
+    """A settlement that raised, as its wire answer."""
+    if isinstance(exc, PaymentInvalidError):
+        return SettleResponse(
+            success=False, error_reason=exc.reason.value, error_message=exc.message, payer=payer,
+            transaction="", network=network, extra={"final": True},
+        )  # fmt: skip
+    if isinstance(exc, (ChainUnavailableError, StoreUnavailableError)):
+        # Before any broadcast (the settler absorbs store failures after one): nothing moved.
+        log.warning("settle_dependency_unavailable", extra={"error": str(exc)})
+        return SettleResponse(
+            success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,
+            error_message=f"dependency unavailable: {type(exc).__name__}", payer=payer, transaction="",
+            network=network, extra={"final": True},
+        )  # fmt: skip
+    log.error("settle_unexpected_error", exc_info=exc)
+    return SettleResponse(
+        success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value, payer=payer, transaction="", network=network
+    )

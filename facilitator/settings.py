@@ -71,6 +71,9 @@ class FacilitatorSettings(BaseModel):
     networks: list[NetworkSettings] = Field(default_factory=list)
     receipt_timeout_s: float = Field(default=20.0, gt=0, le=600)
     reconcile_interval_s: float = Field(default=5.0, gt=0)
+    # How often new blocks are scanned to keep verify's state cache honest; 0 turns the cache off
+    # (every verify reads the chain). facilitator/evm/statecache.py.
+    state_poll_s: float = Field(default=0.25, ge=0, le=10)
     max_body_bytes: int = Field(default=64 * 1024, gt=1024)
     log_level: str = "info"
     shutdown_grace_s: float = Field(default=60.0, gt=0, description="in-flight settlements finish within this")
@@ -153,6 +156,8 @@ def load_settings(
         data["receipt_timeout_s"] = float(timeout)
     if grace := env.get("FACILITATOR_SHUTDOWN_GRACE_S"):
         data["shutdown_grace_s"] = float(grace)
+    if poll := env.get("FACILITATOR_STATE_POLL_S"):
+        data["state_poll_s"] = float(poll)
     if interval := env.get("FACILITATOR_RECONCILE_INTERVAL_S"):
         data["reconcile_interval_s"] = float(interval)
     if host := env.get("FACILITATOR_HOST"):

@@ -128,14 +128,20 @@ class Settler:
                 response=_dump(success), now_ms=self._now_ms(),
             )  # fmt: skip
 
+        # While it is in flight, verifies of this payer count its amount as spent; when it ends, what
+        # the state cache holds about the payer is dropped.
+        chain.state.add_inflight(plan.asset, plan.payer, plan.amount)
         try:
-            signed = await chain.sender.send(signer, to=plan.tx_to, data=plan.tx_data, gas=plan.gas, persist=persist)
-        except (BroadcastRejectedError, NonceUnavailableError) as exc:
-            await self.store.release(key, digest)  # refused, or never sent: nothing is on the network
-            log.warning("settlement_broadcast_rejected", extra={"reason": str(exc), "signer": signer.address})
-            return self._failure(chain, plan.payer, R.UNEXPECTED_SETTLE_ERROR, f"broadcast rejected: {exc}", final=True)
-        receipt = await chain.sender.wait_receipt(signed.tx_hash, signed.raw, self.receipt_timeout_s)
-        return await self._conclude(chain, key, digest, plan, signed.tx_hash, receipt)
+            try:
+                signed = await chain.sender.send(signer, to=plan.tx_to, data=plan.tx_data, gas=plan.gas, persist=persist)
+            except (BroadcastRejectedError, NonceUnavailableError) as exc:
+                await self.store.release(key, digest)  # refused, or never sent: nothing is on the network
+                log.warning("settlement_broadcast_rejected", extra={"reason": str(exc), "signer": signer.address})
+                return self._failure(chain, plan.payer, R.UNEXPECTED_SETTLE_ERROR, f"broadcast rejected: {exc}", final=True)
+            receipt = await chain.sender.wait_receipt(signed.tx_hash, signed.raw, self.receipt_timeout_s)
+            return await self._conclude(chain, key, digest, plan, signed.tx_hash, receipt)
+        finally:
+            chain.state.settled(plan.asset, plan.payer, plan.amount)
 
     async def _finish_submitted(self, chain: EvmChain, record: SettlementRecord, payer: str) -> SettleResponse:
         receipt = await chain.sender.wait_receipt(record.tx_hash, record.raw_tx, self.receipt_timeout_s)

@@ -8,6 +8,7 @@ from facilitator.evm import contracts
 from facilitator.evm.eip712 import address_bytes
 from facilitator.evm.nonces import Nonces
 from facilitator.evm.rpc import JsonRpcClient
+from facilitator.evm.statecache import ChainStateCache
 from facilitator.evm.transactions import TransactionSender
 
 
@@ -35,8 +36,12 @@ class EvmChain:
     # domain separator is fixed per (name, version, chain) for the token contracts x402 uses.
     asset_has_code: set[str] = field(default_factory=set)
     domain_ok: set[tuple[str, str, str]] = field(default_factory=set)
+    # Verify's reads for recently seen payers (facilitator/evm/statecache.py); 0 disables.
+    state_poll_s: float = 0.25
 
     def __post_init__(self) -> None:
+        self.state = ChainStateCache(self.rpc, poll_s=self.state_poll_s)
+        self.state.watch(self.permit2, *self.tokens)
         self.permit2_b = address_bytes(self.permit2)
         self.exact_proxy_b = address_bytes(self.exact_proxy)
         self.upto_proxy_b = address_bytes(self.upto_proxy)

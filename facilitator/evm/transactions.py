@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
 from facilitator.evm.nonces import LocalNonces, Nonces, NonceUnavailableError
+from facilitator.evm.receipts import Receipt, ReceiptWaiter
 from facilitator.evm.rpc import Call, JsonRpcClient, RpcError, RpcUnavailableError
 from facilitator.evm.signer import SignedTransaction, Signer
 
@@ -27,15 +26,6 @@ Persist = Callable[[SignedTransaction], Awaitable[None]]
 
 class BroadcastRejectedError(Exception):
     """The node refused the transaction outright; nothing was sent, the nonce is free again."""
-
-
-@dataclass(frozen=True, slots=True)
-class Receipt:
-    tx_hash: str
-    status: int
-    block_number: int
-    logs: list[dict[str, Any]]
-    gas_used: int
 
 
 def _is_nonce_error(exc: RpcError) -> bool:
@@ -58,6 +48,7 @@ class TransactionSender:
         self._fees: tuple[float, int, int] | None = None  # (fetched_at, max_fee, priority)
         self._fee_cache_s = fee_cache_s
         self._fee_lock = asyncio.Lock()
+        self.receipts = ReceiptWaiter(rpc)
 
     def nonce_key(self, address: str) -> str:
         return f"{self.chain_id}:{address.lower()}"
@@ -95,19 +86,8 @@ class TransactionSender:
         async with self.nonces.hold(key):
             for _attempt in range(3):
                 nonce = await self.nonces.current(key, chain_count)
-                signed = signer.sign(
-                    {
-                        "type": 2,
-                        "chainId": self.chain_id,
-                        "nonce": nonce,
-                        "to": to,
-                        "data": data,
-                        "value": 0,
-                        "gas": gas,
-                        "maxFeePerGas": max_fee,
-                        "maxPriorityFeePerGas": priority,
-                    }
-                )
+                signed = signer.sign(chain_id=self.chain_id, nonce=nonce, to=to, data=data, gas=gas,
+                                     max_fee=max_fee, priority_fee=priority)
                 await persist(signed)
                 try:
                     await self.rpc.call("eth_sendRawTransaction", [signed.raw])
@@ -147,35 +127,7 @@ class TransactionSender:
 
     async def wait_receipt(self, tx_hash: str, raw: str | None, timeout_s: float, *,
                            lookup_after_s: float = 1.0) -> Receipt | None:
-        """Poll for the receipt until `timeout_s`; None when it did not come in time. If the
-        node does not know the transaction (after `lookup_after_s`; 0 for a record found
-        unfinished), the persisted raw bytes are sent again."""
-        deadline = time.monotonic() + timeout_s
-        delay = 0.002
-        last_lookup = time.monotonic() - 1.0 + lookup_after_s
-        while True:
-            try:
-                receipt = await self.rpc.call("eth_getTransactionReceipt", [tx_hash])
-            except (RpcError, RpcUnavailableError):
-                receipt = None
-            if receipt:
-                return Receipt(
-                    tx_hash=tx_hash,
-                    status=int(receipt.get("status", "0x0"), 16),
-                    block_number=int(receipt.get("blockNumber", "0x0"), 16),
-                    logs=list(receipt.get("logs") or []),
-                    gas_used=int(receipt.get("gasUsed", "0x0"), 16),
-                )
-            now = time.monotonic()
-            if now >= deadline:
-                return None
-            if raw and now - last_lookup >= 1.0:
-                last_lookup = now
-                try:
-                    known = await self.rpc.call("eth_getTransactionByHash", [tx_hash])
-                except (RpcError, RpcUnavailableError):
-                    known = True
-                if not known:
-                    await self.rebroadcast(raw)
-            await asyncio.sleep(min(delay, max(deadline - now, 0)))
-            delay = min(delay * 2, 0.25)
+        """The receipt, or None when it did not come within `timeout_s`. If the node does not know
+        the transaction (after `lookup_after_s`; 0 for a record found unfinished), the persisted
+        raw bytes are sent again. One poll loop serves every pending hash of this chain."""
+        return await self.receipts.wait(tx_hash, raw, timeout_s, lookup_after_s=lookup_after_s)

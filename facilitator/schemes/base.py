@@ -40,7 +40,9 @@ class PreparedPayment(Protocol):
     @property
     def settle_amount(self) -> int: ...
 
-    async def confirm(self) -> None: ...
+    def check_time(self, now: float) -> None: ...  # prepare()'s validity-window checks, at another time
+
+    async def confirm(self, *, fresh: bool = True) -> None: ...  # fresh=False: verify, may use the state cache
 
     def plan(self) -> SettlementPlan: ...
 

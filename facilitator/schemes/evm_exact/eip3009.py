@@ -56,9 +56,15 @@ class Eip3009Payment:
     def settle_amount(self) -> int:
         return self.value
 
-    async def confirm(self) -> None:
+    def check_time(self, now: float) -> None:
+        """The time checks of prepare(), again: a payment prepared at verify and settled later."""
+        check_eip3009_window(self.valid_before, self.valid_after, now)
+
+    async def confirm(self, *, fresh: bool = True) -> None:
         """The chain checks (one round trip); raises PaymentInvalidError. The settlement call
-        data is built only when settling (`plan()`), not on every verify."""
+        data is built only when settling (`plan()`), not on every verify. `fresh=False` (verify):
+        reads may come from the chain's state cache, and the payer's settlements in flight count
+        against its balance; the settlement's re-check reads the chain."""
         chain = self.chain
         reads = [
             Call("eth_getCode", [self.payer, "latest"]),
@@ -72,7 +78,11 @@ class Eip3009Payment:
         if check_domain:
             reads.append(Call("eth_call", [{"to": self.asset, "data": contracts.domain_separator()}, "latest"]))
         try:
-            results = await chain.rpc.batch(reads)
+            if fresh or not chain.state.enabled:
+                results = await chain.rpc.batch(reads)
+            else:
+                chain.state.watch(self.asset)
+                results = await chain.state.read(self.payer, reads)
         except RpcUnavailableError as exc:
             raise ChainUnavailableError(str(exc)) from exc
         payer_code, balance, used = results[:3]
@@ -114,7 +124,7 @@ class Eip3009Payment:
             raise PaymentInvalidError(R.INVALID_EXACT_EVM_NONCE_ALREADY_USED, "authorization nonce already used on-chain")
         if isinstance(balance, RpcError):
             raise PaymentInvalidError(R.BALANCE_CHECK_FAILED, "balanceOf reverted")
-        if contracts.decode_uint(balance) < self.value:
+        if contracts.decode_uint(balance) < self.value + (0 if fresh else chain.state.inflight(self.asset, self.payer)):
             raise PaymentInvalidError(R.INVALID_EXACT_EVM_INSUFFICIENT_BALANCE, "payer balance is below the amount")
 
     def plan(self) -> SettlementPlan:
@@ -135,6 +145,14 @@ class Eip3009Payment:
             ),  # fmt: skip
             gas=contracts.GAS_EIP3009_SETTLE,
         )
+
+
+def check_eip3009_window(valid_before: int, valid_after: int, now: float) -> None:
+    if valid_before < now + DEADLINE_BUFFER_S:
+        raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALID_BEFORE,
+                                  "authorization expired or expires within 6 s")
+    if valid_after > now:
+        raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALID_AFTER, "authorization is not yet valid")
 
 
 def prepare_eip3009(chain: EvmChain, raw_payload: dict, requirements: PaymentRequirements, *, now: float) -> Eip3009Payment:
@@ -163,11 +181,7 @@ def prepare_eip3009(chain: EvmChain, raw_payload: dict, requirements: PaymentReq
     if value != int(requirements.amount):
         raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALUE_MISMATCH,
                                   "value differs from the required amount")
-    if valid_before < now + DEADLINE_BUFFER_S:
-        raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALID_BEFORE,
-                                  "authorization expired or expires within 6 s")
-    if valid_after > now:
-        raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALID_AFTER, "authorization is not yet valid")
+    check_eip3009_window(valid_before, valid_after, now)
     if value == 0:
         raise PaymentInvalidError(R.INVALID_EXACT_EVM_PAYLOAD_AUTHORIZATION_VALUE_MISMATCH, "amount must be positive")
     try:

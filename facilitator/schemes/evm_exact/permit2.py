@@ -50,9 +50,15 @@ class Permit2Payment:
     nonce_used_reason: str = R.PERMIT2_INVALID_NONCE.value
     payer_is_eoa: bool = False  # known after confirm()
 
-    async def confirm(self) -> None:
+    def check_time(self, now: float) -> None:
+        """The time checks of prepare(), again: a payment prepared at verify and settled later."""
+        check_permit2_window(self.deadline, self.valid_after, now)
+
+    async def confirm(self, *, fresh: bool = True) -> None:
         """The chain checks (one round trip); raises PaymentInvalidError. The settlement call
-        data is built only when settling (`plan()`), not on every verify."""
+        data is built only when settling (`plan()`), not on every verify. `fresh=False` (verify):
+        reads may come from the chain's state cache, and the payer's settlements in flight count
+        against its balance; the settlement's re-check reads the chain."""
         chain = self.chain
         reads = [
             Call("eth_getCode", [self.payer, "latest"]),
@@ -64,7 +70,11 @@ class Permit2Payment:
         if check_asset:
             reads.append(Call("eth_getCode", [self.token, "latest"]))
         try:
-            results = await chain.rpc.batch(reads)
+            if fresh or not chain.state.enabled:
+                results = await chain.rpc.batch(reads)
+            else:
+                chain.state.watch(self.token)
+                results = await chain.state.read(self.payer, reads)
         except RpcUnavailableError as exc:
             raise ChainUnavailableError(str(exc)) from exc
         payer_code, allowance, balance, bitmap = results[:4]
@@ -91,9 +101,10 @@ class Permit2Payment:
         )
         if isinstance(allowance, RpcError) or isinstance(balance, RpcError):
             raise PaymentInvalidError(R.BALANCE_CHECK_FAILED, "allowance/balance read reverted")
-        if contracts.decode_uint(allowance) < self.permitted:
+        need = self.permitted + (0 if fresh else chain.state.inflight(self.token, self.payer))
+        if contracts.decode_uint(allowance) < need:
             raise PaymentInvalidError(R.PERMIT2_ALLOWANCE_REQUIRED, "payer has not approved Permit2 for this amount")
-        if contracts.decode_uint(balance) < self.permitted:
+        if contracts.decode_uint(balance) < need:
             reason = R.PERMIT2_INSUFFICIENT_BALANCE if self.upto else R.INVALID_EXACT_EVM_INSUFFICIENT_BALANCE
             raise PaymentInvalidError(reason, "payer balance is below the amount")
         if isinstance(bitmap, RpcError):
@@ -128,6 +139,13 @@ class Permit2Payment:
             gas=contracts.GAS_PERMIT2_SETTLE,
             sender=self.facilitator,
         )
+
+
+def check_permit2_window(deadline: int, valid_after: int, now: float) -> None:
+    if deadline < now + DEADLINE_BUFFER_S:
+        raise PaymentInvalidError(R.PERMIT2_DEADLINE_EXPIRED, "permit deadline has passed or is within 6 s")
+    if valid_after > now:
+        raise PaymentInvalidError(R.PERMIT2_NOT_YET_VALID, "validAfter is in the future")
 
 
 def prepare_permit2(
@@ -166,10 +184,7 @@ def prepare_permit2(
                                   "deadline, validAfter, amount, nonce must be integers") from None
     if not (0 <= nonce < 2**256 and 0 <= deadline < 2**256 and 0 <= valid_after < 2**256 and 0 <= permitted < 2**256):
         raise PaymentInvalidError(R.INVALID_PERMIT2_PAYLOAD_FORMAT, "integer out of uint256 range")
-    if deadline < now + DEADLINE_BUFFER_S:
-        raise PaymentInvalidError(R.PERMIT2_DEADLINE_EXPIRED, "permit deadline has passed or is within 6 s")
-    if valid_after > now:
-        raise PaymentInvalidError(R.PERMIT2_NOT_YET_VALID, "validAfter is in the future")
+    check_permit2_window(deadline, valid_after, now)
     required = int(requirements.amount)
     settle_amount = permitted
     if upto and settle:
