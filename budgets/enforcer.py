@@ -160,11 +160,30 @@ class BudgetEnforcer:
         return Hold(id=request_id, agent=payer, network=network, asset=asset.lower(), amount=amount, route=route,
                     model=model, group=policy.group)
 
+    async def pin(self, hold: Hold) -> None:
+        """Settlement is about to be asked for: the hold never expires on its own from here on.
+        Raises Refusal (503) when the store cannot be reached: then nothing is settled."""
+        try:
+            policy, group = await self._commit_policies(hold)
+            checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, self.clock(), with_rate=False)
+            await self.store.pin(checks, hold.id, hold.amount)
+        except BudgetStoreUnavailableError as exc:
+            raise _unavailable(exc) from exc
+
+    async def _commit_policies(self, hold: Hold) -> tuple[Policy, Policy | None]:
+        try:
+            policy, group, _listed = await self.policies_for(hold.agent, hold.network, hold.asset)
+        except Refusal:  # the agent lost its policy since the reserve: still count the spend
+            policy = Policy(network=hold.network, asset=hold.asset, group=hold.group)
+            group = (await self._policy("group", hold.group, hold.network, hold.asset)) if hold.group else None
+        return policy, group
+
     async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str,
-                     details: dict | None = None) -> None:
+                     details: dict | None = None) -> bool:
         """The money moved: count it, even if the hold expired meanwhile. If the store is down,
         keep retrying in the background (commit is idempotent per hold), so the spend is counted
-        once the store is back; the ledger must reconcile with the chain."""
+        once the store is back; the ledger must reconcile with the chain. True when it is
+        counted now (or was before), False when it was deferred."""
         now = self.clock()
         entry = LedgerEntry(ts=now, agent=hold.agent, group=hold.group, route=hold.route, model=hold.model,
                             amount=amount, asset=hold.asset, network=hold.network, tx_hash=tx_hash,
@@ -184,6 +203,8 @@ class BudgetEnforcer:
                     del self._deferred[agent]
 
             task.add_done_callback(done)
+            return False
+        return True
 
     async def _commit_later(self, hold: Hold, amount: int, entry: LedgerEntry, now: float) -> None:
         delay = 0.2
@@ -199,11 +220,7 @@ class BudgetEnforcer:
     async def _commit_once(self, hold: Hold, amount: int, entry: LedgerEntry, now: float) -> bool:
         for _attempt in range(2):
             try:
-                try:
-                    policy, group, _listed = await self.policies_for(hold.agent, hold.network, hold.asset)
-                except Refusal:  # the agent lost its policy since the reserve: still record the spend
-                    policy = Policy(network=hold.network, asset=hold.asset, group=hold.group)
-                    group = (await self._policy("group", hold.group, hold.network, hold.asset)) if hold.group else None
+                policy, group = await self._commit_policies(hold)
                 checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False,
                                      for_commit=True)
                 await self.store.commit(checks, hold.id, amount, entry, now=now)

@@ -84,8 +84,10 @@ for _, c in ipairs(spec.checks) do
   if c.rate then bucket(KEYS[c.rate.k], c.rate, now, true) end
   redis.call('ZADD', KEYS[c.z], spec.exp, spec.id)
   redis.call('HSET', KEYS[c.h], spec.id, amt)
-  redis.call('EXPIRE', KEYS[c.z], spec.keep)
-  redis.call('EXPIRE', KEYS[c.h], spec.keep)
+  if redis.call('ZCOUNT', KEYS[c.z], '+inf', '+inf') == 0 then  -- a pinned hold keeps its keys forever
+    redis.call('EXPIRE', KEYS[c.z], spec.keep)
+    redis.call('EXPIRE', KEYS[c.h], spec.keep)
+  end
 end
 return {'ok'}
 """
@@ -116,6 +118,19 @@ local spec = cjson.decode(ARGV[1])
 for _, c in ipairs(spec.checks) do
   redis.call('ZREM', KEYS[c.z], spec.id)
   redis.call('HDEL', KEYS[c.h], spec.id)
+end
+return 1
+"""
+
+# A pinned hold scores +inf in the expiry set, which `reserved` never drops; the keys lose their
+# TTL (Redis deletes an emptied set or hash by itself once the hold is committed or released).
+_PIN = """
+local spec = cjson.decode(ARGV[1])
+for _, c in ipairs(spec.checks) do
+  redis.call('ZADD', KEYS[c.z], 'inf', spec.id)
+  redis.call('HSET', KEYS[c.h], spec.id, spec.amount)
+  redis.call('PERSIST', KEYS[c.z])
+  redis.call('PERSIST', KEYS[c.h])
 end
 return 1
 """
@@ -169,6 +184,7 @@ class RedisBudgetStore:
         self._reserve = client.register_script(_RESERVE)
         self._commit = client.register_script(_COMMIT)
         self._release = client.register_script(_RELEASE)
+        self._pin = client.register_script(_PIN)
         self._rate = client.register_script(_RATE)
         self._usage = client.register_script(_USAGE)
 
@@ -237,6 +253,11 @@ class RedisBudgetStore:
         keys = _Keys()
         spec = {"id": reservation_id, "checks": self._spec(checks, keys)}
         await self._run(self._release, keys.keys, [orjson.dumps(spec).decode()])
+
+    async def pin(self, checks: list[Check], reservation_id: str, amount: int) -> None:
+        keys = _Keys()
+        spec = {"id": reservation_id, "amount": str(amount), "checks": self._spec(checks, keys)}
+        await self._run(self._pin, keys.keys, [orjson.dumps(spec).decode()])
 
     async def _bucket(self, scope: Scope, rate: RateLimit, now: float, take: bool) -> RateState:
         args = {"per_minute": rate.per_minute, "burst": rate.burst, "now": now, "take": take}

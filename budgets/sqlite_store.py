@@ -11,6 +11,7 @@ from budgets.store import BudgetStore, BudgetStoreUnavailableError, Check, RateS
 from storage import BackendErrors, connect_sqlite, immediate, open_url
 
 _errors = BackendErrors(BudgetStoreUnavailableError)
+PINNED = 1e300  # the expiry of a pinned hold: never
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (scope TEXT, wkey TEXT, bucket INTEGER, amount TEXT NOT NULL, expires REAL NOT NULL,
@@ -119,6 +120,12 @@ class SQLiteBudgetStore:
         with self._tx():
             for c in checks:
                 self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ?", (reservation_id, c.scope.name))
+
+    async def pin(self, checks: list[Check], reservation_id: str, amount: int) -> None:
+        with self._tx():
+            for c in checks:
+                self._db.execute("INSERT OR REPLACE INTO holds (id, scope, amount, expires) VALUES (?, ?, ?, ?)",
+                                 (reservation_id, c.scope.name, str(amount), PINNED))
 
     async def rate_peek(self, scope: Scope, rate: RateLimit, *, now: float) -> RateState:
         with self._tx():

@@ -3,7 +3,8 @@
 Which budgets apply and what their windows are is decided in Python (budgets/enforcer.py); the
 store only does the atomic part: for every `Check` at once, refuse if spent + reserved + amount
 would pass any window's limit, else hold `amount` under a reservation id that expires by itself
-(so a crashed replica cannot hold budget forever). Reserving more than is finally charged is
+(so a crashed replica cannot hold budget forever) until its settlement is asked for: then it
+is pinned and never expires on its own (gateway/intents.py resolves it). Reserving more than is finally charged is
 allowed: commit adds the amount actually settled and drops the hold (the `upto` scheme reserves
 its signed maximum and commits what was used).
 """
@@ -45,6 +46,12 @@ class BudgetStore(Protocol):
         ...
 
     async def release(self, checks: list[Check], reservation_id: str) -> None: ...
+
+    async def pin(self, checks: list[Check], reservation_id: str, amount: int) -> None:
+        """Hold `amount` under `reservation_id` with no expiry: its settlement was asked for, so
+        only a commit or a release ends it (a crashed replica's recovery does, by the intent).
+        Holds it again should it have expired meanwhile: the money may move regardless."""
+        ...
 
     async def rate_peek(self, scope: Scope, rate: RateLimit, *, now: float) -> RateState:
         """Would a call be allowed now? Does not consume (the claimed payer is not verified yet)."""

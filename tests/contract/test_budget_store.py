@@ -75,6 +75,26 @@ async def test_holds_expire_so_a_crashed_replica_frees_its_budget(store: BudgetS
     assert await store.reserve([check], 100, "y", now=t0 + 31, hold_s=30) is None
 
 
+async def test_a_pinned_hold_never_expires_until_committed_or_released(store: BudgetStore, t0: float) -> None:
+    """Settlement was asked for under this hold: it outlives hold_s (and a later reserve's TTL)."""
+    check = agent_check("0xa9", [Limit(period="day", amount=100)], t0)
+    assert await store.reserve([check], 60, "asked", now=t0, hold_s=30) is None
+    await store.pin([check], "asked", 60)
+    later = t0 + 3600
+    refused = await store.reserve([check], 50, "other", now=later, hold_s=30)
+    assert refused is not None and refused.remaining == 40
+    assert await store.reserve([check], 40, "fits", now=later, hold_s=30) is None
+    (usage,) = await store.usage(check, now=later + 31)  # "fits" expired, "asked" did not
+    assert usage.reserved == 60
+    assert await store.commit([check], "asked", 60, entry("0xa9", 60, "asked", later), now=later + 31)
+    (usage,) = await store.usage(check, now=later + 31)
+    assert (usage.spent, usage.reserved) == (60, 0)
+    await store.pin([check], "gone", 5)  # an expired hold is held again: the money may move regardless
+    await store.release([check], "gone")
+    (usage,) = await store.usage(check, now=later + 31)
+    assert usage.reserved == 0
+
+
 async def test_agent_and_group_budgets_are_checked_together(store: BudgetStore, t0: float) -> None:
     g = f"team-{uuid.uuid4().hex[:6]}"
     group = group_check(g, [Limit(period="day", amount=100)], t0)
