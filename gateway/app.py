@@ -18,9 +18,11 @@ from starlette.routing import Mount, Route
 from gateway.budget_hook import BudgetHook, NoBudgets, Refusal
 from gateway.errors import GatewayError, GatewayReason as G
 from gateway.facilitator_client import FacilitatorClient, HttpFacilitatorClient, LocalFacilitatorClient
+from gateway.intents import open_intents
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestIdMiddleware
 from gateway.paywall.flow import Paywall
+from gateway.paywall.recovery import Recovery
 from gateway.paywall.responses import Challenges, render_refusal
 from gateway.paywall.settle import Settlement
 from gateway.pricing import Pricing
@@ -150,7 +152,10 @@ def create_app(
             sessions_store = open_sessions(settings.store_url, prefix=settings.store_prefix)
             calls = SessionCalls(sessions_store, settings, fac, hook, m, upstreams, in_background)
             background.append(asyncio.create_task(calls.reap_forever(session_routes)))
-        settlement = Settlement(settings, fac, records, hook, m, in_background)
+        intents = open_intents(settings.store_url, prefix=settings.store_prefix)
+        settlement = Settlement(settings, fac, records, hook, m, in_background, intents)
+        background.append(asyncio.create_task(Recovery(settlement, intents,
+                                                       interval_s=settings.recovery_interval_s).run_forever()))
         paywall = Paywall(settings, pricing, fac, records, hook, m, upstreams, challenges, settlement, calls)
         app.state.gateway = GatewayState(paywall, records, fac, upstreams, m, pricing, challenges, sessions_store)
         try:
@@ -161,6 +166,7 @@ def create_app(
             await session.close()
             await fac.close()
             await records.close()
+            await intents.close()
             if sessions_store is not None:
                 await sessions_store.close()
             if enforcer is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -210,7 +210,7 @@ class RedisIntents:
 
     @_errors
     async def lapsed(self, *, now_ms: int, limit: int) -> list[Intent]:
-        ids = await self._r.zrangebyscore(self._keys[2], "-inf", f"({now_ms}", start=0, num=limit)
+        ids: list[str] = await self._r.zrangebyscore(self._keys[2], "-inf", f"({now_ms}", start=0, num=limit)  # type: ignore[assignment]
         bodies = await self._r.hmget(self._keys[0], ids) if ids else []
         return [Intent.from_json(b) for b in bodies if b]
 
@@ -235,5 +235,5 @@ class RedisIntents:
 
 
 def open_intents(url: str, *, prefix: str = "x402gw:") -> IntentStore:
-    return storage.open_url(url, sqlite=SQLiteIntents, redis=lambda r: RedisIntents(r, prefix=prefix),
-                            what="intent store")
+    return cast(IntentStore, storage.open_url(url, sqlite=SQLiteIntents, redis=lambda r: RedisIntents(r, prefix=prefix),
+                                              what="intent store"))
