@@ -162,7 +162,7 @@ async def test_an_upstream_5xx_releases_the_reservation(devchain: dict, single: 
     before = opg_balance(devchain, s.agent.address)
     async with aiohttp.ClientSession() as http:
         failed = await post(http, s.url, payment=payment, fault="500")
-        assert failed.status == 500 and failed.headers.get("PAYMENT-RESPONSE") is None, failed
+        assert failed.status == 502 and failed.headers.get("PAYMENT-RESPONSE") is None, failed
         assert await charged(devchain, s, before) == (0, 0, 0, 0)
         assert (await s.admin.usage(s.agent.address))["remaining"] == 10 * PRICE
         # the payment was not used up: the same one buys the call once the upstream works
