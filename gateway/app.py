@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
+from budgets.reconcile import Reconciler, Report, RpcCall, http_rpc
 from gateway.budget_hook import BudgetHook, NoBudgets, Refusal
 from gateway.errors import GatewayError, GatewayReason as G
 from gateway.facilitator_client import FacilitatorClient, HttpFacilitatorClient, LocalFacilitatorClient
@@ -32,6 +33,18 @@ from gateway.session_calls import SessionCalls
 from gateway.sessions import SessionStore, open_sessions
 from gateway.settings import GatewaySettings
 from storage import StoreUnavailableError, is_redis_url
+
+
+def chain_readers(settings: GatewaySettings, fac: FacilitatorClient, session: aiohttp.ClientSession) -> dict[str, RpcCall]:
+    """network -> JSON-RPC caller for reconciliation: budgets.rpc_urls, else the in-process
+    facilitator's own chains (a remote facilitator's chains are not ours to read)."""
+    out: dict[str, RpcCall] = {}
+    if settings.budgets is not None:
+        out |= {network: http_rpc(session, url) for network, url in settings.budgets.rpc_urls.items()}
+    if isinstance(fac, LocalFacilitatorClient):
+        for network, chain in fac.facilitator.chains.items():
+            out.setdefault(network, chain.rpc.call)
+    return out
 
 
 def build_facilitator_client(settings: GatewaySettings) -> FacilitatorClient:
@@ -122,6 +135,8 @@ def create_app(
 ) -> Starlette:
     pricing = Pricing(settings)
     enforcer = build_budgets(settings) if budgets is None else None
+    gateway_metrics = metrics or GatewayMetrics()
+    rpcs: dict[str, RpcCall] = {}  # the chains reconciliation reads, filled at start
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -133,7 +148,8 @@ def create_app(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300, keepalive_timeout=30),
             auto_decompress=False,
         )
-        m = metrics or GatewayMetrics()
+        m = gateway_metrics
+        rpcs.update(chain_readers(settings, fac, session))
         pools = {name: UpstreamPool(name, up) for name, up in settings.upstreams.items()}
         if enforcer is not None:
             await seed_policies(settings, enforcer)
@@ -235,7 +251,15 @@ def create_app(
         from budgets.settings import admin_token
 
         assets = {(o.network, o.asset.lower()): (o.symbol, o.decimals) for o in settings.accepts}
-        routes.append(Mount(settings.budgets.admin_prefix, app=create_admin_app(enforcer, admin_token(), assets=assets)))
+
+        def reconciled(report: Report) -> None:
+            for total in report.totals:
+                gateway_metrics.reconcile_difference.labels(total.network, total.asset).set(total.difference)
+
+        reconciler = Reconciler(enforcer.store, payee=settings.pay_to, assets=list(assets), rpcs=rpcs,
+                                clock=enforcer.clock, on_report=reconciled)
+        routes.append(Mount(settings.budgets.admin_prefix,
+                            app=create_admin_app(enforcer, admin_token(), assets=assets, reconciler=reconciler)))
     routes.append(Route("/{path:path}", paid, methods=methods))
     def refused(request: Request, exc: Exception) -> Response:
         """The one place a refusal becomes an answer (also Starlette's handler for them)."""

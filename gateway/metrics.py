@@ -3,7 +3,7 @@ comes from configuration, never from the request path."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -26,3 +26,12 @@ class GatewayMetrics:
             ["route", "upstream"], buckets=_BUCKETS, registry=r,
         )  # fmt: skip
         self.settle_seconds = Histogram("x402_gateway_settle_seconds", "Facilitator settle latency", ["route"], buckets=_BUCKETS, registry=r)
+        self.reconcile_difference = Gauge(
+            "x402_gateway_reconcile_difference_atomic",
+            "The last reconciliation's on-chain transfers to the payee minus the ledger, in base units",
+            ["network", "asset"], registry=r,
+        )  # fmt: skip
+        self.open_intents = Gauge(
+            "x402_gateway_settlement_intents_open", "Settlement intents not finished yet (seen by this replica's recovery)",
+            registry=r,
+        )  # fmt: skip

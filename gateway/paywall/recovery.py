@@ -61,6 +61,7 @@ class Recovery:
         """Resolve what lapsed now; returns how many intents were finished."""
         finished = 0
         settings = self.settlement.settings
+        self.settlement.metrics.open_intents.set(await self.intents.count())
         lease_ms = int((settings.settle_timeout_s + settings.record_lease_s) * 1000)
         for lapsed in await self.intents.lapsed(now_ms=self._now_ms(), limit=BATCH):
             intent = await self.intents.take(lapsed.id, self.owner, now_ms=self._now_ms(), lease_ms=lease_ms)

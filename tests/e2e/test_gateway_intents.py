@@ -8,14 +8,21 @@ from the shared store with A's transaction), commits the budget and writes the l
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from budgets.cli import main as budgets_cli
+from devtools.devchain import calldata
+from devtools.rpc import BlockingRpc
 from tests.budget_helpers import (
+    ADMIN_TOKEN,
     CHAT,
     CHAT_PRICE_OPG,
     Admin,
@@ -30,11 +37,29 @@ from tests.budget_helpers import (
     sign_payments,
     unique_prefix,
 )
+from tests.payments import send_transactions
 
 pytestmark = pytest.mark.e2e
 
 PRICE = CHAT_PRICE_OPG
 FAST = {"GATEWAY_SETTLE_TIMEOUT_S": "3", "GATEWAY_RECORD_LEASE_S": "2", "GATEWAY_RECOVERY_INTERVAL_S": "0.5"}
+
+
+def block_number(devchain: dict) -> int:
+    rpc = BlockingRpc(devchain["rpc_url"])
+    try:
+        return int(rpc.call("eth_blockNumber"), 16)
+    finally:
+        rpc.close()
+
+
+async def reconcile(gateway_url: str, from_block: int, to_block: int, *, json_out: bool = False) -> tuple[int, str]:
+    """`x402-budgets reconcile` against the gateway's admin API: (exit code, what it printed)."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--url", gateway_url + "/admin", "--token", ADMIN_TOKEN, *(["--json"] if json_out else []),
+            "reconcile", "--from", str(from_block), "--to", str(to_block)]
+    code = await asyncio.to_thread(budgets_cli, argv, out=out, err=err)
+    return code, out.getvalue() + err.getvalue()
 
 
 async def wait_ledger(admin: Admin, agent: str, n: int, timeout_s: float) -> list[dict[str, Any]]:
@@ -64,6 +89,7 @@ async def test_a_replica_killed_between_settlement_and_commit_is_committed_once_
     requirement = await opg_requirement(a.url + CHAT, devchain)
     (payment,) = await sign_payments(agent, requirement, 1, a.url + CHAT)
     payer_before, payee_before = opg_balance(devchain, agent.address), opg_balance(devchain, payee)
+    first_block = block_number(devchain) + 1
 
     async with aiohttp.ClientSession() as http:
         with pytest.raises(aiohttp.ClientError):
@@ -93,3 +119,32 @@ async def test_a_replica_killed_between_settlement_and_commit_is_committed_once_
     assert payer_before - opg_balance(devchain, agent.address) == PRICE
     u = await admin.usage(agent.address)
     assert (u["spent"], u["reserved"], u["remaining"]) == (PRICE, 0, 9 * PRICE)
+
+    # x402-budgets reconcile over the blocks of this test: clean (the payee is fresh, so every
+    # transfer to it in the range is this test's) ...
+    last_block = block_number(devchain)
+    code, text = await reconcile(b.url, first_block, last_block)
+    print(f"\n$ x402-budgets reconcile --from {first_block} --to {last_block}\n{text}")
+    assert code == 0 and "no differences" in text, text
+    code, doc_text = await reconcile(b.url, first_block, last_block, json_out=True)
+    doc = json.loads(doc_text)
+    assert [(t["chain"], t["ledger"], t["difference"]) for t in doc["totals"]
+            if t["asset"] == devchain["tokens"]["OPG"]["address"].lower()] == [(str(PRICE), str(PRICE), "0")]
+
+    # ... then a transfer to the payee made outside the gateway: listed, with its transaction
+    outsider = derived("intent-outsider")
+    fund(devchain, outsider)
+    token = devchain["tokens"]["OPG"]["address"]
+    send_transactions(devchain, [(outsider, token, calldata("transfer(address,uint256)", ["address", "uint256"],
+                                                             [payee, 1234]))])
+    last_block = block_number(devchain)
+    code, text = await reconcile(b.url, first_block, last_block)
+    print(f"\n$ x402-budgets reconcile --from {first_block} --to {last_block}\n{text}")
+    assert code == 0 and "1 difference" in text and "not_in_ledger" in text and "1234" in text, text
+    code, doc_text = await reconcile(b.url, first_block, last_block, json_out=True)
+    (diff,) = json.loads(doc_text)["differences"]
+    assert (diff["kind"], diff["chain"], diff["ledger"], diff["difference"]) == ("not_in_ledger", "1234", "0", "1234")
+    assert diff["tx"].startswith("0x") and diff["tx"] != tx
+    metrics = urllib.request.urlopen(b.url + "/metrics", timeout=5).read().decode()
+    assert f'x402_gateway_reconcile_difference_atomic{{asset="{token.lower()}",network="{devchain["network"]}"}} 1234.0' \
+        in metrics, [line for line in metrics.splitlines() if "reconcile" in line]
