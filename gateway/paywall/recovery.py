@@ -8,7 +8,8 @@ payment's nonce). Then:
   the payment's record says settled and owed, so a resend of the same payment is served;
 - refused (nothing moved, nothing will: expired, nonce used by another payment, …): the hold is
   released and the payment freed;
-- unknown (the facilitator is down, the transaction not final): asked again later, never released.
+- unknown (the facilitator or its store is down, the transaction not final): asked again later,
+  never released.
 
 An intent whose settle request never left the dead replica gets settled here: the agent signed it
 for this call, and the call is owed to it (a resend is served without a new charge).
@@ -22,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import SettleResponse
 from gateway.intents import Intent, IntentStore
 from gateway.paywall.call import load_payment
@@ -75,7 +77,7 @@ class Recovery:
         try:
             settled = await asyncio.wait_for(s.facilitator.settle(payload, requirement), s.settings.settle_timeout_s)
         except TimeoutError:
-            settled = SettleResponse(success=False, error_reason="unexpected_settle_error", transaction="",
+            settled = SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value, transaction="",
                                      network=requirement.network)
         route = intent.hold.route
         if settled.success:
@@ -88,7 +90,9 @@ class Recovery:
             log.warning("settlement_intent_recovered", extra={"request_id": intent.request_id, "tx": settled.transaction,
                                                               "amount": str(intent.amount)})
             return True
-        if s.unresolved(settled):
+        if s.unresolved(settled) or settled.error_reason == R.UNEXPECTED_SETTLE_ERROR.value:
+            # Also a "final" dependency failure: nothing moved in *this* call, but the facilitator
+            # could not read its own record of the first one (its store was away): ask again.
             log.warning("settlement_intent_unresolved", extra={"request_id": intent.request_id,
                                                                "reason": settled.error_reason, "tx": settled.transaction})
             return await self._later(intent)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import time
 from collections.abc import AsyncIterator
 
@@ -44,7 +45,8 @@ RECORD_TTL_S = 86_400
 # Outcomes where the facilitator may have moved money: keep the payment PENDING, never free.
 AMBIGUOUS = {R.SETTLEMENT_PENDING.value, R.UNEXPECTED_SETTLE_ERROR.value, R.INVALID_TRANSACTION_STATE.value}
 # A fault hook for the crash tests: the process dies right after the facilitator answered
-# "settled", before anything is committed (the worst moment for the books).
+# "settled", before anything is committed (the worst moment for the books). "1": every time; a
+# fraction such as "0.05": that share of settlements, at random.
 EXIT_AFTER_SETTLE = "GATEWAY_FAULT_EXIT_AFTER_SETTLE"
 
 
@@ -59,7 +61,7 @@ class Settlement:
         self.metrics = metrics
         self.background = background  # settlements of streams whose client left
         self.intents = intents
-        self.exit_after_settle = os.environ.get(EXIT_AFTER_SETTLE) == "1"
+        self.exit_after_settle = float(os.environ.get(EXIT_AFTER_SETTLE) or 0)
 
     @property
     def intent_lease_ms(self) -> int:
@@ -93,7 +95,7 @@ class Settlement:
         await self.write_ahead(intent, claim, hold)
         started = time.perf_counter()
         settled = await self.settle(call, requirement)
-        if self.exit_after_settle and settled.success:
+        if settled.success and self.exit_after_settle and random.random() < self.exit_after_settle:
             os._exit(70)
         self.metrics.settle_seconds.labels(offer.route_id).observe(time.perf_counter() - started)
         record.tx = settled.transaction or ""

@@ -39,11 +39,20 @@ class ReplicaDied(Exception):
 
 
 class DyingFacilitator(StandInFacilitator):
+    """`store_down`: settle answers as our facilitator does when its store is unreachable (a
+    failure marked final: nothing moved in this call), which is trusted like our own."""
+
+    trusted = True
+
     def __init__(self) -> None:
         super().__init__()
         self.die_after_settle = False
+        self.store_down = False
 
     async def settle(self, payload: Any, requirements: Any) -> SettleResponse:
+        if self.store_down:
+            return SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value, transaction="",
+                                  network=requirements.network, extra={"final": True})
         result = await super().settle(payload, requirements)
         if self.die_after_settle:
             self.die_after_settle = False
@@ -66,6 +75,7 @@ def gateway(upstream_url: str, facilitator: DyingFacilitator, tmp_path: Path) ->
         "upstreams": {"llm": {"urls": [upstream_url]}},
         "routes": [{"path": CHAT, "upstream": "llm", "price": "0.005"}],
         "quote": {"rates": {"OPG": "1"}},
+        "record_lease_s": 1,
         "budgets": {"store_url": f"sqlite://{tmp_path / 'budgets.sqlite3'}", "hold_s": 1},
     })  # fmt: skip
     with TestClient(create_app(settings, facilitator=facilitator), raise_server_exceptions=True) as client:
@@ -166,3 +176,30 @@ def test_a_settled_call_leaves_no_intent_and_no_hold(gateway: TestClient, facili
     assert send(gateway, payment).status_code == 200
     ((_, settled),) = facilitator.settled.values()
     assert books(gateway, payer_of(facilitator, payment)) == ([(PRICE, settled.transaction)], PRICE, 0, 0)
+
+
+def test_a_facilitator_that_cannot_read_its_store_is_asked_again_never_taken_for_a_refusal(
+        gateway: TestClient, facilitator: DyingFacilitator) -> None:
+    """The payment was settled by a replica that died; then the facilitator's store is away. The
+    resend is told to come back (503, not a final refusal) and recovery keeps the intent and the
+    pinned hold; once the store is back, both finish."""
+    payment = pay(gateway, facilitator)
+    payer = payer_of(facilitator, payment)
+    facilitator.die_after_settle = True
+    with pytest.raises(ReplicaDied):
+        send(gateway, payment)
+    facilitator.store_down = True
+    time.sleep(1.1)  # the dead request's lease on the payment's record lapses (record_lease_s = 1)
+    r = send(gateway, payment)
+    assert r.status_code == 503 and r.json()["error"] == R.UNEXPECTED_SETTLE_ERROR and "Retry-After" in r.headers
+    rec = recovery(gateway)
+    assert gateway.portal.call(rec.sweep) == 0  # type: ignore[union-attr]
+    assert books(gateway, payer) == ([], 0, PRICE, 1)  # kept, never released
+
+    facilitator.store_down = False
+    rec.clock = lambda: time.time() + 7200
+    assert gateway.portal.call(rec.sweep) == 1  # type: ignore[union-attr]
+    ((_, settled),) = facilitator.settled.values()
+    assert books(gateway, payer) == ([(PRICE, settled.transaction)], PRICE, 0, 0)
+    served = send(gateway, payment)
+    assert served.status_code == 200 and b"Echo" in served.content
