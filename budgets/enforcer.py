@@ -162,13 +162,21 @@ class BudgetEnforcer:
 
     async def pin(self, hold: Hold) -> None:
         """Settlement is about to be asked for: the hold never expires on its own from here on.
-        Raises Refusal (503) when the store cannot be reached: then nothing is settled."""
+        A hold that expired meanwhile (a slow upstream) is reserved again first, against the
+        limits as they are now. Raises Refusal when it does not fit any more (budget_exceeded) or
+        the store cannot be reached (503): then nothing is settled."""
         try:
             policy, group = await self._commit_policies(hold)
-            checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, self.clock(), with_rate=False)
-            await self.store.pin(checks, hold.id, hold.amount)
+            now = self.clock()
+            checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False)
+            if await self.store.pin(checks, hold.id, hold.amount, now=now):
+                return
+            refusal = await self.store.reserve(checks, hold.amount, hold.id, now=now, hold_s=self.hold_s)
+            if refusal is None and await self.store.pin(checks, hold.id, hold.amount, now=now):
+                return
         except BudgetStoreUnavailableError as exc:
             raise _unavailable(exc) from exc
+        raise refusal or Refusal("budget_exceeded", "the budget was given to other calls meanwhile", status=402)
 
     async def _commit_policies(self, hold: Hold) -> tuple[Policy, Policy | None]:
         try:
@@ -229,10 +237,13 @@ class BudgetEnforcer:
                 continue
         return False
 
-    async def release(self, hold: Hold) -> None:
+    async def release(self, hold: Hold) -> bool:
+        """False when the store cannot be reached: an unpinned hold expires by itself, a pinned
+        one must be released again (the caller retries)."""
         try:
-            policy, group, _ = await self.policies_for(hold.agent, hold.network, hold.asset)
+            policy, group = await self._commit_policies(hold)
             checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, self.clock(), with_rate=False)
             await self.store.release(checks, hold.id)
-        except (BudgetStoreUnavailableError, Refusal):
-            pass  # the hold expires by itself
+            return True
+        except BudgetStoreUnavailableError:
+            return False

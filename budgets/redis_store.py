@@ -124,11 +124,15 @@ return 1
 
 # A pinned hold scores +inf in the expiry set, which `reserved` never drops; the keys lose their
 # TTL (Redis deletes an emptied set or hash by itself once the hold is committed or released).
+# Only a live hold is pinned (0 otherwise): an expired one's budget may belong to another call.
 _PIN = """
 local spec = cjson.decode(ARGV[1])
 for _, c in ipairs(spec.checks) do
+  local expires = redis.call('ZSCORE', KEYS[c.z], spec.id)
+  if (not expires) or tonumber(expires) <= spec.now or not redis.call('HGET', KEYS[c.h], spec.id) then return 0 end
+end
+for _, c in ipairs(spec.checks) do
   redis.call('ZADD', KEYS[c.z], 'inf', spec.id)
-  redis.call('HSET', KEYS[c.h], spec.id, spec.amount)
   redis.call('PERSIST', KEYS[c.z])
   redis.call('PERSIST', KEYS[c.h])
 end
@@ -254,10 +258,10 @@ class RedisBudgetStore:
         spec = {"id": reservation_id, "checks": self._spec(checks, keys)}
         await self._run(self._release, keys.keys, [orjson.dumps(spec).decode()])
 
-    async def pin(self, checks: list[Check], reservation_id: str, amount: int) -> None:
+    async def pin(self, checks: list[Check], reservation_id: str, amount: int, *, now: float) -> bool:
         keys = _Keys()
-        spec = {"id": reservation_id, "amount": str(amount), "checks": self._spec(checks, keys)}
-        await self._run(self._pin, keys.keys, [orjson.dumps(spec).decode()])
+        spec = {"id": reservation_id, "now": now, "checks": self._spec(checks, keys)}
+        return await self._run(self._pin, keys.keys, [orjson.dumps(spec).decode()]) == 1
 
     async def _bucket(self, scope: Scope, rate: RateLimit, now: float, take: bool) -> RateState:
         args = {"per_minute": rate.per_minute, "burst": rate.burst, "now": now, "take": take}

@@ -121,11 +121,17 @@ class SQLiteBudgetStore:
             for c in checks:
                 self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ?", (reservation_id, c.scope.name))
 
-    async def pin(self, checks: list[Check], reservation_id: str, amount: int) -> None:
+    async def pin(self, checks: list[Check], reservation_id: str, amount: int, *, now: float) -> bool:
         with self._tx():
             for c in checks:
-                self._db.execute("INSERT OR REPLACE INTO holds (id, scope, amount, expires) VALUES (?, ?, ?, ?)",
-                                 (reservation_id, c.scope.name, str(amount), PINNED))
+                held = self._db.execute("SELECT 1 FROM holds WHERE id = ? AND scope = ? AND expires > ?",
+                                        (reservation_id, c.scope.name, now)).fetchone()
+                if held is None:
+                    return False
+            for c in checks:
+                self._db.execute("UPDATE holds SET expires = ? WHERE id = ? AND scope = ?",
+                                 (PINNED, reservation_id, c.scope.name))
+            return True
 
     async def rate_peek(self, scope: Scope, rate: RateLimit, *, now: float) -> RateState:
         with self._tx():

@@ -47,10 +47,11 @@ class BudgetStore(Protocol):
 
     async def release(self, checks: list[Check], reservation_id: str) -> None: ...
 
-    async def pin(self, checks: list[Check], reservation_id: str, amount: int) -> None:
-        """Hold `amount` under `reservation_id` with no expiry: its settlement was asked for, so
-        only a commit or a release ends it (a crashed replica's recovery does, by the intent).
-        Holds it again should it have expired meanwhile: the money may move regardless."""
+    async def pin(self, checks: list[Check], reservation_id: str, amount: int, *, now: float) -> bool:
+        """Make the hold under `reservation_id` never expire: its settlement is about to be asked
+        for, so only a commit or a release ends it (a crashed replica's recovery does, by the
+        intent). False, writing nothing, when the hold is gone (it expired: its budget may have
+        been given to another call since; reserve again before settling)."""
         ...
 
     async def rate_peek(self, scope: Scope, rate: RateLimit, *, now: float) -> RateState:

@@ -33,7 +33,9 @@ class BudgetHook(Protocol):
         True when counted (now or before), False when deferred (the store is down)."""
         ...
 
-    async def release(self, hold: Hold) -> None: ...
+    async def release(self, hold: Hold) -> bool:
+        """False when it could not be done now (the store is away)."""
+        ...
 
 
 class NoBudgets:
@@ -51,5 +53,5 @@ class NoBudgets:
                      details: dict | None = None) -> bool:
         return True
 
-    async def release(self, hold: Hold) -> None:
-        return None
+    async def release(self, hold: Hold) -> bool:
+        return True

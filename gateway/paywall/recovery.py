@@ -6,13 +6,14 @@ first result (our facilitator's exactly-once store; x402 facilitators key settle
 payment's nonce). Then:
 - settled: the budget is committed and the ledger written, once (idempotent by the hold's id), and
   the payment's record says settled and owed, so a resend of the same payment is served;
-- refused (nothing moved, nothing will: expired, nonce used by another payment, …): the hold is
-  released and the payment freed;
+- never asked (the facilitator verifies the payment as unused: no settlement record, nonce unspent),
+  or refused (nothing moved, nothing will: expired, nonce used by another payment, …): the hold is
+  released and the payment freed; recovery never starts a settlement itself;
 - unknown (the facilitator or its store is down, the transaction not final): asked again later,
   never released.
 
-An intent whose settle request never left the dead replica gets settled here: the agent signed it
-for this call, and the call is owed to it (a resend is served without a new charge).
+A metered stream's intent is the exception: its tokens were delivered, so its settlement is asked
+for (the payee is owed it).
 """
 
 from __future__ import annotations
@@ -74,12 +75,14 @@ class Recovery:
     async def resolve(self, intent: Intent) -> bool:
         s = self.settlement
         payload, requirement = load_payment(intent.payment)
+        route = intent.hold.route
+        if await self._never_asked(intent):
+            return await self._release(intent, "never_settled")
         try:
             settled = await asyncio.wait_for(s.facilitator.settle(payload, requirement), s.settings.settle_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             settled = SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value, transaction="",
                                      network=requirement.network)
-        route = intent.hold.route
         if settled.success:
             await self._owed(intent, settled)
             if not await s.budgets.commit(intent.hold, intent.amount, settled.transaction, intent.request_id,
@@ -96,11 +99,30 @@ class Recovery:
             log.warning("settlement_intent_unresolved", extra={"request_id": intent.request_id,
                                                                "reason": settled.error_reason, "tx": settled.transaction})
             return await self._later(intent)
-        await s.budgets.release(intent.hold)
+        return await self._release(intent, settled.error_reason or "")
+
+    async def _never_asked(self, intent: Intent) -> bool:
+        """Whether the facilitator has no settlement of this payment at all, nor is its nonce
+        spent: a valid verify says exactly that (ours checks its settlement store and the chain),
+        so recovery never starts a settlement itself. A refusal of any kind: ask settle."""
+        s = self.settlement
+        if intent.delivered:  # a metered stream: its tokens went out, the settlement is owed to the payee
+            return False
+        payload, requirement = load_payment(intent.payment)
+        try:
+            verify = await asyncio.wait_for(s.facilitator.verify(payload, requirement), s.settings.verify_timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return verify.is_valid
+
+    async def _release(self, intent: Intent, reason: str) -> bool:
+        s = self.settlement
+        if not await s.budgets.release(intent.hold):
+            return await self._later(intent)
         await self._free(intent)
         await self.intents.finish(intent.id)
-        s.metrics.payments.labels(route, "settle_failed", settled.error_reason or "").inc()
-        log.warning("settlement_intent_released", extra={"request_id": intent.request_id, "reason": settled.error_reason})
+        s.metrics.payments.labels(intent.hold.route, "settle_failed", reason).inc()
+        log.warning("settlement_intent_released", extra={"request_id": intent.request_id, "reason": reason})
         return True
 
     async def _later(self, intent: Intent) -> bool:

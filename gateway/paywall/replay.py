@@ -114,6 +114,10 @@ class Replays:
         now = _now_ms()
         if record.lease_until_ms > now:
             raise in_progress(record.lease_until_ms, now)
+        if record.state == RecordState.PROCESSING:
+            # Its holder's lease lapsed between the claim and now (it died before settling, or was
+            # slow): nothing is known of it here; the resend's claim takes it over.
+            raise in_progress(now + 1000, now)
         session_id = self._session_of(record)
         if session_id is not None and self.sessions is not None and call.offer.route.sessions is not None:
             # the permit opened a session: a resend continues it

@@ -18,7 +18,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import orjson
@@ -120,21 +120,50 @@ class Settlement:
         elif self.unresolved(settled):
             record.state = RecordState.PENDING
             await self.save(record, request_id)
-            await self.hand_over(intent.id, claim.owner)  # the hold stays pinned; recovery keeps asking
+            if not await self.hand_over(intent.id, claim.owner):  # the hold stays pinned; recovery keeps asking
+                self.until_done(lambda: self.hand_over(intent.id, claim.owner), intent.id)
             self.metrics.payments.labels(offer.route_id, "pending", settled.error_reason or "").inc()
             log.warning("settlement_unresolved", extra={"request_id": request_id, "route": offer.route_id,
                                                        "tx": settled.transaction, "reason": settled.error_reason})
         else:
             await claim.abandon()
-            await self.budgets.release(hold)
-            await self.finish(intent.id)
+            await self.forget(intent.id, hold)
             self.metrics.payments.labels(offer.route_id, "settle_failed", settled.error_reason or "").inc()
         return settled
 
+    async def forget(self, intent_id: str, hold: Hold) -> None:
+        """Nothing moved: release the pinned hold, then close the intent. Until both are done
+        (the stores are away) they are retried here: an intent left open would be settled by
+        recovery, charging a payment the agent was told was not charged (it would be owed, and a
+        resend served, but the agent may have paid again)."""
+
+        async def attempt() -> bool:
+            return await self.budgets.release(hold) and await self.finish(intent_id)
+
+        if not await attempt():
+            self.until_done(attempt, intent_id)
+
+    def until_done(self, attempt: Callable[[], Awaitable[bool]], intent_id: str) -> None:
+        """Retry `attempt` in the background until it returns True (about three hours at most)."""
+
+        async def retry() -> None:
+            delay = 0.2
+            for _ in range(10_000):
+                await asyncio.sleep(delay)
+                if await attempt():
+                    return
+                delay = min(delay * 2, 1.0)
+            log.error("settlement_intent_step_lost", extra={"intent": intent_id})
+
+        task = asyncio.ensure_future(retry())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
     async def write_ahead(self, intent: Intent, claim: Claim, hold: Hold) -> None:
         """Pin the hold and record the intent before anything is asked of the facilitator. If
-        either cannot be done, nothing is settled: the payment is freed and the hold released
-        (a metered stream already delivered its tokens: it is settled all the same)."""
+        either cannot be done (the hold expired and the budget is gone, a store is away), nothing
+        is settled: the payment is freed and the hold released (a metered stream already
+        delivered its tokens: it is settled all the same)."""
         try:
             await self.budgets.pin(hold)
             await self.intents.write(intent, owner=claim.owner, lease_until_ms=claim.now_ms() + self.intent_lease_ms)
@@ -143,23 +172,30 @@ class Settlement:
             if intent.delivered:
                 return
             await claim.abandon()
-            await self.budgets.release(hold)
+            await self.forget(intent.id, hold)  # the pin may have been written
+            if isinstance(exc, Refusal):  # the budget is not there any more, or its store is away
+                raise exc from None
             raise GatewayError(G.STORE_UNAVAILABLE, "the settlement could not be recorded; you were not charged",
                                status=503, headers={"Retry-After": "5"}, outcome="not_charged") from None
 
-    async def finish(self, intent_id: str) -> None:
-        """Best effort: an intent left open is finished by recovery (the commit is idempotent)."""
+    async def finish(self, intent_id: str) -> bool:
+        """False when the store is away (a committed intent left open is finished by recovery:
+        the commit is idempotent)."""
         try:
             await self.intents.finish(intent_id)
+            return True
         except IntentStoreUnavailableError:
             log.warning("settlement_intent_not_closed", extra={"intent": intent_id})
+            return False
 
-    async def hand_over(self, intent_id: str, owner: str) -> None:
+    async def hand_over(self, intent_id: str, owner: str) -> bool:
         """Let recovery take the intent at once (else it does when the lease lapses)."""
         try:
             await self.intents.lease(intent_id, owner, until_ms=0)
+            return True
         except IntentStoreUnavailableError:
             log.warning("settlement_intent_not_handed_over", extra={"intent": intent_id})
+            return False
 
     def refusal(self, call: PaidCall, settled: SettleResponse) -> GatewayError:
         """What the agent is told when settlement did not succeed."""

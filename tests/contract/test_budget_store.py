@@ -79,7 +79,7 @@ async def test_a_pinned_hold_never_expires_until_committed_or_released(store: Bu
     """Settlement was asked for under this hold: it outlives hold_s (and a later reserve's TTL)."""
     check = agent_check("0xa9", [Limit(period="day", amount=100)], t0)
     assert await store.reserve([check], 60, "asked", now=t0, hold_s=30) is None
-    await store.pin([check], "asked", 60)
+    assert await store.pin([check], "asked", 60, now=t0 + 1)
     later = t0 + 3600
     refused = await store.reserve([check], 50, "other", now=later, hold_s=30)
     assert refused is not None and refused.remaining == 40
@@ -89,8 +89,9 @@ async def test_a_pinned_hold_never_expires_until_committed_or_released(store: Bu
     assert await store.commit([check], "asked", 60, entry("0xa9", 60, "asked", later), now=later + 31)
     (usage,) = await store.usage(check, now=later + 31)
     assert (usage.spent, usage.reserved) == (60, 0)
-    await store.pin([check], "gone", 5)  # an expired hold is held again: the money may move regardless
-    await store.release([check], "gone")
+    assert await store.reserve([check], 5, "slow", now=later, hold_s=30) is None
+    assert not await store.pin([check], "slow", 5, now=later + 31)  # expired: its budget may be another's now
+    assert not await store.pin([check], "never", 5, now=later)
     (usage,) = await store.usage(check, now=later + 31)
     assert usage.reserved == 0
 

@@ -16,7 +16,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from facilitator.x402.reasons import ErrorReason as R
-from facilitator.x402.types import SettleResponse
+from facilitator.x402.types import SettleResponse, VerifyResponse
 from gateway.app import create_app
 from gateway.paywall.recovery import Recovery
 from gateway.settings import GatewaySettings
@@ -48,11 +48,23 @@ class DyingFacilitator(StandInFacilitator):
         super().__init__()
         self.die_after_settle = False
         self.store_down = False
+        self.asked: set[str] = set()  # payment keys settlement was asked for (ours records them)
+
+    async def verify(self, payload: Any, requirements: Any) -> VerifyResponse:
+        payer, key, _ = self._identity(payload, requirements)
+        if key in self.asked:  # as ours: a settlement on record (even unfinished) spends the nonce
+            return VerifyResponse(is_valid=False, invalid_reason=R.PERMIT2_INVALID_NONCE.value, payer=payer)
+        return await super().verify(payload, requirements)
 
     async def settle(self, payload: Any, requirements: Any) -> SettleResponse:
         if self.store_down:
             return SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value, transaction="",
                                   network=requirements.network, extra={"final": True})
+        _, key, _ = self._identity(payload, requirements)
+        if self.settle_mode == "refuse":
+            self.asked.discard(key)  # refused: nothing on record, nothing moved
+        else:
+            self.asked.add(key)
         result = await super().settle(payload, requirements)
         if self.die_after_settle:
             self.die_after_settle = False
@@ -203,3 +215,30 @@ def test_a_facilitator_that_cannot_read_its_store_is_asked_again_never_taken_for
     assert books(gateway, payer) == ([(PRICE, settled.transaction)], PRICE, 0, 0)
     served = send(gateway, payment)
     assert served.status_code == 200 and b"Echo" in served.content
+
+
+def test_an_intent_whose_settlement_was_never_asked_is_released_not_settled(
+        gateway: TestClient, facilitator: DyingFacilitator) -> None:
+    """The replica wrote its intent and died before the facilitator heard of the payment (here:
+    the facilitator refused for a store outage, and the replica died before closing the intent).
+    Recovery finds the payment unused (verify) and releases it: it never starts a settlement."""
+    payment = pay(gateway, facilitator)
+    payer = payer_of(facilitator, payment)
+    settlement = gateway.app.state.gateway.paywall.settlement  # type: ignore[attr-defined]
+
+    async def lost_finish(intent_id: str) -> bool:
+        return False  # as if the store went away and the process died before the retry
+
+    settlement.finish = lost_finish
+    facilitator.store_down = True
+    r = send(gateway, payment)
+    assert r.status_code == 402 and r.json()["error"] == R.UNEXPECTED_SETTLE_ERROR
+    facilitator.store_down = False
+    for task in list(settlement.background):
+        task.cancel()
+    assert books(gateway, payer) == ([], 0, 0, 1)  # the hold was released; the intent is left open
+    settles = facilitator.calls["settle"]
+    assert gateway.portal.call(recovery(gateway).sweep) == 1  # type: ignore[union-attr]
+    assert facilitator.calls["settle"] == settles and facilitator.settled == {}  # nothing settled by recovery
+    assert books(gateway, payer) == ([], 0, 0, 0)
+    assert send(gateway, payment).status_code == 200  # the payment is the agent's to use
