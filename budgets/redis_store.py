@@ -94,10 +94,13 @@ return {'ok'}
 
 _COMMIT = _HELPERS + """
 local spec = cjson.decode(ARGV[1])
-if redis.call('SET', KEYS[spec.done], '1', 'NX', 'EX', 604800) == false then return 0 end
+local first = redis.call('SET', KEYS[spec.done], '1', 'NX', 'EX', 604800)
 for _, c in ipairs(spec.checks) do
   redis.call('ZREM', KEYS[c.z], spec.id)
   redis.call('HDEL', KEYS[c.h], spec.id)
+end
+if first == false then return 0 end  -- counted before (under this or another hold): only the hold goes
+for _, c in ipairs(spec.checks) do
   for _, w in ipairs(c.windows) do
     local key = KEYS[w.k]
     if w.rolling then
@@ -240,11 +243,11 @@ class RedisBudgetStore:
                        scope=check.scope.name, remaining=int(res[3]), resets_at=window.resets_at)
 
     async def commit(self, checks: list[Check], reservation_id: str, amount: int, entry: LedgerEntry,
-                     *, now: float) -> bool:
+                     *, now: float, once: str | None = None) -> bool:
         keys = _Keys()
         tag_scope = checks[0].scope
         spec = {"now": now, "amount": str(amount), "id": reservation_id, "checks": self._spec(checks, keys),
-                "done": keys.add(self._k(tag_scope, f"done:{reservation_id}")),
+                "done": keys.add(self._k(tag_scope, f"done:{once or reservation_id}")),
                 "ledger": keys.add(f"{self._p}b:{{{tag_scope.tag}}}:ledger")}
         res = await self._run(self._commit, keys.keys, [orjson.dumps(spec).decode(), _entry_json(entry)])
         try:

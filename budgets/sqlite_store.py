@@ -95,9 +95,12 @@ class SQLiteBudgetStore:
         return None
 
     async def commit(self, checks: list[Check], reservation_id: str, amount: int, entry: LedgerEntry,
-                     *, now: float) -> bool:
+                     *, now: float, once: str | None = None) -> bool:
         with self._tx():
-            if self._db.execute("INSERT OR IGNORE INTO done (id, ts) VALUES (?, ?)", (reservation_id, now)).rowcount == 0:
+            if self._db.execute("INSERT OR IGNORE INTO done (id, ts) VALUES (?, ?)",
+                                (once or reservation_id, now)).rowcount == 0:
+                for c in checks:
+                    self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ?", (reservation_id, c.scope.name))
                 return False
             for c in checks:
                 self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ?", (reservation_id, c.scope.name))

@@ -40,9 +40,11 @@ class BudgetStore(Protocol):
                       hold_s: float) -> Refusal | None: ...
 
     async def commit(self, checks: list[Check], reservation_id: str, amount: int, entry: LedgerEntry,
-                     *, now: float) -> bool:
+                     *, now: float, once: str | None = None) -> bool:
         """Add `amount` to every window, drop the hold, append the ledger entry. Idempotent per
-        reservation id: returns False if it was already committed."""
+        `once` (default: the reservation id; the gateway passes the settlement's transaction, so
+        two holds for one payment count it once): returns False, only dropping this hold, if it
+        was already committed."""
         ...
 
     async def release(self, checks: list[Check], reservation_id: str) -> None: ...

@@ -27,10 +27,11 @@ class BudgetHook(Protocol):
         ...
 
     async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str,
-                     details: dict | None = None) -> bool:
+                     details: dict | None = None, *, once: str | None = None) -> bool:
         """`amount` is what was charged (upto: the metered amount, at most the hold); `details`
-        go to the ledger entry (usage, the missing-usage policy applied). Idempotent per hold;
-        True when counted (now or before), False when deferred (the store is down)."""
+        go to the ledger entry (usage, the missing-usage policy applied). Idempotent per `once`
+        (default: the hold); True when counted (now or before), False when deferred (the store
+        is down)."""
         ...
 
     async def release(self, hold: Hold) -> bool:
@@ -50,7 +51,7 @@ class NoBudgets:
         return None
 
     async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str,
-                     details: dict | None = None) -> bool:
+                     details: dict | None = None, *, once: str | None = None) -> bool:
         return True
 
     async def release(self, hold: Hold) -> bool:

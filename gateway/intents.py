@@ -31,6 +31,12 @@ class IntentStoreUnavailableError(storage.StoreUnavailableError):
     pass
 
 
+def commit_key(tx_hash: str, hold_id: str) -> str:
+    """What a settlement's budget commit is counted once for: its on-chain transaction (two
+    requests may both have settled one payment), else the hold (a zero-amount upto settlement)."""
+    return tx_hash.lower() if tx_hash.startswith("0x") else hold_id
+
+
 _errors = BackendErrors(IntentStoreUnavailableError)
 
 

@@ -4,7 +4,7 @@ Every replica runs the loop; the store's lease makes one of them the owner of ea
 truth is asked of the facilitator: its settle is idempotent and answers a repeated request with the
 first result (our facilitator's exactly-once store; x402 facilitators key settlements by the
 payment's nonce). Then:
-- settled: the budget is committed and the ledger written, once (idempotent by the hold's id), and
+- settled: the budget is committed and the ledger written, once (idempotent by the transaction), and
   the payment's record says settled and owed, so a resend of the same payment is served;
 - never asked (the facilitator verifies the payment as unused: no settlement record, nonce unspent),
   or refused (nothing moved, nothing will: expired, nonce used by another payment, …): the hold is
@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import SettleResponse
-from gateway.intents import Intent, IntentStore
+from gateway.intents import Intent, IntentStore, commit_key
 from gateway.paywall.call import load_payment
 from gateway.paywall.settle import RECORD_TTL_S, Settlement
 from gateway.records import PaymentRecord, RecordState
@@ -86,7 +86,7 @@ class Recovery:
         if settled.success:
             await self._owed(intent, settled)
             if not await s.budgets.commit(intent.hold, intent.amount, settled.transaction, intent.request_id,
-                                          intent.details):
+                                          intent.details, once=commit_key(settled.transaction, intent.hold.id)):
                 return await self._later(intent)
             await self.intents.finish(intent.id)
             s.metrics.payments.labels(route, "settled", "recovered_intent").inc()

@@ -30,7 +30,7 @@ from gateway.budget_hook import BudgetHook, Hold, Refusal
 from gateway.claim import Claim
 from gateway.errors import GatewayError, GatewayReason as G
 from gateway.facilitator_client import FacilitatorClient
-from gateway.intents import Intent, IntentStore, IntentStoreUnavailableError
+from gateway.intents import Intent, IntentStore, IntentStoreUnavailableError, commit_key
 from gateway.metering import StreamMeter
 from gateway.metrics import GatewayMetrics
 from gateway.paywall.call import AnyRequirement, PaidCall, stored_payment
@@ -110,7 +110,8 @@ class Settlement:
             elif not record.delivered:  # about to be delivered by this request, which keeps the lease
                 record.owner, record.lease_until_ms = claim.owner, claim.now_ms() + claim.lease_ms
             await self.save(record, request_id)
-            if await self.budgets.commit(hold, amount, settled.transaction, request_id, details):
+            if await self.budgets.commit(hold, amount, settled.transaction, request_id, details,
+                                         once=commit_key(settled.transaction, hold.id)):
                 await self.finish(intent.id)
             else:  # deferred: recovery commits it again (idempotent by the hold) if this replica dies
                 await self.hand_over(intent.id, claim.owner)

@@ -75,6 +75,19 @@ async def test_holds_expire_so_a_crashed_replica_frees_its_budget(store: BudgetS
     assert await store.reserve([check], 100, "y", now=t0 + 31, hold_s=30) is None
 
 
+async def test_commit_once_per_settlement_drops_a_second_hold_without_counting(store: BudgetStore, t0: float) -> None:
+    """Two holds for one payment (a resend that took over a stalled claim): one count, no hold left."""
+    check = agent_check("0xa8", [Limit(period="day", amount=100)], t0)
+    assert await store.reserve([check], 10, "first", now=t0, hold_s=60) is None
+    assert await store.reserve([check], 10, "second", now=t0, hold_s=60) is None
+    tx = "0x" + "ee" * 32
+    assert await store.commit([check], "second", 10, entry("0xa8", 10, "second", t0), now=t0, once=tx)
+    assert not await store.commit([check], "first", 10, entry("0xa8", 10, "first", t0), now=t0, once=tx)
+    (usage,) = await store.usage(check, now=t0)
+    assert (usage.spent, usage.reserved) == (10, 0)
+    assert len(await store.ledger(agent="0xa8", start=t0 - 60, end=t0 + 60, limit=10)) == 1
+
+
 async def test_a_pinned_hold_never_expires_until_committed_or_released(store: BudgetStore, t0: float) -> None:
     """Settlement was asked for under this hold: it outlives hold_s (and a later reserve's TTL)."""
     check = agent_check("0xa9", [Limit(period="day", amount=100)], t0)
