@@ -128,7 +128,14 @@ class Settlement:
                                                        "tx": settled.transaction, "reason": settled.error_reason})
         else:
             await claim.abandon()
-            await self.forget(intent.id, hold)
+            if settled.error_reason == R.UNEXPECTED_SETTLE_ERROR.value:
+                # Nothing moved in this call, but the facilitator may be left holding a claim on the
+                # payment it could not clear (its store was away): a later resend would settle it
+                # under that claim. Recovery keeps the hold pinned until the facilitator can say.
+                if not await self.hand_over(intent.id, claim.owner):
+                    self.until_done(lambda: self.hand_over(intent.id, claim.owner), intent.id)
+            else:
+                await self.forget(intent.id, hold)
             self.metrics.payments.labels(offer.route_id, "settle_failed", settled.error_reason or "").inc()
         return settled
 

@@ -219,24 +219,16 @@ def test_a_facilitator_that_cannot_read_its_store_is_asked_again_never_taken_for
 
 def test_an_intent_whose_settlement_was_never_asked_is_released_not_settled(
         gateway: TestClient, facilitator: DyingFacilitator) -> None:
-    """The replica wrote its intent and died before the facilitator heard of the payment (here:
-    the facilitator refused for a store outage, and the replica died before closing the intent).
-    Recovery finds the payment unused (verify) and releases it: it never starts a settlement."""
+    """The facilitator refuses for a store outage (nothing moved, but it may hold a claim it could
+    not clear): the hold stays pinned and the intent goes to recovery. Recovery finds the payment
+    unused (verify) and releases it: it never starts a settlement itself."""
     payment = pay(gateway, facilitator)
     payer = payer_of(facilitator, payment)
-    settlement = gateway.app.state.gateway.paywall.settlement  # type: ignore[attr-defined]
-
-    async def lost_finish(intent_id: str) -> bool:
-        return False  # as if the store went away and the process died before the retry
-
-    settlement.finish = lost_finish
     facilitator.store_down = True
     r = send(gateway, payment)
     assert r.status_code == 402 and r.json()["error"] == R.UNEXPECTED_SETTLE_ERROR
     facilitator.store_down = False
-    for task in list(settlement.background):
-        task.cancel()
-    assert books(gateway, payer) == ([], 0, 0, 1)  # the hold was released; the intent is left open
+    assert books(gateway, payer) == ([], 0, PRICE, 1)  # held until the facilitator can say
     settles = facilitator.calls["settle"]
     assert gateway.portal.call(recovery(gateway).sweep) == 1  # type: ignore[union-attr]
     assert facilitator.calls["settle"] == settles and facilitator.settled == {}  # nothing settled by recovery
