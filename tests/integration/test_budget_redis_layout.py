@@ -7,6 +7,7 @@ hour, never less for a rolling one); counters are read as far as their longest l
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator
 from zoneinfo import ZoneInfo
@@ -22,7 +23,9 @@ pytestmark = pytest.mark.integration
 NET = "eip155:84532"
 ASSET = "0x" + "33" * 20
 UTC = ZoneInfo("UTC")
-T0 = 1_800_000_000.0  # a fixed moment: the store takes `now` from its caller
+# 08:00 UTC today, on the hour as the windows need: the store takes `now` from its caller, and no
+# test here may depend on the date.
+T0 = float(int(time.time()) // 86400 * 86400 + 8 * 3600)
 
 
 @pytest.fixture
