@@ -110,3 +110,30 @@ async def _holds(r: Any, base: str, keys: dict[str, str]) -> int:
         await r.delete(keys["rate"])
         folded += 1
     return folded
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m budgets.redis_migrate REDIS_URL [--prefix P]`: the one-off upgrade step."""
+    import argparse
+    import asyncio
+
+    from storage import redis_from_url
+
+    parser = argparse.ArgumentParser(prog="python -m budgets.redis_migrate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("url", help="the budget store's Redis URL (single server or Sentinel)")
+    parser.add_argument("--prefix", default="x402b:", help="the budget store's key prefix (default x402b:)")
+    args = parser.parse_args(argv)
+
+    async def run() -> int:
+        client = redis_from_url(args.url)
+        try:
+            return await migrate_layout(client, args.prefix)
+        finally:
+            await client.aclose()
+
+    print(f"folded {asyncio.run(run())} keys into the current layout")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
