@@ -246,14 +246,32 @@ class RedisCluster:
 
     def __init__(self) -> None:
         self.nodes = [RedisServer() for _ in range(3)]
-        for n in self.nodes:  # the cluster bus listens on port + 10000: keep it below 65536
-            n.port = _port_below(45000)
+        self._pick_ports()
+
+    def _pick_ports(self) -> None:
+        # The cluster bus listens on port + 10000. Both stay below the kernel's ephemeral range
+        # (32768 up), where an outgoing connection of any process could take them first.
+        for n in self.nodes:
+            n.port = _port_below(22767)
 
     @property
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
 
     def start(self) -> None:
+        for attempt in range(3):  # a port taken between the pick and the bind: pick again
+            try:
+                self._start()
+                return
+            except TimeoutError:
+                if attempt == 2:
+                    raise
+                self.stop()
+                for n in self.nodes:
+                    n.dir = tempfile.mkdtemp(prefix="x402-cluster-")
+                self._pick_ports()
+
+    def _start(self) -> None:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         for n in self.nodes:
             n.proc = subprocess.Popen(
