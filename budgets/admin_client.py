@@ -188,6 +188,9 @@ class AdminClient:
     def ledger_stream(self, **query: Any) -> AsyncIterator[bytes]:
         return self.stream("GET", "/v1/ledger", query=query)
 
+    async def reconcile(self, from_block: int, to_block: int, *, network: str | None = None) -> Reply:
+        return await self.request("GET", "/v1/reconcile", query={"from": from_block, "to": to_block, "network": network})
+
 
 def _where(network: str | None, asset: str | None) -> dict[str, str] | None:
     """A suspend/resume body: only the network and asset given (none: all the owner's policies)."""

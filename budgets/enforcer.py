@@ -180,21 +180,51 @@ class BudgetEnforcer:
         return Hold(id=request_id, agent=payer, network=network, asset=asset.lower(), amount=amount, route=route,
                     model=model, group=policy.group)
 
+    async def pin(self, hold: Hold) -> None:
+        """Settlement is about to be asked for: the hold never expires on its own from here on.
+        A hold that expired meanwhile (a slow upstream) is reserved again first, against the
+        limits as they are now. Raises Refusal when it does not fit any more (budget_exceeded) or
+        the store cannot be reached (503): then nothing is settled."""
+        try:
+            policy, group = await self._commit_policies(hold)
+            now = self.clock()
+            checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False)
+            if await self.store.pin(checks, hold.id, hold.amount, now=now):
+                return
+            refusal = await self.store.reserve(checks, hold.amount, hold.id, now=now, hold_s=self.hold_s)
+            if refusal is None and await self.store.pin(checks, hold.id, hold.amount, now=now):
+                return
+        except BudgetStoreUnavailableError as exc:
+            raise _unavailable(exc) from exc
+        raise refusal or Refusal("budget_exceeded", "the budget was given to other calls meanwhile", status=402)
+
+    async def _commit_policies(self, hold: Hold) -> tuple[Policy, Policy | None]:
+        try:
+            policy, group, _listed = await self.policies_for(hold.agent, hold.network, hold.asset)
+        except Refusal:  # the agent lost its policy since the reserve: still count the spend
+            policy = Policy(network=hold.network, asset=hold.asset, group=hold.group)
+            group = (await self._policy("group", hold.group, hold.network, hold.asset)) if hold.group else None
+        return policy, group
+
     async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str,
-                     details: dict | None = None) -> None:
+                     details: dict | None = None, *, once: str | None = None) -> bool:
         """The money moved: count it, even if the hold expired meanwhile. If the store is down,
         keep retrying in the background (commit is idempotent per hold), so the spend is counted
-        once the store is back; the ledger must reconcile with the chain."""
+        once the store is back; the ledger must reconcile with the chain. True when it is
+        counted now (or was before), False when it was deferred. `once`: what it is counted once
+        for (default the hold; the gateway passes the settlement's transaction, so two requests
+        that both settled one payment, a resend that took over a stalled claim and recovery of
+        the first, count it once)."""
         now = self.clock()
         entry = LedgerEntry(ts=now, agent=hold.agent, group=hold.group, route=hold.route, model=hold.model,
                             amount=amount, asset=hold.asset, network=hold.network, tx_hash=tx_hash,
                             request_id=request_id, extra=details or {})
-        if not await self._commit_once(hold, amount, entry, now):
+        if not await self._commit_once(hold, amount, entry, now, once):
             log.error("budget_commit_deferred", extra={"agent": hold.agent, "amount": str(amount), "tx": tx_hash,
                                                         "request_id": request_id})
             agent = hold.agent.lower()
             self._deferred[agent] = self._deferred.get(agent, 0) + 1
-            task = asyncio.ensure_future(self._commit_later(hold, amount, entry, now))
+            task = asyncio.ensure_future(self._commit_later(hold, amount, entry, now, once))
             self._pending.add(task)
 
             def done(t: asyncio.Task) -> None:
@@ -204,38 +234,40 @@ class BudgetEnforcer:
                     del self._deferred[agent]
 
             task.add_done_callback(done)
+            return False
+        return True
 
-    async def _commit_later(self, hold: Hold, amount: int, entry: LedgerEntry, now: float) -> None:
+    async def _commit_later(self, hold: Hold, amount: int, entry: LedgerEntry, now: float, once: str | None) -> None:
         delay = 0.2
         for _ in range(10_000):  # about three hours at the capped delay
             await asyncio.sleep(delay)
-            if await self._commit_once(hold, amount, entry, now):
+            if await self._commit_once(hold, amount, entry, now, once):
                 log.warning("budget_commit_recovered", extra={"agent": hold.agent, "request_id": entry.request_id})
                 return
             delay = min(delay * 2, 1.0)
         log.error("budget_commit_lost", extra={"agent": hold.agent, "amount": str(amount), "tx": entry.tx_hash,
                                                 "request_id": entry.request_id})
 
-    async def _commit_once(self, hold: Hold, amount: int, entry: LedgerEntry, now: float) -> bool:
+    async def _commit_once(self, hold: Hold, amount: int, entry: LedgerEntry, now: float, once: str | None) -> bool:
         for _attempt in range(2):
             try:
-                try:
-                    policy, group, _listed = await self.policies_for(hold.agent, hold.network, hold.asset)
-                except Refusal:  # the agent lost its policy since the reserve: still record the spend
-                    policy = Policy(network=hold.network, asset=hold.asset, group=hold.group)
-                    group = (await self._policy("group", hold.group, hold.network, hold.asset)) if hold.group else None
+                policy, group = await self._commit_policies(hold)
                 checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False,
                                      for_commit=True)
-                await self.store.commit(checks, hold.id, amount, entry, now=now)
+                await self.store.commit(checks, hold.id, amount, entry, now=now, once=once)
                 return True
             except BudgetStoreUnavailableError:
                 continue
         return False
 
-    async def release(self, hold: Hold) -> None:
+    async def release(self, hold: Hold) -> bool:
+        """False when the store cannot be reached: an unpinned hold expires by itself, a pinned
+        one must be released again (the caller retries)."""
         try:
-            policy, group, _ = await self.policies_for(hold.agent, hold.network, hold.asset)
-            checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, self.clock(), with_rate=False)
-            await self.store.release(checks, hold.id)
-        except (BudgetStoreUnavailableError, Refusal):
-            pass  # the hold expires by itself
+            policy, group = await self._commit_policies(hold)
+            now = self.clock()
+            checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False)
+            await self.store.release(checks, hold.id, now=now)
+            return True
+        except BudgetStoreUnavailableError:
+            return False

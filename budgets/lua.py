@@ -144,13 +144,24 @@ local function holds(z, h, now, id)
   end
   return total, v
 end
--- drop one hold (commit, release): its amount leaves the running total
-local function drop(z, h, id)
+-- drop one hold (commit, release): its amount leaves the running total. The last pinned hold
+-- to go gives the keys their expiry back: past the latest live hold, and `e` so that the next
+-- reserve renews it as usual
+local function drop(z, h, id, now)
   local v = redis.call('HMGET', h, hid(id), 't')
   if not v[1] then return end
+  local pinned = redis.call('ZSCORE', z, id) == 'inf'
   redis.call('HDEL', h, hid(id))
   redis.call('HSET', h, 't', table.concat(minus(csv_limbs(v[2]), dec_limbs(v[1])), ','))
   redis.call('ZREM', z, id)
+  if pinned and redis.call('HINCRBY', h, 'p', -1) <= 0 then
+    redis.call('HDEL', h, 'p')
+    local last = redis.call('ZREVRANGEBYSCORE', z, '(inf', '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    local ttl = math.ceil(math.max(0, (tonumber(last[2]) or now) - now)) + 7200
+    redis.call('HSET', h, 'e', now + ttl)
+    redis.call('EXPIRE', z, ttl)
+    redis.call('EXPIRE', h, ttl)
+  end
 end
 -- the token bucket in `h` ('tokens', 'ts'): (allowed, wait s, tokens left after taking one)
 local function tokens_left(r, now, tokens_s, ts_s)
@@ -336,31 +347,9 @@ end
 return {'ok'}
 """)
 
-# ARGV: now, id, amount limbs, hour, done key, ledger key, ledger entry (JSON), #checks, then per
-#   check: z, h, c, #windows (-1: the previous check's), then per window its counter's name (a
-#   calendar window's key, or `roll:<period>:<bucket>`)
-COMMIT = _script("""
-local now, id = num(), arg()
-local amt = limbs_arg()
-local hour, done, ledger, entry = num(), KEYS[num()], KEYS[num()], arg()
-if redis.call('SET', done, '1', 'NX', 'EX', 604800) == false then return 0 end
-local windows = {}
-for _ = 1, num() do
-  local z, h, key = KEYS[num()], KEYS[num()], KEYS[num()]
-  drop(z, h, id)
-  local nw = num()
-  if nw >= 0 then  -- else: the same windows as the check before
-    windows = {}
-    for wi = 1, nw do
-      local f = arg()
-      local p, b = string.match(f, '^(roll:[^:]+):(%d+)$')
-      if p then
-        windows[wi] = {rolling = true, p = p, k = p, bucket = tonumber(b)}
-      else
-        windows[wi] = {rolling = false, p = string.match(f, '^[^:]+'), k = f, bucket = 0}
-      end
-    end
-  end
+# the commit's counting in one scope's counters hash: the hour's spend and every tracked window
+COUNT = """
+local function count(key, windows, amt, hour)
   local fields = {'n', 'lo:h', 'h' .. string.format('%d', hour) .. '#0'}
   for _, w in ipairs(windows) do
     if w.rolling then
@@ -414,14 +403,70 @@ for _ = 1, num() do
   if #set > 0 then redis.call('HSET', key, unpack(set)) end
   if new_hour then redis.call('EXPIRE', key, %(ttl)d) end  -- once an hour: the hash outlives its oldest hour
 end
+"""
+
+# ARGV: now, id, amount limbs, hour, done key, ledger key, ledger entry (JSON), #checks, then per
+#   check: z, h, c, #windows (-1: the previous check's), then per window its counter's name (a
+#   calendar window's key, or `roll:<period>:<bucket>`)
+COMMIT = _script(COUNT + """
+local now, id = num(), arg()
+local amt = limbs_arg()
+local hour, done, ledger, entry = num(), KEYS[num()], KEYS[num()], arg()
+-- counted once per `done` (the settlement's transaction): a second hold for the same payment
+-- (a resend that took over a stalled claim, and recovery of the first) is only dropped
+local first = redis.call('SET', done, '1', 'NX', 'EX', 604800)
+local windows = {}
+for _ = 1, num() do
+  local z, h, key = KEYS[num()], KEYS[num()], KEYS[num()]
+  drop(z, h, id, now)
+  local nw = num()
+  if nw >= 0 then  -- else: the same windows as the check before
+    windows = {}
+    for wi = 1, nw do
+      local f = arg()
+      local p, b = string.match(f, '^(roll:[^:]+):(%d+)$')
+      if p then
+        windows[wi] = {rolling = true, p = p, k = p, bucket = tonumber(b)}
+      else
+        windows[wi] = {rolling = false, p = string.match(f, '^[^:]+'), k = f, bucket = 0}
+      end
+    end
+  end
+  if first then count(key, windows, amt, hour) end
+end
+if not first then return 0 end
 redis.call('ZADD', ledger, now, entry)
 return 1
 """)
 
-# ARGV: id, #checks, then per check: z, h
+# ARGV: now, id, #checks, then per check: z, h
 RELEASE = _script("""
-local id = arg()
-for _ = 1, num() do drop(KEYS[num()], KEYS[num()], id) end
+local now, id = num(), arg()
+for _ = 1, num() do drop(KEYS[num()], KEYS[num()], id, now) end
+return 1
+""")
+
+# Pin a live hold: its expiry score becomes +inf, which the sweep never reaches, and the keys lose
+# their TTL until the last pinned hold of the scope is dropped (`p` counts them). 0, writing
+# nothing, when the hold is gone or expired in any scope (its budget may be another call's now).
+# ARGV: now, id, #checks, then per check: z, h
+PIN = _script("""
+local now, id = num(), arg()
+local checks = {}
+for ci = 1, num() do checks[ci] = {z = KEYS[num()], h = KEYS[num()]} end
+for _, c in ipairs(checks) do
+  local s = redis.call('ZSCORE', c.z, id)
+  if (not s) or tonumber(s) <= now or not redis.call('HGET', c.h, hid(id)) then return 0 end
+end
+for _, c in ipairs(checks) do
+  if redis.call('ZSCORE', c.z, id) ~= 'inf' then  -- pinning twice counts once
+    redis.call('ZADD', c.z, '+inf', id)
+    redis.call('HINCRBY', c.h, 'p', 1)
+    redis.call('HSET', c.h, 'e', 1e15)  -- far off: a reserve does not renew (shorten) the keys' life
+    redis.call('PERSIST', c.z)
+    redis.call('PERSIST', c.h)
+  end
+end
 return 1
 """)
 

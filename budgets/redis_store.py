@@ -110,6 +110,7 @@ class RedisBudgetStore:
         self._reserve = client.register_script(lua.RESERVE)
         self._commit = client.register_script(lua.COMMIT)
         self._release = client.register_script(lua.RELEASE)
+        self._pin = client.register_script(lua.PIN)
         self._rate = client.register_script(lua.RATE)
         self._usage = client.register_script(lua.USAGE)
         self._indexed: set[str] = set()  # tags known to be in the ledger's index
@@ -158,14 +159,14 @@ class RedisBudgetStore:
                        scope=check.scope.name, remaining=max(0, window.limit - used), resets_at=window.resets_at)
 
     async def commit(self, checks: list[Check], reservation_id: str, amount: int, entry: LedgerEntry,
-                     *, now: float) -> bool:
+                     *, now: float, once: str | None = None) -> bool:
         """Counts in the windows of `checks` that the scope is limited by (tracked); pass every
         period's window (the enforcer's `for_commit`), so a period tracked since is counted too."""
         keys = _Keys()
         tag_scope = checks[0].scope
         args: list[str | int | float] = [
             repr(now), reservation_id, *_limbs(amount), int(now // 3600),
-            keys.add(self._k(tag_scope, f"done:{reservation_id}")), keys.add(f"{self._p}b:{{{tag_scope.tag}}}:ledger"),
+            keys.add(self._k(tag_scope, f"done:{once or reservation_id}")), keys.add(f"{self._p}b:{{{tag_scope.tag}}}:ledger"),
             _entry_json(entry), len(checks)]
         previous: tuple[Window, ...] | None = None
         for c in checks:
@@ -187,12 +188,18 @@ class RedisBudgetStore:
                 self._indexed.add(tag_scope.tag)
         return res == 1
 
-    async def release(self, checks: list[Check], reservation_id: str) -> None:
+    def _holds_args(self, checks: list[Check], reservation_id: str, now: float) -> tuple[list[str], list[str | int | float]]:
         keys = _Keys()
-        args: list[str | int | float] = [reservation_id, len(checks)]
+        args: list[str | int | float] = [repr(now), reservation_id, len(checks)]
         for c in checks:
             args += [keys.add(self._k(c.scope, "rz")), keys.add(self._k(c.scope, "rh"))]
-        await self._run(self._release, keys.keys, args)
+        return keys.keys, args
+
+    async def release(self, checks: list[Check], reservation_id: str, *, now: float) -> None:
+        await self._run(self._release, *self._holds_args(checks, reservation_id, now))
+
+    async def pin(self, checks: list[Check], reservation_id: str, amount: int, *, now: float) -> bool:
+        return await self._run(self._pin, *self._holds_args(checks, reservation_id, now)) == 1
 
     async def _bucket(self, scope: Scope, rate: RateLimit, now: float, take: bool) -> RateState:
         args = {"per_minute": rate.per_minute, "burst": rate.burst, "now": now, "take": take}

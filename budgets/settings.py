@@ -65,6 +65,9 @@ class BudgetSettings(BaseModel):
     default_rate_per_minute: int | None = Field(default=60, ge=1)
     policies: list[PolicyEntry] = Field(default_factory=list)
     admin_prefix: str = Field(default="/admin", pattern=r"^/[A-Za-z0-9_/-]*$")
+    # network -> JSON-RPC URL that reconciliation reads Transfer logs from (the in-process
+    # facilitator's own chains are used for networks not named here)
+    rpc_urls: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("timezone")
     @classmethod

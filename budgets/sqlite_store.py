@@ -13,6 +13,7 @@ from budgets.store import BudgetStore, BudgetStoreUnavailableError, Check, RateS
 from storage import BackendErrors, connect_sqlite, immediate, open_url
 
 _errors = BackendErrors(BudgetStoreUnavailableError)
+PINNED = 1e300  # the expiry of a pinned hold: never
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (scope TEXT, wkey TEXT, bucket INTEGER, amount TEXT NOT NULL, expires REAL NOT NULL,
@@ -102,9 +103,12 @@ class SQLiteBudgetStore:
         return None
 
     async def commit(self, checks: list[Check], reservation_id: str, amount: int, entry: LedgerEntry,
-                     *, now: float) -> bool:
+                     *, now: float, once: str | None = None) -> bool:
         with self._tx():
-            if self._db.execute("INSERT OR IGNORE INTO done (id, ts) VALUES (?, ?)", (reservation_id, now)).rowcount == 0:
+            if self._db.execute("INSERT OR IGNORE INTO done (id, ts) VALUES (?, ?)",
+                                (once or reservation_id, now)).rowcount == 0:
+                for c in checks:
+                    self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ?", (reservation_id, c.scope.name))
                 return False
             for c in checks:
                 self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ?", (reservation_id, c.scope.name))
@@ -128,10 +132,22 @@ class SQLiteBudgetStore:
             self._db.execute("DELETE FROM counters WHERE expires < ?", (now,))
         return True
 
-    async def release(self, checks: list[Check], reservation_id: str) -> None:
+    async def release(self, checks: list[Check], reservation_id: str, *, now: float) -> None:
         with self._tx():
             for c in checks:
                 self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ?", (reservation_id, c.scope.name))
+
+    async def pin(self, checks: list[Check], reservation_id: str, amount: int, *, now: float) -> bool:
+        with self._tx():
+            for c in checks:
+                held = self._db.execute("SELECT 1 FROM holds WHERE id = ? AND scope = ? AND expires > ?",
+                                        (reservation_id, c.scope.name, now)).fetchone()
+                if held is None:
+                    return False
+            for c in checks:
+                self._db.execute("UPDATE holds SET expires = ? WHERE id = ? AND scope = ?",
+                                 (PINNED, reservation_id, c.scope.name))
+            return True
 
     async def rate_peek(self, scope: Scope, rate: RateLimit, *, now: float) -> RateState:
         with self._tx():

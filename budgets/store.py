@@ -3,7 +3,8 @@
 Which budgets apply and what their windows are is decided in Python (budgets/enforcer.py); the
 store only does the atomic part: for every `Check` at once, refuse if spent + reserved + amount
 would pass any window's limit, else hold `amount` under a reservation id that expires by itself
-(so a crashed replica cannot hold budget forever). Reserving more than is finally charged is
+(so a crashed replica cannot hold budget forever) until its settlement is asked for: then it
+is pinned and never expires on its own (gateway/intents.py resolves it). Reserving more than is finally charged is
 allowed: commit adds the amount actually settled and drops the hold (the `upto` scheme reserves
 its signed maximum and commits what was used).
 """
@@ -39,14 +40,23 @@ class BudgetStore(Protocol):
                       hold_s: float) -> Refusal | None: ...
 
     async def commit(self, checks: list[Check], reservation_id: str, amount: int, entry: LedgerEntry,
-                     *, now: float) -> bool:
+                     *, now: float, once: str | None = None) -> bool:
         """Add `amount` to the windows (every period's, from the enforcer: a store may count only
         those a budget is limited by, if it can rebuild the others exactly or conservatively),
-        drop the hold, append the ledger entry. Idempotent per reservation id: returns False if it
+        drop the hold, append the ledger entry. Idempotent per `once` (default: the reservation
+        id; the gateway passes the settlement's transaction, so two holds for one payment count it
+        once): returns False, only dropping this hold, if it
         was already committed."""
         ...
 
-    async def release(self, checks: list[Check], reservation_id: str) -> None: ...
+    async def release(self, checks: list[Check], reservation_id: str, *, now: float) -> None: ...
+
+    async def pin(self, checks: list[Check], reservation_id: str, amount: int, *, now: float) -> bool:
+        """Make the hold under `reservation_id` never expire: its settlement is about to be asked
+        for, so only a commit or a release ends it (a crashed replica's recovery does, by the
+        intent). False, writing nothing, when the hold is gone (it expired: its budget may have
+        been given to another call since; reserve again before settling)."""
+        ...
 
     async def rate_peek(self, scope: Scope, rate: RateLimit, *, now: float) -> RateState:
         """Would a call be allowed now? Does not consume. (The enforcer's pre-check peeks at its

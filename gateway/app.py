@@ -15,13 +15,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
+from budgets.reconcile import Reconciler, Report, RpcCall, http_rpc
 from gateway.budget_hook import BudgetHook, NoBudgets, Refusal
 from gateway.errors import GatewayError
 from gateway.errors import GatewayReason as G
 from gateway.facilitator_client import FacilitatorClient, HttpFacilitatorClient, LocalFacilitatorClient
+from gateway.intents import open_intents
 from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestIdMiddleware
 from gateway.paywall.flow import Paywall
+from gateway.paywall.recovery import Recovery
 from gateway.paywall.responses import Challenges, render_refusal
 from gateway.paywall.settle import Settlement
 from gateway.pricing import Pricing
@@ -32,6 +35,18 @@ from gateway.sessions import SessionStore, open_sessions
 from gateway.settings import GatewaySettings
 from gateway.workers.pool import TrackedResponse, WorkerPool
 from storage import StoreUnavailableError, is_redis_url
+
+
+def chain_readers(settings: GatewaySettings, fac: FacilitatorClient, session: aiohttp.ClientSession) -> dict[str, RpcCall]:
+    """network -> JSON-RPC caller for reconciliation: budgets.rpc_urls, else the in-process
+    facilitator's own chains (a remote facilitator's chains are not ours to read)."""
+    out: dict[str, RpcCall] = {}
+    if settings.budgets is not None:
+        out |= {network: http_rpc(session, url) for network, url in settings.budgets.rpc_urls.items()}
+    if isinstance(fac, LocalFacilitatorClient):
+        for network, chain in fac.facilitator.chains.items():
+            out.setdefault(network, chain.rpc.call)
+    return out
 
 
 def build_facilitator_client(settings: GatewaySettings) -> FacilitatorClient:
@@ -122,6 +137,8 @@ def create_app(
 ) -> Starlette:
     pricing = Pricing(settings)
     enforcer = build_budgets(settings) if budgets is None else None
+    gateway_metrics = metrics or GatewayMetrics()
+    rpcs: dict[str, RpcCall] = {}  # the chains reconciliation reads, filled at start
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -133,7 +150,8 @@ def create_app(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300, keepalive_timeout=30),
             auto_decompress=False, response_class=TrackedResponse,  # worker slots follow the body
         )
-        m = metrics or GatewayMetrics()
+        m = gateway_metrics
+        rpcs.update(chain_readers(settings, fac, session))
         pools: dict[str, UpstreamPool | WorkerPool] = {
             name: WorkerPool(name, up, m) if up.kind == "workers" else UpstreamPool(name, up)
             for name, up in settings.upstreams.items()}
@@ -155,7 +173,10 @@ def create_app(
             sessions_store = open_sessions(settings.store_url, prefix=settings.store_prefix)
             calls = SessionCalls(sessions_store, settings, fac, hook, m, upstreams, in_background)
             background.append(asyncio.create_task(calls.reap_forever(session_routes)))
-        settlement = Settlement(settings, fac, records, hook, m, in_background)
+        intents = open_intents(settings.store_url, prefix=settings.store_prefix)
+        settlement = Settlement(settings, fac, records, hook, m, in_background, intents)
+        background.append(asyncio.create_task(Recovery(settlement, intents,
+                                                       interval_s=settings.recovery_interval_s).run_forever()))
         paywall = Paywall(settings, pricing, fac, records, hook, m, upstreams, challenges, settlement, calls)
         app.state.gateway = GatewayState(paywall, records, fac, upstreams, m, pricing, challenges, sessions_store)
         try:
@@ -167,6 +188,7 @@ def create_app(
             await session.close()
             await fac.close()
             await records.close()
+            await intents.close()
             if sessions_store is not None:
                 await sessions_store.close()
             if enforcer is not None:
@@ -235,7 +257,15 @@ def create_app(
         from budgets.settings import admin_token
 
         assets = {(o.network, o.asset.lower()): (o.symbol, o.decimals) for o in settings.accepts}
-        routes.append(Mount(settings.budgets.admin_prefix, app=create_admin_app(enforcer, admin_token(), assets=assets)))
+
+        def reconciled(report: Report) -> None:
+            for total in report.totals:
+                gateway_metrics.reconcile_difference.labels(total.network, total.asset).set(total.difference)
+
+        reconciler = Reconciler(enforcer.store, payee=settings.pay_to, assets=list(assets), rpcs=rpcs,
+                                clock=enforcer.clock, on_report=reconciled)
+        routes.append(Mount(settings.budgets.admin_prefix,
+                            app=create_admin_app(enforcer, admin_token(), assets=assets, reconciler=reconciler)))
     routes.append(Route("/{path:path}", paid, methods=methods))
     def refused(request: Request, exc: Exception) -> Response:
         """The one place a refusal becomes an answer (also Starlette's handler for them)."""

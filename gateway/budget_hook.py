@@ -1,6 +1,7 @@
 """Where budgets plug into the payment flow. The gateway calls `precheck` before any signature
-work, `reserve` after verification, and exactly one of `commit` (settled) or `release` (anything
-else) per hold. `NoBudgets` enforces nothing; `budgets.enforcer.BudgetEnforcer` is the real one."""
+work, `reserve` after verification, `pin` right before settlement is asked for (the hold then
+never expires on its own), and exactly one of `commit` (settled) or `release` (anything else) per
+hold. `NoBudgets` enforces nothing; `budgets.enforcer.BudgetEnforcer` is the real one."""
 
 from __future__ import annotations
 
@@ -21,13 +22,21 @@ class BudgetHook(Protocol):
         """Raise Refusal if `amount` does not fit every budget that applies."""
         ...
 
-    async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str,
-                     details: dict | None = None) -> None:
-        """`amount` is what was charged (upto: the metered amount, at most the hold); `details`
-        go to the ledger entry (usage, the missing-usage policy applied)."""
+    async def pin(self, hold: Hold) -> None:
+        """Raise Refusal when the hold cannot be pinned (then settlement is not asked for)."""
         ...
 
-    async def release(self, hold: Hold) -> None: ...
+    async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str,
+                     details: dict | None = None, *, once: str | None = None) -> bool:
+        """`amount` is what was charged (upto: the metered amount, at most the hold); `details`
+        go to the ledger entry (usage, the missing-usage policy applied). Idempotent per `once`
+        (default: the hold); True when counted (now or before), False when deferred (the store
+        is down)."""
+        ...
+
+    async def release(self, hold: Hold) -> bool:
+        """False when it could not be done now (the store is away)."""
+        ...
 
 
 class NoBudgets:
@@ -38,9 +47,12 @@ class NoBudgets:
                       request_id: str) -> Hold:
         return Hold(id=request_id, agent=payer, network=network, asset=asset, amount=amount, route=route, model=model)
 
-    async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str,
-                     details: dict | None = None) -> None:
+    async def pin(self, hold: Hold) -> None:
         return None
 
-    async def release(self, hold: Hold) -> None:
-        return None
+    async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str,
+                     details: dict | None = None, *, once: str | None = None) -> bool:
+        return True
+
+    async def release(self, hold: Hold) -> bool:
+        return True

@@ -57,7 +57,9 @@ class GatewayError(Exception):
 
 
 class UpstreamRefused(GatewayError):
-    """The upstream answered 4xx/5xx: its answer passes through as it came; nothing is charged."""
+    """The upstream refused the request itself (4xx: a bad request, the provider's own rate
+    limit): its answer passes through as it came, in the format the agent's SDK reads; nothing is
+    charged. An upstream that failed (5xx) is the gateway's 502 `upstream_error` instead."""
 
     def __init__(self, status: int, body: bytes, headers: list[tuple[str, str]]) -> None:
         super().__init__(GatewayReason.UPSTREAM_ERROR, f"the upstream answered {status}", status=status,

@@ -48,3 +48,12 @@ class GatewayMetrics:
                                    ["upstream", "model"], registry=r)
         self.backpressure = Counter("x402_gateway_backpressure_total", "Calls refused before payment (503/404)",
                                     ["upstream", "model", "reason"], registry=r)
+        self.reconcile_difference = Gauge(
+            "x402_gateway_reconcile_difference_atomic",
+            "The last reconciliation's on-chain transfers to the payee minus the ledger, in base units",
+            ["network", "asset"], registry=r,
+        )  # fmt: skip
+        self.open_intents = Gauge(
+            "x402_gateway_settlement_intents_open", "Settlement intents not finished yet (seen by this replica's recovery)",
+            registry=r,
+        )  # fmt: skip

@@ -276,6 +276,8 @@ class GatewaySettings(_Model):
     settle_timeout_s: float = Field(default=45.0, gt=0)
     verify_timeout_s: float = Field(default=10.0, gt=0)
     record_lease_s: float = Field(default=6.0, ge=1, le=300)  # renewed every third while a request works on it
+    # How often each replica looks for settlement intents left by a dead replica (gateway/paywall/recovery.py).
+    recovery_interval_s: float = Field(default=2.0, gt=0, le=300)
     replay_cache_bytes: int = Field(default=1 << 20, ge=0)  # responses kept for idempotent replays
     max_body_bytes: int = Field(default=4 << 20, gt=0)
     log_level: str = "info"
@@ -336,6 +338,7 @@ _TUNABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "GATEWAY_SETTLE_TIMEOUT_S": ("settle_timeout_s", float),
     "GATEWAY_VERIFY_TIMEOUT_S": ("verify_timeout_s", float),
     "GATEWAY_RECORD_LEASE_S": ("record_lease_s", float),
+    "GATEWAY_RECOVERY_INTERVAL_S": ("recovery_interval_s", float),
     "GATEWAY_STORE_PREFIX": ("store_prefix", str),
     "GATEWAY_LOG_LEVEL": ("log_level", str),
     "GATEWAY_SHUTDOWN_GRACE_S": ("shutdown_grace_s", float),

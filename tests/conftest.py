@@ -71,10 +71,11 @@ def wait_http(url: str, deadline_s: float = 15.0, proc: subprocess.Popen | None 
 class RedisServer:
     """A private redis-server on a free port (tests may stop and restart it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_args: list[str] | None = None) -> None:
         self.port = _port()
         self.dir = tempfile.mkdtemp(prefix="x402-redis-")
         self.proc: subprocess.Popen | None = None
+        self.extra_args = extra_args or []  # later options win: e.g. ["--appendonly", "yes"]
 
     @property
     def url(self) -> str:
@@ -84,7 +85,7 @@ class RedisServer:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.proc = subprocess.Popen(
             [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log")],
+             "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"), *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         end = time.monotonic() + 10
@@ -101,6 +102,12 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        """SIGKILL: what survives is what was on disk (the AOF, with --appendonly yes)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(5)
 
 

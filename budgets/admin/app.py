@@ -20,15 +20,18 @@ from budgets.admin.responses import ResponseBodies
 from budgets.admin.routes import ROUTES
 from budgets.amounts import Assets
 from budgets.enforcer import BudgetEnforcer
+from budgets.reconcile import Reconciler
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
-def create_admin_app(enforcer: BudgetEnforcer, token: SecretStr | None, *, assets: Assets | None = None) -> Starlette:
+def create_admin_app(enforcer: BudgetEnforcer, token: SecretStr | None, *, assets: Assets | None = None,
+                     reconciler: Reconciler | None = None) -> Starlette:
     """`assets`: (network, asset) -> (symbol, decimals) for the display forms; a None token
-    disables every route but /v1/healthz (403 admin_disabled)."""
+    disables every route but /v1/healthz (403 admin_disabled). `reconciler`: what
+    /v1/reconcile compares the ledger with (None: 404 reconcile_unavailable)."""
     known = {(n, a.lower()): v for (n, a), v in (assets or {}).items()}
-    api = AdminApi(enforcer, ResponseBodies(known))
+    api = AdminApi(enforcer, ResponseBodies(known), reconciler)
     by_path: dict[str, dict[str, Endpoint]] = {}
     for method, path, handler, _ in ROUTES:
         by_path.setdefault(path, {})[method] = getattr(api, handler)

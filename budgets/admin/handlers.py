@@ -17,6 +17,7 @@ from budgets.admin.openapi import openapi_document
 from budgets.admin.requests import (
     LedgerQuery,
     owner_of,
+    parse_block_range,
     parse_policy,
     parse_policy_filter,
     parse_suspension,
@@ -27,6 +28,7 @@ from budgets.admin.requests import (
 from budgets.admin.responses import ResponseBodies
 from budgets.enforcer import BudgetEnforcer
 from budgets.models import Policy, Refusal
+from budgets.reconcile import ReconcileError, Reconciler
 
 log = logging.getLogger("budgets.admin")
 
@@ -35,6 +37,7 @@ log = logging.getLogger("budgets.admin")
 class AdminApi:
     enforcer: BudgetEnforcer
     bodies: ResponseBodies
+    reconciler: Reconciler | None = None
 
     async def healthz(self, request: Request) -> Response:
         return json_response({"status": "ok"})
@@ -140,3 +143,20 @@ class AdminApi:
         media = "application/x-ndjson" if q.format == "jsonl" else "text/csv; charset=utf-8"
         return StreamingResponse(self.bodies.ledger_lines(entries, q.format), media_type=media,
                                  headers={"Cache-Control": "no-store"})
+
+    # -- reconciliation with the chain ---------------------------------------------------------
+
+    async def reconcile(self, request: Request) -> Response:
+        from_block, to_block, network = parse_block_range(request.query_params)
+        if self.reconciler is None:
+            raise AdminError(404, "reconcile_unavailable", "no chain to reconcile with: give budgets.rpc_urls"
+                             " (network -> JSON-RPC URL) or run the facilitator in process")
+        try:
+            report = await self.reconciler.run(from_block, to_block, network)
+        except ReconcileError as exc:
+            raise AdminError(400, "reconcile_refused", str(exc)) from None
+        except (OSError, TimeoutError, ValueError, KeyError) as exc:  # the node unreachable, or a malformed answer
+            raise AdminError(502, "chain_unavailable", f"the chain could not be read ({type(exc).__name__})") from None
+        log.info("ledger_reconciled", extra={"network": report.network, "from": from_block, "to": to_block,
+                                             "differences": len(report.differences)})
+        return json_response(report.to_json())

@@ -27,6 +27,9 @@ _QUERY: dict[str, dict[str, dict]] = {
                "end": {"type": "string", "description": "ISO 8601 or unix seconds (default: now)"},
                "limit": {"type": "integer", "minimum": 1, "maximum": LEDGER_MAX, "default": 1000},
                "format": {"type": "string", "enum": ["json", "jsonl", "csv"], "default": "json"}},
+    "reconcile": {"from": {"type": "integer", "minimum": 0, "description": "first block (required)"},
+                  "to": {"type": "integer", "minimum": 0, "description": "last block (required)"},
+                  "network": {**_PARAMS["network"], "description": "required when the gateway has several"}},
 }
 
 
@@ -80,6 +83,17 @@ def _schemas() -> dict:
                             "policies": {"type": "array", "items": _ref("PolicyItem")}}),
         "LedgerEntry": _obj(entry),
         "Ledger": _obj({"entries": {"type": "array", "items": _ref("LedgerEntry")}}),
+        "Reconciliation": _obj({
+            "network": {"type": "string"}, "from_block": {"type": "integer"}, "to_block": {"type": "integer"},
+            "payee": {"type": "string"},
+            "totals": {"type": "array", "items": _obj({"network": {"type": "string"}, "asset": {"type": "string"},
+                                                       "chain": _AMOUNT_OUT, "ledger": _AMOUNT_OUT,
+                                                       "difference": {"type": "string", "description": "chain - ledger"}})},
+            "differences": {"type": "array", "items": _obj({
+                "network": {"type": "string"}, "asset": {"type": "string"}, "tx": {"type": "string"},
+                "block": {"type": ["integer", "null"]}, "kind": {"enum": ["not_in_ledger", "not_on_chain", "amount"]},
+                "chain": _AMOUNT_OUT, "ledger": _AMOUNT_OUT,
+                "difference": {"type": "string", "description": "chain - ledger, base units"}})}}),
         "Error": _obj({"error": {"type": "string"}, "message": {"type": "string"}}),
         "InvalidRequest": _obj({"error": {"const": "invalid_request"}, "errors": {"type": "array", "items": _obj(
             {"loc": {"type": "string", "description": 'e.g. "body.limits.0.amount", "path.address"'},
@@ -108,6 +122,10 @@ def _responses(handler: str) -> dict:
             "application/json": {"schema": _ref("Ledger")},
             "application/x-ndjson": {"schema": _ref("LedgerEntry"), "description": "one entry per line"},
             "text/csv": {"schema": {"type": "string"}, "description": "header row: " + ",".join(LEDGER_COLUMNS)}}}},
+        "reconcile": {"200": _json_body(_ref("Reconciliation"), "totals per asset and every difference"),
+                      "400": _json_body(_ref("Error"), "reconcile_refused: the range or network cannot be read"),
+                      "404": _json_body(_ref("Error"), "reconcile_unavailable: no chain configured"),
+                      "502": _json_body(_ref("Error"), "chain_unavailable: the node could not be read")},
     }[handler]
     if handler == "healthz":
         return ok

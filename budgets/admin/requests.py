@@ -180,3 +180,19 @@ def _amount(value: object, loc: str, errors: list[dict[str, str]]) -> object:
         errors.append({"loc": loc, "msg": "amounts are at most 2^256 - 1"})
         return 0
     return value
+
+
+def parse_block_range(query: Mapping[str, str]) -> tuple[int, int, str | None]:
+    """?from=&to=[&network=] of GET /v1/reconcile: block numbers, from <= to."""
+    blocks = []
+    for name in ("from", "to"):
+        text = query.get(name, "")
+        if not text.isdigit() or len(text) > 15:
+            raise invalid(f"query.{name}", "a block number is required (decimal)")
+        blocks.append(int(text))
+    if blocks[0] > blocks[1]:
+        raise invalid("query.from", "from must be at most to")
+    network = query.get("network")
+    if network is not None and not is_network(network):
+        raise invalid("query.network", MUST["network"])
+    return blocks[0], blocks[1], network

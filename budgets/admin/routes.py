@@ -22,4 +22,5 @@ ROUTES: list[tuple[str, str, str, str]] = [  # (method, path, handler, summary)
     ("POST", "/v1/groups/{group}/suspend", "suspend", "Suspend every agent of a group"),
     ("POST", "/v1/groups/{group}/resume", "resume", "Resume a group"),
     ("GET", "/v1/ledger", "ledger", "Settled spend, by agent and time range, as JSON, JSON lines or CSV"),
+    ("GET", "/v1/reconcile", "reconcile", "The ledger against Transfer logs to the payee over a block range (?from=&to=)"),
 ]

@@ -12,7 +12,7 @@ from typing import Any, TextIO
 from budgets.admin_client import AdminApiError, AdminClient, Owner, Reply
 from budgets.amounts import Assets
 from budgets.cli.parser import AMOUNT_UNIT, PERIODS, UsageError, parse_amount, parse_list, parse_rate, parse_when
-from budgets.cli.render import ledger_text, policies_table, suspension_text, usage_text
+from budgets.cli.render import ledger_text, policies_table, reconcile_text, suspension_text, usage_text
 
 Command = Callable[[AdminClient, argparse.Namespace, TextIO], Awaitable[None]]
 
@@ -127,5 +127,11 @@ async def cmd_ledger(client: AdminClient, args: argparse.Namespace, out: TextIO)
     out.write(ledger_text(entries, await client.assets() if entries else {}) + "\n")
 
 
+async def cmd_reconcile(client: AdminClient, args: argparse.Namespace, out: TextIO) -> None:
+    reply = await client.reconcile(args.from_block, args.to_block, network=args.network)
+    await _emit(client, args, out, reply, reconcile_text)
+
+
 COMMANDS: dict[str, Command] = {"set": cmd_set, "show": cmd_show, "list": cmd_list, "usage": cmd_usage,
-                                "suspend": cmd_suspension, "resume": cmd_suspension, "ledger": cmd_ledger}
+                                "suspend": cmd_suspension, "resume": cmd_suspension, "ledger": cmd_ledger,
+                                "reconcile": cmd_reconcile}

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     led.add_argument("--until", metavar="WHEN", help="same forms (default now)")
     led.add_argument("--limit", type=int, default=1000, help="most entries (default %(default)s, max 100000)")
     led.add_argument("--format", choices=("table", "json", "jsonl", "csv"), default="table")
+    rec = sub.add_parser("reconcile", help="the ledger against on-chain transfers to the payee over a block range")
+    rec.add_argument("--from", dest="from_block", type=int, required=True, metavar="BLOCK", help="first block")
+    rec.add_argument("--to", dest="to_block", type=int, required=True, metavar="BLOCK", help="last block")
+    rec.add_argument("--network", help="CAIP-2 network (needed when the gateway has several)")
     return p
 
 

@@ -80,3 +80,19 @@ def _total(network: str, asset: str, amount: int, assets: Assets) -> str:
         return f"{amount} base units of {asset}"
     symbol, decimals = known
     return f"{format_units(amount, decimals)} {symbol} ({amount})"
+
+
+def reconcile_text(doc: dict[str, Any], assets: Assets) -> str:
+    """Totals per asset, then every difference (chain - ledger) with its transaction; the last
+    line says whether the books agree."""
+    lines = [f"{doc['network']} blocks {doc['from_block']}..{doc['to_block']}, payee {doc['payee']}"]
+    rows = [[symbol_of(t["network"], t["asset"], assets), t["chain"], t["ledger"], t["difference"]] for t in doc["totals"]]
+    lines.append(table(["asset", "on-chain", "ledger", "difference"], rows))
+    diffs = doc["differences"]
+    if diffs:
+        lines.append(table(["tx", "block", "asset", "kind", "on-chain", "ledger", "difference"], [
+            [d["tx"], "-" if d["block"] is None else str(d["block"]), symbol_of(d["network"], d["asset"], assets),
+             d["kind"], d["chain"], d["ledger"], d["difference"]] for d in diffs]))
+    lines.append(f"{len(diffs)} difference{'' if len(diffs) == 1 else 's'}" if diffs else
+                 "no differences: the ledger matches the chain to the base unit")
+    return "\n".join(lines)

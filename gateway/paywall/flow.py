@@ -7,7 +7,8 @@
 Money rules kept here and in settle.py / replay.py:
 - nothing is served before settlement succeeded (streams settle before their first byte; metered
   upto streams are backed by the signed permit and settle after the last token);
-- upstream 4xx/5xx or failure: no settlement, the claim and the budget hold are released;
+- upstream 4xx (passed through as it came) or failure (5xx, unreachable, cut: 502 upstream_error /
+  upstream_unavailable): no settlement, the claim and the budget hold are released;
 - one signed payment is served at most once, and only that very payment gets its recorded result;
 - a settlement whose outcome is unknown is kept PENDING, never free, never served until settled;
 - a payment settled but not delivered is owed: a resend is served once, never charged again;
@@ -48,6 +49,7 @@ from gateway.sse_usage import forwarded_stream, usage_added
 
 # A verify refusal that means "this nonce was spent": by this very payment (ask the records), or not.
 NONCE_USED = {R.PERMIT2_INVALID_NONCE.value, R.INVALID_EXACT_EVM_NONCE_ALREADY_USED.value}
+UPSTREAM_BODY_SHOWN = 2048  # of a failed upstream's answer, in the 502 (enough for a provider's error message)
 
 
 class Paywall:
@@ -209,7 +211,12 @@ class Paywall:
                 error_body = b""
             finally:
                 upstream.release()
-            raise UpstreamRefused(upstream.status, error_body, response_headers(upstream))
+            if upstream.status < 500:  # the request itself was refused: the provider's answer, as it came
+                raise UpstreamRefused(upstream.status, error_body, response_headers(upstream))
+            raise GatewayError(G.UPSTREAM_ERROR, f"the upstream answered {upstream.status}; you were not charged",
+                               status=502, outcome="not_charged",
+                               extra={"upstream_status": upstream.status,
+                                      "upstream_body": error_body[:UPSTREAM_BODY_SHOWN].decode("utf-8", "replace")})
         try:
             if upstream.headers.get("content-type", "").startswith("text/event-stream"):
                 return upstream, await upstream.content.readany(), None

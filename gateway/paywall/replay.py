@@ -165,6 +165,12 @@ class Replays:
                                "payment to get the response once it is. Do not pay again.",
                                extra={"transaction": record.tx})
         await claim.abandon()
+        if earlier.error_reason == R.UNEXPECTED_SETTLE_ERROR.value:
+            # The facilitator could not read its record of this nonce (its store is away): whether
+            # this very payment was settled is unknown, so the answer must not look final.
+            raise GatewayError(R.UNEXPECTED_SETTLE_ERROR, "the facilitator cannot tell yet whether this payment was "
+                               "settled; resend the same payment shortly. Do not pay again.", status=503,
+                               headers={"Retry-After": "2"})
         raise GatewayError(verify.invalid_reason or R.INVALID_PAYLOAD, verify.invalid_message or
                            "the payment's nonce is already used", offer=call.offer)
 

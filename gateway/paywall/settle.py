@@ -4,14 +4,21 @@ Settlement runs shielded from client disconnects and records its outcome whateve
 settled (the budget committed; the response kept for replays when small, or owed until its last
 byte went out), unresolved (PENDING: the money may have moved, never free, never served until the
 facilitator says settled), or refused (nothing moved: the payment is freed, the hold released).
+
+Before the facilitator is asked, the budget hold is pinned and a settlement intent is written to
+the shared store (gateway/intents.py): a replica killed between the facilitator's answer and the
+budget commit leaves an intent that another replica's recovery finishes (gateway/paywall/
+recovery.py). An unresolved settlement is handed to recovery at once: it keeps asking.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import orjson
@@ -19,10 +26,12 @@ import orjson
 from facilitator.x402.headers import encode_settle_response
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import PaymentRequirements, SettleResponse
-from gateway.budget_hook import BudgetHook, Hold
+from gateway.budget_hook import BudgetHook, Hold, Refusal
 from gateway.claim import Claim
 from gateway.errors import GatewayError
+from gateway.errors import GatewayReason as G
 from gateway.facilitator_client import FacilitatorClient
+from gateway.intents import Intent, IntentStore, IntentStoreUnavailableError, commit_key
 from gateway.metering import StreamMeter
 from gateway.metrics import GatewayMetrics
 from gateway.paywall.call import AnyRequirement, PaidCall, stored_payment
@@ -36,17 +45,30 @@ log = logging.getLogger("gateway.paywall")
 RECORD_TTL_S = 86_400
 # Outcomes where the facilitator may have moved money: keep the payment PENDING, never free.
 AMBIGUOUS = {R.SETTLEMENT_PENDING.value, R.UNEXPECTED_SETTLE_ERROR.value, R.INVALID_TRANSACTION_STATE.value}
+# A fault hook for the crash tests: the process dies right after the facilitator answered
+# "settled", before anything is committed (the worst moment for the books). "1": every time; a
+# fraction such as "0.05": that share of settlements, at random.
+EXIT_AFTER_SETTLE = "GATEWAY_FAULT_EXIT_AFTER_SETTLE"
 
 
 class Settlement:
     def __init__(self, settings: GatewaySettings, facilitator: FacilitatorClient, records: PaymentRecords,
-                 budgets: BudgetHook, metrics: GatewayMetrics, background: set[asyncio.Task[object]]) -> None:
+                 budgets: BudgetHook, metrics: GatewayMetrics, background: set[asyncio.Task[object]],
+                 intents: IntentStore) -> None:
         self.settings = settings
         self.facilitator = facilitator
         self.records = records
         self.budgets = budgets
         self.metrics = metrics
         self.background = background  # settlements of streams whose client left
+        self.intents = intents
+        self.exit_after_settle = float(os.environ.get(EXIT_AFTER_SETTLE) or 0)
+
+    @property
+    def intent_lease_ms(self) -> int:
+        """How long the settling replica owns its intent: the longest it waits for the
+        facilitator, plus a record lease to commit (recovery takes over only after that)."""
+        return int((self.settings.settle_timeout_s + self.settings.record_lease_s) * 1000)
 
     def unresolved(self, settled: SettleResponse) -> bool:
         """The facilitator may have moved the money: the payment is PENDING, never free."""
@@ -68,8 +90,14 @@ class Settlement:
         """Settle, record, count against the budget. `content`: a complete response that may be
         kept for replays."""
         offer, network, request_id = call.offer, call.network, call.request_id
+        intent = Intent(id=hold.id, key=call.key, hold=hold, amount=amount, payment=record.payment, request_id=request_id,
+                        request_fp=call.fp, digest=call.digest, delivered=record.delivered, details=details or {},
+                        created_ms=claim.now_ms())
+        await self.write_ahead(intent, claim, hold)
         started = time.perf_counter()
         settled = await self.settle(call, requirement)
+        if settled.success and self.exit_after_settle and random.random() < self.exit_after_settle:
+            os._exit(70)
         self.metrics.settle_seconds.labels(offer.route_id).observe(time.perf_counter() - started)
         record.tx = settled.transaction or ""
         record.settle = settled.model_dump_json(by_alias=True, exclude_none=True)
@@ -83,22 +111,100 @@ class Settlement:
             elif not record.delivered:  # about to be delivered by this request, which keeps the lease
                 record.owner, record.lease_until_ms = claim.owner, claim.now_ms() + claim.lease_ms
             await self.save(record, request_id)
-            await self.budgets.commit(hold, amount, settled.transaction, request_id, details)
+            if await self.budgets.commit(hold, amount, settled.transaction, request_id, details,
+                                         once=commit_key(settled.transaction, hold.id)):
+                await self.finish(intent.id)
+            else:  # deferred: recovery commits it again (idempotent by the hold) if this replica dies
+                await self.hand_over(intent.id, claim.owner)
             self.metrics.payments.labels(offer.route_id, "settled", "").inc()
             self.metrics.revenue.labels(network, requirement.asset.lower()).inc(amount)
             log.info("payment_settled", extra={"request_id": request_id, "route": offer.route_id, "tx": settled.transaction})
         elif self.unresolved(settled):
             record.state = RecordState.PENDING
             await self.save(record, request_id)
-            await self.budgets.commit(hold, amount, settled.transaction, request_id, details)  # conservative: counts as spent
+            if not await self.hand_over(intent.id, claim.owner):  # the hold stays pinned; recovery keeps asking
+                self.until_done(lambda: self.hand_over(intent.id, claim.owner), intent.id)
             self.metrics.payments.labels(offer.route_id, "pending", settled.error_reason or "").inc()
             log.warning("settlement_unresolved", extra={"request_id": request_id, "route": offer.route_id,
                                                        "tx": settled.transaction, "reason": settled.error_reason})
         else:
             await claim.abandon()
-            await self.budgets.release(hold)
+            if settled.error_reason == R.UNEXPECTED_SETTLE_ERROR.value:
+                # Nothing moved in this call, but the facilitator may be left holding a claim on the
+                # payment it could not clear (its store was away): a later resend would settle it
+                # under that claim. Recovery keeps the hold pinned until the facilitator can say.
+                if not await self.hand_over(intent.id, claim.owner):
+                    self.until_done(lambda: self.hand_over(intent.id, claim.owner), intent.id)
+            else:
+                await self.forget(intent.id, hold)
             self.metrics.payments.labels(offer.route_id, "settle_failed", settled.error_reason or "").inc()
         return settled
+
+    async def forget(self, intent_id: str, hold: Hold) -> None:
+        """Nothing moved: release the pinned hold, then close the intent. Until both are done
+        (the stores are away) they are retried here: an intent left open would be settled by
+        recovery, charging a payment the agent was told was not charged (it would be owed, and a
+        resend served, but the agent may have paid again)."""
+
+        async def attempt() -> bool:
+            return await self.budgets.release(hold) and await self.finish(intent_id)
+
+        if not await attempt():
+            self.until_done(attempt, intent_id)
+
+    def until_done(self, attempt: Callable[[], Awaitable[bool]], intent_id: str) -> None:
+        """Retry `attempt` in the background until it returns True (about three hours at most)."""
+
+        async def retry() -> None:
+            delay = 0.2
+            for _ in range(10_000):
+                await asyncio.sleep(delay)
+                if await attempt():
+                    return
+                delay = min(delay * 2, 1.0)
+            log.error("settlement_intent_step_lost", extra={"intent": intent_id})
+
+        task = asyncio.ensure_future(retry())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def write_ahead(self, intent: Intent, claim: Claim, hold: Hold) -> None:
+        """Pin the hold and record the intent before anything is asked of the facilitator. If
+        either cannot be done (the hold expired and the budget is gone, a store is away), nothing
+        is settled: the payment is freed and the hold released (a metered stream already
+        delivered its tokens: it is settled all the same)."""
+        try:
+            await self.budgets.pin(hold)
+            await self.intents.write(intent, owner=claim.owner, lease_until_ms=claim.now_ms() + self.intent_lease_ms)
+        except (Refusal, IntentStoreUnavailableError) as exc:
+            log.error("settlement_intent_not_written", extra={"request_id": intent.request_id, "error": str(exc)})
+            if intent.delivered:
+                return
+            await claim.abandon()
+            await self.forget(intent.id, hold)  # the pin may have been written
+            if isinstance(exc, Refusal):  # the budget is not there any more, or its store is away
+                raise exc from None
+            raise GatewayError(G.STORE_UNAVAILABLE, "the settlement could not be recorded; you were not charged",
+                               status=503, headers={"Retry-After": "5"}, outcome="not_charged") from None
+
+    async def finish(self, intent_id: str) -> bool:
+        """False when the store is away (a committed intent left open is finished by recovery:
+        the commit is idempotent)."""
+        try:
+            await self.intents.finish(intent_id)
+            return True
+        except IntentStoreUnavailableError:
+            log.warning("settlement_intent_not_closed", extra={"intent": intent_id})
+            return False
+
+    async def hand_over(self, intent_id: str, owner: str) -> bool:
+        """Let recovery take the intent at once (else it does when the lease lapses)."""
+        try:
+            await self.intents.lease(intent_id, owner, until_ms=0)
+            return True
+        except IntentStoreUnavailableError:
+            log.warning("settlement_intent_not_handed_over", extra={"intent": intent_id})
+            return False
 
     def refusal(self, call: PaidCall, settled: SettleResponse) -> GatewayError:
         """What the agent is told when settlement did not succeed."""

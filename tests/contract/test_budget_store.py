@@ -51,7 +51,7 @@ async def test_reserve_commit_release_against_a_daily_limit(store: BudgetStore, 
     refused = await store.reserve([check], 50, "r2", now=t0, hold_s=60)
     assert refused is not None and refused.reason == "budget_exceeded" and refused.remaining == 40
     assert refused.resets_at is not None and refused.resets_at > t0
-    await store.release([check], "r1")
+    await store.release([check], "r1", now=t0)
     assert await store.reserve([check], 50, "r2", now=t0, hold_s=60) is None
     assert await store.commit([check], "r2", 30, entry("0xa1", 30, "r2", t0), now=t0)  # charged less than held
     (usage,) = await store.usage(check, now=t0)
@@ -73,6 +73,40 @@ async def test_holds_expire_so_a_crashed_replica_frees_its_budget(store: BudgetS
     assert await store.reserve([check], 100, "lost", now=t0, hold_s=30) is None
     assert (await store.reserve([check], 1, "x", now=t0 + 10, hold_s=30)) is not None
     assert await store.reserve([check], 100, "y", now=t0 + 31, hold_s=30) is None
+
+
+async def test_commit_once_per_settlement_drops_a_second_hold_without_counting(store: BudgetStore, t0: float) -> None:
+    """Two holds for one payment (a resend that took over a stalled claim): one count, no hold left."""
+    check = agent_check("0xa8", [Limit(period="day", amount=100)], t0)
+    assert await store.reserve([check], 10, "first", now=t0, hold_s=60) is None
+    assert await store.reserve([check], 10, "second", now=t0, hold_s=60) is None
+    tx = "0x" + "ee" * 32
+    assert await store.commit([check], "second", 10, entry("0xa8", 10, "second", t0), now=t0, once=tx)
+    assert not await store.commit([check], "first", 10, entry("0xa8", 10, "first", t0), now=t0, once=tx)
+    (usage,) = await store.usage(check, now=t0)
+    assert (usage.spent, usage.reserved) == (10, 0)
+    assert len(await store.ledger(agent="0xa8", start=t0 - 60, end=t0 + 60, limit=10)) == 1
+
+
+async def test_a_pinned_hold_never_expires_until_committed_or_released(store: BudgetStore, t0: float) -> None:
+    """Settlement was asked for under this hold: it outlives hold_s (and a later reserve's TTL)."""
+    check = agent_check("0xa9", [Limit(period="day", amount=100)], t0)
+    assert await store.reserve([check], 60, "asked", now=t0, hold_s=30) is None
+    assert await store.pin([check], "asked", 60, now=t0 + 1)
+    later = t0 + 3600
+    refused = await store.reserve([check], 50, "other", now=later, hold_s=30)
+    assert refused is not None and refused.remaining == 40
+    assert await store.reserve([check], 40, "fits", now=later, hold_s=30) is None
+    (usage,) = await store.usage(check, now=later + 31)  # "fits" expired, "asked" did not
+    assert usage.reserved == 60
+    assert await store.commit([check], "asked", 60, entry("0xa9", 60, "asked", later), now=later + 31)
+    (usage,) = await store.usage(check, now=later + 31)
+    assert (usage.spent, usage.reserved) == (60, 0)
+    assert await store.reserve([check], 5, "slow", now=later, hold_s=30) is None
+    assert not await store.pin([check], "slow", 5, now=later + 31)  # expired: its budget may be another's now
+    assert not await store.pin([check], "never", 5, now=later)
+    (usage,) = await store.usage(check, now=later + 31)
+    assert usage.reserved == 0
 
 
 async def test_agent_and_group_budgets_are_checked_together(store: BudgetStore, t0: float) -> None:

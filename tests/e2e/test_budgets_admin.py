@@ -422,7 +422,7 @@ async def test_openapi_document_describes_every_route(admin: Admin) -> None:
                       ("GET", pol), ("PUT", pol), ("DELETE", pol), ("GET", grp), ("PUT", grp), ("DELETE", grp),
                       ("GET", "/v1/agents/{address}/usage"), ("POST", "/v1/agents/{address}/suspend"),
                       ("POST", "/v1/agents/{address}/resume"), ("POST", "/v1/groups/{group}/suspend"),
-                      ("POST", "/v1/groups/{group}/resume"), ("GET", "/v1/ledger")}
+                      ("POST", "/v1/groups/{group}/resume"), ("GET", "/v1/ledger"), ("GET", "/v1/reconcile")}
     schemas = doc["components"]["schemas"]
     for path, ops in doc["paths"].items():
         for op in ops.values():

@@ -79,4 +79,4 @@ async def test_every_response_has_one_date_and_one_server_header(devchain: dict,
     seen["models"] = raw(gateway.url, "GET", "/v1/models")[:2]
     counts = {kind: (status, headers["date"], headers["server"]) for kind, (status, headers) in seen.items()}
     assert counts == {"paid": (200, 1, 1), "replayed": (200, 1, 1), "streamed": (200, 1, 1),
-                      "upstream error": (503, 1, 1), "402": (402, 1, 1), "models": (200, 1, 1)}
+                      "upstream error": (502, 1, 1), "402": (402, 1, 1), "models": (200, 1, 1)}

@@ -55,7 +55,10 @@ def stack(devchain: dict, devchain_file: str, redis_server: Any, tmp_path_factor
         upstream = procs.upstream()
         real = procs.facilitator(redis_server.url, facilitator_env(devchain, 2, prefix))
         hostile = procs.hostile(real.url)
-        env = {"GATEWAY_SETTLE_TIMEOUT_S": str(SETTLE_TIMEOUT_S), "GATEWAY_STORE_PREFIX": prefix + "gw:"}
+        # Recovery would keep asking the facilitator about the unresolved settlements these tests
+        # leave (as it must): slowed down here, so each test counts only its own requests.
+        env = {"GATEWAY_SETTLE_TIMEOUT_S": str(SETTLE_TIMEOUT_S), "GATEWAY_STORE_PREFIX": prefix + "gw:",
+               "GATEWAY_RECOVERY_INTERVAL_S": "300"}
         gateway = procs.gateway(upstream.url, redis_server.url, facilitator_url=hostile.url, env=env)
         yield gateway, hostile, upstream
     finally:

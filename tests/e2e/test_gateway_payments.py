@@ -200,7 +200,7 @@ async def test_altered_payment_is_refused_before_the_facilitator(devchain: dict,
 # -- not charged when the provider fails ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault,status", [("500", 500), ("503", 503), ("cut:20", 502)])
+@pytest.mark.parametrize("fault,status", [("500", 502), ("503", 502), ("cut:20", 502), ("400", 400), ("429", 429)])
 async def test_upstream_failure_is_not_charged_and_the_payment_stays_usable(
     devchain: dict, gateway: Any, upstream: Any, fault: str, status: int
 ) -> None:
@@ -209,9 +209,11 @@ async def test_upstream_failure_is_not_charged_and_the_payment_stays_usable(
     stats = upstream_stats(upstream)
 
     r = await call(gateway.url + CHAT, CHAT_BODY, payment=payment, headers={"X-Devupstream-Fault": fault})
-    assert r.status == status, r  # the provider's own error passes through; a cut body is the gateway's 502
+    assert r.status == status, r  # a failed provider (5xx, a cut body) is the gateway's 502; a 4xx passes through
     if status == 502:
         assert r.json()["error"] == "upstream_error" and "not charged" in r.json()["message"]
+        if fault != "cut:20":
+            assert r.json()["upstream_status"] == int(fault) and f"injected fault {fault}" in r.json()["upstream_body"]
     else:
         assert r.json()["error"]["message"] == f"injected fault {fault}"
     assert "PAYMENT-RESPONSE" not in r.headers and b"Echo:" not in r.body

@@ -270,7 +270,8 @@ async def test_an_upstream_failure_is_charged_nothing(devchain: dict, metered: d
         r = await http.post(gw.url + CHAT, json=chat("gpt-4o", "this one fails"), headers={FAULT: "500"})
         s = await http.post(gw.url + CHAT, json=chat("gpt-4o", "this stream fails", stream=True),
                             headers={FAULT: "500"})
-    assert r.status_code == 500 and s.status_code == 500, (r.text, s.text)
+    assert r.status_code == 502 and s.status_code == 502, (r.text, s.text)  # upstream_error: not charged
+    assert r.json()["error"] == "upstream_error" and r.json()["upstream_status"] == 500
     assert "PAYMENT-RESPONSE" not in r.headers and "PAYMENT-RESPONSE" not in s.headers
     assert money.moved() == (0, 0)
     assert money.transfers() == []

@@ -59,10 +59,10 @@ async def test_the_running_total_of_holds_is_their_sum_through_every_operation(s
     assert (await holds(store, s))[0] == (await holds(store, s))[1] == sum(10 + i for i in range(300))
     assert await store.reserve([check], 5, "r299", now=T0, hold_s=100) is None  # the same id again: replaced
     for i in range(0, 40, 3):
-        await store.release([check], f"r{i}")
+        await store.release([check], f"r{i}", now=T0)
     for i in range(1, 40, 3):
         await store.commit([check], f"r{i}", 1, entry(f"r{i}", 1, T0), now=T0)
-    await store.release([check], "r1")  # already committed: nothing left to drop
+    await store.release([check], "r1", now=T0)  # already committed: nothing left to drop
     total, summed = await holds(store, s)
     assert total == summed
     (u,) = await store.usage(check, now=T0 + 11)  # the 10 s holds expired: swept by score
@@ -140,7 +140,7 @@ async def test_a_counter_longer_than_the_limit_is_read_whole(store: RedisBudgetS
     day = Check(s, tuple(resolve_windows([Limit(period="day", amount=10**40)], T0, UTC)))
     assert await store.reserve([month], 10**30, "big", now=T0, hold_s=60) is None
     assert await store.reserve([day], 1, "track", now=T0, hold_s=60) is None
-    await store.release([day], "track")
+    await store.release([day], "track", now=T0)
     assert await store.commit([Check(s, tuple(commit_windows([], T0, UTC)))], "big", 10**30,
                               entry("big", 10**30, T0), now=T0)
     small = Check(s, tuple(resolve_windows([Limit(period="day", amount=100)], T0, UTC)))
@@ -188,3 +188,39 @@ async def test_a_store_written_by_the_earlier_layout_is_carried_over(store: Redi
                               entry("more", 8, T0 + 61), now=T0 + 61)
     (day_use, roll_use) = await store.usage(check, now=T0 + 61)
     assert (day_use.spent, roll_use.spent) == (big + 8, 50)
+
+
+async def test_a_pinned_hold_outlives_its_expiry_and_its_keys_get_their_ttl_back(store: RedisBudgetStore) -> None:
+    s = scope("0xp1")
+    check = Check(s, tuple(resolve_windows([Limit(period="day", amount=1000)], T0, UTC)))
+    z, h = store._k(s, "rz"), store._k(s, "rh")
+    assert await store.reserve([check], 300, "asked", now=T0, hold_s=30) is None
+    assert await store.reserve([check], 200, "other", now=T0, hold_s=30) is None
+    assert await store.pin([check], "asked", 300, now=T0 + 1)
+    assert await store.pin([check], "asked", 300, now=T0 + 1)  # twice: counted once
+    assert await store._r.ttl(z) == await store._r.ttl(h) == -1  # no TTL while a hold is pinned
+    # long after every hold's expiry (and the keys' old TTL): the pinned hold still counts
+    (u,) = await store.usage(check, now=T0 + 30 * 86400)
+    assert u.reserved == 300
+    assert await store.reserve([check], 800, "late", now=T0 + 40, hold_s=30) is not None
+    assert await store.reserve([check], 700, "late", now=T0 + 40, hold_s=30) is None
+    assert await store._r.ttl(z) == -1  # a reserve beside a pinned hold does not give the TTL back
+    assert await store.commit([check], "asked", 300, entry("asked", 300, T0 + 50), now=T0 + 50)
+    assert 0 < await store._r.ttl(z) and 0 < await store._r.ttl(h)  # the last pin gone: they expire again
+    total, summed = await holds(store, s)
+    assert total == summed == 700
+
+
+async def test_a_payment_is_counted_once_per_transaction_whichever_hold_commits(store: RedisBudgetStore) -> None:
+    s = scope("0xp2")
+    check = Check(s, tuple(resolve_windows([Limit(period="day", amount=1000)], T0, UTC)))
+    for rid in ("first", "resend"):
+        assert await store.reserve([check], 100, rid, now=T0, hold_s=60) is None
+        assert await store.pin([check], rid, 100, now=T0)
+    tx = "0x" + "ab" * 32
+    assert await store.commit([check], "resend", 100, entry("resend", 100, T0), now=T0, once=tx)
+    assert not await store.commit([check], "first", 100, entry("first", 100, T0), now=T0, once=tx)
+    (u,) = await store.usage(check, now=T0)
+    assert (u.spent, u.reserved) == (100, 0)
+    assert len(await store.ledger(agent=None, start=T0 - 1, end=T0 + 1, limit=10)) == 1
+    assert 0 < await store._r.ttl(store._k(s, "rz"))

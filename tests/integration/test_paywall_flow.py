@@ -228,7 +228,8 @@ def test_an_upstream_failure_is_not_charged(gateway: TestClient, facilitator: St
     payment = pay(gateway, facilitator)
     r = gateway.post(CHAT, json=BODY, headers={"PAYMENT-SIGNATURE": encode_payment(payment),
                                                "X-Devupstream-Fault": "503"})
-    assert r.status_code == 503 and "PAYMENT-RESPONSE" not in r.headers
+    assert r.status_code == 502 and r.json()["error"] == "upstream_error" and r.json()["upstream_status"] == 503
+    assert "PAYMENT-RESPONSE" not in r.headers
     assert facilitator.calls["settle"] == 0
     assert send(gateway, payment).status_code == 200
 
