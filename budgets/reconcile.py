@@ -21,8 +21,6 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
 from budgets.models import LedgerEntry
 from budgets.store import BudgetStore
 
@@ -82,19 +80,6 @@ class Report:
                              "chain": str(d.chain), "ledger": str(d.ledger), "difference": str(d.difference)}
                             for d in self.differences],
         }  # fmt: skip
-
-
-def http_rpc(session: aiohttp.ClientSession, url: str) -> RpcCall:
-    """A JSON-RPC caller over HTTP (one request per call)."""
-
-    async def call(method: str, params: list[Any]) -> Any:
-        async with session.post(url, json={"jsonrpc": "2.0", "id": 1, "method": method, "params": params}) as r:
-            doc = await r.json(content_type=None)
-        if "error" in doc:
-            raise ReconcileError(f"{method}: {doc['error'].get('message', doc['error'])}")
-        return doc.get("result")
-
-    return call
 
 
 def _topic(address: str) -> str:

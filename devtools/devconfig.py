@@ -12,7 +12,7 @@ from gateway.settings import GatewaySettings
 def dev_settings(devchain: dict[str, Any], *, devchain_file: str | None, upstream_urls: list[str],
                  store_url: str = "memory://", port: int = 8402, upstream_auth: str | None = None,
                  facilitator_url: str | None = None, metered: bool = False,
-                 sessions: dict[str, float] | None = None) -> GatewaySettings:
+                 sessions: dict[str, Any] | None = None) -> GatewaySettings:
     """`metered`: chat, completions and messages are paid for what they use (upto, and exact at
     the per-call maximum), priced per token in USD at fixed rates (OPG $0.10, USDC $1)."""
     accepts = [
@@ -62,6 +62,7 @@ def dev_settings(devchain: dict[str, Any], *, devchain_file: str | None, upstrea
                                      "settle_margin_s": sessions.get("settle_margin_s", 120.0),
                                      "serve_margin_s": sessions.get("serve_margin_s", 420.0),
                                      "max_timeout_s": sessions.get("max_timeout_s", 3600)}
+            routes[0]["sessions"] |= {k: v for k, v in sessions.items() if k in ("max_exposure", "watch_funds")}
     return GatewaySettings.model_validate({
         "port": port,
         "pay_to": devchain["accounts"]["payee"]["address"],

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -15,7 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
-from budgets.reconcile import Reconciler, Report, RpcCall, http_rpc
+from budgets.reconcile import ReconcileError, Reconciler, Report, RpcCall
+from facilitator.evm.rpc import JsonRpcClient, RpcError, RpcUnavailableError
 from gateway.budget_hook import BudgetHook, NoBudgets, Refusal
 from gateway.errors import GatewayError
 from gateway.errors import GatewayReason as G
@@ -31,22 +34,40 @@ from gateway.pricing import Pricing
 from gateway.proxy import UpstreamPool, Upstreams
 from gateway.records import PaymentRecords, open_records
 from gateway.session_calls import SessionCalls
+from gateway.session_funds import FundsWatch
 from gateway.sessions import SessionStore, open_sessions
 from gateway.settings import GatewaySettings
 from gateway.workers.pool import TrackedResponse, WorkerPool
 from storage import StoreUnavailableError, is_redis_url
 
+log = logging.getLogger("gateway.app")
 
-def chain_readers(settings: GatewaySettings, fac: FacilitatorClient, session: aiohttp.ClientSession) -> dict[str, RpcCall]:
-    """network -> JSON-RPC caller for reconciliation: budgets.rpc_urls, else the in-process
-    facilitator's own chains (a remote facilitator's chains are not ours to read)."""
-    out: dict[str, RpcCall] = {}
-    if settings.budgets is not None:
-        out |= {network: http_rpc(session, url) for network, url in settings.budgets.rpc_urls.items()}
+
+def chain_clients(settings: GatewaySettings, fac: FacilitatorClient) -> tuple[dict[str, JsonRpcClient], list[JsonRpcClient]]:
+    """network -> JSON-RPC client the gateway reads the chain with (sessions' funds watch,
+    reconciliation): `rpc_urls` (or budgets.rpc_urls), else the in-process facilitator's own
+    chains (a remote facilitator's chains are not ours to read). Also the clients made here,
+    which the caller closes."""
+    urls = dict(settings.budgets.rpc_urls) if settings.budgets is not None else {}
+    urls |= settings.rpc_urls
+    made = {network: JsonRpcClient(url) for network, url in urls.items()}
+    out = dict(made)
     if isinstance(fac, LocalFacilitatorClient):
         for network, chain in fac.facilitator.chains.items():
-            out.setdefault(network, chain.rpc.call)
-    return out
+            out.setdefault(network, chain.rpc)
+    return out, list(made.values())
+
+
+def reconcile_rpc(client: JsonRpcClient) -> RpcCall:
+    """The client's calls, with the node's failures as reconciliation's own error (an answer, not a 500)."""
+
+    async def call(method: str, params: list[Any]) -> Any:
+        try:
+            return await client.call(method, params)
+        except (RpcError, RpcUnavailableError) as exc:
+            raise ReconcileError(f"{method}: {exc}") from exc
+
+    return call
 
 
 def build_facilitator_client(settings: GatewaySettings) -> FacilitatorClient:
@@ -151,7 +172,8 @@ def create_app(
             auto_decompress=False, response_class=TrackedResponse,  # worker slots follow the body
         )
         m = gateway_metrics
-        rpcs.update(chain_readers(settings, fac, session))
+        chains, own_rpcs = chain_clients(settings, fac)
+        rpcs.update({network: reconcile_rpc(client) for network, client in chains.items()})
         pools: dict[str, UpstreamPool | WorkerPool] = {
             name: WorkerPool(name, up, m) if up.kind == "workers" else UpstreamPool(name, up)
             for name, up in settings.upstreams.items()}
@@ -173,6 +195,12 @@ def create_app(
             sessions_store = open_sessions(settings.store_url, prefix=settings.store_prefix)
             calls = SessionCalls(sessions_store, settings, fac, hook, m, upstreams, in_background)
             background.append(asyncio.create_task(calls.reap_forever(session_routes)))
+            if any(cfg.watch_funds for cfg in session_routes.values()):
+                if not chains:
+                    log.warning("session_funds_unwatched: no chain to read (set rpc_urls); sessions are bounded by "
+                                "sessions.max_exposure alone")
+                watch = FundsWatch(sessions_store, chains, session_routes, m, poll_s=settings.funds_poll_s)
+                background.append(asyncio.create_task(watch.run_forever()))
         intents = open_intents(settings.store_url, prefix=settings.store_prefix)
         settlement = Settlement(settings, fac, records, hook, m, in_background, intents)
         background.append(asyncio.create_task(Recovery(settlement, intents,
@@ -187,6 +215,8 @@ def create_app(
             await upstreams.close()
             await session.close()
             await fac.close()
+            for client in own_rpcs:
+                await client.close()
             await records.close()
             await intents.close()
             if sessions_store is not None:

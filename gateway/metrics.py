@@ -57,3 +57,10 @@ class GatewayMetrics:
             "x402_gateway_settlement_intents_open", "Settlement intents not finished yet (seen by this replica's recovery)",
             registry=r,
         )  # fmt: skip
+        # upto sessions whose funds stopped covering them (gateway/session_funds.py), and what a
+        # failed session settlement left unpaid (bounded by sessions.max_exposure)
+        self.session_drains = Counter("x402_gateway_session_drains_total", "Sessions settled early: funds no longer cover them",
+                                      ["network", "reason"], registry=r)
+        self.session_losses = Counter("x402_gateway_session_loss_atomic_total",
+                                      "Accrued amounts of upto sessions whose settlement failed, in base units",
+                                      ["network", "asset"], registry=r)

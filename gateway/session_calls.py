@@ -32,8 +32,8 @@ from gateway.paywall.call import load_payment
 from gateway.paywall.metered import capped_body, metered_charge
 from gateway.pricing import Offer, PricingError
 from gateway.proxy import UpstreamFailedError, Upstreams, UpstreamUnavailableError, read_all, response_headers
-from gateway.sessions import HoldOutcome, Session, SessionState, SessionStore, new_session_id
-from gateway.settings import GatewaySettings, UptoSessions
+from gateway.sessions import HoldOutcome, Session, SessionState, SessionStore, exposure_key, new_session_id
+from gateway.settings import GatewaySettings, UptoSessions, parse_price
 from gateway.sse_usage import forwarded_stream
 
 log = logging.getLogger("gateway.sessions")
@@ -104,16 +104,27 @@ class SessionCalls:
         # Every call must be over before the session is settled (deadline - settle_margin): a call
         # still running then would be served after its payment was taken.
         finish_by = session.deadline - cfg.settle_margin_s - 1.0
+        # The payer's exposure first (all its sessions on this asset, every replica): a session
+        # serves on a promise, so what is unsettled at any time stays within the operator's limit.
+        exposed = exposure_key(session.payer, session.network, session.asset)
+        limit = to_base_units(parse_price(cfg.max_exposure or cfg.cap), rate, decimals)
+        if not await self.store.expose(exposed, session_id, worst, limit=limit):
+            for other in await self.store.exposure(exposed):
+                await self.store.drain(other, now=now)  # settle what is exposed, so a new permit can be served
+            raise GatewayError(G.SESSION_EXHAUSTED, "this wallet's unsettled upto sessions reached the operator's "
+                               "exposure limit; they are being settled: sign a new permit to open a new session",
+                               offer=offer)
         outcome = await self.store.hold(session_id, worst, now=now, serve_until=session.deadline - cfg.serve_margin_s,
                                         due_at=self._due_at(session, offer, now))
         if outcome != HoldOutcome.OK:
+            await self.store.expose(exposed, session_id, -worst, limit=None)
             raise GatewayError(f"session_{outcome.value}", "the upto session cannot pay for this call: sign a new permit "
                                "to open a new session", offer=offer)
         try:
             hold = await self.budgets.reserve(session.payer, session.network, session.asset, worst, offer.route_id,
                                               offer.model, request_id)
         except BaseException:
-            await self.store.finish_call(session_id, worst, 0, now=time.time(), due_at=self._due_at(session, offer, now))
+            await self._finish_call(session, offer, worst, 0)
             raise
         try:
             upstream = await asyncio.wait_for(self.upstreams.open(request, offer.route.upstream, body, request_id),
@@ -195,8 +206,7 @@ class SessionCalls:
         agent pays only the per-call part, not the ceiling."""
         ceiling = PaymentRequirements.model_construct(amount=str(worst), asset=session.asset)
         charge, details = metered_charge(offer, ceiling, usage, cut=cut, policy="floor" if floor else None)
-        now = time.time()
-        await self.store.finish_call(session.id, worst, charge, now=now, due_at=self._due_at(session, offer, now))
+        now = await self._finish_call(session, offer, worst, charge)
         details = details | {"session": session.id}
         await self.budgets.commit(hold, charge, f"session:{session.id}", request_id, details)
         fresh = await self.store.get(session.id)
@@ -207,9 +217,16 @@ class SessionCalls:
         return charge, details | {"accrued": accrued}
 
     async def _nothing(self, session: Session, offer: Offer, worst: int, hold: Hold) -> None:
-        now = time.time()
-        await self.store.finish_call(session.id, worst, 0, now=now, due_at=self._due_at(session, offer, now))
+        await self._finish_call(session, offer, worst, 0)
         await self.budgets.release(hold)
+
+    async def _finish_call(self, session: Session, offer: Offer, held: int, charge: int) -> float:
+        """The call's hold becomes its charge, in the session and in the payer's exposure."""
+        now = time.time()
+        await self.store.finish_call(session.id, held, charge, now=now, due_at=self._due_at(session, offer, now))
+        await self.store.expose(exposure_key(session.payer, session.network, session.asset), session.id,
+                                charge - held, limit=None)
+        return now
 
     @staticmethod
     def _with_session(response: Response, session_id: str) -> Response:
@@ -228,6 +245,7 @@ class SessionCalls:
                 if session is not None:
                     await self.store.finish_settlement(session_id, state=session.state, tx=session.tx,
                                                        result=session.result, retry_at=None)
+                    await self.store.unexpose(exposure_key(session.payer, session.network, session.asset), session_id)
                 continue
             cfg = sessions_cfg.get(session.route)
             if cfg is None:
@@ -263,9 +281,11 @@ class SessionCalls:
         dump = result.model_dump_json(by_alias=True, exclude_none=True)
         final = (self.facilitator.trusted and bool((result.extra or {}).get("final"))
                  and result.error_reason != R.UPTO_FACILITATOR_MISMATCH.value)  # another replica holds the key
+        exposed = exposure_key(session.payer, session.network, session.asset)
         if result.success:
             await self.store.finish_settlement(session.id, state=SessionState.SETTLED, tx=result.transaction, result=dump,
                                                retry_at=None)
+            await self.store.unexpose(exposed, session.id)
             self.metrics.revenue.labels(requirement.network, requirement.asset.lower()).inc(session.accrued)
             log.info("session_settled", extra={"session": session.id, "amount": str(session.accrued),
                                                "tx": result.transaction, "calls": session.calls})
@@ -273,6 +293,8 @@ class SessionCalls:
         if final:
             await self.store.finish_settlement(session.id, state=SessionState.FAILED, tx=result.transaction, result=dump,
                                                retry_at=None)
+            await self.store.unexpose(exposed, session.id)
+            self.metrics.session_losses.labels(requirement.network, requirement.asset.lower()).inc(session.accrued)
             log.error("session_settlement_failed", extra={"session": session.id, "reason": result.error_reason,
                                                           "amount": str(session.accrued)})
             return 0

@@ -73,6 +73,11 @@ def new_session_id() -> str:
     return "ses_" + uuid.uuid4().hex
 
 
+def exposure_key(payer: str, network: str, asset: str) -> str:
+    """What a payer's unsettled exposure is counted under: its sessions on one asset."""
+    return f"{payer.lower()}|{network}|{asset.lower()}"
+
+
 class SessionStore(Protocol):
     async def open(self, session: Session, *, first_hold: int, due_at: float) -> None:
         """`session.last_used` is the caller's now: the store keeps the session until 7 days after
@@ -96,6 +101,27 @@ class SessionStore(Protocol):
         ...
 
     async def reschedule(self, id: str, due_at: float) -> None: ...
+
+    async def drain(self, id: str, *, now: float) -> bool:
+        """OPEN -> SETTLING, due now: no new call is served, and the reaper settles it as soon
+        as the calls in flight end (its funds no longer cover it). False if it was not open."""
+        ...
+
+    async def open_ids(self, *, now: float, limit: int = 10_000) -> list[str]:
+        """Sessions not settled yet (open or settling), for the funds watch."""
+        ...
+
+    async def expose(self, key: str, id: str, delta: int, *, limit: int | None) -> bool:
+        """Add `delta` (may be negative) to session `id`'s unsettled exposure under `key` (one
+        payer and asset: `exposure_key`). An increase that would take the key's total over `limit`
+        writes nothing and returns False; a decrease always applies."""
+        ...
+
+    async def unexpose(self, key: str, id: str) -> None:
+        """The session is settled (or failed): it exposes nothing any more."""
+        ...
+
+    async def exposure(self, key: str) -> dict[str, int]: ...
 
     async def get(self, id: str) -> Session | None: ...
 
@@ -143,6 +169,32 @@ return redis.call('HGETALL', s)
 """
 
 
+_DRAIN = """
+local s = KEYS[1]
+if redis.call('HGET', s, 'state') ~= 'open' then return 0 end
+redis.call('HSET', s, 'state', 'settling', 'lease', '0')
+return 1
+"""
+
+_EXPOSURE_TTL_S = 8 * 86400  # past any session's life (max_timeout_s <= 1 day, kept 7 days after)
+
+# ARGV: id, |delta|, 1 if negative, limit ('' for none)
+_EXPOSE = BIGNUM + """
+local h, id, delta, neg, limit = KEYS[1], ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4]
+if not neg and limit ~= '' then
+  local total = delta
+  for _, v in ipairs(redis.call('HVALS', h)) do total = add(total, v) end
+  if cmp(total, limit) > 0 then return 0 end
+end
+local cur = redis.call('HGET', h, id) or '0'
+local v
+if neg then v = sub(cur, delta) else v = add(cur, delta) end
+if v == '0' then redis.call('HDEL', h, id) else redis.call('HSET', h, id, v) end
+redis.call('EXPIRE', h, TTL)
+return 1
+""".replace("TTL", str(_EXPOSURE_TTL_S))
+
+
 def _session_from(fields: dict[str, str]) -> Session:
     return Session(
         id=fields["id"], payer=fields["payer"], network=fields["network"], asset=fields["asset"], cap=int(fields["cap"]),
@@ -165,6 +217,9 @@ class RedisSessionStore:
         self._hold = client.register_script(_HOLD)
         self._finish = client.register_script(_FINISH_CALL)
         self._claim = client.register_script(_CLAIM)
+        self._drain = client.register_script(_DRAIN)
+        self._expose = client.register_script(_EXPOSE)
+        self._open = f"{prefix}sessions:open"  # id -> permit deadline, until settled or failed
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "x402gw:") -> RedisSessionStore:
@@ -189,6 +244,7 @@ class RedisSessionStore:
         ttl_s = int(max(0.0, session.deadline - session.last_used)) + _KEEP_AFTER_DEADLINE_S
         await self._call(self._r.expire(self._k(session.id), ttl_s))
         await self._call(self._r.zadd(self._due, {session.id: due_at}))
+        await self._call(self._r.zadd(self._open, {session.id: session.deadline}))
 
     async def hold(self, id: str, amount: int, *, now: float, serve_until: float, due_at: float) -> HoldOutcome:
         res = HoldOutcome(await self._call(self._hold(keys=[self._k(id)], args=[str(amount), repr(now), repr(serve_until)])))
@@ -213,11 +269,37 @@ class RedisSessionStore:
         await self._call(self._r.hset(self._k(id), mapping={"state": state.value, "tx": tx, "result": result}))
         if retry_at is None:
             await self._call(self._r.zrem(self._due, id))
+            if state in (SessionState.SETTLED, SessionState.FAILED):
+                await self._call(self._r.zrem(self._open, id))
         else:
             await self._call(self._r.zadd(self._due, {id: retry_at}))
 
     async def reschedule(self, id: str, due_at: float) -> None:
         await self._call(self._r.zadd(self._due, {id: due_at}))
+
+    async def drain(self, id: str, *, now: float) -> bool:
+        if not await self._call(self._drain(keys=[self._k(id)], args=[])):
+            return False
+        await self.reschedule(id, now)
+        return True
+
+    async def open_ids(self, *, now: float, limit: int = 10_000) -> list[str]:
+        # an id whose session outlived its store TTL (deadline + 7 days) is only an index entry
+        await self._call(self._r.zremrangebyscore(self._open, "-inf", now - _KEEP_AFTER_DEADLINE_S))
+        return list(await self._call(self._r.zrange(self._open, 0, limit - 1)))
+
+    def _ek(self, key: str) -> str:
+        return f"{self._p}exposure:{{{key}}}"
+
+    async def expose(self, key: str, id: str, delta: int, *, limit: int | None) -> bool:
+        args = [id, str(abs(delta)), "1" if delta < 0 else "0", "" if limit is None else str(limit)]
+        return bool(await self._call(self._expose(keys=[self._ek(key)], args=args)))
+
+    async def unexpose(self, key: str, id: str) -> None:
+        await self._call(self._r.hdel(self._ek(key), id))
+
+    async def exposure(self, key: str) -> dict[str, int]:
+        return {k: int(v) for k, v in (await self._call(self._r.hgetall(self._ek(key)))).items()}
 
     async def get(self, id: str) -> Session | None:
         fields = await self._call(self._r.hgetall(self._k(id)))
@@ -240,6 +322,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     deadline REAL, last_used REAL, state TEXT, payment TEXT, route TEXT, tx TEXT DEFAULT '', result TEXT DEFAULT '',
     per_call TEXT DEFAULT '0', lease REAL DEFAULT 0, due_at REAL);
 CREATE INDEX IF NOT EXISTS sessions_due ON sessions (due_at);
+CREATE TABLE IF NOT EXISTS exposure (key TEXT, id TEXT, amount TEXT NOT NULL, PRIMARY KEY (key, id));
 """
 _COLS = ("id, payer, network, asset, cap, accrued, held, calls, deadline, last_used, state, payment, route, tx, result,"
          " per_call")
@@ -321,6 +404,36 @@ class SQLiteSessionStore:
 
     async def reschedule(self, id: str, due_at: float) -> None:
         self._tx(lambda: self._db.execute("UPDATE sessions SET due_at = ? WHERE id = ?", (due_at, id)))
+
+    async def drain(self, id: str, *, now: float) -> bool:
+        return bool(self._tx(lambda: self._db.execute(
+            "UPDATE sessions SET state = 'settling', lease = 0, due_at = ? WHERE id = ? AND state = 'open'",
+            (now, id)).rowcount))
+
+    @_errors
+    async def open_ids(self, *, now: float, limit: int = 10_000) -> list[str]:
+        rows = self._db.execute("SELECT id FROM sessions WHERE state IN ('open', 'settling') LIMIT ?", (limit,))
+        return [r[0] for r in rows.fetchall()]
+
+    async def expose(self, key: str, id: str, delta: int, *, limit: int | None) -> bool:
+        def run() -> bool:
+            rows = dict(self._db.execute("SELECT id, amount FROM exposure WHERE key = ?", (key,)).fetchall())
+            if delta > 0 and limit is not None and sum(int(a) for a in rows.values()) + delta > limit:
+                return False
+            left = max(0, int(rows.get(id, "0")) + delta)
+            if left:
+                self._db.execute("INSERT OR REPLACE INTO exposure (key, id, amount) VALUES (?, ?, ?)", (key, id, str(left)))
+            else:
+                self._db.execute("DELETE FROM exposure WHERE key = ? AND id = ?", (key, id))
+            return True
+        return bool(self._tx(run))
+
+    async def unexpose(self, key: str, id: str) -> None:
+        self._tx(lambda: self._db.execute("DELETE FROM exposure WHERE key = ? AND id = ?", (key, id)))
+
+    @_errors
+    async def exposure(self, key: str) -> dict[str, int]:
+        return {i: int(a) for i, a in self._db.execute("SELECT id, amount FROM exposure WHERE key = ?", (key,))}
 
     @_errors
     async def get(self, id: str) -> Session | None:

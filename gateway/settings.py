@@ -202,11 +202,20 @@ class UptoSessions(_Model):
     settle_margin_s: float = Field(default=120.0, gt=6, description="settle this long before the permit deadline")
     serve_margin_s: float = Field(default=420.0, gt=0, description="stop serving this long before the deadline")
     max_timeout_s: int = Field(default=3600, ge=60, le=86_400, description="the permit's lifetime (maxTimeoutSeconds)")
+    # A session serves on a promise until it is settled: the most a payer's open sessions (all of
+    # them, on every replica, per asset) may have accrued and held unsettled. Quote currency;
+    # None: one session's cap. At the limit, calls are refused and the payer's sessions settled.
+    max_exposure: str | None = None
+    # Re-read each open session's payer balance, Permit2 allowance and permit nonce on every new
+    # block (gateway/session_funds.py) and settle at once when they no longer cover it.
+    watch_funds: bool = Field(default=True, strict=True)
 
     @model_validator(mode="after")
     def _margins(self) -> UptoSessions:
         if parse_price(self.cap) <= 0:
             raise ValueError("sessions.cap must be positive")
+        if self.max_exposure is not None and parse_price(self.max_exposure) <= 0:
+            raise ValueError("sessions.max_exposure must be positive")
         if self.serve_margin_s <= self.settle_margin_s:
             raise ValueError("sessions.serve_margin_s must exceed settle_margin_s (calls finish before settlement)")
         if self.max_timeout_s <= self.serve_margin_s:
@@ -278,6 +287,10 @@ class GatewaySettings(_Model):
     record_lease_s: float = Field(default=6.0, ge=1, le=300)  # renewed every third while a request works on it
     # How often each replica looks for settlement intents left by a dead replica (gateway/paywall/recovery.py).
     recovery_interval_s: float = Field(default=2.0, gt=0, le=300)
+    # network -> JSON-RPC URL the gateway reads the chain through (upto sessions' funds watch,
+    # reconciliation); an in-process facilitator's own chains are used for networks not named here.
+    rpc_urls: dict[str, str] = Field(default_factory=dict)
+    funds_poll_s: float = Field(default=1.0, gt=0, le=60)  # how often the funds watch asks for a new block
     replay_cache_bytes: int = Field(default=1 << 20, ge=0)  # responses kept for idempotent replays
     max_body_bytes: int = Field(default=4 << 20, gt=0)
     log_level: str = "info"

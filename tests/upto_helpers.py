@@ -67,7 +67,7 @@ def chat(model: str, text: str = "hello metered world", **extra: Any) -> dict[st
 
 
 def upto_config(path: Path, devchain: dict[str, Any], devchain_file: str, upstream_url: str, store_url: str, *,
-                pay_to: str, sessions: dict[str, float] | None = None, session_cap: str | None = None,
+                pay_to: str, sessions: dict[str, Any] | None = None, session_cap: str | None = None,
                 budgets: dict[str, Any] | None = None) -> str:
     """dev_settings(metered=True, sessions=...) as a JSON file paying `pay_to`. Secrets dump as
     "**********": the upstream keys are written back in clear. `session_cap` (USD) replaces the

@@ -73,3 +73,35 @@ async def test_due_index_follows_reschedules(store: SessionStore, t0: float) -> 
     await store.reschedule(s.id, t0 + 500)
     assert s.id not in await store.due(now=t0 + 400)
     assert s.id in await store.due(now=t0 + 500)
+
+
+async def test_a_payers_exposure_across_sessions_never_passes_the_limit(store: SessionStore, t0: float) -> None:
+    key = f"0x{uuid.uuid4().hex}|eip155:84532|0xtoken"  # one payer and asset, fresh per test
+    a, b = f"ses_{uuid.uuid4().hex}", f"ses_{uuid.uuid4().hex}"
+    assert await store.expose(key, a, 60 * OPG, limit=100 * OPG)
+    results = await asyncio.gather(*(store.expose(key, b, 30 * OPG, limit=100 * OPG) for _ in range(5)))
+    assert results.count(True) == 1  # 90 exposed; a second 30 would pass 100
+    assert await store.exposure(key) == {a: 60 * OPG, b: 30 * OPG}
+    assert await store.expose(key, a, -(60 * OPG) + 7, limit=None)  # the call's hold became its charge
+    assert await store.expose(key, b, 70 * OPG - 7, limit=100 * OPG)  # exactly at the limit
+    assert not await store.expose(key, b, 1, limit=100 * OPG)
+    await store.unexpose(key, a)  # settled
+    assert await store.exposure(key) == {b: 100 * OPG - 7}
+    assert await store.expose(key, b, -(10**30), limit=None)  # never below zero
+    assert await store.exposure(key) == {}
+
+
+async def test_a_drained_session_serves_nothing_and_is_due_at_once(store: SessionStore, t0: float) -> None:
+    s = await opened(store, t0)
+    assert s.id in await store.open_ids(now=t0)
+    assert await store.hold(s.id, 30 * OPG, now=t0, serve_until=t0 + 3000, due_at=t0 + 100) == HoldOutcome.OK
+    assert await store.drain(s.id, now=t0 + 1)
+    assert not await store.drain(s.id, now=t0 + 1)  # once
+    assert await store.hold(s.id, 1, now=t0 + 1, serve_until=t0 + 3000, due_at=t0 + 100) == HoldOutcome.CLOSED
+    assert s.id in await store.due(now=t0 + 1)
+    assert await store.claim_settlement(s.id, now=t0 + 2, force=False, lease_s=60) is None  # its call is in flight
+    await store.finish_call(s.id, 30 * OPG, 5, now=t0 + 3, due_at=t0 + 100)
+    claimed = await store.claim_settlement(s.id, now=t0 + 3, force=False, lease_s=60)
+    assert claimed is not None and claimed.accrued == 5
+    await store.finish_settlement(s.id, state=SessionState.SETTLED, tx="0x" + "cd" * 32, result="{}", retry_at=None)
+    assert s.id not in await store.open_ids(now=t0 + 4)

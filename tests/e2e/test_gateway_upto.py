@@ -325,7 +325,7 @@ async def test_budgets_reserve_the_maximum_and_commit_the_metered_cost(devchain:
 
 
 def session_stack(devchain: dict, devchain_file: str, redis_server: Any, spawn_upstream: Any, spawn_gateway: Any,
-                  tmp_path: Path, label: str, *, replicas: int, sessions: dict[str, float],
+                  tmp_path: Path, label: str, *, replicas: int, sessions: dict[str, Any],
                   session_cap: str | None = None, keys: list[list[str] | None] | None = None) -> dict:
     upstream = spawn_upstream()
     prefix = f"upto-{label}-{time.time_ns()}:"
@@ -649,3 +649,88 @@ async def test_a_session_call_is_never_charged_less_than_its_usage_costs(devchai
 async def test_readyz_checks_the_session_store(small_cap: dict) -> None:
     r = await call(small_cap["gateways"][0].url + "/readyz", method="GET")
     assert r.status == 200 and r.json()["checks"]["sessions"] == "ok", r
+
+
+# ==================================================================================================
+# A session serves on a promise: its funds are watched, and what is unsettled stays bounded.
+
+
+def move_opg(devchain: dict, account: Any, amount: int) -> None:
+    """The agent sends `amount` of its OPG to a wallet of its own (what an attacker would do)."""
+    from devtools.devchain import calldata
+    from tests.payments import send_transactions
+
+    sink = derived(f"{SEED}:sink").address
+    send_transactions(devchain, [(account, devchain["tokens"]["OPG"]["address"],
+                                  calldata("transfer(address,uint256)", ["address", "uint256"], [sink, amount]))])
+
+
+async def test_a_payer_who_moves_its_tokens_mid_session_is_settled_at_once_and_loses_us_at_most_the_exposure(
+        devchain: dict, devchain_file: str, redis_server: Any, spawn_upstream: Any, spawn_gateway: Any,
+        tmp_path: Path) -> None:
+    stack = session_stack(devchain, devchain_file, redis_server, spawn_upstream, spawn_gateway, tmp_path, "drain",
+                          replicas=1, sessions={"idle_s": 3600})
+    g = stack["gateways"][0].url
+    cap = usd_to_opg(Decimal("1"))  # max_exposure unset: one session's cap
+    careful, thief = agent("drain-careful", devchain), agent("drain-thief", devchain)
+    money = Money(devchain, careful.address, stack["payee"])
+    sessions, accrued = {}, {}
+    for a in (careful, thief):
+        first, _ = await open_session(g, upto_client(devchain, a), chat("gpt-4o", f"{a.address} 0"))
+        sid = first.headers[SESSION]
+        charges = [charge_of(first, "gpt-4o")]
+        for i in range(1, 3):
+            charges.append(charge_of(await call(g + CHAT, chat("gpt-4o", f"{a.address} {i}"), headers={SESSION: sid}),
+                                     "gpt-4o"))
+        sessions[a.address], accrued[a.address] = sid, sum(charges)
+    # One keeps exactly what it owes, the other keeps nothing: neither covers another call.
+    move_opg(devchain, careful, opg_balance(devchain, careful.address) - accrued[careful.address])
+    move_opg(devchain, thief, opg_balance(devchain, thief.address))
+
+    for a in (careful, thief):  # drained on the next block: no call served, settled at once (idle_s is an hour)
+        done = await wait_session(g, sessions[a.address], timeout_s=20)
+        after = await call(g + CHAT, chat("gpt-4o", "one more"), headers={SESSION: sessions[a.address]})
+        assert after.status == 402 and json.loads(after.body)["error"] == "session_closed", after
+        assert int(done["accrued"]) == accrued[a.address] and done["calls"] == 3
+        # the careful one is settled while its funds are there; the thief left nothing to settle
+        # from: its loss is what it accrued, within the exposure bound
+        assert done["state"] == ("settled" if a is careful else "failed"), done
+    assert money.moved()[1] == accrued[careful.address]  # the payee received the careful one's, all of it
+    assert opg_balance(devchain, careful.address) == 0
+    assert accrued[thief.address] <= cap
+    metrics = await call(g + "/metrics", method="GET")
+    assert 'x402_gateway_session_drains_total{network="' + devchain["network"] + '",reason="balance"} 2.0' \
+        in metrics.body.decode(), [ln for ln in metrics.body.decode().splitlines() if "drains" in ln]
+
+
+async def test_a_payers_unsettled_exposure_never_passes_the_operators_limit(
+        devchain: dict, devchain_file: str, redis_server: Any, spawn_upstream: Any, spawn_gateway: Any,
+        tmp_path: Path) -> None:
+    # max_per_call $0.05 is each call's worst case; the limit $0.051 lets one call run with a little accrued
+    stack = session_stack(devchain, devchain_file, redis_server, spawn_upstream, spawn_gateway, tmp_path, "exposure",
+                          replicas=2, sessions={"idle_s": 3600, "max_exposure": "0.051"})
+    g = [gw.url for gw in stack["gateways"]]
+    limit, worst = usd_to_opg(Decimal("0.051")), usd_to_opg(Decimal("0.05"))
+    payer = agent("exposure", devchain)
+    money = Money(devchain, payer.address, stack["payee"])
+    client = upto_client(devchain, payer)
+    first, _ = await open_session(g[0], client, chat("gpt-4o", "exposure 0"))
+    sid = first.headers[SESSION]
+    charges = [charge_of(first, "gpt-4o")]
+    refused = None
+    for i in range(1, 40):  # both replicas count one exposure: calls stop once accrued + worst passes the limit
+        r = await call(g[i % 2] + CHAT, chat("gpt-4o", f"exposure {i} " + "more " * 20), headers={SESSION: sid})
+        if r.status != 200:
+            refused = r
+            break
+        charges.append(charge_of(r, "gpt-4o"))
+    assert refused is not None and refused.status == 402, refused
+    body = json.loads(refused.body)
+    assert body["error"] == "session_exhausted" and "exposure" in body["message"], body
+    assert refused.required is not None  # a fresh offer to sign
+    assert sum(charges) + worst > limit >= sum(charges[:-1]) + worst  # refused exactly when the next would pass
+    done = await wait_session(g[1], sid, timeout_s=20)  # drained and settled at once (idle_s is an hour)
+    assert done["state"] == "settled" and int(done["accrued"]) == sum(charges), done
+    assert money.moved() == (sum(charges), sum(charges))
+    again, _ = await open_session(g[1], client, chat("gpt-4o", "a new permit"))  # the exposure was freed
+    assert again.headers[SESSION] != sid

@@ -43,6 +43,7 @@ VALUE_SETS = [
     "autoscaling",
     "external-facilitator",
     "gpu-workers",
+    "upto-sessions",
 ]
 KUBE_VERSIONS = ["1.33.0", "1.27.0"]  # a recent one, and the chart's kubeVersion floor
 SIGNER_KEYS = [  # 32-byte test keys (anvil's published development accounts); never funded on a real chain
@@ -395,6 +396,14 @@ def test_gateway_config_loads_with_the_gateway_loader(name, objects, tmp_path):
             assert settings.store_url == f"{scheme}://:s3cr3t-from-{ext['existingSecret']}@{rest}"
         else:
             assert settings.store_url == f"{scheme}://{rest}"
+
+    for route, given in zip(settings.routes, g["routes"], strict=True):
+        if "sessions" in given:  # metered upto sessions, with their exposure bound and funds watch
+            assert route.sessions is not None and route.metered
+            assert (route.sessions.cap, route.sessions.max_exposure, route.sessions.watch_funds) == (
+                given["sessions"]["cap"], given["sessions"].get("maxExposure"), given["sessions"].get("watchFunds", True))
+    assert settings.rpc_urls == g.get("rpcUrls", {})
+    assert settings.funds_poll_s == g.get("fundsPollSeconds", 1)
 
     budgets = g.get("budgets", {})
     assert (settings.budgets is not None) == bool(budgets.get("enabled"))

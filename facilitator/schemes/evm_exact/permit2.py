@@ -101,7 +101,9 @@ class Permit2Payment:
         )
         if isinstance(allowance, RpcError) or isinstance(balance, RpcError):
             raise PaymentInvalidError(R.BALANCE_CHECK_FAILED, "allowance/balance read reverted")
-        need = self.permitted + (0 if fresh else chain.state.inflight(self.token, self.payer))
+        # what this transfer takes: an upto settlement moves only the charge, not the signed maximum
+        # (a payer that kept what it owes is settled, as the SDK's facilitator does)
+        need = self.settle_amount + (0 if fresh else chain.state.inflight(self.token, self.payer))
         if contracts.decode_uint(allowance) < need:
             raise PaymentInvalidError(R.PERMIT2_ALLOWANCE_REQUIRED, "payer has not approved Permit2 for this amount")
         if contracts.decode_uint(balance) < need:

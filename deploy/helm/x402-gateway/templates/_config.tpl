@@ -22,7 +22,16 @@ they are "$VAR" references the loaders resolve from the environment, or environm
 {{- $g := $v.gateway }}
 {{- $cfg := dict "host" "0.0.0.0" "port" (int $g.containerPort) "pay_to" $g.payTo "store_prefix" $g.storePrefix
       "settle_timeout_s" $g.settleTimeoutSeconds "verify_timeout_s" $g.verifyTimeoutSeconds
-      "record_lease_s" $g.recordLeaseSeconds "max_body_bytes" (int64 $g.maxBodyBytes) "log_level" $g.logLevel }}
+      "record_lease_s" $g.recordLeaseSeconds "max_body_bytes" (int64 $g.maxBodyBytes) "log_level" $g.logLevel
+      "recovery_interval_s" $g.recoveryIntervalSeconds "funds_poll_s" $g.fundsPollSeconds }}
+{{- if $g.rpcUrls }}{{ $_ := set $cfg "rpc_urls" $g.rpcUrls }}{{ end }}
+{{- with $g.quote }}
+{{- $q := dict "currency" (default "USD" .currency) "rates" (default dict .rates) }}
+{{- if .feedUrl }}{{ $_ := set $q "feed_url" .feedUrl }}{{ end }}
+{{- if .refreshSeconds }}{{ $_ := set $q "refresh_s" .refreshSeconds }}{{ end }}
+{{- if .maxAgeSeconds }}{{ $_ := set $q "max_age_s" .maxAgeSeconds }}{{ end }}
+{{- $_ := set $cfg "quote" $q }}
+{{- end }}
 {{- with include "x402.publicUrl" . }}{{ $_ := set $cfg "public_url" . }}{{ end }}
 {{- $mode := include "x402.facilitatorMode" . }}
 {{- if eq $mode "inprocess" }}
@@ -75,6 +84,18 @@ they are "$VAR" references the loaders resolve from the environment, or environm
 {{- if .models }}{{ $_ := set $r "models" .models }}{{ end }}
 {{- if .description }}{{ $_ := set $r "description" .description }}{{ end }}
 {{- if .mimeType }}{{ $_ := set $r "mime_type" .mimeType }}{{ end }}
+{{- if .schemes }}{{ $_ := set $r "schemes" .schemes }}{{ end }}
+{{- if .tokenPrices }}{{ $_ := set $r "token_prices" .tokenPrices }}{{ end }}
+{{- if .maxPerCall }}{{ $_ := set $r "max_per_call" .maxPerCall }}{{ end }}
+{{- if .maxTokensCap }}{{ $_ := set $r "max_tokens_cap" (int .maxTokensCap) }}{{ end }}
+{{- with .sessions }}
+{{- $s := dict }}
+{{- $keys := dict "cap" "cap" "idleSeconds" "idle_s" "settleMarginSeconds" "settle_margin_s"
+      "serveMarginSeconds" "serve_margin_s" "maxTimeoutSeconds" "max_timeout_s" "maxExposure" "max_exposure"
+      "watchFunds" "watch_funds" }}
+{{- range $k, $v := . }}{{ $_ := set $s (required (printf "unknown sessions key %s" $k) (get $keys $k)) $v }}{{ end }}
+{{- $_ := set $r "sessions" $s }}
+{{- end }}
 {{- $routes = append $routes $r }}
 {{- end }}
 {{- $_ := set $cfg "routes" $routes }}
