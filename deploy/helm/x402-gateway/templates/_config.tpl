@@ -139,6 +139,7 @@ port = {{ int $f.containerPort }}
 store_prefix = {{ $f.storePrefix | toJson }}
 receipt_timeout_s = {{ $f.receiptTimeoutSeconds }}
 reconcile_interval_s = {{ $f.reconcileIntervalSeconds }}
+state_poll_s = {{ $f.statePollSeconds }}
 log_level = {{ $f.logLevel | toJson }}
 {{- range $net := $f.networks }}
 
