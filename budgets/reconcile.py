@@ -17,12 +17,15 @@ are left out by their receipt's block.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from budgets.models import LedgerEntry
 from budgets.store import BudgetStore
+
+log = logging.getLogger("budgets.reconcile")
 
 TRANSFER = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"  # Transfer(address,address,uint256)
 LOG_CHUNK = 5_000  # blocks per eth_getLogs (providers cap the range)
@@ -175,3 +178,40 @@ class Reconciler:
     async def _block_of(rpc: RpcCall, tx: str) -> int | None:
         receipt = await rpc("eth_getTransactionReceipt", [tx])
         return int(receipt["blockNumber"], 16) if receipt else None
+
+
+class ReconcileJob:
+    """The periodic reconciliation behind the chart's alert: every `every_s`, each network's
+    trailing `window_blocks` ending `lag_blocks` before the head (a settlement mined in the last
+    blocks may not be committed yet: it is not a difference) is reconciled, and the report sets
+    the gauge through the reconciler's `on_report`. The windows overlap, so a difference stays
+    on the gauge for as long as it is inside the window, not one interval only."""
+
+    def __init__(self, reconciler: Reconciler, *, every_s: float, window_blocks: int, lag_blocks: int) -> None:
+        self.reconciler = reconciler
+        self.every_s = every_s
+        self.window_blocks = window_blocks
+        self.lag_blocks = lag_blocks
+
+    async def run_once(self) -> list[Report]:
+        reports = []
+        for network in self.reconciler.networks():
+            head = int(await self.reconciler.rpcs[network]("eth_blockNumber", []), 16)
+            to_block = head - self.lag_blocks
+            if to_block < 0:
+                continue
+            reports.append(await self.reconciler.run(max(0, to_block - self.window_blocks + 1), to_block, network))
+        return reports
+
+    async def run_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            try:
+                for report in await self.run_once():
+                    if report.differences:
+                        log.error("ledger_differs_from_chain", extra={
+                            "network": report.network, "from_block": report.from_block, "to_block": report.to_block,
+                            "differences": len(report.differences)})
+            except Exception:  # the node or the store is away: the next round tries again
+                log.exception("reconcile_failed")
+

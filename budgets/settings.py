@@ -68,6 +68,12 @@ class BudgetSettings(BaseModel):
     # network -> JSON-RPC URL that reconciliation reads Transfer logs from (the in-process
     # facilitator's own chains are used for networks not named here)
     rpc_urls: dict[str, str] = Field(default_factory=dict)
+    # The periodic reconciliation (budgets/reconcile.py ReconcileJob) that keeps the
+    # ledger-vs-chain gauge current: every this often (0: only on demand), over the trailing
+    # window of blocks ending `reconcile_lag_blocks` before the head.
+    reconcile_every_s: float = Field(default=600.0, ge=0)
+    reconcile_window_blocks: int = Field(default=1800, ge=1)
+    reconcile_lag_blocks: int = Field(default=30, ge=0)
 
     @field_validator("timezone")
     @classmethod

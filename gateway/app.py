@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
-from budgets.reconcile import ReconcileError, Reconciler, Report, RpcCall
+from budgets.reconcile import ReconcileError, ReconcileJob, Reconciler, Report, RpcCall
 from facilitator.evm.rpc import JsonRpcClient, RpcError, RpcUnavailableError
 from gateway.budget_hook import BudgetHook, NoBudgets, Refusal
 from gateway.errors import GatewayError
@@ -161,6 +161,15 @@ def create_app(
     gateway_metrics = metrics or GatewayMetrics()
     rpcs: dict[str, RpcCall] = {}  # the chains reconciliation reads, filled at start
 
+    def reconciled(report: Report) -> None:
+        for total in report.totals:
+            gateway_metrics.reconcile_difference.labels(total.network, total.asset).set(total.difference)
+
+    reconciler = None
+    if enforcer is not None and settings.budgets is not None:
+        reconciler = Reconciler(enforcer.store, payee=settings.pay_to, assets=[(o.network, o.asset) for o in settings.accepts],
+                                rpcs=rpcs, clock=enforcer.clock, on_report=reconciled)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         fac = facilitator or build_facilitator_client(settings)
@@ -174,12 +183,17 @@ def create_app(
         m = gateway_metrics
         chains, own_rpcs = chain_clients(settings, fac)
         rpcs.update({network: reconcile_rpc(client) for network, client in chains.items()})
+        background: list[asyncio.Task] = []
+        if reconciler is not None and settings.budgets is not None and settings.budgets.reconcile_every_s > 0:
+            b = settings.budgets
+            job = ReconcileJob(reconciler, every_s=b.reconcile_every_s, window_blocks=b.reconcile_window_blocks,
+                               lag_blocks=b.reconcile_lag_blocks)
+            background.append(asyncio.create_task(job.run_forever()))
         pools: dict[str, UpstreamPool | WorkerPool] = {
             name: WorkerPool(name, up, m) if up.kind == "workers" else UpstreamPool(name, up)
             for name, up in settings.upstreams.items()}
         if enforcer is not None:
             await seed_policies(settings, enforcer)
-        background: list[asyncio.Task] = []
         if any(r.metered and "upto" in r.schemes for r in settings.routes):
             pricing.upto_signers = await fac.upto_signers()
         if settings.quote.feed_url:
@@ -287,13 +301,6 @@ def create_app(
         from budgets.settings import admin_token
 
         assets = {(o.network, o.asset.lower()): (o.symbol, o.decimals) for o in settings.accepts}
-
-        def reconciled(report: Report) -> None:
-            for total in report.totals:
-                gateway_metrics.reconcile_difference.labels(total.network, total.asset).set(total.difference)
-
-        reconciler = Reconciler(enforcer.store, payee=settings.pay_to, assets=list(assets), rpcs=rpcs,
-                                clock=enforcer.clock, on_report=reconciled)
         routes.append(Mount(settings.budgets.admin_prefix,
                             app=create_admin_app(enforcer, admin_token(), assets=assets, reconciler=reconciler)))
     routes.append(Route("/{path:path}", paid, methods=methods))

@@ -409,6 +409,8 @@ def test_gateway_config_loads_with_the_gateway_loader(name, objects, tmp_path):
     assert (settings.budgets is not None) == bool(budgets.get("enabled"))
     if settings.budgets is not None:
         assert len(settings.budgets.policies) == len(budgets.get("policies", []))
+        assert (settings.budgets.reconcile_every_s, settings.budgets.reconcile_lag_blocks) == (
+            budgets.get("reconcileEverySeconds", 600), budgets.get("reconcileLagBlocks", 30))
         has_token = bool(budgets.get("adminToken", {}).get("existingSecret") or budgets.get("adminToken", {}).get("value"))
         assert ("BUDGETS_ADMIN_TOKEN_FILE" in env) == has_token
         if has_token:
