@@ -33,7 +33,7 @@ from gateway.paywall.metered import capped_body, metered_charge
 from gateway.pricing import Offer, PricingError
 from gateway.proxy import UpstreamFailedError, Upstreams, UpstreamUnavailableError, read_all, response_headers
 from gateway.sessions import HoldOutcome, Session, SessionState, SessionStore, exposure_key, new_session_id
-from gateway.settings import GatewaySettings, UptoSessions, parse_price
+from gateway.settings import GatewaySettings, UptoSessions
 from gateway.sse_usage import forwarded_stream
 
 log = logging.getLogger("gateway.sessions")
@@ -107,7 +107,7 @@ class SessionCalls:
         # The payer's exposure first (all its sessions on this asset, every replica): a session
         # serves on a promise, so what is unsettled at any time stays within the operator's limit.
         exposed = exposure_key(session.payer, session.network, session.asset)
-        limit = to_base_units(parse_price(cfg.max_exposure or cfg.cap), rate, decimals)
+        limit = to_base_units(cfg.exposure_limit(), rate, decimals)
         if not await self.store.expose(exposed, session_id, worst, limit=limit):
             for other in await self.store.exposure(exposed):
                 await self.store.drain(other, now=now)  # settle what is exposed, so a new permit can be served

@@ -204,8 +204,12 @@ class UptoSessions(_Model):
     max_timeout_s: int = Field(default=3600, ge=60, le=86_400, description="the permit's lifetime (maxTimeoutSeconds)")
     # A session serves on a promise until it is settled: the most a payer's open sessions (all of
     # them, on every replica, per asset) may have accrued and held unsettled. Quote currency;
-    # None: one session's cap. At the limit, calls are refused and the payer's sessions settled.
+    # None: twice the cap (a used-up session settling while its successor serves). At the limit,
+    # calls are refused and the payer's sessions settled.
     max_exposure: str | None = None
+
+    def exposure_limit(self) -> Decimal:
+        return parse_price(self.max_exposure) if self.max_exposure is not None else 2 * parse_price(self.cap)
     # Re-read each open session's payer balance, Permit2 allowance and permit nonce on every new
     # block (gateway/session_funds.py) and settle at once when they no longer cover it.
     watch_funds: bool = Field(default=True, strict=True)

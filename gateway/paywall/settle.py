@@ -169,13 +169,16 @@ class Settlement:
         task.add_done_callback(self.background.discard)
 
     async def write_ahead(self, intent: Intent, claim: Claim, hold: Hold) -> None:
-        """Pin the hold and record the intent before anything is asked of the facilitator. If
-        either cannot be done (the hold expired and the budget is gone, a store is away), nothing
-        is settled: the payment is freed and the hold released (a metered stream already
-        delivered its tokens: it is settled all the same)."""
+        """Record the intent, then pin the hold, before anything is asked of the facilitator. In
+        this order: a pinned hold always has an intent that ends it (a replica killed after a pin
+        whose intent was never written would leave the budget held for good). If either cannot be
+        done (the hold expired and the budget is gone, a store is away), nothing is settled: the
+        payment is freed, the hold released and the intent closed (recovery does it if this
+        replica dies first: the payment was never asked for); a metered stream already delivered
+        its tokens: it is settled all the same."""
         try:
-            await self.budgets.pin(hold)
             await self.intents.write(intent, owner=claim.owner, lease_until_ms=claim.now_ms() + self.intent_lease_ms)
+            await self.budgets.pin(hold)
         except (Refusal, IntentStoreUnavailableError) as exc:
             log.error("settlement_intent_not_written", extra={"request_id": intent.request_id, "error": str(exc)})
             if intent.delivered:

@@ -671,7 +671,7 @@ async def test_a_payer_who_moves_its_tokens_mid_session_is_settled_at_once_and_l
     stack = session_stack(devchain, devchain_file, redis_server, spawn_upstream, spawn_gateway, tmp_path, "drain",
                           replicas=1, sessions={"idle_s": 3600})
     g = stack["gateways"][0].url
-    cap = usd_to_opg(Decimal("1"))  # max_exposure unset: one session's cap
+    cap = usd_to_opg(Decimal("1"))  # a session never accrues more (max_exposure unset: twice that, per payer)
     careful, thief = agent("drain-careful", devchain), agent("drain-thief", devchain)
     money = Money(devchain, careful.address, stack["payee"])
     sessions, accrued = {}, {}
