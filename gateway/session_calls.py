@@ -108,7 +108,8 @@ class SessionCalls:
         # serves on a promise, so what is unsettled at any time stays within the operator's limit.
         exposed = exposure_key(session.payer, session.network, session.asset)
         limit = to_base_units(cfg.exposure_limit(), rate, decimals)
-        if not await self.store.expose(exposed, session_id, worst, limit=limit):
+        if not await self.store.expose(exposed, session_id, worst, limit=limit) and (
+                not await self._forget_stale(exposed) or not await self.store.expose(exposed, session_id, worst, limit=limit)):
             for other in await self.store.exposure(exposed):
                 await self.store.drain(other, now=now)  # settle what is exposed, so a new permit can be served
             raise GatewayError(G.SESSION_EXHAUSTED, "this wallet's unsettled upto sessions reached the operator's "
@@ -219,6 +220,17 @@ class SessionCalls:
     async def _nothing(self, session: Session, offer: Offer, worst: int, hold: Hold) -> None:
         await self._finish_call(session, offer, worst, 0)
         await self.budgets.release(hold)
+
+    async def _forget_stale(self, exposed: str) -> bool:
+        """Drop exposure left by sessions that are settled or gone (a replica died between its
+        exposure's update and the session's); True if there was any."""
+        stale = False
+        for other in await self.store.exposure(exposed):
+            s = await self.store.get(other)
+            if s is None or s.state in (SessionState.SETTLED, SessionState.FAILED):
+                await self.store.unexpose(exposed, other)
+                stale = True
+        return stale
 
     async def _finish_call(self, session: Session, offer: Offer, held: int, charge: int) -> float:
         """The call's hold becomes its charge, in the session and in the payer's exposure."""
