@@ -30,6 +30,7 @@ from gateway.records import PaymentRecords, open_records
 from gateway.session_calls import SessionCalls
 from gateway.sessions import SessionStore, open_sessions
 from gateway.settings import GatewaySettings
+from gateway.tee.pool import TeePool
 from gateway.workers.pool import TrackedResponse, WorkerPool
 from storage import StoreUnavailableError, is_redis_url
 
@@ -134,8 +135,9 @@ def create_app(
             auto_decompress=False, response_class=TrackedResponse,  # worker slots follow the body
         )
         m = metrics or GatewayMetrics()
-        pools: dict[str, UpstreamPool | WorkerPool] = {
-            name: WorkerPool(name, up, m) if up.kind == "workers" else UpstreamPool(name, up)
+        pools: dict[str, UpstreamPool | WorkerPool | TeePool] = {
+            name: WorkerPool(name, up, m) if up.kind == "workers" else TeePool(name, up, m) if up.kind == "tee"
+            else UpstreamPool(name, up)
             for name, up in settings.upstreams.items()}
         if enforcer is not None:
             await seed_policies(settings, enforcer)

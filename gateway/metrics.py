@@ -48,3 +48,13 @@ class GatewayMetrics:
                                    ["upstream", "model"], registry=r)
         self.backpressure = Counter("x402_gateway_backpressure_total", "Calls refused before payment (503/404)",
                                     ["upstream", "model", "reason"], registry=r)
+        # TEE upstreams (gateway/tee/): labels are the upstream's name and an enclave's tee_id (from
+        # the registry); fault reasons are a fixed set (gateway/tee/proof.py, gateway/tee/pool.py).
+        self.tee_calls = Counter("x402_gateway_tee_calls_total", "Enclave answers by outcome (verified, fault)",
+                                 ["upstream", "tee_id", "outcome"], registry=r)
+        self.tee_faults = Counter("x402_gateway_tee_faults_total", "Enclave faults by reason",
+                                  ["upstream", "tee_id", "reason"], registry=r)
+        self.tee_in_rotation = Gauge("x402_gateway_tee_in_rotation", "1 if the enclave is active and not ejected",
+                                     ["upstream", "tee_id"], registry=r)
+        self.tee_enclaves = Gauge("x402_gateway_tee_enclaves", "Active enclaves from the registry", ["upstream"],
+                                  registry=r)

@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -45,6 +46,9 @@ from gateway.records import PaymentRecord, PaymentRecords, RecordState
 from gateway.session_calls import SessionCalls
 from gateway.settings import GatewaySettings
 from gateway.sse_usage import forwarded_stream, usage_added
+from gateway.tee.check import TeeStreamCheck
+from gateway.tee.proof import ProofError
+from gateway.tee.verify import verify_body
 
 # A verify refusal that means "this nonce was spent": by this very payment (ask the records), or not.
 NONCE_USED = {R.PERMIT2_INVALID_NONCE.value, R.INVALID_EXACT_EVM_NONCE_ALREADY_USED.value}
@@ -80,6 +84,7 @@ class Paywall:
         call = decode_call(request, offer, body, forward_body, request_id,
                            resource_url=self.challenges.resource(request, offer).url,
                            payment_ids=self.settings.payment_identifier_on(offer.route))
+        self.tee_stream_allowed(call)
         await self.budgets.precheck(call.payer, call.network, call.requirement.asset, offer.route_id, offer.model)
         if (earlier := await self.replays.earlier_under_id(call)) is not None:
             return await self.replays.answer_under_id(call, earlier)
@@ -117,6 +122,37 @@ class Paywall:
         request.scope["state"]["added_usage"] = offer.token_price is not None and usage_added(
             body, anthropic=offer.route.api == "anthropic")
         return offer
+
+    def tee_stream_allowed(self, call: PaidCall) -> None:
+        """On a tee route an `exact` stream is buffered (verified whole before it is settled and
+        sent) or, by configuration, refused before any payment work."""
+        pool = self.upstreams.tee_pool(call.offer.route.upstream)
+        if pool is None or call.upto or pool.settings.exact_streams != "refuse":
+            return
+        try:
+            streamed = orjson.loads(call.body).get("stream") is True
+        except (orjson.JSONDecodeError, AttributeError):
+            streamed = False
+        if streamed:
+            raise GatewayError(G.TEE_STREAM_REFUSED, "this gateway does not stream exact-priced calls to enclaves "
+                               "(the proof comes on the last frame): ask without stream, or pay with upto", status=400)
+
+    def tee_verified(self, call: PaidCall, content: bytes) -> dict[str, str]:
+        """The proof headers of a complete enclave answer whose signature holds; otherwise the
+        call fails here (502), before settlement: nothing is charged."""
+        pool = self.upstreams.tee_pool(call.offer.route.upstream)
+        enclave = self.upstreams.enclave_of(call.request)
+        if pool is None or enclave is None:
+            return {}
+        try:
+            proof = verify_body(enclave, pool.settings, call.body, content)
+        except ProofError as exc:
+            pool.fault(enclave, exc.reason)
+            raise GatewayError(G.TEE_PROOF_INVALID, f"the enclave's answer failed verification ({exc.reason}: "
+                               f"{exc.message}); it was not served and you were not charged", status=502,
+                               outcome="not_charged", extra={"tee_id": enclave.tee_id}) from None
+        pool.verified(enclave)
+        return proof.headers()
 
     async def verify(self, call: PaidCall) -> tuple[VerifyResponse, float]:
         """A valid payment, or one whose nonce is spent (the records tell whether by this very
@@ -158,13 +194,18 @@ class Paywall:
         self.metrics.upstream_seconds.labels(offer.route_id, offer.route.upstream).observe(upstream_s)
         streaming = content is None
         status, out_headers = upstream.status, response_headers(upstream)
+        if content is not None:
+            proof_headers = self.tee_verified(call, content)
+            out_headers = [h for h in out_headers if h[0] not in {k.lower() for k in proof_headers}]
+            out_headers += list(proof_headers.items())
         record = PaymentRecord(key=call.key, state=RecordState.PROCESSING, request_fp=call.fp, status=status,
                                headers=out_headers, digest=call.digest, owner=claim.owner)
         amount, details, settle_requirement = call.amount, None, requirement
         if offer.token_price is not None and isinstance(requirement, PaymentRequirements) and call.upto:
             if streaming:
                 claim.kept = claim.settling = True  # tokens flow before settlement: the permit guarantees it
-                stream = self.settlement.metered_stream(call, claim, first, upstream, record, requirement, hold)
+                stream = self.settlement.metered_stream(call, claim, first, upstream, record, requirement, hold,
+                                                        self.tee_stream_check(call))
                 return StreamingResponse(forwarded_stream(call.request, stream), status_code=status,
                                          headers=dict(out_headers) | {"Cache-Control": "no-store"})
             amount, details = metered_charge(offer, requirement, usage_from_body(content or b""))
@@ -211,7 +252,8 @@ class Paywall:
                 upstream.release()
             raise UpstreamRefused(upstream.status, error_body, response_headers(upstream))
         try:
-            if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            tee = self.upstreams.tee_pool(call.offer.route.upstream) is not None
+            if upstream.headers.get("content-type", "").startswith("text/event-stream") and not (tee and not call.upto):
                 return upstream, await upstream.content.readany(), None
             content = await read_all(upstream, self.settings.max_body_bytes)
             upstream.release()
@@ -220,6 +262,11 @@ class Paywall:
             upstream.release()
             raise GatewayError(G.UPSTREAM_ERROR, f"the upstream failed ({type(exc).__name__}); you were not charged",
                                status=502, outcome="not_charged") from None
+
+    def tee_stream_check(self, call: PaidCall) -> TeeStreamCheck | None:
+        pool = self.upstreams.tee_pool(call.offer.route.upstream)
+        enclave = self.upstreams.enclave_of(call.request)
+        return None if pool is None or enclave is None else TeeStreamCheck(pool, enclave, call.body)
 
     async def open_session(self, call: PaidCall, payer: str) -> Response:
         """A verified upto permit on a session route opens a session; the payment's record says so,
