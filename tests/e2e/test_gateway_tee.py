@@ -29,12 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from eth_account import Account
 
 from devtools import tee_registry
 from devtools.devconfig import dev_settings
 from devtools.tee_enclave import EnclaveIdentity
+from tests.budget_helpers import ADMIN_TOKEN, Admin
 from tests.conftest import ROOT, ServiceProcess, _port
 from tests.gateway_client import CHAT, Balances, Processes, call, facilitator_env, sign_for
+from tests.upto_helpers import payment_event, sign_upto, upto_accept, upto_client
 
 pytestmark = pytest.mark.e2e
 
@@ -111,20 +114,31 @@ def stack(devchain: dict, devchain_file: str, redis_server: Any, tmp_path_factor
             proc = Enclave(argv, port, dict(os.environ), Path(tmp) / f"{name}.log")
             procs.started.append(proc)
             enclaves[name] = proc.start()
-        settings = dev_settings(devchain, devchain_file=devchain_file, upstream_urls=["http://127.0.0.1:9"])
-        config = settings.model_dump(mode="json", exclude_none=True)
-        config["upstreams"]["tee"] = {"kind": "tee", "timeout_s": 30, "tee": {
-            "registry": devchain["contracts"]["tee_registry"], "rpc_url": devchain["rpc_url"],
-            "refresh_s": REFRESH_S, "heartbeat_max_age_s": HEARTBEAT_MAX_AGE_S, "eject_after": 1000, "eject_s": 600}}
-        for route in config["routes"]:
-            if route["path"] == CHAT:
-                route["upstream"] = "tee"
-        path = Path(tmp) / "gateway.json"
-        path.write_text(json.dumps(config))
-        prefix = f"gwtee:{uuid.uuid4().hex[:8]}:"
-        env = facilitator_env(devchain, 0, prefix) | {"GATEWAY_STORE_PREFIX": prefix + "gw:"}
-        gw = procs.gateway("", redis_server.url, env=env, config=str(path))
-        yield gw, enclaves, ids
+        gateways = []
+        for metered in (False, True):
+            settings = dev_settings(devchain, devchain_file=devchain_file, upstream_urls=["http://127.0.0.1:9"],
+                                    metered=metered)
+            config = settings.model_dump(mode="json", exclude_none=True)
+            config["upstreams"]["tee"] = {"kind": "tee", "timeout_s": 30, "tee": {
+                "registry": devchain["contracts"]["tee_registry"], "rpc_url": devchain["rpc_url"],
+                "refresh_s": REFRESH_S, "heartbeat_max_age_s": HEARTBEAT_MAX_AGE_S, "eject_after": 1000,
+                "eject_s": 600}}
+            for route in config["routes"]:
+                if route["path"] == CHAT:
+                    route["upstream"] = "tee"
+            prefix = f"gwtee:{uuid.uuid4().hex[:8]}:"
+            # A budget for the paying agent: every refused call must give its hold back.
+            config["budgets"] = {"store_url": redis_server.url, "store_prefix": f"{prefix}b:", "timezone": "UTC",
+                                 "default": "deny", "policies": [{
+                                     "agent": devchain["accounts"]["agents"][AGENT]["address"],
+                                     "network": devchain["network"], "asset": devchain["tokens"]["OPG"]["address"],
+                                     "limits": [{"period": "day", "amount": str(10**24)}]}]}
+            path = Path(tmp) / f"gateway-{metered}.json"
+            path.write_text(json.dumps(config))
+            env = facilitator_env(devchain, int(metered), prefix) | {"GATEWAY_STORE_PREFIX": prefix + "gw:",
+                                                                      "BUDGETS_ADMIN_TOKEN": ADMIN_TOKEN}
+            gateways.append(procs.gateway("", redis_server.url, env=env, config=str(path)))
+        yield gateways[0], enclaves, ids, gateways[1]
     finally:
         procs.stop_all()
 
@@ -167,7 +181,7 @@ async def paid(gw: Any, devchain: dict, body: dict, headers: dict[str, str] | No
 
 async def test_paid_json_and_stream_carry_proofs_opengradient_accepts(stack: Any, devchain: dict, og_python: Any,
                                                                       tmp_path_factory: Any) -> None:
-    gw, enclaves, ids = stack
+    gw, enclaves, ids, _ = stack
     balances = Balances(devchain, "OPG", AGENT)
     reply, payment = await paid(gw, devchain, BODY)
     assert reply.status == 200 and reply.settle is not None and reply.settle.success, reply
@@ -196,9 +210,10 @@ async def test_paid_json_and_stream_carry_proofs_opengradient_accepts(stack: Any
                                           ("unregistered", "other_key"), ("stale-timestamp", "stale"),
                                           ("no-proof", "missing")])
 async def test_fault_modes_are_not_served_nor_charged(stack: Any, devchain: dict, fault: str, reason: str) -> None:
-    gw, enclaves, ids = stack
+    gw, enclaves, ids, _ = stack
     faults_before = metric(gw, "x402_gateway_tee_faults_total", reason=reason)
     balances = Balances(devchain, "OPG", AGENT)
+    admin, agent = Admin(gw.url), devchain["accounts"]["agents"][AGENT]["address"]
     for body in (BODY, STREAM):
         reply, payment = await paid(gw, devchain, body, headers={"X-Devupstream-Tee-Fault": fault})
         assert reply.status == 502 and reply.settle is None, reply
@@ -206,15 +221,19 @@ async def test_fault_modes_are_not_served_nor_charged(stack: Any, devchain: dict
         assert error["error"] == "tee_proof_invalid" and reason in error["message"], error
         assert "Echo" not in reply.body.decode() and "choices" not in error, error
         assert balances.moved() == (0, 0)
+        spent = (await admin.usage(agent))["spent"]
+        assert (await admin.wait_usage(agent, reserved=0))["reserved"] == 0  # the hold was released
         # Nothing was charged nor held: the same payment pays for a good call.
         ok, _ = await paid(gw, devchain, body, payment=payment)
         assert ok.status == 200 and ok.settle is not None and ok.settle.success, ok
+        usage = await admin.wait_usage(agent, spent=spent + int(payment["accepted"]["amount"]), reserved=0)
+        assert (usage["spent"], usage["reserved"]) == (spent + int(payment["accepted"]["amount"]), 0), usage
         balances = Balances(devchain, "OPG", AGENT)
     assert metric(gw, "x402_gateway_tee_faults_total", reason=reason) == faults_before + 2
 
 
 async def test_wrong_certificate_is_refused_before_any_request(stack: Any, devchain: dict) -> None:
-    gw, enclaves, ids = stack
+    gw, enclaves, ids, _ = stack
     for _ in range(8):  # round robin reaches it; the call goes on to another enclave
         reply, _ = await paid(gw, devchain, BODY)
         assert reply.status == 200 and reply.json()["tee_id"] != ids["wrongcert"], reply
@@ -223,7 +242,7 @@ async def test_wrong_certificate_is_refused_before_any_request(stack: Any, devch
 
 
 async def test_stale_heartbeat_and_disabled_enclave_leave_rotation(stack: Any, devchain: dict) -> None:
-    gw, enclaves, ids = stack
+    gw, enclaves, ids, _ = stack
     # "stale" was registered (its last heartbeat) at the fixture's start and never beat again.
     await asyncio.sleep(max(0.0, HEARTBEAT_MAX_AGE_S + REFRESH_S))
     stale_before = chat_calls(enclaves["stale"])
@@ -237,3 +256,32 @@ async def test_stale_heartbeat_and_disabled_enclave_leave_rotation(stack: Any, d
     assert chat_calls(enclaves["good"]) == good_before + 4
     assert metric(gw, "x402_gateway_tee_in_rotation", tee_id=ids["spare"]) == 0
     tee_registry.set_enabled(devchain, ids["spare"], True)
+
+
+async def test_metered_stream_is_settled_only_after_its_proof_verifies(stack: Any, devchain: dict,
+                                                                        og_python: Any) -> None:
+    _, enclaves, ids, metered = stack
+    url = metered.url + CHAT
+    client = upto_client(devchain, Account.from_key(devchain["accounts"]["agents"][AGENT]["private_key"]))
+    admin, agent = Admin(metered.url), devchain["accounts"]["agents"][AGENT]["address"]
+    balances = Balances(devchain, "OPG", AGENT)
+    offer = upto_accept(await call(url, STREAM))
+    good = await call(url, STREAM, headers={"PAYMENT-SIGNATURE": await sign_upto(client, offer, url)})
+    assert good.status == 200, good
+    settled = payment_event(good.body.decode())
+    assert settled["success"] is True and int(settled["amount"]) > 0, settled
+    frames = sse_frames(good.body.split(b"event: x402.payment")[0])
+    final = frames[-1]
+    text = "".join(c["delta"].get("content") or "" for f in frames for c in f.get("choices") or [])
+    name = next(n for n, i in ids.items() if i == final["tee_id"])
+    key = EnclaveIdentity.load_or_create(Path(enclaves[name].log).parent / name).public_key_der
+    assert og_verify(og_python, STREAM, final, text, key)["tee_id"] == final["tee_id"]
+    assert balances.moved() == (int(settled["amount"]),) * 2
+    # A bad proof on the final frame: the tokens went by, but nothing is settled nor held.
+    balances = Balances(devchain, "OPG", AGENT)
+    bad = await call(url, STREAM, headers={"PAYMENT-SIGNATURE": await sign_upto(client, offer, url),
+                                           "X-Devupstream-Tee-Fault": "bad-signature"})
+    refused = payment_event(bad.body.decode())
+    assert refused["success"] is False and refused["errorReason"] == "tee_proof_invalid", refused
+    assert balances.moved() == (0, 0)
+    assert (await admin.wait_usage(agent, reserved=0))["reserved"] == 0
