@@ -58,3 +58,10 @@ class GatewayMetrics:
                                      ["upstream", "tee_id"], registry=r)
         self.tee_enclaves = Gauge("x402_gateway_tee_enclaves", "Active enclaves from the registry", ["upstream"],
                                   registry=r)
+        self.tee_proofs_pending = Gauge("x402_gateway_tee_proofs_pending", "Proofs of inference waiting to be anchored"
+                                        " (as the batcher last saw them)", registry=r)
+        self.tee_proofs_anchored = Counter("x402_gateway_tee_proofs_anchored_total", "Proofs anchored on the relay",
+                                           ["tee_id", "kind"], registry=r)
+        self.tee_proof_lag = Histogram("x402_gateway_tee_proof_batch_lag_seconds",
+                                       "From a proof queued to its anchoring transaction mined", ["tee_id"],
+                                       buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600), registry=r)

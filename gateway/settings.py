@@ -137,6 +137,21 @@ class TeeSettings(_Model):
     exact_streams: Literal["buffer", "refuse"] = "buffer"
 
 
+class ProofAnchoring(_Model):
+    """Proofs of inference from `tee` routes anchored on a settlement relay (OpenGradient's
+    InferenceSettlementRelay ABI): Merkle batches per interval or size, individual ones as asked
+    (X-SETTLEMENT-TYPE). gateway/tee/batcher.py runs it on whichever replica holds the lease."""
+
+    relay: str = Field(pattern=ADDRESS)
+    rpc_url: str  # the relay's chain ("$VAR" allowed)
+    chain_id: int = Field(ge=1)
+    signer_key: SecretStr  # pays the anchoring gas ("$VAR")
+    interval_s: float = Field(default=10.0, gt=0)  # a batch at least this often (when items wait)
+    max_batch: int = Field(default=256, ge=1)  # or as soon as this many wait
+    lease_s: float = Field(default=30.0, gt=0)  # the batcher's lease in the shared store
+    blob_dir: str = ".x402-state/proof-blobs"  # local blob store (content hash = blob id)
+
+
 class Upstream(_Model):
     kind: Literal["urls", "workers", "tee"] = "urls"
     urls: list[str] = Field(default_factory=list)  # urls: failover order; workers: static members
@@ -306,6 +321,7 @@ class GatewaySettings(_Model):
     log_level: str = "info"
     shutdown_grace_s: float = Field(default=60.0, gt=0, description="in-flight paid calls finish within this")
     budgets: BudgetSettings | None = None  # absent: no budgets are enforced
+    proofs: ProofAnchoring | None = None  # absent: tee proofs are verified and passed on, not anchored
     quote: Quote = Field(default_factory=Quote)
     # Declare the payment-identifier extension in 402s (idempotent retries under a client's id).
     # Off by default, as in the reference server: a client that sees it declared needs `jsonschema`.
@@ -347,6 +363,11 @@ def _resolve_secrets(data: dict, env: Mapping[str, str]) -> dict:
         up["urls"] = [resolve_env(u, env) for u in up.get("urls", [])]
         if isinstance(up.get("tee"), dict) and isinstance(up["tee"].get("rpc_url"), str):
             up["tee"]["rpc_url"] = resolve_env(up["tee"]["rpc_url"], env)
+    proofs = data.get("proofs")
+    if isinstance(proofs, dict):
+        for key in ("rpc_url", "signer_key"):
+            if isinstance(proofs.get(key), str):
+                proofs[key] = resolve_env(proofs[key], env)
     fac = data.get("facilitator", {})
     if isinstance(fac.get("auth_value"), str):
         fac["auth_value"] = resolve_env(fac["auth_value"], env)

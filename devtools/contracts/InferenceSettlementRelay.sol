@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity ^0.8.24;
 
+import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
+
 /// Our own settlement relay for proofs of inference, with the function signatures of
 /// OpenGradient's InferenceSettlementRelay (x402-protocol.md §7.3): a batch is anchored by its
 /// Merkle root (an OpenZeppelin StandardMerkleTree over (inputHash, outputHash, teeSignature)
@@ -37,6 +39,15 @@ contract InferenceSettlementRelay {
         if (!settlers[msg.sender]) revert NotSettler();
         batchSettledAt[merkleRoot] = block.timestamp;
         emit BatchSettlement(merkleRoot, batchSize, walrusBlobId);
+    }
+
+    /// Whether (inputHash, outputHash, signatureHash) is a leaf of an anchored batch: the
+    /// StandardMerkleTree leaf (double keccak of the ABI encoding) and OpenZeppelin's verifier.
+    function verifyInclusion(bytes32[] calldata proof, bytes32 merkleRoot, bytes32 inputHash, bytes32 outputHash,
+                             bytes32 signatureHash) external view returns (bool) {
+        if (batchSettledAt[merkleRoot] == 0) return false;
+        bytes32 leaf = keccak256(bytes.concat(keccak256(abi.encode(inputHash, outputHash, signatureHash))));
+        return MerkleProof.verify(proof, merkleRoot, leaf);
     }
 
     function settleIndividual(

@@ -18,6 +18,7 @@ Refusals are raised (GatewayError, budgets' Refusal) and rendered in one place.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -47,8 +48,11 @@ from gateway.session_calls import SessionCalls
 from gateway.settings import GatewaySettings
 from gateway.sse_usage import forwarded_stream, usage_added
 from gateway.tee.check import TeeStreamCheck
-from gateway.tee.proof import ProofError
+from gateway.tee.proof import ProofError, TeeProof
+from gateway.tee.proofs import ProofItem, ProofStore, ProofStoreUnavailableError, settlement_type
 from gateway.tee.verify import verify_body
+
+log = logging.getLogger("gateway.paywall")
 
 # A verify refusal that means "this nonce was spent": by this very payment (ask the records), or not.
 NONCE_USED = {R.PERMIT2_INVALID_NONCE.value, R.INVALID_EXACT_EVM_NONCE_ALREADY_USED.value}
@@ -57,7 +61,8 @@ NONCE_USED = {R.PERMIT2_INVALID_NONCE.value, R.INVALID_EXACT_EVM_NONCE_ALREADY_U
 class Paywall:
     def __init__(self, settings: GatewaySettings, pricing: Pricing, facilitator: FacilitatorClient,
                  records: PaymentRecords, budgets: BudgetHook, metrics: GatewayMetrics, upstreams: Upstreams,
-                 challenges: Challenges, settlement: Settlement, sessions: SessionCalls | None) -> None:
+                 challenges: Challenges, settlement: Settlement, sessions: SessionCalls | None,
+                 proofs: ProofStore | None = None) -> None:
         self.settings = settings
         self.pricing = pricing
         self.facilitator = facilitator
@@ -68,6 +73,7 @@ class Paywall:
         self.challenges = challenges
         self.settlement = settlement
         self.sessions = sessions
+        self.proofs = proofs  # tee proofs to anchor (gateway/tee/batcher.py); None: not anchored
         self.replays = Replays(settings, records, facilitator, settlement, upstreams, metrics, sessions)
 
     async def handle(self, request: Request, body: bytes, request_id: str) -> Response:
@@ -137,13 +143,13 @@ class Paywall:
             raise GatewayError(G.TEE_STREAM_REFUSED, "this gateway does not stream exact-priced calls to enclaves "
                                "(the proof comes on the last frame): ask without stream, or pay with upto", status=400)
 
-    def tee_verified(self, call: PaidCall, content: bytes) -> dict[str, str]:
-        """The proof headers of a complete enclave answer whose signature holds; otherwise the
-        call fails here (502), before settlement: nothing is charged."""
+    def tee_verified(self, call: PaidCall, content: bytes) -> TeeProof | None:
+        """The proof of a complete enclave answer whose signature holds (None: not a tee route);
+        otherwise the call fails here (502), before settlement: nothing is charged."""
         pool = self.upstreams.tee_pool(call.offer.route.upstream)
         enclave = self.upstreams.enclave_of(call.request)
         if pool is None or enclave is None:
-            return {}
+            return None
         try:
             proof = verify_body(enclave, pool.settings, call.body, content)
         except ProofError as exc:
@@ -152,7 +158,26 @@ class Paywall:
                                f"{exc.message}); it was not served and you were not charged", status=502,
                                outcome="not_charged", extra={"tee_id": enclave.tee_id}) from None
         pool.verified(enclave)
-        return proof.headers()
+        return proof
+
+    def settlement_kind(self, call: PaidCall) -> str:
+        """What the agent asked for (X-SETTLEMENT-TYPE), and what it gets: private when proofs are
+        not anchored here."""
+        return "private" if self.proofs is None else settlement_type(call.request.headers.get("x-settlement-type"))
+
+    async def anchor(self, call: PaidCall, proof: TeeProof, payer: str) -> None:
+        """Queue a settled call's proof for anchoring; a store failure loses the anchoring of this
+        one proof, never the call (it is paid and verified)."""
+        kind = self.settlement_kind(call)
+        if kind == "private" or self.proofs is None:
+            return
+        item = ProofItem("0x" + proof.request_hash.removeprefix("0x").lower(),
+                         "0x" + proof.output_hash.removeprefix("0x").lower(), proof.signature, proof.tee_id,
+                         proof.timestamp, kind, payer)
+        try:
+            await self.proofs.add(item)
+        except ProofStoreUnavailableError:
+            log.error("tee_proof_not_queued", extra={"request_id": call.request_id, "request_hash": item.request_hash})
 
     async def verify(self, call: PaidCall) -> tuple[VerifyResponse, float]:
         """A valid payment, or one whose nonce is spent (the records tell whether by this very
@@ -194,8 +219,9 @@ class Paywall:
         self.metrics.upstream_seconds.labels(offer.route_id, offer.route.upstream).observe(upstream_s)
         streaming = content is None
         status, out_headers = upstream.status, response_headers(upstream)
-        if content is not None:
-            proof_headers = self.tee_verified(call, content)
+        proof = self.tee_verified(call, content) if content is not None else None
+        if proof is not None:
+            proof_headers = proof.headers() | {"X-Settlement-Type": self.settlement_kind(call)}
             out_headers = [h for h in out_headers if h[0] not in {k.lower() for k in proof_headers}]
             out_headers += list(proof_headers.items())
         record = PaymentRecord(key=call.key, state=RecordState.PROCESSING, request_fp=call.fp, status=status,
@@ -223,6 +249,8 @@ class Paywall:
         if not settled.success:
             upstream.release()
             raise self.settlement.refusal(call, settled)
+        if proof is not None:
+            await self.anchor(call, proof, settled.payer or call.payer)
         headers = dict(out_headers) | payment_response_header(call.payload, settled)
         # Where the time went (RFC Server-Timing, milliseconds): the gateway's own cost apart from
         # the upstream and the chain.
@@ -266,7 +294,13 @@ class Paywall:
     def tee_stream_check(self, call: PaidCall) -> TeeStreamCheck | None:
         pool = self.upstreams.tee_pool(call.offer.route.upstream)
         enclave = self.upstreams.enclave_of(call.request)
-        return None if pool is None or enclave is None else TeeStreamCheck(pool, enclave, call.body)
+        if pool is None or enclave is None:
+            return None
+
+        async def settled(proof: TeeProof, payer: str) -> None:
+            await self.anchor(call, proof, payer)
+
+        return TeeStreamCheck(pool, enclave, call.body, settled)
 
     async def open_session(self, call: PaidCall, payer: str) -> Response:
         """A verified upto permit on a session route opens a session; the payment's record says so,

@@ -179,8 +179,8 @@ class Settlement:
                     else self._unsettled_stream(call, claim, hold, "the client left before the proof"))
                 self.background.add(task)
                 task.add_done_callback(self.background.discard)
+        checked = tee.verify() if tee is not None else None
         if tee is not None:
-            checked = tee.verify()
             if isinstance(checked, ProofError):
                 await asyncio.shield(self._unsettled_stream(call, claim, hold, checked.reason))
                 event = {"success": False, "errorReason": "tee_proof_invalid", "tee_id": tee.enclave.tee_id,
@@ -190,6 +190,8 @@ class Settlement:
                 return
         settled, details = await asyncio.shield(self._settle_stream(
             call, claim, record, requirement, hold, meter, cut=upstream_cut or not meter.complete))
+        if tee is not None and settled.success and checked is not None and not isinstance(checked, ProofError):
+            await tee.settled(checked, settled.payer or call.payer)
         event = {"success": settled.success, "transaction": settled.transaction, "network": settled.network,
                  "amount": settled.amount, "errorReason": settled.error_reason, **details,
                  "paymentResponse": encode_settle_response(settled)}

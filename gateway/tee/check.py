@@ -5,6 +5,7 @@ one (cut, or the client left), is not settled at all."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from gateway.tee.pool import Enclave, TeePool
@@ -17,6 +18,7 @@ class TeeStreamCheck:
     pool: TeePool
     enclave: Enclave
     forwarded: bytes
+    settled: Callable[[TeeProof, str], Awaitable[None]]  # the stream was settled: anchor its proof (payer)
     reader: StreamProofReader = field(default_factory=StreamProofReader)
 
     def feed(self, chunk: bytes) -> None:

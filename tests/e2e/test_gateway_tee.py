@@ -17,6 +17,7 @@ heartbeat and a disabled enclave out of rotation within one refresh interval, th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import ssl
@@ -32,8 +33,11 @@ import pytest
 from eth_account import Account
 
 from devtools import tee_registry
+from devtools.devchain import calldata
 from devtools.devconfig import dev_settings
+from devtools.rpc import BlockingRpc
 from devtools.tee_enclave import EnclaveIdentity
+from gateway.tee import merkle
 from tests.budget_helpers import ADMIN_TOKEN, Admin
 from tests.conftest import ROOT, ServiceProcess, _port
 from tests.gateway_client import CHAT, Balances, Processes, call, facilitator_env, sign_for
@@ -133,12 +137,16 @@ def stack(devchain: dict, devchain_file: str, redis_server: Any, tmp_path_factor
                                      "agent": devchain["accounts"]["agents"][AGENT]["address"],
                                      "network": devchain["network"], "asset": devchain["tokens"]["OPG"]["address"],
                                      "limits": [{"period": "day", "amount": str(10**24)}]}]}
+            if not metered:  # proofs anchored by this one (one signer: the relay's owner)
+                config["proofs"] = {"relay": devchain["contracts"]["settlement_relay"], "rpc_url": devchain["rpc_url"],
+                                    "chain_id": devchain["chain_id"], "interval_s": 1.0, "blob_dir": str(tmp / "blobs"),
+                                    "signer_key": devchain["accounts"]["tee_admin"]["private_key"]}
             path = Path(tmp) / f"gateway-{metered}.json"
             path.write_text(json.dumps(config))
             env = facilitator_env(devchain, int(metered), prefix) | {"GATEWAY_STORE_PREFIX": prefix + "gw:",
                                                                       "BUDGETS_ADMIN_TOKEN": ADMIN_TOKEN}
             gateways.append(procs.gateway("", redis_server.url, env=env, config=str(path)))
-        yield gateways[0], enclaves, ids, gateways[1]
+        yield gateways[0], enclaves, ids, gateways[1], tmp / "blobs"
     finally:
         procs.stop_all()
 
@@ -181,7 +189,7 @@ async def paid(gw: Any, devchain: dict, body: dict, headers: dict[str, str] | No
 
 async def test_paid_json_and_stream_carry_proofs_opengradient_accepts(stack: Any, devchain: dict, og_python: Any,
                                                                       tmp_path_factory: Any) -> None:
-    gw, enclaves, ids, _ = stack
+    gw, enclaves, ids, _, _ = stack
     balances = Balances(devchain, "OPG", AGENT)
     reply, payment = await paid(gw, devchain, BODY)
     assert reply.status == 200 and reply.settle is not None and reply.settle.success, reply
@@ -210,7 +218,7 @@ async def test_paid_json_and_stream_carry_proofs_opengradient_accepts(stack: Any
                                           ("unregistered", "other_key"), ("stale-timestamp", "stale"),
                                           ("no-proof", "missing")])
 async def test_fault_modes_are_not_served_nor_charged(stack: Any, devchain: dict, fault: str, reason: str) -> None:
-    gw, enclaves, ids, _ = stack
+    gw, enclaves, ids, _, _ = stack
     faults_before = metric(gw, "x402_gateway_tee_faults_total", reason=reason)
     balances = Balances(devchain, "OPG", AGENT)
     admin, agent = Admin(gw.url), devchain["accounts"]["agents"][AGENT]["address"]
@@ -233,7 +241,7 @@ async def test_fault_modes_are_not_served_nor_charged(stack: Any, devchain: dict
 
 
 async def test_wrong_certificate_is_refused_before_any_request(stack: Any, devchain: dict) -> None:
-    gw, enclaves, ids, _ = stack
+    gw, enclaves, ids, _, _ = stack
     for _ in range(8):  # round robin reaches it; the call goes on to another enclave
         reply, _ = await paid(gw, devchain, BODY)
         assert reply.status == 200 and reply.json()["tee_id"] != ids["wrongcert"], reply
@@ -242,7 +250,7 @@ async def test_wrong_certificate_is_refused_before_any_request(stack: Any, devch
 
 
 async def test_stale_heartbeat_and_disabled_enclave_leave_rotation(stack: Any, devchain: dict) -> None:
-    gw, enclaves, ids, _ = stack
+    gw, enclaves, ids, _, _ = stack
     # "stale" was registered (its last heartbeat) at the fixture's start and never beat again.
     await asyncio.sleep(max(0.0, HEARTBEAT_MAX_AGE_S + REFRESH_S))
     stale_before = chat_calls(enclaves["stale"])
@@ -260,7 +268,7 @@ async def test_stale_heartbeat_and_disabled_enclave_leave_rotation(stack: Any, d
 
 async def test_metered_stream_is_settled_only_after_its_proof_verifies(stack: Any, devchain: dict,
                                                                         og_python: Any) -> None:
-    _, enclaves, ids, metered = stack
+    _, enclaves, ids, metered, _ = stack
     url = metered.url + CHAT
     client = upto_client(devchain, Account.from_key(devchain["accounts"]["agents"][AGENT]["private_key"]))
     admin, agent = Admin(metered.url), devchain["accounts"]["agents"][AGENT]["address"]
@@ -285,3 +293,53 @@ async def test_metered_stream_is_settled_only_after_its_proof_verifies(stack: An
     assert refused["success"] is False and refused["errorReason"] == "tee_proof_invalid", refused
     assert balances.moved() == (0, 0)
     assert (await admin.wait_usage(agent, reserved=0))["reserved"] == 0
+
+
+async def proof_of(gw: Any, request_hash: str, deadline_s: float = 20.0) -> Any:
+    end = time.monotonic() + deadline_s
+    while True:
+        reply = await call(f"{gw.url}/v1/proofs/{request_hash}", method="GET")
+        if reply.status != 202 or time.monotonic() > end:
+            return reply
+        await asyncio.sleep(0.2)
+
+
+async def test_proofs_are_anchored_in_merkle_batches_and_individually(stack: Any, devchain: dict) -> None:
+    gw, _, _, _, blob_dir = stack
+    kinds = ["batch", "batch", "individual", "private"]
+    replies = []
+    for i, kind in enumerate(kinds):
+        body = BODY | {"messages": [{"role": "user", "content": f"anchor me {i} {uuid.uuid4().hex}"}]}
+        reply, _ = await paid(gw, devchain, body, headers={"X-SETTLEMENT-TYPE": kind})
+        assert reply.status == 200 and reply.headers["X-Settlement-Type"] == kind, reply
+        replies.append(reply)
+    rpc = BlockingRpc(devchain["rpc_url"])
+    relay = devchain["contracts"]["settlement_relay"]
+    try:
+        for reply in replies[:2]:
+            found = await proof_of(gw, reply.headers["X-TEE-Request-Hash"])
+            assert found.status == 200, found
+            doc = found.json()
+            assert found.headers["X-Settlement-Tx-Hash"] == doc["transaction"]
+            leaf = [bytes.fromhex(doc["leaf"][k][2:]) for k in ("inputHash", "outputHash", "teeSignatureHash")]
+            assert doc["leaf"]["inputHash"][2:] == reply.json()["tee_request_hash"]
+            root, path = bytes.fromhex(doc["root"][2:]), [bytes.fromhex(p[2:]) for p in doc["path"]]
+            assert merkle.verify(path, root, merkle.leaf_hash(leaf))
+            # On chain, by OpenZeppelin's MerkleProof against the anchored root.
+            data = calldata("verifyInclusion(bytes32[],bytes32,bytes32,bytes32,bytes32)",
+                            ["bytes32[]", "bytes32", "bytes32", "bytes32", "bytes32"], [path, root, *leaf])
+            assert int(rpc.call("eth_call", {"to": relay, "data": "0x" + data.hex()}, "latest"), 16) == 1
+            receipt = rpc.call("eth_getTransactionReceipt", doc["transaction"])
+            assert int(receipt["status"], 16) == 1 and receipt["logs"][0]["topics"][1] == doc["root"]
+            blob = (blob_dir / doc["blob_id"]).read_bytes()
+            assert hashlib.sha256(blob).hexdigest() == doc["blob_id"]
+            assert json.loads(blob)["tree"]["tree"][0] == doc["root"]
+        individual = await proof_of(gw, replies[2].headers["X-TEE-Request-Hash"])
+        assert individual.status == 200 and individual.json()["settlement_type"] == "individual", individual
+        receipt = rpc.call("eth_getTransactionReceipt", individual.json()["transaction"])
+        assert int(receipt["status"], 16) == 1 and len(receipt["logs"]) == 1
+        private = await call(f"{gw.url}/v1/proofs/{replies[3].headers['X-TEE-Request-Hash']}", method="GET")
+        assert private.status == 404, private
+    finally:
+        rpc.close()
+    assert metric(gw, "x402_gateway_tee_proof_batch_lag_seconds_count") >= 3
