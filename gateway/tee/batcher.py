@@ -25,6 +25,7 @@ import orjson
 from eth_abi import encode as abi_encode
 from eth_utils import function_signature_to_4byte_selector, keccak, to_checksum_address
 
+from facilitator.evm.rpc import RpcError, RpcUnavailableError
 from gateway.metrics import GatewayMetrics
 from gateway.settings import ProofAnchoring
 from gateway.tee.blobs import BlobStore
@@ -61,7 +62,7 @@ class ProofBatcher:
             await asyncio.sleep(min(1.0, self.settings.interval_s))
             try:
                 await self.step()
-            except (ProofStoreUnavailableError, AnchorTxError, OSError) as exc:
+            except (ProofStoreUnavailableError, AnchorTxError, RpcError, RpcUnavailableError, OSError) as exc:
                 log.warning("proof batch not anchored (%s); its items stay pending", exc)
             except Exception:  # the loop must survive a bad round; the items stay pending
                 log.exception("proof batcher round failed")

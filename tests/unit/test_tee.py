@@ -13,6 +13,7 @@ from eth_utils import keccak
 
 from devtools.tee_enclave import new_key, self_signed
 from gateway.settings import Upstream
+from gateway.tee import merkle
 from gateway.tee import proof as P
 from gateway.tee.pool import Enclave, TeePool, pinned_context
 from gateway.tee.verify import StreamProofReader
@@ -90,3 +91,32 @@ def test_repeated_faults_take_an_enclave_out_of_rotation() -> None:
     enclave.ejected_until = 0.0
     enclave.last_heartbeat_at = int(time.time()) - 3600  # older than heartbeat_max_age_s (1800)
     assert pool.eligible() == []
+
+
+# Roots and a proof computed by OpenZeppelin's own `@openzeppelin/merkle-tree` 1.0.8
+# (StandardMerkleTree.of(values, ["bytes32","bytes32","bytes32"])) for the values of `_values`.
+OZ_ROOTS = {
+    1: "0x3305f256623a85e86ae3f95ee91309ec335927b227f7086fee09e6fd4141445f",
+    2: "0xb93db78e507bde19d67ba6ab3cd2e383c5c49ca29c6a31f71fa55664bf5c926d",
+    3: "0x0b77fab9f959db49fde68d7a12135ee71dbd63aba8080d34e30fd953b4950228",
+    5: "0x77685e88fffe2993e5353d9ac659050ec7f9a05aec1c3a60b43529072a1d8df8",
+    8: "0x71ed06cefbc5be8b544fa558c192f0b02394ffe6ae1b89e8170a9faae52278be",
+}
+OZ_PROOF_5_2 = [
+    "0x5ea52d3045463c37a59db82bd634330190fe8b97a288513f2035705ae0189dd8",
+    "0xc4b0a95cdada4d3cb42fd14871beb58891380cc1b9b33dd179279b904dd4b2c1",
+    "0x0e313b3a3cb4a18c101945534054f0b5486dffc321fe5765d89858da0eaa1011",
+]
+
+
+def _values(n: int) -> list[list[bytes]]:
+    return [[keccak(f"{k}{n}-{i}".encode()) for k in ("in", "out", "sig")] for i in range(n)]
+
+
+def test_merkle_tree_matches_openzeppelins() -> None:
+    for n, root in OZ_ROOTS.items():
+        tree = merkle.StandardMerkleTree.of(_values(n))
+        assert "0x" + tree.root.hex() == root
+        for i, value in enumerate(_values(n)):
+            assert merkle.verify(tree.proof(i), tree.root, merkle.leaf_hash(value))
+    assert ["0x" + p.hex() for p in merkle.StandardMerkleTree.of(_values(5)).proof(2)] == OZ_PROOF_5_2
