@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import json
 import os
-import ssl
 import subprocess
 import sys
 import time
@@ -39,8 +38,9 @@ from devtools.rpc import BlockingRpc
 from devtools.tee_enclave import EnclaveIdentity
 from gateway.tee import merkle
 from tests.budget_helpers import ADMIN_TOKEN, Admin
-from tests.conftest import ROOT, ServiceProcess, _port
+from tests.conftest import ROOT, _port
 from tests.gateway_client import CHAT, Balances, Processes, call, facilitator_env, sign_for
+from tests.tee_helpers import Enclave, stats
 from tests.upto_helpers import payment_event, sign_upto, upto_accept, upto_client
 
 pytestmark = pytest.mark.e2e
@@ -51,32 +51,6 @@ HEARTBEAT_MAX_AGE_S = 6.0
 BODY = {"model": "gpt-4o-mini", "messages": [{"role": "system", "content": "be brief"},
                                              {"role": "user", "content": "prove it"}], "max_tokens": 20}
 STREAM = BODY | {"stream": True}
-_UNVERIFIED = ssl._create_unverified_context()  # the test's own look at the stand-ins' counters
-
-
-class Enclave(ServiceProcess):
-    crash_on_stop = False
-
-    @property
-    def url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
-
-    def start(self) -> Enclave:
-        self._fh = open(self.log, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=self._fh, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
-        end = time.monotonic() + 15
-        while True:
-            try:
-                stats(self)
-                return self
-            except OSError:
-                assert self.proc.poll() is None and time.monotonic() < end, self.log.read_text()[-3000:]
-                time.sleep(0.05)
-
-
-def stats(enclave: Any) -> dict[str, Any]:
-    with urllib.request.urlopen(enclave.url + "/_stats", timeout=2, context=_UNVERIFIED) as r:
-        return json.loads(r.read())
 
 
 def chat_calls(enclave: Any) -> int:
