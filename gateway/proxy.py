@@ -162,8 +162,12 @@ class Upstreams:
 
     def admit(self, request: Request, upstream: str, body: bytes, model: str | None) -> None:
         """Backpressure before payment: refuse now (404 unknown model, 503 + Retry-After when no
-        worker can take the call soon) rather than after the agent paid. URL pools admit all."""
+        worker can take the call soon, or no enclave is in rotation) rather than after the agent
+        paid. URL pools admit all."""
         pool = self.pools[upstream]
+        if isinstance(pool, TeePool) and request.method != "HEAD" and not pool.eligible():
+            raise GatewayError(G.UPSTREAM_UNAVAILABLE, "no active enclave is in rotation; nothing was charged", status=503,
+                               headers={"Retry-After": str(max(1, round(pool.settings.refresh_s)))})
         if not isinstance(pool, WorkerPool) or request.method == "HEAD":
             return
         try:

@@ -5,7 +5,7 @@ before it is settled.
 Stand-in enclaves (devtools/tee_enclave.py, HTTPS): "good" and "spare" heartbeat every second;
 "stale" never heartbeats (the gateway's heartbeat_max_age_s is short); "wrongcert" presents a
 certificate other than its registered one. Ejection after repeated faults is off here (the
-fault-mode calls make honest enclaves misbehave on purpose): tests/unit/test_tee.py shows it.
+fault-mode calls make honest enclaves misbehave on purpose): tests/integration/test_tee_pool.py shows it.
 
 Shown here: a paid JSON call and a paid (buffered) stream whose proofs OpenGradient's own
 `verify_response` accepts (their SDK, .venv-og, as a subprocess); every fault mode not served and

@@ -120,3 +120,18 @@ def test_merkle_tree_matches_openzeppelins() -> None:
         for i, value in enumerate(_values(n)):
             assert merkle.verify(tree.proof(i), tree.root, merkle.leaf_hash(value))
     assert ["0x" + p.hex() for p in merkle.StandardMerkleTree.of(_values(5)).proof(2)] == OZ_PROOF_5_2
+
+
+def test_no_enclave_in_rotation_is_a_503_before_payment() -> None:
+    from starlette.requests import Request
+
+    from gateway.errors import GatewayError
+    from gateway.proxy import Upstreams
+
+    pool = TeePool("og", Upstream.model_validate({"kind": "tee", "tee": {
+        "registry": "0x" + "11" * 20, "rpc_url": "http://127.0.0.1:9", "refresh_s": 5}}))
+    upstreams = Upstreams({"og": pool}, session=None)  # type: ignore[arg-type]
+    request = Request({"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []})
+    with pytest.raises(GatewayError) as err:
+        upstreams.admit(request, "og", b"{}", None)
+    assert (err.value.status, err.value.reason, err.value.headers) == (503, "upstream_unavailable", {"Retry-After": "5"})
