@@ -46,7 +46,7 @@ from gateway.proxy import UpstreamFailedError, Upstreams, UpstreamUnavailableErr
 from gateway.records import PaymentRecord, PaymentRecords, RecordState
 from gateway.session_calls import SessionCalls
 from gateway.settings import GatewaySettings
-from gateway.sse_usage import forwarded_stream, usage_added
+from gateway.sse_usage import AddedUsageFilter, forwarded_stream, usage_added
 from gateway.tee.check import TeeStreamCheck
 from gateway.tee.proof import ProofError, TeeProof
 from gateway.tee.proofs import ProofItem, ProofStore, ProofStoreUnavailableError, settlement_type
@@ -281,10 +281,16 @@ class Paywall:
             raise UpstreamRefused(upstream.status, error_body, response_headers(upstream))
         try:
             tee = self.upstreams.tee_pool(call.offer.route.upstream) is not None
-            if upstream.headers.get("content-type", "").startswith("text/event-stream") and not (tee and not call.upto):
+            sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+            if sse and not (tee and not call.upto):
                 return upstream, await upstream.content.readany(), None
             content = await read_all(upstream, self.settings.max_body_bytes)
             upstream.release()
+            if sse and call.request.scope.get("state", {}).get("added_usage"):
+                # An enclave's exact stream, buffered: without the usage the gateway asked for (the
+                # proof frame stays, only its usage key goes; usage is not signed).
+                usage_filter = AddedUsageFilter()
+                content = usage_filter.feed(content) + usage_filter.flush()
             return upstream, b"", content
         except (TimeoutError, UpstreamFailedError, aiohttp.ClientError) as exc:
             upstream.release()

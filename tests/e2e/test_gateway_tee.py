@@ -40,6 +40,7 @@ from gateway.tee import merkle
 from tests.budget_helpers import ADMIN_TOKEN, Admin
 from tests.conftest import ROOT, _port
 from tests.gateway_client import CHAT, Balances, Processes, call, facilitator_env, sign_for
+from tests.payments import sign_async
 from tests.tee_helpers import Enclave, stats
 from tests.upto_helpers import payment_event, sign_upto, upto_accept, upto_client
 
@@ -259,6 +260,18 @@ async def test_metered_stream_is_settled_only_after_its_proof_verifies(stack: An
     key = EnclaveIdentity.load_or_create(Path(enclaves[name].log).parent / name).public_key_der
     assert og_verify(og_python, STREAM, final, text, key)["tee_id"] == final["tee_id"]
     assert balances.moved() == (int(settled["amount"]),) * 2
+    # Paid exact on the same route: buffered, verified, settled, then sent; without the usage the
+    # gateway asked the enclave for, and with the proof frame.
+    exact = next(a for a in (await call(url, STREAM)).required.accepts if a.scheme == "exact")
+    payload = await sign_async(devchain, exact.model_dump(by_alias=True, exclude_none=True), agent=AGENT, url=url)
+    whole = await call(url, STREAM, payment=payload)
+    assert whole.status == 200 and whole.settle is not None and whole.settle.success, whole
+    frames = sse_frames(whole.body)
+    assert not any("usage" in f for f in frames) and "tee_signature" in frames[-1], frames
+    text = "".join(c["delta"].get("content") or "" for f in frames for c in f.get("choices") or [])
+    name = next(n for n, i in ids.items() if i == frames[-1]["tee_id"])
+    key = EnclaveIdentity.load_or_create(Path(enclaves[name].log).parent / name).public_key_der
+    assert og_verify(og_python, STREAM, frames[-1], text, key)["tee_id"] == frames[-1]["tee_id"]
     # A bad proof on the final frame: the tokens went by, but nothing is settled nor held.
     balances = Balances(devchain, "OPG", AGENT)
     bad = await call(url, STREAM, headers={"PAYMENT-SIGNATURE": await sign_upto(client, offer, url),
