@@ -1,8 +1,8 @@
 """The payment flow, top to bottom (`Paywall.handle`).
 
     price the request -> no payment: challenge -> decode and bind the payment -> budget precheck
-    -> verify -> claim the payment's record (or answer from it) -> reserve -> forward -> settle
-    -> respond with the receipt
+    -> verify -> claim the payment's record (or answer from it) -> reserve -> forward
+    -> (tee: check the enclave's proof) -> settle -> respond with the receipt (tee: queue the proof)
 
 Money rules kept here and in settle.py / replay.py:
 - nothing is served before settlement succeeded (streams settle before their first byte; metered
@@ -11,7 +11,10 @@ Money rules kept here and in settle.py / replay.py:
 - one signed payment is served at most once, and only that very payment gets its recorded result;
 - a settlement whose outcome is unknown is kept PENDING, never free, never served until settled;
 - a payment settled but not delivered is owed: a resend is served once, never charged again;
-- settlement and its record run shielded from client disconnects.
+- settlement and its record run shielded from client disconnects;
+- an enclave's answer (`tee` upstream) is settled only once its proof holds (gateway/tee/): a
+  missing or bad proof is a 502, nothing charged; a metered stream's proof is checked on its
+  last frame before it is settled (settle.py).
 Refusals are raised (GatewayError, budgets' Refusal) and rendered in one place.
 """
 
