@@ -1,4 +1,5 @@
-"""Local EVM dev chain: anvil with the canonical Permit2, the x402 proxies and two test tokens.
+"""Local EVM dev chain: anvil with the canonical Permit2, the x402 proxies, two test tokens, and a
+TEE registry and inference settlement relay (our own, OpenGradient's ABI).
 
 `DevChain().start()` spawns anvil from ``node_modules``, etches Permit2's runtime at its canonical
 address, deploys our x402 exact/upto proxies and copies their runtime to the canonical x402
@@ -52,6 +53,8 @@ TOKENS: dict[str, dict[str, Any]] = {
 CANONICAL_TOKENS: dict[int, dict[str, str]] = {
     8453: {"OPG": "0xFbC2051AE2265686a469421b2C5A2D5462FbF5eB", "USDC": "0x833589fCD6eDb6E08f4c7C32D4f71b54bdA02913"},
 }
+TEE_OPERATORS = 3
+DEV_PCR_HASH = keccak(text="devtools-tee-pcr")  # the stand-in enclaves' measurement, approved at setup
 _COPIED_SLOTS = 16  # a fresh token's state (name, symbol, ...) lives in its first storage slots
 _DEPLOY_GAS = 5_000_000
 _CALL_GAS = 200_000
@@ -155,8 +158,10 @@ class DevChain:
         self.facilitators = [derive_account("facilitator", i) for i in range(facilitators)]
         self.payee = derive_account("payee")
         self.agents = [derive_account("agent", i) for i in range(agents)]
+        self.tee_operators = [derive_account("tee-operator", i) for i in range(TEE_OPERATORS)]
         self.contracts: dict[str, dict[str, Any]] = {}
         self.token_addresses: dict[str, str] = {}
+        self.tee_registry = self.settlement_relay = ""
         self._rpc: BlockingRpc | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._stderr: Any = None
@@ -266,7 +271,7 @@ class DevChain:
 
     def _setup(self) -> None:
         rpc = self.rpc
-        everyone = [self.deployer, *self.facilitators, self.payee, *self.agents]
+        everyone = [self.deployer, *self.facilitators, self.payee, *self.agents, *self.tee_operators]
         rpc.batch([("anvil_setCode", [PERMIT2_ADDRESS, permit2_runtime(self.node_modules)])]
                   + [("anvil_setBalance", [a.address, hex(ETH_BALANCE_WEI)]) for a in everyone])
 
@@ -274,10 +279,13 @@ class DevChain:
             "exact": self._deploy_tx("X402ExactPermit2Proxy", ["address"], [PERMIT2_ADDRESS]),
             "upto": self._deploy_tx("X402UptoPermit2Proxy", ["address"], [PERMIT2_ADDRESS]),
             **{symbol: self._deploy_tx(spec["contract"]) for symbol, spec in TOKENS.items()},
+            "tee_registry": self._deploy_tx("TEERegistry"),
+            "settlement_relay": self._deploy_tx("InferenceSettlementRelay"),
         }
         receipts = self._send_and_wait(list(deploys.values()))
         deployed = {name: to_checksum_address(r["contractAddress"]) for name, r in zip(deploys, receipts, strict=True)}
         self.token_addresses = {symbol: deployed[symbol] for symbol in TOKENS}
+        self.tee_registry, self.settlement_relay = deployed["tee_registry"], deployed["settlement_relay"]
         for symbol, address in CANONICAL_TOKENS.get(self.chain_id, {}).items():
             self._move(deployed[symbol], address)
             self.token_addresses[symbol] = to_checksum_address(address)
@@ -287,7 +295,8 @@ class DevChain:
         rpc.batch([("anvil_setCode", [EXACT_PROXY_ADDRESS, exact_code]),
                    ("anvil_setCode", [UPTO_PROXY_ADDRESS, upto_code])])
 
-        txs = []
+        txs = [self._call_tx(self.deployer, self.tee_registry, calldata(
+            "setPCRApproved(bytes32,bool)", ["bytes32", "bool"], [DEV_PCR_HASH, True]))]
         for symbol, spec in TOKENS.items():
             token = self.token_addresses[symbol]
             amount = AGENT_TOKEN_UNITS * 10 ** spec["decimals"]
@@ -380,7 +389,8 @@ class DevChain:
             "chain_id": self.chain_id,
             "network": f"eip155:{self.chain_id}",
             "contracts": {"permit2": PERMIT2_ADDRESS, "exact_proxy": EXACT_PROXY_ADDRESS,
-                          "upto_proxy": UPTO_PROXY_ADDRESS},
+                          "upto_proxy": UPTO_PROXY_ADDRESS, "tee_registry": self.tee_registry,
+                          "settlement_relay": self.settlement_relay},
             "tokens": {
                 symbol: {"address": self.token_addresses[symbol],
                          **{k: v for k, v in spec.items() if k != "contract"}}
@@ -390,5 +400,9 @@ class DevChain:
                 "facilitator": [_account_entry(a) for a in self.facilitators],
                 "payee": _account_entry(self.payee),
                 "agents": [_account_entry(a) for a in self.agents],
+                # The registry's and the relay's owner (registers enclaves, anchors proofs) and
+                # the enclaves' operators (heartbeats): devtools/tee_registry.py.
+                "tee_admin": _account_entry(self.deployer),
+                "tee_operators": [_account_entry(a) for a in self.tee_operators],
             },
         }

@@ -10,13 +10,16 @@ from typing import Any
 
 from eth_abi import decode as abi_decode
 
+from devtools import tee_registry
 from devtools.devchain import (
     DEFAULT_CHAIN_ID,
+    TEE_OPERATORS,
     DevChain,
     DevChainError,
     calldata,
     write_description,
 )
+from devtools.tee_enclave import EnclaveIdentity
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--agents", type=int, default=3, help="number of funded agent accounts (default 3)")
     parser.add_argument("--facilitators", type=int, default=3, help="number of facilitator signers (default 3)")
     parser.add_argument("--out", required=True, help="write the chain description (JSON, with private keys) here")
+    parser.add_argument("--tee-enclave", action="append", default=[], metavar="DIR=URL",
+                        help="register a stand-in enclave (identity in DIR, created when missing; served at the https "
+                             "URL by `python -m devtools.upstream --tee-dir DIR`) in the TEE registry; repeatable")
 
 
 def _format_units(value: int, decimals: int) -> str:
@@ -55,6 +61,7 @@ def _summary(chain: DevChain, out: str) -> str:
         f"  Permit2     {d['contracts']['permit2']}",
         f"  exact proxy {d['contracts']['exact_proxy']}",
         f"  upto proxy  {d['contracts']['upto_proxy']}",
+        f"  TEE registry {d['contracts']['tee_registry']}, settlement relay {d['contracts']['settlement_relay']}",
     ]
     for symbol, token in tokens:
         lines.append(f"  {symbol:<11} {token['address']} ({token['decimals']} decimals, "
@@ -84,6 +91,14 @@ def run(args: argparse.Namespace) -> int:
         with chain:
             write_description(chain.description, args.out)
             print(_summary(chain, args.out), flush=True)
+            for i, spec in enumerate(args.tee_enclave):
+                directory, _, url = spec.partition("=")
+                if not url.startswith("https://"):
+                    raise DevChainError(f"--tee-enclave {spec!r}: expected DIR=https://host:port")
+                identity = EnclaveIdentity.load_or_create(directory)
+                tee_id = tee_registry.register(chain.description, identity, url, operator_index=i % TEE_OPERATORS)
+                print(f"  TEE enclave {tee_id} at {url} (identity in {directory}, TEE registry "
+                      f"{chain.tee_registry})", flush=True)
             while not stop.wait(0.5):
                 if not chain.running:
                     print("anvil exited unexpectedly", file=sys.stderr)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import math
@@ -42,7 +43,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from starlette.applications import Starlette
@@ -51,6 +52,8 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from devtools.tee_enclave import PROCESS_FAULTS, EnclaveIdentity, heartbeats, signed
 
 __all__ = [
     "ECHO_WORDS",
@@ -638,7 +641,9 @@ def provider_endpoint(provider: Provider, handler: Handler) -> Callable[[Request
             if body.get("model") == FAIL_MODEL or request.path_params.get("name") == FAIL_MODEL:
                 return error_response(provider, 500, f"model {FAIL_MODEL} always fails")
             response = handler(request, body, fault)
-        except BadRequestError as exc:
+            if request.app.state.tee is not None and request.url.path == "/v1/chat/completions":
+                response = signed(request, body, response)
+        except (BadRequestError, ValueError) as exc:
             return error_response(provider, 400, str(exc))
         if fault.cut_after is not None and not isinstance(response, StreamingResponse):
             return TruncatedResponse(response, fault.cut_after)
@@ -692,7 +697,8 @@ async def reset_stats(request: Request) -> Response:
 
 
 def create_upstream_app(*, name: str = "devupstream", require_auth: str | None = None,
-                        worker: WorkerSim | None = None) -> Starlette:
+                        worker: WorkerSim | None = None, tee: EnclaveIdentity | None = None,
+                        tee_fault: str | None = None) -> Starlette:
     """The fake provider app; its only state (name, auth key, request counts) lives in ``app.state``."""
     openai, anthropic, kserve = Provider.OPENAI, Provider.ANTHROPIC, Provider.KSERVE
     routes = [
@@ -717,6 +723,8 @@ def create_upstream_app(*, name: str = "devupstream", require_auth: str | None =
     app.state.require_auth = require_auth
     app.state.stats = upstream_stats
     app.state.worker = worker
+    app.state.tee = tee  # tee mode: chat completions signed as this enclave (devtools/tee_enclave.py)
+    app.state.tee_fault = tee_fault
     return app
 
 
@@ -733,6 +741,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     worker.add_argument("--concurrency", type=int, help="calls served at once; the rest wait (vLLM's queue)")
     worker.add_argument("--ready-after-s", type=float, default=0.0, help="not ready (503) until this long after start")
     worker.add_argument("--fault", help="an X-Devupstream-Fault value applied to every call")
+    tee = parser.add_argument_group("TEE enclave (HTTPS, signed chat completions: devtools/tee_enclave.py)")
+    tee.add_argument("--tee-dir", help="the enclave's identity directory (created when missing): enables tee mode")
+    tee.add_argument("--tee-fault", choices=sorted(PROCESS_FAULTS), help="misbehave on every call")
+    tee.add_argument("--tee-heartbeat-s", type=float, default=0.0, help="send registry heartbeats this often")
+    tee.add_argument("--tee-rpc", help="the registry's chain RPC (heartbeats)")
+    tee.add_argument("--tee-registry", help="the registry's address (heartbeats)")
+    tee.add_argument("--tee-operator-key", help="the enclave operator's private key (heartbeats)")
+    tee.add_argument("--tee-chain-id", type=int, default=84532)
 
 
 def worker_from_args(args: argparse.Namespace) -> WorkerSim | None:
@@ -746,18 +762,47 @@ def worker_from_args(args: argparse.Namespace) -> WorkerSim | None:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    app = create_upstream_app(name=args.name, require_auth=args.require_auth, worker=worker_from_args(args))
+    tee = EnclaveIdentity.load_or_create(args.tee_dir) if args.tee_dir else None
+    app = create_upstream_app(name=args.name, require_auth=args.require_auth, worker=worker_from_args(args),
+                              tee=tee, tee_fault=args.tee_fault)
+    tls: dict[str, Any] = {}
+    lifespan: Literal["on", "off"] = "off"
+    if tee is not None:
+        certfile, keyfile = tee.tls_files(wrong=args.tee_fault == "wrong-certificate")
+        tls = {"ssl_certfile": certfile, "ssl_keyfile": keyfile}
+        if args.tee_heartbeat_s > 0:
+            if not (args.tee_rpc and args.tee_registry and args.tee_operator_key):
+                raise SystemExit("--tee-heartbeat-s needs --tee-rpc, --tee-registry and --tee-operator-key")
+            beat = heartbeats(tee, args.tee_rpc, args.tee_registry, args.tee_operator_key, args.tee_chain_id,
+                              args.tee_heartbeat_s)
+            app.router.lifespan_context = _background(beat)
+            lifespan = "on"
     uvicorn.run(
         app,
         host=args.host,
         port=args.port,
         loop="uvloop",
         http="httptools",
-        lifespan="off",
+        lifespan=lifespan,
         access_log=False,
         log_level=args.log_level,
+        **tls,
     )
     return 0
+
+
+def _background(work: Any) -> Any:
+    """A lifespan that runs `work` (a coroutine) while the server runs."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(work)
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    return lifespan
 
 
 def main(argv: Sequence[str] | None = None) -> int:

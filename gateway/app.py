@@ -37,6 +37,12 @@ from gateway.session_calls import SessionCalls
 from gateway.session_funds import FundsWatch
 from gateway.sessions import SessionStore, open_sessions
 from gateway.settings import GatewaySettings
+from gateway.tee.batcher import ProofBatcher, leaf_values
+from gateway.tee.blobs import LocalBlobStore
+from gateway.tee.chain_tx import TxSender
+from gateway.tee.merkle import LEAF_ENCODING
+from gateway.tee.pool import TeePool
+from gateway.tee.proofs import ProofStore, open_proofs
 from gateway.workers.pool import TrackedResponse, WorkerPool
 from storage import StoreUnavailableError, is_redis_url
 
@@ -95,6 +101,7 @@ class GatewayState:
     pricing: Pricing
     challenges: Challenges
     sessions: SessionStore | None = None  # when a route runs upto sessions
+    proofs: ProofStore | None = None  # when tee proofs are anchored ([proofs])
 
 
 async def read_limited(request: Request, limit: int) -> bytes | None:
@@ -189,8 +196,9 @@ def create_app(
             job = ReconcileJob(reconciler, every_s=b.reconcile_every_s, window_blocks=b.reconcile_window_blocks,
                                lag_blocks=b.reconcile_lag_blocks)
             background.append(asyncio.create_task(job.run_forever()))
-        pools: dict[str, UpstreamPool | WorkerPool] = {
-            name: WorkerPool(name, up, m) if up.kind == "workers" else UpstreamPool(name, up)
+        pools: dict[str, UpstreamPool | WorkerPool | TeePool] = {
+            name: WorkerPool(name, up, m) if up.kind == "workers" else TeePool(name, up, m) if up.kind == "tee"
+            else UpstreamPool(name, up)
             for name, up in settings.upstreams.items()}
         if enforcer is not None:
             await seed_policies(settings, enforcer)
@@ -219,8 +227,16 @@ def create_app(
         settlement = Settlement(settings, fac, records, hook, m, in_background, intents)
         background.append(asyncio.create_task(Recovery(settlement, intents,
                                                        interval_s=settings.recovery_interval_s).run_forever()))
-        paywall = Paywall(settings, pricing, fac, records, hook, m, upstreams, challenges, settlement, calls)
-        app.state.gateway = GatewayState(paywall, records, fac, upstreams, m, pricing, challenges, sessions_store)
+        proofs, sender = None, None
+        if settings.proofs is not None:
+            proofs = open_proofs(settings.store_url, prefix=settings.store_prefix)
+            sender = TxSender(settings.proofs.rpc_url, settings.proofs.chain_id,
+                              settings.proofs.signer_key.get_secret_value())
+            batcher = ProofBatcher(settings.proofs, proofs, LocalBlobStore(settings.proofs.blob_dir), m, sender)
+            background.append(asyncio.create_task(batcher.run_forever()))
+        paywall = Paywall(settings, pricing, fac, records, hook, m, upstreams, challenges, settlement, calls, proofs)
+        app.state.gateway = GatewayState(paywall, records, fac, upstreams, m, pricing, challenges, sessions_store,
+                                         proofs)
         try:
             yield
         finally:
@@ -237,6 +253,10 @@ def create_app(
                 await sessions_store.close()
             if enforcer is not None:
                 await enforcer.store.close()
+            if sender is not None:
+                await sender.close()
+            if proofs is not None:
+                await proofs.close()
 
     async def paid(request: Request) -> Response:
         state: GatewayState = request.app.state.gateway
@@ -267,6 +287,32 @@ def create_app(
                 "deadline": s.deadline, "transaction": s.tx}
         return Response(orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"})
 
+    async def proof(request: Request) -> Response:
+        """A tee call's proof of inference: pending, or its leaf, Merkle path, root and transaction
+        (check inclusion on the relay: `verifyInclusion`, or OpenZeppelin's MerkleProof)."""
+        state: GatewayState = request.app.state.gateway
+        key = request.path_params["request_hash"].lower()
+        key = key if key.startswith("0x") else "0x" + key
+        item = await state.proofs.get(key) if state.proofs is not None else None
+        if item is None:
+            raise GatewayError(G.NOT_FOUND, "no proof of inference is kept under this request hash", status=404)
+        body: dict[str, object] = {"request_hash": item.request_hash, "output_hash": item.output_hash,
+                                   "tee_id": item.tee_id, "tee_timestamp": item.timestamp,
+                                   "settlement_type": item.kind, "state": item.state}
+        headers = {"Cache-Control": "no-store", "X-Settlement-Type": item.kind}
+        if item.state == "anchored":
+            assert settings.proofs is not None
+            body |= {"transaction": item.tx, "blob_id": item.blob_id, "relay": settings.proofs.relay,
+                     "chain_id": settings.proofs.chain_id}
+            headers |= {"X-Settlement-Tx-Hash": item.tx, "X-Settlement-Walrus-Blob-ID": item.blob_id}
+            if item.kind == "batch":
+                body |= {"leaf": {"inputHash": item.request_hash, "outputHash": item.output_hash,
+                                  "teeSignatureHash": "0x" + leaf_values(item)[2].hex()},
+                         "leaf_hash": item.leaf, "path": item.path, "root": item.root, "batch_size": item.batch_size,
+                         "leaf_encoding": LEAF_ENCODING}
+        return Response(orjson.dumps(body), status_code=200 if item.state == "anchored" else 202,
+                        media_type="application/json", headers=headers)
+
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
@@ -296,6 +342,8 @@ def create_app(
         Route("/v1/models", models, methods=["GET"]),
         Route("/v1/upto/sessions/{id}", upto_session, methods=["GET"]),
     ]
+    if settings.proofs is not None:
+        routes.append(Route("/v1/proofs/{request_hash}", proof, methods=["GET"]))
     if enforcer is not None and settings.budgets is not None:
         from budgets.admin import create_admin_app
         from budgets.settings import admin_token

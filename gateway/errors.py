@@ -37,6 +37,8 @@ class GatewayReason(StrEnum):
     STORE_UNAVAILABLE = "store_unavailable"
     PRICE_UNAVAILABLE = "price_unavailable"
     NO_PAYMENT_OPTION = "no_payment_option"
+    TEE_PROOF_INVALID = "tee_proof_invalid"
+    TEE_STREAM_REFUSED = "tee_stream_refused"
 
 
 @dataclass(eq=False)  # exceptions stay hashable

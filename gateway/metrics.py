@@ -64,3 +64,20 @@ class GatewayMetrics:
         self.session_losses = Counter("x402_gateway_session_loss_atomic_total",
                                       "Accrued amounts of upto sessions whose settlement failed, in base units",
                                       ["network", "asset"], registry=r)
+        # TEE upstreams (gateway/tee/): labels are the upstream's name and an enclave's tee_id (from
+        # the registry); fault reasons are a fixed set (gateway/tee/proof.py, gateway/tee/pool.py).
+        self.tee_calls = Counter("x402_gateway_tee_calls_total", "Enclave answers by outcome (verified, fault)",
+                                 ["upstream", "tee_id", "outcome"], registry=r)
+        self.tee_faults = Counter("x402_gateway_tee_faults_total", "Enclave faults by reason",
+                                  ["upstream", "tee_id", "reason"], registry=r)
+        self.tee_in_rotation = Gauge("x402_gateway_tee_in_rotation", "1 if the enclave is active and not ejected",
+                                     ["upstream", "tee_id"], registry=r)
+        self.tee_enclaves = Gauge("x402_gateway_tee_enclaves", "Active enclaves from the registry", ["upstream"],
+                                  registry=r)
+        self.tee_proofs_pending = Gauge("x402_gateway_tee_proofs_pending", "Proofs of inference waiting to be anchored"
+                                        " (as the batcher last saw them)", registry=r)
+        self.tee_proofs_anchored = Counter("x402_gateway_tee_proofs_anchored_total", "Proofs anchored on the relay",
+                                           ["tee_id", "kind"], registry=r)
+        self.tee_proof_lag = Histogram("x402_gateway_tee_proof_batch_lag_seconds",
+                                       "From a proof queued to its anchoring transaction mined", ["tee_id"],
+                                       buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600), registry=r)

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from gateway.errors import GatewayError
 from gateway.errors import GatewayReason as G
 from gateway.settings import Upstream
+from gateway.tee.pool import Enclave, EnclaveCallFailedError, NoEnclaveError, TeePool
 from gateway.workers.pool import NoWorkerError, PoolRefusal, WorkerCallFailedError, WorkerPool
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and what the gateway owns.
@@ -132,27 +133,41 @@ async def read_all(resp: aiohttp.ClientResponse, limit: int) -> bytes:
 
 
 class Upstreams:
-    """The routes' upstream pools over one client session: URL lists with failover, and worker
-    pools (gateway/workers/)."""
+    """The routes' upstream pools over one client session: URL lists with failover, worker
+    pools (gateway/workers/) and TEE enclaves from a registry (gateway/tee/)."""
 
-    def __init__(self, pools: dict[str, UpstreamPool | WorkerPool], session: aiohttp.ClientSession) -> None:
+    def __init__(self, pools: dict[str, UpstreamPool | WorkerPool | TeePool], session: aiohttp.ClientSession) -> None:
         self.pools = pools
         self.session = session
 
     async def start(self) -> None:
         for pool in self.pools.values():
-            if isinstance(pool, WorkerPool):
+            if isinstance(pool, WorkerPool | TeePool):
                 await pool.start(self.session)
 
     async def close(self) -> None:
         for pool in self.pools.values():
-            if isinstance(pool, WorkerPool):
+            if isinstance(pool, WorkerPool | TeePool):
                 await pool.close()
+
+    def tee_pool(self, upstream: str) -> TeePool | None:
+        pool = self.pools[upstream]
+        return pool if isinstance(pool, TeePool) else None
+
+    @staticmethod
+    def enclave_of(request: Request) -> Enclave | None:
+        """The enclave that answered this request (tee upstreams), set by `open`."""
+        enclave = request.scope.get("state", {}).get("tee_enclave")
+        return enclave if isinstance(enclave, Enclave) else None
 
     def admit(self, request: Request, upstream: str, body: bytes, model: str | None) -> None:
         """Backpressure before payment: refuse now (404 unknown model, 503 + Retry-After when no
-        worker can take the call soon) rather than after the agent paid. URL pools admit all."""
+        worker can take the call soon, or no enclave is in rotation) rather than after the agent
+        paid. URL pools admit all."""
         pool = self.pools[upstream]
+        if isinstance(pool, TeePool) and request.method != "HEAD" and not pool.eligible():
+            raise GatewayError(G.UPSTREAM_UNAVAILABLE, "no active enclave is in rotation; nothing was charged", status=503,
+                               headers={"Retry-After": str(max(1, round(pool.settings.refresh_s)))})
         if not isinstance(pool, WorkerPool) or request.method == "HEAD":
             return
         try:
@@ -171,10 +186,14 @@ class Upstreams:
         headers = forward_headers(request.headers.raw, pool.config)
         headers["x-request-id"] = request_id
         try:
+            if isinstance(pool, TeePool):
+                resp, enclave = await pool.open(self.session, request.method, path_qs, headers, body)
+                request.scope.setdefault("state", {})["tee_enclave"] = enclave
+                return resp
             return await pool.open(self.session, request.method, path_qs, headers, body)
-        except NoWorkerError as exc:
+        except (NoWorkerError, NoEnclaveError) as exc:
             raise UpstreamUnavailableError(str(exc)) from None
-        except WorkerCallFailedError as exc:
+        except (WorkerCallFailedError, EnclaveCallFailedError) as exc:
             raise UpstreamFailedError(str(exc)) from None
 
     async def healthy(self) -> list[bool]:

@@ -119,14 +119,48 @@ class WorkerPoolSettings(_Model):
     eject_max_s: float = Field(default=60.0, gt=0)
 
 
+class TeeSettings(_Model):
+    """Enclaves found in an OpenGradient-style TEE registry (kind = "tee"): gateway/tee/ runs them.
+    Every answer's signature is checked before the call is settled (x402-protocol.md §7.5)."""
+
+    registry: str = Field(pattern=ADDRESS)  # the TEERegistry contract
+    rpc_url: str  # the registry's chain ("$VAR" allowed)
+    tee_type: int = Field(default=0, ge=0, le=255)  # 0: LLM proxy
+    refresh_s: float = Field(default=30.0, gt=0)  # re-read getActiveTEEs this often
+    heartbeat_max_age_s: float = Field(default=1800.0, gt=0)  # older: skipped, whatever the registry says
+    signature_max_age_s: float = Field(default=300.0, gt=0)  # a proof's tee_timestamp no older than this
+    clock_skew_s: float = Field(default=30.0, ge=0)  # nor this far in the future
+    eject_after: int = Field(default=3, ge=1)  # faults in a row (bad proof, wrong certificate, connect error)
+    eject_s: float = Field(default=300.0, gt=0)  # out of rotation this long
+    # An `exact` stream is paid before its content is served, but its proof is on the last frame:
+    # "buffer" reads it whole, verifies, settles, then sends it; "refuse" answers 400.
+    exact_streams: Literal["buffer", "refuse"] = "buffer"
+
+
+class ProofAnchoring(_Model):
+    """Proofs of inference from `tee` routes anchored on a settlement relay (OpenGradient's
+    InferenceSettlementRelay ABI): Merkle batches per interval or size, individual ones as asked
+    (X-SETTLEMENT-TYPE). gateway/tee/batcher.py runs it on whichever replica holds the lease."""
+
+    relay: str = Field(pattern=ADDRESS)
+    rpc_url: str  # the relay's chain ("$VAR" allowed)
+    chain_id: int = Field(ge=1)
+    signer_key: SecretStr  # pays the anchoring gas ("$VAR")
+    interval_s: float = Field(default=10.0, gt=0)  # a batch at least this often (when items wait)
+    max_batch: int = Field(default=256, ge=1)  # or as soon as this many wait
+    lease_s: float = Field(default=30.0, gt=0)  # the batcher's lease in the shared store
+    blob_dir: str = ".x402-state/proof-blobs"  # local blob store (content hash = blob id)
+
+
 class Upstream(_Model):
-    kind: Literal["urls", "workers"] = "urls"
+    kind: Literal["urls", "workers", "tee"] = "urls"
     urls: list[str] = Field(default_factory=list)  # urls: failover order; workers: static members
     auth_header: str | None = None
     auth_value: SecretStr | None = None
     connect_timeout_s: float = Field(default=5.0, gt=0)
     timeout_s: float = Field(default=600.0, gt=0)  # long LLM calls
     workers: WorkerPoolSettings | None = None
+    tee: TeeSettings | None = None
 
     @field_validator("urls")
     @classmethod
@@ -138,6 +172,12 @@ class Upstream(_Model):
 
     @model_validator(mode="after")
     def _members(self) -> Upstream:
+        if (self.kind == "tee") != (self.tee is not None):
+            raise ValueError("kind = \"tee\" and [tee] settings go together")
+        if self.kind == "tee":
+            if self.urls:
+                raise ValueError("a tee upstream's enclaves come from its registry, not urls")
+            return self
         if self.kind == "workers":
             self.workers = self.workers or WorkerPoolSettings()
             if not self.urls and not self.workers.dns:
@@ -300,6 +340,7 @@ class GatewaySettings(_Model):
     log_level: str = "info"
     shutdown_grace_s: float = Field(default=60.0, gt=0, description="in-flight paid calls finish within this")
     budgets: BudgetSettings | None = None  # absent: no budgets are enforced
+    proofs: ProofAnchoring | None = None  # absent: tee proofs are verified and passed on, not anchored
     quote: Quote = Field(default_factory=Quote)
     # Declare the payment-identifier extension in 402s (idempotent retries under a client's id).
     # Off by default, as in the reference server: a client that sees it declared needs `jsonschema`.
@@ -313,6 +354,10 @@ class GatewaySettings(_Model):
         for r in self.routes:
             if r.upstream not in self.upstreams:
                 raise ValueError(f"route {r.method} {r.path} names unknown upstream {r.upstream!r}")
+        for r in self.routes:
+            if self.upstreams[r.upstream].kind == "tee" and r.sessions is not None:
+                raise ValueError(f"route {r.path}: upto sessions are not offered on tee upstreams (each answer is"
+                                 " verified before it is charged)")
         for r in self.routes:
             if r.metered and not self.quote.feed_url:
                 missing = [o.symbol for o in self.accepts if o.symbol not in self.quote.rates]
@@ -335,6 +380,13 @@ def _resolve_secrets(data: dict, env: Mapping[str, str]) -> dict:
         if isinstance(up.get("auth_value"), str):
             up["auth_value"] = resolve_env(up["auth_value"], env)
         up["urls"] = [resolve_env(u, env) for u in up.get("urls", [])]
+        if isinstance(up.get("tee"), dict) and isinstance(up["tee"].get("rpc_url"), str):
+            up["tee"]["rpc_url"] = resolve_env(up["tee"]["rpc_url"], env)
+    proofs = data.get("proofs")
+    if isinstance(proofs, dict):
+        for key in ("rpc_url", "signer_key"):
+            if isinstance(proofs.get(key), str):
+                proofs[key] = resolve_env(proofs[key], env)
     fac = data.get("facilitator", {})
     if isinstance(fac.get("auth_value"), str):
         fac["auth_value"] = resolve_env(fac["auth_value"], env)

@@ -91,7 +91,8 @@ class AddedUsageFilter:
         if not isinstance(doc, dict) or "usage" not in doc:
             return line
         del doc["usage"]
-        if not doc.get("choices"):  # the usage-only chunk: gone (with the blank line ending its event)
+        if not doc.get("choices") and "tee_signature" not in doc:  # the usage-only chunk: gone (with the
+            # blank line ending its event), unless it is an enclave's final frame carrying the proof
             self._drop_blank = fresh
             return b""
         return b"data: " + orjson.dumps(doc) + line[len(body) :]

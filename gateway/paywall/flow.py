@@ -1,8 +1,8 @@
 """The payment flow, top to bottom (`Paywall.handle`).
 
     price the request -> no payment: challenge -> decode and bind the payment -> budget precheck
-    -> verify -> claim the payment's record (or answer from it) -> reserve -> forward -> settle
-    -> respond with the receipt
+    -> verify -> claim the payment's record (or answer from it) -> reserve -> forward
+    -> (tee: check the enclave's proof) -> settle -> respond with the receipt (tee: queue the proof)
 
 Money rules kept here and in settle.py / replay.py:
 - nothing is served before settlement succeeded (streams settle before their first byte; metered
@@ -12,17 +12,22 @@ Money rules kept here and in settle.py / replay.py:
 - one signed payment is served at most once, and only that very payment gets its recorded result;
 - a settlement whose outcome is unknown is kept PENDING, never free, never served until settled;
 - a payment settled but not delivered is owed: a resend is served once, never charged again;
-- settlement and its record run shielded from client disconnects.
+- settlement and its record run shielded from client disconnects;
+- an enclave's answer (`tee` upstream) is settled only once its proof holds (gateway/tee/): a
+  missing or bad proof is a 502, nothing charged; a metered stream's proof is checked on its
+  last frame before it is settled (settle.py).
 Refusals are raised (GatewayError, budgets' Refusal) and rendered in one place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 
 import aiohttp
+import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
@@ -45,7 +50,13 @@ from gateway.proxy import UpstreamFailedError, Upstreams, UpstreamUnavailableErr
 from gateway.records import PaymentRecord, PaymentRecords, RecordState
 from gateway.session_calls import SessionCalls
 from gateway.settings import GatewaySettings
-from gateway.sse_usage import forwarded_stream, usage_added
+from gateway.sse_usage import AddedUsageFilter, forwarded_stream, usage_added
+from gateway.tee.check import TeeStreamCheck
+from gateway.tee.proof import ProofError, TeeProof
+from gateway.tee.proofs import ProofItem, ProofStore, ProofStoreUnavailableError, settlement_type
+from gateway.tee.verify import verify_body
+
+log = logging.getLogger("gateway.paywall")
 
 # A verify refusal that means "this nonce was spent": by this very payment (ask the records), or not.
 NONCE_USED = {R.PERMIT2_INVALID_NONCE.value, R.INVALID_EXACT_EVM_NONCE_ALREADY_USED.value}
@@ -55,7 +66,8 @@ UPSTREAM_BODY_SHOWN = 2048  # of a failed upstream's answer, in the 502 (enough 
 class Paywall:
     def __init__(self, settings: GatewaySettings, pricing: Pricing, facilitator: FacilitatorClient,
                  records: PaymentRecords, budgets: BudgetHook, metrics: GatewayMetrics, upstreams: Upstreams,
-                 challenges: Challenges, settlement: Settlement, sessions: SessionCalls | None) -> None:
+                 challenges: Challenges, settlement: Settlement, sessions: SessionCalls | None,
+                 proofs: ProofStore | None = None) -> None:
         self.settings = settings
         self.pricing = pricing
         self.facilitator = facilitator
@@ -66,6 +78,7 @@ class Paywall:
         self.challenges = challenges
         self.settlement = settlement
         self.sessions = sessions
+        self.proofs = proofs  # tee proofs to anchor (gateway/tee/batcher.py); None: not anchored
         self.replays = Replays(settings, records, facilitator, settlement, upstreams, metrics, sessions)
 
     async def handle(self, request: Request, body: bytes, request_id: str) -> Response:
@@ -82,6 +95,7 @@ class Paywall:
         call = decode_call(request, offer, body, forward_body, request_id,
                            resource_url=self.challenges.resource(request, offer).url,
                            payment_ids=self.settings.payment_identifier_on(offer.route))
+        self.tee_stream_allowed(call)
         await self.budgets.precheck(call.payer, call.network, call.requirement.asset, offer.route_id, offer.model)
         if (earlier := await self.replays.earlier_under_id(call)) is not None:
             return await self.replays.answer_under_id(call, earlier)
@@ -119,6 +133,56 @@ class Paywall:
         request.scope["state"]["added_usage"] = offer.token_price is not None and usage_added(
             body, anthropic=offer.route.api == "anthropic")
         return offer
+
+    def tee_stream_allowed(self, call: PaidCall) -> None:
+        """On a tee route an `exact` stream is buffered (verified whole before it is settled and
+        sent) or, by configuration, refused before any payment work."""
+        pool = self.upstreams.tee_pool(call.offer.route.upstream)
+        if pool is None or call.upto or pool.settings.exact_streams != "refuse":
+            return
+        try:
+            streamed = orjson.loads(call.body).get("stream") is True
+        except (orjson.JSONDecodeError, AttributeError):
+            streamed = False
+        if streamed:
+            raise GatewayError(G.TEE_STREAM_REFUSED, "this gateway does not stream exact-priced calls to enclaves "
+                               "(the proof comes on the last frame): ask without stream, or pay with upto", status=400)
+
+    def tee_verified(self, call: PaidCall, content: bytes) -> TeeProof | None:
+        """The proof of a complete enclave answer whose signature holds (None: not a tee route);
+        otherwise the call fails here (502), before settlement: nothing is charged."""
+        pool = self.upstreams.tee_pool(call.offer.route.upstream)
+        enclave = self.upstreams.enclave_of(call.request)
+        if pool is None or enclave is None:
+            return None
+        try:
+            proof = verify_body(enclave, pool.settings, call.body, content)
+        except ProofError as exc:
+            pool.fault(enclave, exc.reason)
+            raise GatewayError(G.TEE_PROOF_INVALID, f"the enclave's answer failed verification ({exc.reason}: "
+                               f"{exc.message}); it was not served and you were not charged", status=502,
+                               outcome="not_charged", extra={"tee_id": enclave.tee_id}) from None
+        pool.verified(enclave)
+        return proof
+
+    def settlement_kind(self, call: PaidCall) -> str:
+        """What the agent asked for (X-SETTLEMENT-TYPE), and what it gets: private when proofs are
+        not anchored here."""
+        return "private" if self.proofs is None else settlement_type(call.request.headers.get("x-settlement-type"))
+
+    async def anchor(self, call: PaidCall, proof: TeeProof, payer: str) -> None:
+        """Queue a settled call's proof for anchoring; a store failure loses the anchoring of this
+        one proof, never the call (it is paid and verified)."""
+        kind = self.settlement_kind(call)
+        if kind == "private" or self.proofs is None:
+            return
+        item = ProofItem("0x" + proof.request_hash.removeprefix("0x").lower(),
+                         "0x" + proof.output_hash.removeprefix("0x").lower(), proof.signature, proof.tee_id,
+                         proof.timestamp, kind, payer)
+        try:
+            await self.proofs.add(item)
+        except ProofStoreUnavailableError:
+            log.error("tee_proof_not_queued", extra={"request_id": call.request_id, "request_hash": item.request_hash})
 
     async def verify(self, call: PaidCall) -> tuple[VerifyResponse, float]:
         """A valid payment, or one whose nonce is spent (the records tell whether by this very
@@ -160,13 +224,19 @@ class Paywall:
         self.metrics.upstream_seconds.labels(offer.route_id, offer.route.upstream).observe(upstream_s)
         streaming = content is None
         status, out_headers = upstream.status, response_headers(upstream)
+        proof = self.tee_verified(call, content) if content is not None else None
+        if proof is not None:
+            proof_headers = proof.headers() | {"X-Settlement-Type": self.settlement_kind(call)}
+            out_headers = [h for h in out_headers if h[0] not in {k.lower() for k in proof_headers}]
+            out_headers += list(proof_headers.items())
         record = PaymentRecord(key=call.key, state=RecordState.PROCESSING, request_fp=call.fp, status=status,
                                headers=out_headers, digest=call.digest, owner=claim.owner)
         amount, details, settle_requirement = call.amount, None, requirement
         if offer.token_price is not None and isinstance(requirement, PaymentRequirements) and call.upto:
             if streaming:
                 claim.kept = claim.settling = True  # tokens flow before settlement: the permit guarantees it
-                stream = self.settlement.metered_stream(call, claim, first, upstream, record, requirement, hold)
+                stream = self.settlement.metered_stream(call, claim, first, upstream, record, requirement, hold,
+                                                        self.tee_stream_check(call))
                 return StreamingResponse(forwarded_stream(call.request, stream), status_code=status,
                                          headers=dict(out_headers) | {"Cache-Control": "no-store"})
             amount, details = metered_charge(offer, requirement, usage_from_body(content or b""))
@@ -184,6 +254,8 @@ class Paywall:
         if not settled.success:
             upstream.release()
             raise self.settlement.refusal(call, settled)
+        if proof is not None:
+            await self.anchor(call, proof, settled.payer or call.payer)
         headers = dict(out_headers) | payment_response_header(call.payload, settled)
         # Where the time went (RFC Server-Timing, milliseconds): the gateway's own cost apart from
         # the upstream and the chain.
@@ -218,15 +290,33 @@ class Paywall:
                                extra={"upstream_status": upstream.status,
                                       "upstream_body": error_body[:UPSTREAM_BODY_SHOWN].decode("utf-8", "replace")})
         try:
-            if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+            tee = self.upstreams.tee_pool(call.offer.route.upstream) is not None
+            sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+            if sse and not (tee and not call.upto):
                 return upstream, await upstream.content.readany(), None
             content = await read_all(upstream, self.settings.max_body_bytes)
             upstream.release()
+            if sse and call.request.scope.get("state", {}).get("added_usage"):
+                # An enclave's exact stream, buffered: without the usage the gateway asked for (the
+                # proof frame stays, only its usage key goes; usage is not signed).
+                usage_filter = AddedUsageFilter()
+                content = usage_filter.feed(content) + usage_filter.flush()
             return upstream, b"", content
         except (TimeoutError, UpstreamFailedError, aiohttp.ClientError) as exc:
             upstream.release()
             raise GatewayError(G.UPSTREAM_ERROR, f"the upstream failed ({type(exc).__name__}); you were not charged",
                                status=502, outcome="not_charged") from None
+
+    def tee_stream_check(self, call: PaidCall) -> TeeStreamCheck | None:
+        pool = self.upstreams.tee_pool(call.offer.route.upstream)
+        enclave = self.upstreams.enclave_of(call.request)
+        if pool is None or enclave is None:
+            return None
+
+        async def settled(proof: TeeProof, payer: str) -> None:
+            await self.anchor(call, proof, payer)
+
+        return TeeStreamCheck(pool, enclave, call.body, settled)
 
     async def open_session(self, call: PaidCall, payer: str) -> Response:
         """A verified upto permit on a session route opens a session; the payment's record says so,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import orjson
 from starlette.responses import Response, StreamingResponse
@@ -32,11 +33,13 @@ from gateway.metrics import GatewayMetrics
 from gateway.paywall.call import PaidCall, load_payment, stored_payment
 from gateway.paywall.responses import payment_response_header
 from gateway.paywall.settle import RECORD_TTL_S, Settlement
-from gateway.proxy import UpstreamFailedError, Upstreams, UpstreamUnavailableError, relay, response_headers
+from gateway.proxy import UpstreamFailedError, Upstreams, UpstreamUnavailableError, read_all, relay, response_headers
 from gateway.records import PaymentRecord, PaymentRecords, RecordState
 from gateway.session_calls import SessionCalls
 from gateway.settings import GatewaySettings
 from gateway.sse_usage import forwarded_stream
+from gateway.tee.proof import ProofError
+from gateway.tee.verify import verify_body
 
 
 def _now_ms() -> int:
@@ -210,11 +213,32 @@ class Replays:
             await self.settlement.release(record, claim)
             raise GatewayError(G.UPSTREAM_ERROR, f"paid, but the upstream answered {upstream.status}; resend the same "
                                "payment to get the response", status=502, extra={"transaction": record.tx})
+        headers = dict(response_headers(upstream)) | payment_response_header(call.payload, settled)
+        pool, enclave = self.upstreams.tee_pool(call.offer.route.upstream), self.upstreams.enclave_of(call.request)
+        if pool is not None and enclave is not None:
+            # An enclave's answer is served only with a proof that holds, owed or not.
+            try:
+                content = await read_all(upstream, self.settings.max_body_bytes)
+                headers |= verify_body(enclave, pool.settings, call.body, content).headers()
+            except (UpstreamFailedError, ProofError) as exc:
+                if isinstance(exc, ProofError):
+                    pool.fault(enclave, exc.reason)
+                await self.settlement.release(record, claim)
+                raise GatewayError(G.TEE_PROOF_INVALID, f"paid, but the enclave's answer failed ({exc}); resend the "
+                                   "same payment to get the response", status=502,
+                                   extra={"transaction": record.tx}) from None
+            finally:
+                upstream.release()
+            pool.verified(enclave)
+            self.metrics.payments.labels(call.offer.route_id, "delivered", "owed").inc()
+            claim.kept = True
+            return StreamingResponse(self.settlement.delivering(_once(content), record, claim), status_code=upstream.status,
+                                     headers=headers)
         self.metrics.payments.labels(call.offer.route_id, "delivered", "owed").inc()
         claim.kept = True
         body = forwarded_stream(call.request, relay(b"", upstream))
         return StreamingResponse(self.settlement.delivering(body, record, claim), status_code=upstream.status,
-                                 headers=dict(response_headers(upstream)) | payment_response_header(call.payload, settled))
+                                 headers=headers)
 
     def _replay(self, call: PaidCall, record: PaymentRecord) -> Response:
         self.metrics.payments.labels(call.offer.route_id, "replayed", "").inc()
@@ -226,3 +250,7 @@ class Replays:
             return None
         session = (orjson.loads(record.settle).get("extra") or {}).get("session")
         return session if isinstance(session, str) else None
+
+
+async def _once(content: bytes) -> AsyncIterator[bytes]:
+    yield content

@@ -39,6 +39,8 @@ from gateway.paywall.metered import ChargeDetails, metered_charge
 from gateway.paywall.responses import payment_response_header
 from gateway.records import PaymentRecord, PaymentRecords, RecordState, RecordStoreUnavailableError
 from gateway.settings import GatewaySettings
+from gateway.tee.check import TeeStreamCheck
+from gateway.tee.proof import ProofError
 
 log = logging.getLogger("gateway.paywall")
 
@@ -253,19 +255,26 @@ class Settlement:
             await self.release(record, claim)
 
     async def metered_stream(self, call: PaidCall, claim: Claim, first: bytes, upstream: aiohttp.ClientResponse,
-                             record: PaymentRecord, requirement: PaymentRequirements, hold: Hold) -> AsyncIterator[bytes]:
+                             record: PaymentRecord, requirement: PaymentRequirements, hold: Hold,
+                             tee: TeeStreamCheck | None = None) -> AsyncIterator[bytes]:
         """upto + SSE: the tokens flow as they come (the signed permit guarantees payment up to its
         maximum); the metered amount is settled when the stream ends and reported in a final
-        `x402.payment` event. A client that leaves mid-stream is charged by the route's policy."""
+        `x402.payment` event. A client that leaves mid-stream is charged by the route's policy.
+        From an enclave (`tee`): settled only when the final frame's proof holds; otherwise (bad
+        proof, cut, client gone) nothing is settled and the hold is released."""
         meter = StreamMeter()
         finished = upstream_cut = False
         try:
             try:
                 if first:
                     meter.feed(first)
+                    if tee is not None:
+                        tee.feed(first)
                     yield first
                 async for chunk in upstream.content.iter_any():
                     meter.feed(chunk)
+                    if tee is not None:
+                        tee.feed(chunk)
                     yield chunk
             except (TimeoutError, aiohttp.ClientError):
                 upstream_cut = True
@@ -273,16 +282,38 @@ class Settlement:
             finished = True
         finally:
             upstream.release()
-            if not finished:  # the client went away: settle what it used, in the background
-                task = asyncio.ensure_future(self._settle_stream(call, claim, record, requirement, hold, meter, cut=True))
+            if not finished:  # the client went away: settle what it used (an enclave's: nothing), in the background
+                task: asyncio.Task[object] = asyncio.ensure_future(
+                    self._settle_stream(call, claim, record, requirement, hold, meter, cut=True) if tee is None
+                    else self._unsettled_stream(call, claim, hold, "the client left before the proof"))
                 self.background.add(task)
                 task.add_done_callback(self.background.discard)
+        checked = tee.verify() if tee is not None else None
+        if tee is not None:
+            if isinstance(checked, ProofError):
+                await asyncio.shield(self._unsettled_stream(call, claim, hold, checked.reason))
+                event = {"success": False, "errorReason": "tee_proof_invalid", "tee_id": tee.enclave.tee_id,
+                         "message": f"the enclave's proof failed ({checked.reason}: {checked.message}); "
+                                    "nothing was settled: you were not charged"}
+                yield b"event: x402.payment\ndata: " + orjson.dumps(event) + b"\n\n"
+                return
         settled, details = await asyncio.shield(self._settle_stream(
             call, claim, record, requirement, hold, meter, cut=upstream_cut or not meter.complete))
+        if tee is not None and settled.success and checked is not None and not isinstance(checked, ProofError):
+            await tee.settled(checked, settled.payer or call.payer)
         event = {"success": settled.success, "transaction": settled.transaction, "network": settled.network,
                  "amount": settled.amount, "errorReason": settled.error_reason, **details,
                  "paymentResponse": encode_settle_response(settled)}
         yield b"event: x402.payment\ndata: " + orjson.dumps({k: v for k, v in event.items() if v is not None}) + b"\n\n"
+
+    async def _unsettled_stream(self, call: PaidCall, claim: Claim, hold: Hold, reason: str) -> None:
+        """A stream that is not charged: the payment is freed, its budget hold released."""
+        try:
+            await self.budgets.release(hold)
+            self.metrics.payments.labels(call.offer.route_id, "not_charged", "tee_proof_invalid").inc()
+            log.warning("tee_stream_not_settled", extra={"request_id": call.request_id, "reason": reason})
+        finally:
+            await claim.abandon()
 
     async def _settle_stream(self, call: PaidCall, claim: Claim, record: PaymentRecord, requirement: PaymentRequirements,
                              hold: Hold, meter: StreamMeter, *, cut: bool) -> tuple[SettleResponse, ChargeDetails]:

@@ -44,6 +44,7 @@ VALUE_SETS = [
     "external-facilitator",
     "gpu-workers",
     "upto-sessions",
+    "tee",
 ]
 KUBE_VERSIONS = ["1.33.0", "1.27.0"]  # a recent one, and the chart's kubeVersion floor
 SIGNER_KEYS = [  # 32-byte test keys (anvil's published development accounts); never funded on a real chain
@@ -336,6 +337,10 @@ def _fake_secret(variable: str, secret: str, key: str, chart_secret: dict[str, s
         return "s3cr3t-from-" + secret
     if variable == "GATEWAY_FACILITATOR_AUTH":
         return "Bearer facilitator-key"
+    if variable.startswith("GATEWAY_TEE_") or variable == "GATEWAY_PROOFS_RPC_URL":
+        return f"https://rpc-from-{secret}.example"
+    if variable == "GATEWAY_PROOFS_SIGNER_KEY":
+        return f"key-from-{secret}"
     raise AssertionError(f"no fake for {variable} from {secret}/{key}")
 
 
@@ -378,6 +383,11 @@ def test_gateway_config_loads_with_the_gateway_loader(name, objects, tmp_path):
             pool = settings.upstreams[up_name].workers
             assert pool is not None and pool.protocol == up["workers"].get("protocol", "openai")
             assert (pool.dns, pool.max_concurrency) == (up["workers"].get("dns"), up["workers"].get("maxConcurrency", 32))
+        if "tee" in up:
+            tee = settings.upstreams[up_name].tee
+            assert tee is not None and tee.registry == up["tee"]["registry"]
+            assert tee.rpc_url == up["tee"].get("rpcUrl") or tee.rpc_url.startswith("https://rpc-from-")
+            assert tee.eject_after == up["tee"].get("ejectAfter", 3)
         if "auth" in up:
             expected = up["auth"].get("value") or f"Bearer sk-from-{up['auth']['existingSecret']}"
             assert settings.upstreams[up_name].auth_value.get_secret_value() == expected
@@ -404,6 +414,11 @@ def test_gateway_config_loads_with_the_gateway_loader(name, objects, tmp_path):
                 given["sessions"]["cap"], given["sessions"].get("maxExposure"), given["sessions"].get("watchFunds", True))
     assert settings.rpc_urls == g.get("rpcUrls", {})
     assert settings.funds_poll_s == g.get("fundsPollSeconds", 1)
+    proofs = g.get("proofs", {})
+    assert (settings.proofs is not None) == bool(proofs.get("enabled"))
+    if settings.proofs is not None:
+        assert (settings.proofs.relay, settings.proofs.chain_id) == (proofs["relay"], proofs["chainId"])
+        assert settings.proofs.signer_key.get_secret_value() == f"key-from-{proofs['signer']['existingSecret']}"
 
     budgets = g.get("budgets", {})
     assert (settings.budgets is not None) == bool(budgets.get("enabled"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -469,6 +470,8 @@ def test_cli_writes_description(tmp_path: Path, free_port: int) -> None:
         assert set(d) == {"rpc_url", "chain_id", "network", "contracts", "tokens", "accounts"}
         assert d["rpc_url"] == f"http://127.0.0.1:{free_port}"
         assert (d["chain_id"], d["network"]) == (84532, "eip155:84532")
+        tee_contracts = {k: d["contracts"].pop(k) for k in ("tee_registry", "settlement_relay")}
+        assert all(re.fullmatch(r"0x[0-9a-fA-F]{40}", a) for a in tee_contracts.values()), tee_contracts
         assert d["contracts"] == {"permit2": "0x000000000022D473030F116dDEE9F6B43aC78BA3",
                                   "exact_proxy": "0x402085c248EeA27D92E8b30b2C58ed07f9E20001",
                                   "upto_proxy": "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002"}
@@ -478,7 +481,7 @@ def test_cli_writes_description(tmp_path: Path, free_port: int) -> None:
         assert {k: v for k, v in d["tokens"]["USDC"].items() if k != "address"} == {
             "decimals": 6, "transfer_method": "eip3009", "eip712_name": "USD Coin", "eip712_version": "2"}
         accounts = d["accounts"]
-        assert set(accounts) == {"facilitator", "payee", "agents"}
+        assert set(accounts) == {"facilitator", "payee", "agents", "tee_admin", "tee_operators"}
         assert len(accounts["facilitator"]) == 1 and len(accounts["agents"]) == 2
         for entry in [*accounts["facilitator"], accounts["payee"], *accounts["agents"]]:
             assert set(entry) == {"address", "private_key"}

@@ -1,6 +1,6 @@
 """The quality gates, run by the suite so that `make test` (and so CI) fails when they fail: ruff
 over the product packages, devtools, tests and loadtests, and mypy over the product packages and
-devtools (strict on storage, facilitator.x402 and gateway.paywall). What they check, and where, is
+devtools (strict on storage, facilitator.x402, gateway.paywall and gateway.tee). What they check, and where, is
 configured in pyproject.toml ([tool.ruff], [tool.mypy]); mypy keeps its cache in .mypy_cache, so
 runs after the first are incremental."""
 

@@ -120,3 +120,11 @@ async def test_without_added_usage_closes_the_stream_it_wraps() -> None:
     await gen.__anext__()
     await gen.aclose()  # the client went away
     assert closed == [True]
+
+
+def test_an_enclaves_usage_chunk_keeps_its_proof() -> None:
+    """An enclave signs on its last frame, which may be the usage-only chunk: the frame stays,
+    without `usage` (not signed), with the proof fields."""
+    frame = b'data: {"choices":[],"usage":{"total_tokens":3},"tee_signature":"c2ln","tee_id":"0x01"}\n\n'
+    out = filtered(frame + b"data: [DONE]\n\n")
+    assert out == b'data: {"choices":[],"tee_signature":"c2ln","tee_id":"0x01"}\n\ndata: [DONE]\n\n'

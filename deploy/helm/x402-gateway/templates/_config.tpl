@@ -16,6 +16,7 @@ they are "$VAR" references the loaders resolve from the environment, or environm
 {{- end }}
 
 {{- define "x402.upstreamAuthEnvName" -}}GATEWAY_UPSTREAM_{{ upper . }}_AUTH{{- end }}
+{{- define "x402.teeRpcEnvName" -}}GATEWAY_TEE_{{ upper . }}_RPC_URL{{- end }}
 
 {{- define "x402.gatewayConfig" -}}
 {{- $v := .Values }}
@@ -68,6 +69,18 @@ they are "$VAR" references the loaders resolve from the environment, or environm
 {{- end }}
 {{- $_ := set $u "workers" $w }}
 {{- end }}
+{{- if eq (default "urls" $up.kind) "tee" }}
+{{- $_ := set $u "kind" "tee" }}
+{{- $rpc := ternary $up.tee.rpcUrl (printf "$%s" (include "x402.teeRpcEnvName" $name)) (not (empty $up.tee.rpcUrl)) }}
+{{- $t := dict "registry" $up.tee.registry "rpc_url" $rpc }}
+{{- $keys := dict "teeType" "tee_type" "refreshSeconds" "refresh_s" "heartbeatMaxAgeSeconds" "heartbeat_max_age_s"
+      "signatureMaxAgeSeconds" "signature_max_age_s" "clockSkewSeconds" "clock_skew_s" "ejectAfter" "eject_after"
+      "ejectSeconds" "eject_s" "exactStreams" "exact_streams" }}
+{{- range $k, $v := $up.tee }}
+{{- if hasKey $keys $k }}{{ $_ := set $t (get $keys $k) $v }}{{ end }}
+{{- end }}
+{{- $_ := set $u "tee" $t }}
+{{- end }}
 {{- if $up.timeoutSeconds }}{{ $_ := set $u "timeout_s" $up.timeoutSeconds }}{{ end }}
 {{- if $up.connectTimeoutSeconds }}{{ $_ := set $u "connect_timeout_s" $up.connectTimeoutSeconds }}{{ end }}
 {{- if $up.auth }}
@@ -99,6 +112,13 @@ they are "$VAR" references the loaders resolve from the environment, or environm
 {{- $routes = append $routes $r }}
 {{- end }}
 {{- $_ := set $cfg "routes" $routes }}
+{{- $pr := $g.proofs }}
+{{- if $pr.enabled }}
+{{- $rpc := ternary $pr.rpcUrl "$GATEWAY_PROOFS_RPC_URL" (not (empty $pr.rpcUrl)) }}
+{{- $_ := set $cfg "proofs" (dict "relay" $pr.relay "chain_id" (int $pr.chainId) "rpc_url" $rpc
+      "signer_key" "$GATEWAY_PROOFS_SIGNER_KEY" "interval_s" $pr.intervalSeconds "max_batch" (int $pr.maxBatch)
+      "blob_dir" $pr.blobDir) }}
+{{- end }}
 {{- $b := $g.budgets }}
 {{- if $b.enabled }}
 {{- $bud := dict "enabled" true "timezone" $b.timezone "default" $b.default "default_daily" $b.defaultDaily
