@@ -27,6 +27,7 @@ from gateway.paywall.settle import Settlement
 from gateway.pricing import Pricing
 from gateway.proxy import UpstreamPool, Upstreams
 from gateway.records import PaymentRecords, open_records
+from gateway.refusals import RefusalLog, open_refusals
 from gateway.session_calls import SessionCalls
 from gateway.sessions import SessionStore, open_sessions
 from gateway.settings import GatewaySettings
@@ -58,6 +59,7 @@ class GatewayState:
     metrics: GatewayMetrics
     pricing: Pricing
     challenges: Challenges
+    refusals: RefusalLog
     sessions: SessionStore | None = None  # when a route runs upto sessions
 
 
@@ -129,6 +131,7 @@ def create_app(
         if isinstance(fac, LocalFacilitatorClient):
             fac.start()
         records = open_records(settings.store_url, prefix=settings.store_prefix)
+        refusals = RefusalLog(open_refusals(settings.store_url, prefix=settings.store_prefix))
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300, keepalive_timeout=30),
             auto_decompress=False, response_class=TrackedResponse,  # worker slots follow the body
@@ -139,7 +142,7 @@ def create_app(
             for name, up in settings.upstreams.items()}
         if enforcer is not None:
             await seed_policies(settings, enforcer)
-        background: list[asyncio.Task] = []
+        background: list[asyncio.Task] = [asyncio.create_task(refusals.flush_forever())]
         if any(r.metered and "upto" in r.schemes for r in settings.routes):
             pricing.upto_signers = await fac.upto_signers()
         if settings.quote.feed_url:
@@ -157,7 +160,8 @@ def create_app(
             background.append(asyncio.create_task(calls.reap_forever(session_routes)))
         settlement = Settlement(settings, fac, records, hook, m, in_background)
         paywall = Paywall(settings, pricing, fac, records, hook, m, upstreams, challenges, settlement, calls)
-        app.state.gateway = GatewayState(paywall, records, fac, upstreams, m, pricing, challenges, sessions_store)
+        app.state.gateway = GatewayState(paywall, records, fac, upstreams, m, pricing, challenges, refusals,
+                                         sessions_store)
         try:
             yield
         finally:
@@ -167,6 +171,8 @@ def create_app(
             await session.close()
             await fac.close()
             await records.close()
+            await refusals.flush()
+            await refusals.store.close()
             if sessions_store is not None:
                 await sessions_store.close()
             if enforcer is not None:
@@ -235,7 +241,15 @@ def create_app(
         from budgets.settings import admin_token
 
         assets = {(o.network, o.asset.lower()): (o.symbol, o.decimals) for o in settings.accepts}
-        routes.append(Mount(settings.budgets.admin_prefix, app=create_admin_app(enforcer, admin_token(), assets=assets)))
+        token = admin_token()
+        admin_app = create_admin_app(enforcer, token, assets=assets)
+        if token is not None and settings.console:  # ahead of the admin API's mount, which would take its paths
+            from gateway.console import create_console_app
+
+            console = create_console_app(admin_app, token.get_secret_value(), gateway=lambda: app.state.gateway,
+                                         settings=settings)
+            routes.append(Mount(settings.budgets.admin_prefix.rstrip("/") + "/console", app=console))
+        routes.append(Mount(settings.budgets.admin_prefix, app=admin_app))
     routes.append(Route("/{path:path}", paid, methods=methods))
     def refused(request: Request, exc: Exception) -> Response:
         """The one place a refusal becomes an answer (also Starlette's handler for them)."""
@@ -245,6 +259,13 @@ def create_app(
             exc = GatewayError(G.STORE_UNAVAILABLE, "the payment store is unreachable; nothing was charged", status=503,
                                headers={"Retry-After": "5"})
         assert isinstance(exc, (GatewayError, Refusal))
+        if exc.reason != G.PAYMENT_REQUIRED:  # a challenge is the first step of paying, not a refusal
+            route_id = request.scope.get("state", {}).get("route_id", "unmatched")
+            payer, network, asset = request.scope.get("state", {}).get("payment", ("", "", ""))
+            settling = isinstance(exc, GatewayError) and "PAYMENT-RESPONSE" in exc.headers  # settlement was tried
+            kind = "budget" if isinstance(exc, Refusal) else "settlement" if settling else "call"
+            tx = str(exc.extra.get("transaction") or "") if isinstance(exc, GatewayError) else ""
+            state.refusals.note(route_id, exc.reason, exc.status, exc.message, payer, network, asset, kind=kind, tx=tx)
         return render_refusal(request, exc, state.challenges, state.metrics)
 
     handlers = {GatewayError: refused, Refusal: refused, StoreUnavailableError: refused}

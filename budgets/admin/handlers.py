@@ -15,6 +15,7 @@ from budgets.admin.bodies import read_json
 from budgets.admin.errors import AdminError, json_response
 from budgets.admin.openapi import openapi_document
 from budgets.admin.requests import (
+    LEDGER_MAX,
     LedgerQuery,
     owner_of,
     parse_policy,
@@ -134,7 +135,11 @@ class AdminApi:
 
     async def ledger(self, request: Request) -> Response:
         q = LedgerQuery.parse(request.query_params, self.enforcer.clock())
-        entries = await self.enforcer.store.ledger(agent=q.agent, start=q.start, end=q.end, limit=q.limit)
+        if q.where:  # the store selects by agent and time; the rest narrows its answer, then the limit applies
+            found = await self.enforcer.store.ledger(agent=q.agent, start=q.start, end=q.end, limit=LEDGER_MAX)
+            entries = [e for e in found if q.matches(e)][:q.limit]
+        else:
+            entries = await self.enforcer.store.ledger(agent=q.agent, start=q.start, end=q.end, limit=q.limit)
         if q.format == "json":
             return json_response({"entries": [self.bodies.ledger_entry(e) for e in entries]})
         media = "application/x-ndjson" if q.format == "jsonl" else "text/csv; charset=utf-8"

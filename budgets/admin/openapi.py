@@ -26,7 +26,12 @@ _QUERY: dict[str, dict[str, dict]] = {
                "start": {"type": "string", "description": "ISO 8601 or unix seconds (default: end - 24 h)"},
                "end": {"type": "string", "description": "ISO 8601 or unix seconds (default: now)"},
                "limit": {"type": "integer", "minimum": 1, "maximum": LEDGER_MAX, "default": 1000},
-               "format": {"type": "string", "enum": ["json", "jsonl", "csv"], "default": "json"}},
+               "format": {"type": "string", "enum": ["json", "jsonl", "csv"], "default": "json"},
+               "group": {**_PARAMS["group"], "description": "only entries of this group"},
+               "route": {"type": "string", "description": 'only this route id ("POST /v1/chat/completions")'},
+               "model": {"type": "string", "description": "only this model"},
+               "asset": {**_PARAMS["asset"], "description": "only this asset"},
+               "network": {**_PARAMS["network"], "description": "only this network"}},
 }
 
 

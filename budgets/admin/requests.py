@@ -12,11 +12,12 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from budgets.admin.errors import InvalidRequestError, invalid
-from budgets.models import ADDRESS, GROUP_ID, Policy
+from budgets.models import ADDRESS, GROUP_ID, LedgerEntry, Policy
 
 MAX_AMOUNT = 2**256 - 1
 LEDGER_MAX = 100_000
 LEDGER_FORMATS = ("json", "jsonl", "csv")
+LEDGER_FILTERS = ("group", "route", "model", "asset", "network")
 MUST = {"address": "must be an address (0x + 40 hex digits)",
         "asset": "must be an asset address (0x + 40 hex digits)",
         "network": "must be a CAIP-2 EVM network (eip155:<chain id>)",
@@ -83,6 +84,11 @@ class LedgerQuery:
     end: float
     limit: int
     format: str
+    # Narrowing by entry field (the operator's console filters on them): equal values only.
+    where: tuple[tuple[str, str], ...] = ()
+
+    def matches(self, entry: LedgerEntry) -> bool:
+        return all((getattr(entry, name) or "").lower() == value for name, value in self.where)
 
     @classmethod
     def parse(cls, query: Mapping[str, str], now: float) -> LedgerQuery:
@@ -100,7 +106,18 @@ class LedgerQuery:
         fmt = query.get("format", "json")
         if fmt not in LEDGER_FORMATS:
             raise invalid("query.format", "must be json, jsonl or csv")
-        return cls(agent, start, end, int(raw_limit), fmt)
+        where = []
+        for name in LEDGER_FILTERS:
+            value = query.get(name)
+            if value:
+                if name == "asset" and not ADDRESS.match(value):
+                    raise invalid("query.asset", MUST["asset"])
+                if name == "network" and not is_network(value):
+                    raise invalid("query.network", MUST["network"])
+                if name == "group" and not GROUP_ID.match(value):
+                    raise invalid("query.group", MUST["group"])
+                where.append((name, value.lower()))
+        return cls(agent, start, end, int(raw_limit), fmt, tuple(where))
 
 
 def parse_time(value: str, loc: str) -> float:
