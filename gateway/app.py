@@ -259,8 +259,10 @@ def create_app(
             exc = GatewayError(G.STORE_UNAVAILABLE, "the payment store is unreachable; nothing was charged", status=503,
                                headers={"Retry-After": "5"})
         assert isinstance(exc, (GatewayError, Refusal))
-        if exc.reason != G.PAYMENT_REQUIRED:  # a challenge is the first step of paying, not a refusal
-            route_id = request.scope.get("state", {}).get("route_id", "unmatched")
+        route_id = request.scope.get("state", {}).get("route_id")
+        # Logged: refusals of priced routes (not an unknown path), and not the challenge, which is
+        # the first step of paying.
+        if route_id is not None and exc.reason != G.PAYMENT_REQUIRED:
             payer, network, asset = request.scope.get("state", {}).get("payment", ("", "", ""))
             settling = isinstance(exc, GatewayError) and "PAYMENT-RESPONSE" in exc.headers  # settlement was tried
             kind = "budget" if isinstance(exc, Refusal) else "settlement" if settling else "call"

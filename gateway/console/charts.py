@@ -41,7 +41,8 @@ def time_series(title: str, series: list[Series], ticks: list[str], *, unit: str
     for k, s in enumerate(series):
         colour = COLOURS[k % len(COLOURS)]
         points = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(s.values))
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{points}">'
+        dash = ' stroke-dasharray="6 3"' if k % 2 else ""  # overlapping lines stay told apart
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2"{dash} points="{points}">'
                      f'<title>{escape(s.label)}</title></polyline>')
         parts.append(f'<rect x="{PAD_L + 8 + 130 * k}" y="{PAD_T}" width="10" height="10" fill="{colour}"/>'
                      f'<text x="{PAD_L + 22 + 130 * k}" y="{PAD_T + 9}" font-size="11">{escape(s.label)}</text>')
