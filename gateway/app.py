@@ -12,7 +12,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 
 from gateway.budget_hook import BudgetHook, NoBudgets, Refusal
@@ -248,7 +248,8 @@ def create_app(
 
             console = create_console_app(admin_app, token.get_secret_value(), gateway=lambda: app.state.gateway,
                                          settings=settings)
-            routes.append(Mount(settings.budgets.admin_prefix.rstrip("/") + "/console", app=console))
+            at = settings.budgets.admin_prefix.rstrip("/") + "/console"
+            routes += [Route(at, lambda request: RedirectResponse(at + "/", 308)), Mount(at, app=console)]
         routes.append(Mount(settings.budgets.admin_prefix, app=admin_app))
     routes.append(Route("/{path:path}", paid, methods=methods))
     def refused(request: Request, exc: Exception) -> Response:

@@ -62,6 +62,8 @@ class RefusalStore(Protocol):
         """Newest first."""
         ...
 
+    async def ping(self) -> None: ...
+
     async def close(self) -> None: ...
 
 
@@ -83,6 +85,10 @@ class SQLiteRefusalStore:
                                 (since, limit)).fetchall()
         return [RefusalNote.loads(r[0]) for r in rows]
 
+    @_errors
+    async def ping(self) -> None:
+        self._db.execute("SELECT 1")
+
     async def close(self) -> None:
         self._db.close()
 
@@ -94,15 +100,19 @@ class RedisRefusalStore:
 
     @_errors
     async def add(self, notes: list[RefusalNote]) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.lpush(self._key, *[n.dumps() for n in notes])
-            pipe.ltrim(self._key, 0, KEEP - 1)
-            await pipe.execute()
+        # Two commands, not a transaction: a note briefly beyond KEEP harms no one (and one key
+        # needs nothing of Cluster).
+        await self._redis.lpush(self._key, *[n.dumps() for n in notes])
+        await self._redis.ltrim(self._key, 0, KEEP - 1)
 
     @_errors
     async def recent(self, *, since: float, limit: int) -> list[RefusalNote]:
         notes = [RefusalNote.loads(raw) for raw in await self._redis.lrange(self._key, 0, KEEP - 1)]
         return [n for n in notes if n.ts >= since][:limit]
+
+    @_errors
+    async def ping(self) -> None:
+        await self._redis.ping()
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -384,6 +384,21 @@ async def test_ledger_as_json_jsonl_and_csv(admin: Admin) -> None:
     doc = (await admin.client.ledger(start=start, limit=2)).json()
     assert [x["request_id"] for x in doc["entries"]] == ["old", "big"]  # oldest first, limited
 
+    # Narrowed by entry fields (the console's filters), before the limit; values compare case-blind.
+    put = await admin.client.put_policy(Owner.agent(other), NET, ASSET, {"group": "ledger-team", "limits": []})
+    assert put.status == 200
+    await spend(admin, other, 6, "grouped")
+    doc = (await admin.client.ledger(group="ledger-team", start=start)).json()
+    assert [x["request_id"] for x in doc["entries"]] == ["grouped"]
+    doc = (await admin.client.ledger(route=ROUTE.lower(), model="GPT-4o", asset=ASSET.upper().replace("0X", "0x"),
+                                     network=NET, agent=agent, start=start, limit=1)).json()
+    assert [x["request_id"] for x in doc["entries"]] == ["old"]
+    assert (await admin.client.ledger(model="other", start=start)).json()["entries"] == []
+    for bad, loc in (({"asset": "usdc"}, "query.asset"), ({"network": "base"}, "query.network"),
+                     ({"group": "a b"}, "query.group")):
+        reply = await admin.client.request("GET", "/v1/ledger", query=bad, check=False)
+        assert reply.status == 422 and reply.json()["errors"][0]["loc"] == loc
+
     reply = await admin.client.ledger(agent=agent, start=0, format="jsonl")
     assert reply.headers["Content-Type"].startswith("application/x-ndjson")
     lines = [json.loads(line) for line in reply.text.splitlines()]
@@ -435,8 +450,8 @@ async def test_openapi_document_describes_every_route(admin: Admin) -> None:
         "$ref": "#/components/schemas/Policy"}
     assert {"limits", "per_call_max", "rate_limit", "suspended", "group"} <= set(schemas["Policy"]["properties"])
     assert doc["paths"]["/v1/healthz"]["get"]["security"] == []
-    assert {p["name"] for p in doc["paths"]["/v1/ledger"]["get"]["parameters"]} == {"agent", "start", "end", "limit",
-                                                                                     "format"}
+    assert {p["name"] for p in doc["paths"]["/v1/ledger"]["get"]["parameters"]} == {
+        "agent", "start", "end", "limit", "format", "group", "route", "model", "asset", "network"}
     for schema in schemas.values():
         for ref in _refs(schema):
             assert ref.removeprefix("#/components/schemas/") in schemas, ref

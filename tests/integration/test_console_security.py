@@ -55,6 +55,8 @@ async def test_every_page_needs_a_session(console: str) -> None:
             async with http.post(console + path, data={"csrf": "x"}, headers={"Origin": origin},
                                  allow_redirects=False) as r:
                 assert r.status == 401, (path, r.status)
+        async with http.get(console, allow_redirects=False) as r:  # the console's address without its slash
+            assert r.status == 308 and r.headers["Location"] == "/admin/console/"
         async with http.get(console + "/login") as r:  # the login page itself is open
             assert r.status == 200 and 'name="token"' in await r.text()
 
