@@ -17,6 +17,7 @@ from budgets.admin.openapi import openapi_document
 from budgets.admin.requests import (
     LEDGER_MAX,
     LedgerQuery,
+    SummaryQuery,
     owner_of,
     parse_policy,
     parse_policy_filter,
@@ -30,6 +31,7 @@ from budgets.enforcer import BudgetEnforcer
 from budgets.models import Policy, Refusal
 
 log = logging.getLogger("budgets.admin")
+SUMMARY_MAX = 10 * LEDGER_MAX  # entries a summary reads at most (more: "truncated")
 
 
 @dataclass
@@ -145,3 +147,11 @@ class AdminApi:
         media = "application/x-ndjson" if q.format == "jsonl" else "text/csv; charset=utf-8"
         return StreamingResponse(self.bodies.ledger_lines(entries, q.format), media_type=media,
                                  headers={"Cache-Control": "no-store"})
+
+    async def ledger_summary(self, request: Request) -> Response:
+        q = SummaryQuery.parse(request.query_params, self.enforcer.clock())
+        led = q.ledger
+        found = await self.enforcer.store.ledger(agent=led.agent, start=led.start, end=led.end, limit=SUMMARY_MAX + 1)
+        entries = [e for e in found[:SUMMARY_MAX] if led.matches(e)]
+        return json_response(self.bodies.ledger_summary(entries, led.start, led.end, q.by, q.bucket_s,
+                                                        truncated=len(found) > SUMMARY_MAX))

@@ -32,6 +32,14 @@ _QUERY: dict[str, dict[str, dict]] = {
                "model": {"type": "string", "description": "only this model"},
                "asset": {**_PARAMS["asset"], "description": "only this asset"},
                "network": {**_PARAMS["network"], "description": "only this network"}},
+    "ledger_summary": {"agent": _PARAMS["address"],
+                       "start": {"type": "string", "description": "ISO 8601 or unix seconds (default: end - 24 h)"},
+                       "end": {"type": "string", "description": "ISO 8601 or unix seconds (default: now)"},
+                       "by": {"type": "string", "enum": ["asset", "agent"], "default": "asset"},
+                       "bucket_s": {"type": "integer", "minimum": 60, "maximum": 31 * 86400,
+                                    "description": "per-bucket counts, buckets aligned to multiples of it (at most 1000)"},
+                       "group": _PARAMS["group"], "route": {"type": "string"}, "model": {"type": "string"},
+                       "asset": _PARAMS["asset"], "network": _PARAMS["network"]},
 }
 
 
@@ -85,6 +93,18 @@ def _schemas() -> dict:
                             "policies": {"type": "array", "items": _ref("PolicyItem")}}),
         "LedgerEntry": _obj(entry),
         "Ledger": _obj({"entries": {"type": "array", "items": _ref("LedgerEntry")}}),
+        "LedgerSummary": _obj({
+            "start": {"type": "string", "format": "date-time"}, "end": {"type": "string", "format": "date-time"},
+            "by": {"enum": ["asset", "agent"]}, "bucket_s": {"type": ["integer", "null"]},
+            "truncated": {"type": "boolean", "description": "more entries than a summary reads (1,000,000)"},
+            "rows": {"type": "array", "items": {**_obj({
+                "network": {"type": "string"}, "asset": {"type": "string"},
+                "agent": {"type": "string", "description": "by=agent only"}, "calls": {"type": "integer"},
+                "amount": _AMOUNT_OUT, "amount_display": _DISPLAY,
+                "buckets": {"type": ["array", "null"], "items": _obj({
+                    "start": {"type": "string", "format": "date-time"}, "start_unix": {"type": "integer"},
+                    "calls": {"type": "integer"}, "amount": _AMOUNT_OUT})}}),
+                "required": ["network", "asset", "calls", "amount", "amount_display", "buckets"]}}}),
         "Error": _obj({"error": {"type": "string"}, "message": {"type": "string"}}),
         "InvalidRequest": _obj({"error": {"const": "invalid_request"}, "errors": {"type": "array", "items": _obj(
             {"loc": {"type": "string", "description": 'e.g. "body.limits.0.amount", "path.address"'},
@@ -113,6 +133,7 @@ def _responses(handler: str) -> dict:
             "application/json": {"schema": _ref("Ledger")},
             "application/x-ndjson": {"schema": _ref("LedgerEntry"), "description": "one entry per line"},
             "text/csv": {"schema": {"type": "string"}, "description": "header row: " + ",".join(LEDGER_COLUMNS)}}}},
+        "ledger_summary": {"200": _json_body(_ref("LedgerSummary"), "sums per asset (or agent and asset)")},
     }[handler]
     if handler == "healthz":
         return ok

@@ -120,6 +120,35 @@ class LedgerQuery:
         return cls(agent, start, end, int(raw_limit), fmt, tuple(where))
 
 
+SUMMARY_MAX_BUCKETS = 1000
+SUMMARY_BY = ("asset", "agent")
+
+
+@dataclass(frozen=True)
+class SummaryQuery:
+    """GET /v1/ledger/summary: the ledger query's selection (agent, time, filters), grouped by
+    asset or by agent and asset, optionally in time buckets of `bucket_s` seconds."""
+
+    ledger: LedgerQuery
+    by: str
+    bucket_s: int | None
+
+    @classmethod
+    def parse(cls, query: Mapping[str, str], now: float) -> SummaryQuery:
+        q = LedgerQuery.parse({k: v for k, v in query.items() if k not in ("by", "bucket_s")}, now)
+        by = query.get("by", "asset")
+        if by not in SUMMARY_BY:
+            raise invalid("query.by", "must be asset or agent")
+        raw = query.get("bucket_s")
+        if raw is None:
+            return cls(q, by, None)
+        if not (raw.isascii() and raw.isdigit() and 60 <= int(raw) <= 31 * 86400):
+            raise invalid("query.bucket_s", "must be whole seconds from 60 to 2678400")
+        if (q.end - q.start) / int(raw) > SUMMARY_MAX_BUCKETS:
+            raise invalid("query.bucket_s", f"at most {SUMMARY_MAX_BUCKETS} buckets between start and end")
+        return cls(q, by, int(raw))
+
+
 def parse_time(value: str, loc: str) -> float:
     """ISO 8601 (naive means UTC) or unix seconds."""
     try:

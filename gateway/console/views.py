@@ -91,29 +91,34 @@ class Views:
 
     # -- overview ----------------------------------------------------------------------------------
 
+    async def summary(self, **query: Any) -> list[dict[str, Any]]:
+        reply = await self.calls.get("/v1/ledger/summary", **query)
+        return (reply.doc or {}).get("rows", []) if reply.status == 200 else []
+
     async def overview(self, request: Request) -> Response:
         now = self.clock()
-        assets = await self.assets()
-        entries, refusals = await asyncio.gather(self.ledger_entries(start=now - DAY, end=now), self.refusals(now - DAY))
-        per_asset: dict[tuple[str, str], dict[str, Any]] = {}
         hours = 24
+        assets = await self.assets()
+        day, hour, refusals = await asyncio.gather(
+            self.summary(start=now - DAY, end=now, bucket_s=HOUR), self.summary(start=now - HOUR, end=now),
+            self.refusals(now - DAY))
+        start_bucket = int(now // HOUR) - hours + 1  # the day's summary starts one bucket earlier (partial)
+        per_asset: dict[tuple[str, str], dict[str, Any]] = {}
         for key, (symbol, decimals) in sorted(assets.items(), key=lambda kv: kv[1][0]):
             per_asset[key] = {"symbol": symbol, "decimals": decimals, "network": key[0], "asset": key[1],
                               "calls_h": 0, "calls_d": 0, "paid_h": 0, "paid_d": 0, "refused_h": 0, "refused_d": 0,
                               "calls_series": [0.0] * hours, "refused_series": [0.0] * hours}
-        start_bucket = int(now // HOUR) - hours + 1
-        for e in entries:
-            row = per_asset.get((e["network"], e["asset"].lower()))
-            if row is None:
-                continue
-            recent = e["ts_unix"] >= now - HOUR
-            row["calls_d"] += 1
-            row["paid_d"] += int(e["amount"])
-            row["calls_h"] += recent
-            row["paid_h"] += int(e["amount"]) if recent else 0
-            bucket = int(e["ts_unix"] // HOUR) - start_bucket
-            if 0 <= bucket < hours:
-                row["calls_series"][bucket] += 1
+        for rows, suffix in ((day, "d"), (hour, "h")):
+            for r in rows:
+                row = per_asset.get((r["network"], r["asset"]))
+                if row is not None:
+                    row[f"calls_{suffix}"], row[f"paid_{suffix}"] = r["calls"], int(r["amount"])
+        for r in day:
+            series = per_asset.get((r["network"], r["asset"]), {}).get("calls_series")
+            for b in r["buckets"] or []:
+                i = b["start_unix"] // HOUR - start_bucket
+                if series is not None and 0 <= i < hours:
+                    series[i] += b["calls"]
         other: dict[str, Any] = {"refused_h": 0, "refused_d": 0}
         for n in refusals:
             row = per_asset.get((n.network, n.asset)) if n.asset else None
@@ -121,15 +126,15 @@ class Views:
             target["refused_d"] += 1
             target["refused_h"] += n.ts >= now - HOUR
             if row is not None:
-                bucket = int(n.ts // HOUR) - start_bucket
-                if 0 <= bucket < hours:
-                    row["refused_series"][bucket] += 1
+                i = int(n.ts // HOUR) - start_bucket
+                if 0 <= i < hours:
+                    row["refused_series"][i] += 1
         reasons = Counter(n.reason for n in refusals)
         ticks = [time.strftime("%H:00", time.gmtime((start_bucket + i) * HOUR)) for i in range(hours)]
         for row in per_asset.values():
             row["paid_h_display"] = f"{token_units(row['paid_h'], row['decimals'])} {row['symbol']}"
             row["paid_d_display"] = f"{token_units(row['paid_d'], row['decimals'])} {row['symbol']}"
-            row["chart"] = Markup(time_series(
+            row["chart"] = Markup(time_series(  # built from numbers and escaped labels
                 f"{row['symbol']}: paid calls and refusals per hour, last 24 hours (UTC)",
                 [Series("paid calls", row["calls_series"]), Series("refusals", row["refused_series"])], ticks))
         health, in_flight = await asyncio.gather(self.health(), self.in_flight(now))
@@ -192,14 +197,14 @@ class Views:
         sort = request.query_params.get("sort", "address")
         sort = sort if sort in SORTS else "address"
         desc = request.query_params.get("dir") == "desc"
-        policies, entries, assets = await asyncio.gather(self.policies(), self.ledger_entries(start=now - DAY, end=now),
-                                                         self.assets())
+        policies, spenders, assets = await asyncio.gather(
+            self.policies(), self.summary(start=now - DAY, end=now, by="agent"), self.assets())
         wallets: dict[str, set[tuple[str, str]]] = defaultdict(set)
         for p in policies:
             if p["kind"] == "agent":
                 wallets[p["id"]].add((p["policy"]["network"], p["policy"]["asset"]))
-        for e in entries:
-            wallets[e["agent"].lower()].add((e["network"], e["asset"].lower()))
+        for r in spenders:
+            wallets[r["agent"]].add((r["network"], r["asset"]))
         rows = [r for r in await asyncio.gather(*(self.agent_row(a, pairs, assets) for a, pairs in
                                                   sorted(wallets.items())[:AGENTS_MAX]))
                 if not q or q in r["address"] or q in (r["group"] or "").lower()]
@@ -362,7 +367,8 @@ class Views:
     async def settlements(self, request: Request) -> Response:
         now = self.clock()
         entries, refusals, in_flight, assets = await asyncio.gather(
-            self.ledger_entries(start=now - DAY, end=now), self.refusals(now - DAY), self.in_flight(now), self.assets())
+            self.ledger_entries(start=now - HOUR, end=now), self.refusals(now - DAY), self.in_flight(now),
+            self.assets())
         failed = [n for n in refusals if n.kind == "settlement"]
         sessions = sorted(in_flight["sessions"] or [], key=lambda s: (s.state.value not in ("failed", "settling"),
                                                                       -s.last_used))
