@@ -56,6 +56,7 @@ class Views:
                 Route("/agents/{address}", self.agent, methods=["GET", "POST"]),
                 Route("/agents/{address}/suspension", self.suspension, methods=["POST"]),
                 Route("/groups", self.groups),
+                Route("/groups/{group}", self.group, methods=["GET", "POST"]),
                 Route("/groups/{group}/suspension", self.suspension, methods=["POST"]),
                 Route("/ledger", self.ledger), Route("/ledger/export", self.export),
                 Route("/settlements", self.settlements), Route("/reconciliation", self.reconciliation)]
@@ -248,23 +249,10 @@ class Views:
         forms = {k: PolicyForm.from_policy(p, assets.get(k, ("?", 0))[1]) for k, p in policies.items()}
         status, saved = 200, ""
         if request.method == "POST":
-            form = await read_form(request)
-            if form is None or not self.sessions.csrf_ok(request.scope["state"]["console_sid"], form.get("csrf")):
-                return PlainTextResponse("missing or wrong CSRF token", 403)
-            key = (form.get("network", ""), form.get("asset", "").lower())
-            if key not in assets:
-                return PlainTextResponse("unknown network or asset", 400)
-            edited = PolicyForm({k: v for k, v in form.items() if k not in ("csrf", "network", "asset")})
-            body = edited.to_body(policies.get(key), assets[key][1])
-            if body is not None:
-                put = await self.calls.call("PUT", f"/v1/agents/{address}/policies/{key[0]}/{key[1]}", body=body)
-                if put.status in (200, 201):
-                    return RedirectResponse(f"{request.scope.get('root_path', '')}/agents/{address}?saved=1", 303)
-                if put.status == 422:
-                    edited.admin_errors(put.doc.get("errors", []), body)
-                else:
-                    edited.errors["form"] = str((put.doc or {}).get("message") or f"HTTP {put.status}")
-            forms[key] = edited
+            answer = await self.edit_policy(request, f"/agents/{address}", f"/v1/agents/{address}", policies, forms,
+                                            assets)
+            if answer is not None:
+                return answer
             status = 422
         saved = "policy saved" if request.query_params.get("saved") else ""
         pairs = set(policies) | set(forms)
@@ -277,6 +265,30 @@ class Views:
                            new_pairs=new_pairs, blank=PolicyForm({}), saved=saved,
                            calls=list(reversed(entries))[:RECENT],
                            refusals=[n for n in refusals if n.payer == address][:RECENT])
+
+    async def edit_policy(self, request: Request, page: str, owner_path: str, policies: dict[tuple[str, str], Any],
+                          forms: dict[tuple[str, str], PolicyForm],
+                          assets: dict[tuple[str, str], tuple[str, int]]) -> Response | None:
+        """A policy form posted: saved through the admin API (a redirect back to `page`), an
+        error answer, or None with the form's field errors put in `forms` (shown again, 422)."""
+        form = await read_form(request)
+        if form is None or not self.sessions.csrf_ok(request.scope["state"]["console_sid"], form.get("csrf")):
+            return PlainTextResponse("missing or wrong CSRF token", 403)
+        key = (form.get("network", ""), form.get("asset", "").lower())
+        if key not in assets:
+            return PlainTextResponse("unknown network or asset", 400)
+        edited = PolicyForm({k: v for k, v in form.items() if k not in ("csrf", "network", "asset")})
+        body = edited.to_body(policies.get(key), assets[key][1])
+        if body is not None:
+            put = await self.calls.call("PUT", f"{owner_path}/policies/{key[0]}/{key[1]}", body=body)
+            if put.status in (200, 201):
+                return RedirectResponse(f"{request.scope.get('root_path', '')}{page}?saved=1", 303)
+            if put.status == 422:
+                edited.admin_errors((put.doc or {}).get("errors", []), body)
+            else:
+                edited.errors["form"] = str((put.doc or {}).get("message") or f"HTTP {put.status}")
+        forms[key] = edited
+        return None
 
     async def suspension(self, request: Request) -> Response:
         form = await read_form(request)
@@ -317,6 +329,30 @@ class Views:
                                 for w in doc.get("budgets", []) if w["scope"] == "group"]
             g["suspended"] = any(p["policy"]["suspended"] for p in g["policies"])
         return self.render(request, "groups.html", groups=sorted(groups.values(), key=lambda g: g["name"]))
+
+    async def group(self, request: Request) -> Response:
+        name = request.path_params["group"]
+        reply = await self.calls.get("/v1/policies", group=name)
+        if reply.status != 200:
+            return PlainTextResponse("not a group id", 404)
+        assets, everyone = await asyncio.gather(self.assets(), self.policies())
+        policies = {(p["policy"]["network"], p["policy"]["asset"]): p["policy"] for p in reply.doc["policies"]}
+        forms = {k: PolicyForm.from_policy(p, assets.get(k, ("?", 0))[1]) for k, p in policies.items()}
+        status = 200
+        if request.method == "POST":
+            answer = await self.edit_policy(request, f"/groups/{name}", f"/v1/groups/{name}", policies, forms, assets)
+            if answer is not None:
+                return answer
+            status = 422
+        members = sorted({p["id"] for p in everyone if p["kind"] == "agent" and p["policy"].get("group") == name})
+        windows: list[dict[str, Any]] = []
+        for member in members[:1]:  # the group's windows, as a member's usage shows them
+            doc = (await self.calls.get(f"/v1/agents/{member}/usage")).doc or {}
+            windows = [w for w in doc.get("budgets", []) if w["scope"] == "group"]
+        return self.render(request, "group.html", status, name=name, forms=forms, assets=assets, members=members,
+                           group_windows=windows, suspended=any(p["suspended"] for p in policies.values()),
+                           new_pairs=[k for k in assets if k not in forms], blank=PolicyForm({}),
+                           saved="policy saved" if request.query_params.get("saved") else "")
 
     # -- ledger ------------------------------------------------------------------------------------
 

@@ -138,6 +138,14 @@ def test_operator_steers_an_agent_in_the_console(browser: Any, gateway: Any, dev
     assert "0 OPG of 0.5 OPG" in text("#budgets") and "0.5 OPG left" in text("#budgets")
     assert asyncio.run(admin.usage(address))["limit"] == 5 * 10**17
 
+    # Its group gets a budget of its own (2 OPG a day), from the group's page.
+    browser.get(base + "/groups/team-a")
+    browser.find_element(By.XPATH, "//summary[contains(., 'OPG')]").click()
+    group_day = browser.find_element(By.ID, "OPG-limit_day")
+    group_day.send_keys("2")
+    group_day.submit()
+    assert "policy saved" in text("[role=status]")
+
     # A paid call: it appears in the ledger, and the remaining budget drops by its price.
     reply = call()
     assert reply.status == 200, reply
@@ -150,7 +158,7 @@ def test_operator_steers_an_agent_in_the_console(browser: Any, gateway: Any, dev
     assert link.get_attribute("href") == f"https://explorer.invalid/tx/{tx}"
     shot("ledger")
     browser.get(f"{base}/agents/{address}")
-    assert "0.495 OPG left" in text("#budgets")
+    assert "0.495 OPG left" in text("#budgets") and "0.005 OPG of 2 OPG; 1.995 OPG left" in text("#budgets")
     assert tx[:10] in text("#recent-calls")
 
     # Suspend it: its next call is refused, and the refusal shows on its page.
@@ -170,7 +178,7 @@ def test_operator_steers_an_agent_in_the_console(browser: Any, gateway: Any, dev
     assert [(r["agent"].lower(), r["amount"], r["tx_hash"]) for r in rows_csv] == [(address, str(CHAT_PRICE_OPG), tx)]
 
     # The other pages render, and are screenshot.
-    for name, path in [("overview", "/"), ("groups", "/groups"), ("settlements", "/settlements"),
+    for name, path in [("overview", "/"), ("groups", "/groups"), ("group", "/groups/team-a"), ("settlements", "/settlements"),
                        ("reconciliation", "/reconciliation")]:
         browser.get(base + path)
         assert browser.find_element(By.TAG_NAME, "h1").text
@@ -178,7 +186,7 @@ def test_operator_steers_an_agent_in_the_console(browser: Any, gateway: Any, dev
     browser.get(base + "/")
     assert "OPG" in text("#main table") and browser.find_elements(By.CSS_SELECTOR, "svg.chart polyline")
     browser.get(base + "/groups")
-    assert address in text("#main") and "team-a" in text("#main")
+    assert address in text("#main") and "team-a" in text("#main") and "day 2 OPG" in text("#main")
     browser.get(base + "/reconciliation")
     assert browser.find_elements(By.ID, "reconcile-unavailable")  # no /v1/reconcile on this admin API yet
     browser.set_window_size(390, 844)  # a phone

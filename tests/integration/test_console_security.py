@@ -78,6 +78,23 @@ async def test_wrong_token_refused_right_token_sets_a_strict_cookie(console: str
             assert export.status == 200 and (await export.text()).startswith("ts,agent,group,route")
 
 
+async def test_logout_needs_the_csrf_token_and_clears_the_cookie(console: str) -> None:
+    async with _session() as http:
+        assert (await _login(http, console)).status == 303
+        origin = console.split("/admin")[0]
+        async with http.get(console + "/") as page:
+            csrf = re.search(r'name="csrf" value="([^"]+)"', await page.text())
+        assert csrf is not None
+        async with http.post(console + "/logout", data={}, headers={"Origin": origin}, allow_redirects=False) as r:
+            assert r.status == 403  # a cross-site page cannot log the operator out either
+        async with http.post(console + "/logout", data={"csrf": csrf.group(1)}, headers={"Origin": origin},
+                             allow_redirects=False) as r:
+            assert r.status == 303 and r.headers["Location"].endswith("/login")
+            assert 'x402_console=""' in r.headers["Set-Cookie"] or "Max-Age=0" in r.headers["Set-Cookie"]
+        async with http.get(console + "/", allow_redirects=False) as r:
+            assert r.status == 303
+
+
 async def test_a_forged_or_expired_cookie_is_no_session(console: str) -> None:
     async with aiohttp.ClientSession() as http:
         for value in ("abc.9999999999.forged", "abc.1.x", ""):
