@@ -14,7 +14,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 
 from budgets.reconcile import ReconcileError, ReconcileJob, Reconciler, Report, RpcCall
@@ -33,6 +33,7 @@ from gateway.paywall.settle import Settlement
 from gateway.pricing import Pricing
 from gateway.proxy import UpstreamPool, Upstreams
 from gateway.records import PaymentRecords, open_records
+from gateway.refusals import RefusalLog, open_refusals
 from gateway.session_calls import SessionCalls
 from gateway.session_funds import FundsWatch
 from gateway.sessions import SessionStore, open_sessions
@@ -100,6 +101,7 @@ class GatewayState:
     metrics: GatewayMetrics
     pricing: Pricing
     challenges: Challenges
+    refusals: RefusalLog
     sessions: SessionStore | None = None  # when a route runs upto sessions
     proofs: ProofStore | None = None  # when tee proofs are anchored ([proofs])
 
@@ -183,6 +185,7 @@ def create_app(
         if isinstance(fac, LocalFacilitatorClient):
             fac.start()
         records = open_records(settings.store_url, prefix=settings.store_prefix)
+        refusals = RefusalLog(open_refusals(settings.store_url, prefix=settings.store_prefix))
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, limit_per_host=256, ttl_dns_cache=300, keepalive_timeout=30),
             auto_decompress=False, response_class=TrackedResponse,  # worker slots follow the body
@@ -202,6 +205,7 @@ def create_app(
             for name, up in settings.upstreams.items()}
         if enforcer is not None:
             await seed_policies(settings, enforcer)
+        background.append(asyncio.create_task(refusals.flush_forever()))
         if any(r.metered and "upto" in r.schemes for r in settings.routes):
             pricing.upto_signers = await fac.upto_signers()
         if settings.quote.feed_url:
@@ -235,8 +239,8 @@ def create_app(
             batcher = ProofBatcher(settings.proofs, proofs, LocalBlobStore(settings.proofs.blob_dir), m, sender)
             background.append(asyncio.create_task(batcher.run_forever()))
         paywall = Paywall(settings, pricing, fac, records, hook, m, upstreams, challenges, settlement, calls, proofs)
-        app.state.gateway = GatewayState(paywall, records, fac, upstreams, m, pricing, challenges, sessions_store,
-                                         proofs)
+        app.state.gateway = GatewayState(paywall, records, fac, upstreams, m, pricing, challenges, refusals,
+                                         sessions_store, proofs)
         try:
             yield
         finally:
@@ -249,6 +253,8 @@ def create_app(
                 await client.close()
             await records.close()
             await intents.close()
+            await refusals.flush()
+            await refusals.store.close()
             if sessions_store is not None:
                 await sessions_store.close()
             if enforcer is not None:
@@ -349,8 +355,18 @@ def create_app(
         from budgets.settings import admin_token
 
         assets = {(o.network, o.asset.lower()): (o.symbol, o.decimals) for o in settings.accepts}
-        routes.append(Mount(settings.budgets.admin_prefix,
-                            app=create_admin_app(enforcer, admin_token(), assets=assets, reconciler=reconciler)))
+        token = admin_token()
+        admin_app = create_admin_app(enforcer, token, assets=assets, reconciler=reconciler)
+        if token is not None and settings.console:  # ahead of the admin API's mount, which would take its paths
+            from gateway.console import create_console_app
+            from gateway.console.reconcile import chain_reconciler
+
+            console = create_console_app(admin_app, token.get_secret_value(), gateway=lambda: app.state.gateway,
+                                         settings=settings,
+                                         reconciler=chain_reconciler(reconciler) if reconciler is not None else None)
+            at = settings.budgets.admin_prefix.rstrip("/") + "/console"
+            routes += [Route(at, lambda request: RedirectResponse(at + "/", 308)), Mount(at, app=console)]
+        routes.append(Mount(settings.budgets.admin_prefix, app=admin_app))
     routes.append(Route("/{path:path}", paid, methods=methods))
     def refused(request: Request, exc: Exception) -> Response:
         """The one place a refusal becomes an answer (also Starlette's handler for them)."""
@@ -360,6 +376,15 @@ def create_app(
             exc = GatewayError(G.STORE_UNAVAILABLE, "the payment store is unreachable; nothing was charged", status=503,
                                headers={"Retry-After": "5"})
         assert isinstance(exc, (GatewayError, Refusal))
+        route_id = request.scope.get("state", {}).get("route_id")
+        # Logged: refusals of priced routes (not an unknown path), and not the challenge, which is
+        # the first step of paying.
+        if route_id is not None and exc.reason != G.PAYMENT_REQUIRED:
+            payer, network, asset = request.scope.get("state", {}).get("payment", ("", "", ""))
+            settling = isinstance(exc, GatewayError) and "PAYMENT-RESPONSE" in exc.headers  # settlement was tried
+            kind = "budget" if isinstance(exc, Refusal) else "settlement" if settling else "call"
+            tx = str(exc.extra.get("transaction") or "") if isinstance(exc, GatewayError) else ""
+            state.refusals.note(route_id, exc.reason, exc.status, exc.message, payer, network, asset, kind=kind, tx=tx)
         return render_refusal(request, exc, state.challenges, state.metrics)
 
     handlers = {GatewayError: refused, Refusal: refused, StoreUnavailableError: refused}

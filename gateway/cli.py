@@ -61,12 +61,24 @@ def load_serve_settings(source: dict[str, Any]) -> GatewaySettings:
                                 port=port if port is not None else 8402,
                                 upstream_auth=os.environ.get("GATEWAY_DEV_UPSTREAM_KEY"))
         settings = GatewaySettings.model_validate(settings.model_dump() | env_tunables(os.environ) | (
-            {"host": host} if host else {}))
+            {"host": host} if host else {}) | _dev_budgets(settings.store_url))
     else:
         raise ValueError("give --config FILE (or GATEWAY_CONFIG_FILE), or --devchain FILE for local use")
     if source["facilitator_url"]:
         settings.facilitator.mode, settings.facilitator.url = "remote", source["facilitator_url"]
     return settings
+
+
+def _dev_budgets(store_url: str) -> dict[str, Any]:
+    """On the dev chain, with an admin token set: budgets on (the admin API and the console need
+    them), generous for unlisted wallets (1000 of each asset a day, no rate limit), kept in memory
+    when the records are."""
+    from budgets.settings import admin_token
+
+    if admin_token() is None:
+        return {}
+    store = {"store_url": "memory://"} if store_url == "memory://" else {}
+    return {"budgets": {"default": "budget", "default_daily": "1000", "default_rate_per_minute": None, **store}}
 
 
 def _run_serve(args: argparse.Namespace) -> int:

@@ -44,6 +44,11 @@ class QuoteBook:
             raise StaleQuoteError(f"no {self.config.currency} price for {symbol}")
         return rate
 
+    @property
+    def fed_at(self) -> float | None:
+        """When the feed last answered with prices (unix seconds); None before it has."""
+        return self._fed_at or None
+
     def update(self, prices: dict[str, Decimal]) -> None:
         if prices != self._fed:
             self.version += 1

@@ -35,7 +35,8 @@ Environment: GATEWAY_CONFIG_FILE, GATEWAY_PAY_TO, GATEWAY_STORE_URL, GATEWAY_PUB
 GATEWAY_FACILITATOR_URL (switches to remote mode), GATEWAY_HOST, GATEWAY_PORT,
 GATEWAY_UPSTREAM_<NAME>_URLS (comma-separated), GATEWAY_UPSTREAM_<NAME>_AUTH, GATEWAY_SETTLE_TIMEOUT_S,
 GATEWAY_VERIFY_TIMEOUT_S, GATEWAY_RECORD_LEASE_S, GATEWAY_STORE_PREFIX, GATEWAY_LOG_LEVEL, GATEWAY_SHUTDOWN_GRACE_S,
-GATEWAY_PAYMENT_IDENTIFIER (true/false: declare the payment-identifier extension; per route: routes.payment_identifier).
+GATEWAY_PAYMENT_IDENTIFIER (true/false: declare the payment-identifier extension; per route: routes.payment_identifier),
+GATEWAY_CONSOLE (true/false: the operator's console), GATEWAY_CONSOLE_SESSION_S, GATEWAY_EXPLORER_TX_URL.
 """
 
 from __future__ import annotations
@@ -345,6 +346,12 @@ class GatewaySettings(_Model):
     # Declare the payment-identifier extension in 402s (idempotent retries under a client's id).
     # Off by default, as in the reference server: a client that sees it declared needs `jsonschema`.
     payment_identifier: bool = Field(default=False, strict=True)
+    # The operator's console under {budgets.admin_prefix}/console: on whenever the admin API is
+    # (budgets configured and an admin token set), unless turned off here.
+    console: bool = Field(default=True, strict=True)
+    console_session_s: float = Field(default=8 * 3600.0, gt=0, le=7 * 86400, description="login lifetime")
+    # Transaction links in the console: "{tx}" is replaced by the hash (e.g. https://basescan.org/tx/{tx}).
+    explorer_tx_url: str | None = Field(default=None, pattern=r"^https?://[^\s\"'<>]*\{tx\}[^\s\"'<>]*$")
 
     def payment_identifier_on(self, route: Route) -> bool:
         return self.payment_identifier if route.payment_identifier is None else route.payment_identifier
@@ -412,6 +419,9 @@ _TUNABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "GATEWAY_LOG_LEVEL": ("log_level", str),
     "GATEWAY_SHUTDOWN_GRACE_S": ("shutdown_grace_s", float),
     "GATEWAY_PAYMENT_IDENTIFIER": ("payment_identifier", _flag),
+    "GATEWAY_CONSOLE": ("console", _flag),
+    "GATEWAY_CONSOLE_SESSION_S": ("console_session_s", float),
+    "GATEWAY_EXPLORER_TX_URL": ("explorer_tx_url", str),
 }
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a fresh machine: the Python virtualenv with the project's
 # packages, OpenGradient's SDK in .venv-og (scripts/og-venv.sh), the npm packages for the dev chain
-# (anvil, Permit2's runtime, solc-js, OpenZeppelin), and redis-server when it is missing.
+# (anvil, Permit2's runtime, solc-js, OpenZeppelin), and redis-server, chromium and chromium-driver when missing.
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,10 +30,12 @@ if [ ! -f "$nstamp" ]; then
   touch "$nstamp"
 fi
 
-if ! command -v redis-server >/dev/null; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server
-  else
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server
-  fi
+# redis-server for the tests' real Redis; Debian's chromium + chromium-driver for the console's
+# browser tests (tests/e2e/test_console_browser.py: Selenium drives /usr/bin/chromedriver).
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || missing+=(chromium chromium-driver)
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=(); [ "$(id -u)" = 0 ] || sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi

@@ -15,7 +15,9 @@ from budgets.admin.bodies import read_json
 from budgets.admin.errors import AdminError, json_response
 from budgets.admin.openapi import openapi_document
 from budgets.admin.requests import (
+    LEDGER_MAX,
     LedgerQuery,
+    SummaryQuery,
     owner_of,
     parse_block_range,
     parse_policy,
@@ -31,6 +33,7 @@ from budgets.models import Policy, Refusal
 from budgets.reconcile import ReconcileError, Reconciler
 
 log = logging.getLogger("budgets.admin")
+SUMMARY_MAX = 10 * LEDGER_MAX  # entries a summary reads at most (more: "truncated")
 
 
 @dataclass
@@ -137,12 +140,24 @@ class AdminApi:
 
     async def ledger(self, request: Request) -> Response:
         q = LedgerQuery.parse(request.query_params, self.enforcer.clock())
-        entries = await self.enforcer.store.ledger(agent=q.agent, start=q.start, end=q.end, limit=q.limit)
+        if q.where:  # the store selects by agent and time; the rest narrows its answer, then the limit applies
+            found = await self.enforcer.store.ledger(agent=q.agent, start=q.start, end=q.end, limit=LEDGER_MAX)
+            entries = [e for e in found if q.matches(e)][:q.limit]
+        else:
+            entries = await self.enforcer.store.ledger(agent=q.agent, start=q.start, end=q.end, limit=q.limit)
         if q.format == "json":
             return json_response({"entries": [self.bodies.ledger_entry(e) for e in entries]})
         media = "application/x-ndjson" if q.format == "jsonl" else "text/csv; charset=utf-8"
         return StreamingResponse(self.bodies.ledger_lines(entries, q.format), media_type=media,
                                  headers={"Cache-Control": "no-store"})
+
+    async def ledger_summary(self, request: Request) -> Response:
+        q = SummaryQuery.parse(request.query_params, self.enforcer.clock())
+        led = q.ledger
+        found = await self.enforcer.store.ledger(agent=led.agent, start=led.start, end=led.end, limit=SUMMARY_MAX + 1)
+        entries = [e for e in found[:SUMMARY_MAX] if led.matches(e)]
+        return json_response(self.bodies.ledger_summary(entries, led.start, led.end, q.by, q.bucket_s,
+                                                        truncated=len(found) > SUMMARY_MAX))
 
     # -- reconciliation with the chain ---------------------------------------------------------
 

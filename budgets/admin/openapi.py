@@ -26,7 +26,20 @@ _QUERY: dict[str, dict[str, dict]] = {
                "start": {"type": "string", "description": "ISO 8601 or unix seconds (default: end - 24 h)"},
                "end": {"type": "string", "description": "ISO 8601 or unix seconds (default: now)"},
                "limit": {"type": "integer", "minimum": 1, "maximum": LEDGER_MAX, "default": 1000},
-               "format": {"type": "string", "enum": ["json", "jsonl", "csv"], "default": "json"}},
+               "format": {"type": "string", "enum": ["json", "jsonl", "csv"], "default": "json"},
+               "group": {**_PARAMS["group"], "description": "only entries of this group"},
+               "route": {"type": "string", "description": 'only this route id ("POST /v1/chat/completions")'},
+               "model": {"type": "string", "description": "only this model"},
+               "asset": {**_PARAMS["asset"], "description": "only this asset"},
+               "network": {**_PARAMS["network"], "description": "only this network"}},
+    "ledger_summary": {"agent": _PARAMS["address"],
+                       "start": {"type": "string", "description": "ISO 8601 or unix seconds (default: end - 24 h)"},
+                       "end": {"type": "string", "description": "ISO 8601 or unix seconds (default: now)"},
+                       "by": {"type": "string", "enum": ["asset", "agent"], "default": "asset"},
+                       "bucket_s": {"type": "integer", "minimum": 60, "maximum": 31 * 86400,
+                                    "description": "per-bucket counts, buckets aligned to multiples of it (at most 1000)"},
+                       "group": _PARAMS["group"], "route": {"type": "string"}, "model": {"type": "string"},
+                       "asset": _PARAMS["asset"], "network": _PARAMS["network"]},
     "reconcile": {"from": {"type": "integer", "minimum": 0, "description": "first block (required)"},
                   "to": {"type": "integer", "minimum": 0, "description": "last block (required)"},
                   "network": {**_PARAMS["network"], "description": "required when the gateway has several"}},
@@ -94,6 +107,18 @@ def _schemas() -> dict:
                 "block": {"type": ["integer", "null"]}, "kind": {"enum": ["not_in_ledger", "not_on_chain", "amount"]},
                 "chain": _AMOUNT_OUT, "ledger": _AMOUNT_OUT,
                 "difference": {"type": "string", "description": "chain - ledger, base units"}})}}),
+        "LedgerSummary": _obj({
+            "start": {"type": "string", "format": "date-time"}, "end": {"type": "string", "format": "date-time"},
+            "by": {"enum": ["asset", "agent"]}, "bucket_s": {"type": ["integer", "null"]},
+            "truncated": {"type": "boolean", "description": "more entries than a summary reads (1,000,000)"},
+            "rows": {"type": "array", "items": {**_obj({
+                "network": {"type": "string"}, "asset": {"type": "string"},
+                "agent": {"type": "string", "description": "by=agent only"}, "calls": {"type": "integer"},
+                "amount": _AMOUNT_OUT, "amount_display": _DISPLAY,
+                "buckets": {"type": ["array", "null"], "items": _obj({
+                    "start": {"type": "string", "format": "date-time"}, "start_unix": {"type": "integer"},
+                    "calls": {"type": "integer"}, "amount": _AMOUNT_OUT})}}),
+                "required": ["network", "asset", "calls", "amount", "amount_display", "buckets"]}}}),
         "Error": _obj({"error": {"type": "string"}, "message": {"type": "string"}}),
         "InvalidRequest": _obj({"error": {"const": "invalid_request"}, "errors": {"type": "array", "items": _obj(
             {"loc": {"type": "string", "description": 'e.g. "body.limits.0.amount", "path.address"'},
@@ -126,6 +151,7 @@ def _responses(handler: str) -> dict:
                       "400": _json_body(_ref("Error"), "reconcile_refused: the range or network cannot be read"),
                       "404": _json_body(_ref("Error"), "reconcile_unavailable: no chain configured"),
                       "502": _json_body(_ref("Error"), "chain_unavailable: the node could not be read")},
+        "ledger_summary": {"200": _json_body(_ref("LedgerSummary"), "sums per asset (or agent and asset)")},
     }[handler]
     if handler == "healthz":
         return ok

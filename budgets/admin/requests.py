@@ -12,11 +12,12 @@ from pydantic import ValidationError
 from starlette.requests import Request
 
 from budgets.admin.errors import InvalidRequestError, invalid
-from budgets.models import ADDRESS, GROUP_ID, Policy
+from budgets.models import ADDRESS, GROUP_ID, LedgerEntry, Policy
 
 MAX_AMOUNT = 2**256 - 1
 LEDGER_MAX = 100_000
 LEDGER_FORMATS = ("json", "jsonl", "csv")
+LEDGER_FILTERS = ("group", "route", "model", "asset", "network")
 MUST = {"address": "must be an address (0x + 40 hex digits)",
         "asset": "must be an asset address (0x + 40 hex digits)",
         "network": "must be a CAIP-2 EVM network (eip155:<chain id>)",
@@ -83,6 +84,11 @@ class LedgerQuery:
     end: float
     limit: int
     format: str
+    # Narrowing by entry field (the operator's console filters on them): equal values only.
+    where: tuple[tuple[str, str], ...] = ()
+
+    def matches(self, entry: LedgerEntry) -> bool:
+        return all((getattr(entry, name) or "").lower() == value for name, value in self.where)
 
     @classmethod
     def parse(cls, query: Mapping[str, str], now: float) -> LedgerQuery:
@@ -100,7 +106,47 @@ class LedgerQuery:
         fmt = query.get("format", "json")
         if fmt not in LEDGER_FORMATS:
             raise invalid("query.format", "must be json, jsonl or csv")
-        return cls(agent, start, end, int(raw_limit), fmt)
+        where = []
+        for name in LEDGER_FILTERS:
+            value = query.get(name)
+            if value:
+                if name == "asset" and not ADDRESS.match(value):
+                    raise invalid("query.asset", MUST["asset"])
+                if name == "network" and not is_network(value):
+                    raise invalid("query.network", MUST["network"])
+                if name == "group" and not GROUP_ID.match(value):
+                    raise invalid("query.group", MUST["group"])
+                where.append((name, value.lower()))
+        return cls(agent, start, end, int(raw_limit), fmt, tuple(where))
+
+
+SUMMARY_MAX_BUCKETS = 1000
+SUMMARY_BY = ("asset", "agent")
+
+
+@dataclass(frozen=True)
+class SummaryQuery:
+    """GET /v1/ledger/summary: the ledger query's selection (agent, time, filters), grouped by
+    asset or by agent and asset, optionally in time buckets of `bucket_s` seconds."""
+
+    ledger: LedgerQuery
+    by: str
+    bucket_s: int | None
+
+    @classmethod
+    def parse(cls, query: Mapping[str, str], now: float) -> SummaryQuery:
+        q = LedgerQuery.parse({k: v for k, v in query.items() if k not in ("by", "bucket_s")}, now)
+        by = query.get("by", "asset")
+        if by not in SUMMARY_BY:
+            raise invalid("query.by", "must be asset or agent")
+        raw = query.get("bucket_s")
+        if raw is None:
+            return cls(q, by, None)
+        if not (raw.isascii() and raw.isdigit() and 60 <= int(raw) <= 31 * 86400):
+            raise invalid("query.bucket_s", "must be whole seconds from 60 to 2678400")
+        if (q.end - q.start) / int(raw) > SUMMARY_MAX_BUCKETS:
+            raise invalid("query.bucket_s", f"at most {SUMMARY_MAX_BUCKETS} buckets between start and end")
+        return cls(q, by, int(raw))
 
 
 def parse_time(value: str, loc: str) -> float:

@@ -73,6 +73,38 @@ class ResponseBodies:
                 "amount_display": self._display(e.amount, e.network, e.asset), "asset": e.asset,
                 "network": e.network, "tx_hash": e.tx_hash, "request_id": e.request_id, "extra": e.extra}
 
+    def ledger_summary(self, entries: list[LedgerEntry], start: float, end: float, by: str, bucket_s: int | None,
+                       *, truncated: bool) -> dict:
+        """Calls and amounts per asset (or per agent and asset), with per-bucket counts when asked;
+        buckets are aligned to multiples of bucket_s (unix time) and cover start..end."""
+        first = int(start // bucket_s) * bucket_s if bucket_s else 0
+        n = int(end // bucket_s) - int(start // bucket_s) + 1 if bucket_s else 0
+        rows: dict[tuple[str, ...], dict] = {}
+        for e in entries:
+            key = (e.agent.lower(), e.network, e.asset.lower()) if by == "agent" else (e.network, e.asset.lower())
+            row = rows.get(key)
+            if row is None:
+                row = rows[key] = {"network": e.network, "asset": e.asset.lower(), "calls": 0, "amount": 0,
+                                   "buckets": [[0, 0] for _ in range(n)]}
+                if by == "agent":
+                    row["agent"] = key[0]
+            row["calls"] += 1
+            row["amount"] += e.amount
+            if bucket_s:
+                b = row["buckets"][min(n - 1, max(0, int(e.ts // bucket_s) - first // bucket_s))]
+                b[0] += 1
+                b[1] += e.amount
+        out = []
+        for row in rows.values():
+            row["amount_display"] = self._display(row["amount"], row["network"], row["asset"])
+            row["buckets"] = [{"start": iso(first + i * bucket_s), "start_unix": first + i * bucket_s, "calls": c,
+                               "amount": str(a)} for i, (c, a) in enumerate(row["buckets"])] if bucket_s else None
+            row["amount"] = str(row["amount"])
+            out.append(row)
+        out.sort(key=lambda r: (r.get("agent", ""), r["network"], r["asset"]))
+        return {"start": iso(start), "end": iso(end), "by": by, "bucket_s": bucket_s, "rows": out,
+                "truncated": truncated}
+
     async def ledger_lines(self, entries: list[LedgerEntry], fmt: str) -> AsyncIterator[bytes]:
         """The entries as JSON lines ("jsonl") or CSV with a header row ("csv")."""
         if fmt == "jsonl":

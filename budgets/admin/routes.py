@@ -23,4 +23,6 @@ ROUTES: list[tuple[str, str, str, str]] = [  # (method, path, handler, summary)
     ("POST", "/v1/groups/{group}/resume", "resume", "Resume a group"),
     ("GET", "/v1/ledger", "ledger", "Settled spend, by agent and time range, as JSON, JSON lines or CSV"),
     ("GET", "/v1/reconcile", "reconcile", "The ledger against Transfer logs to the payee over a block range (?from=&to=)"),
+    ("GET", "/v1/ledger/summary", "ledger_summary",
+     "Settled spend summed per asset (or per agent and asset), optionally in time buckets"),
 ]

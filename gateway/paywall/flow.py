@@ -95,6 +95,8 @@ class Paywall:
         call = decode_call(request, offer, body, forward_body, request_id,
                            resource_url=self.challenges.resource(request, offer).url,
                            payment_ids=self.settings.payment_identifier_on(offer.route))
+        # Who paid with what, for the refusal log (gateway/refusals.py) should this call be refused.
+        request.scope["state"]["payment"] = (call.payer, call.network, call.requirement.asset)
         self.tee_stream_allowed(call)
         await self.budgets.precheck(call.payer, call.network, call.requirement.asset, offer.route_id, offer.model)
         if (earlier := await self.replays.earlier_under_id(call)) is not None:

@@ -14,6 +14,7 @@ from budgets.sqlite_store import open_budget_store
 from budgets.store import BudgetStoreUnavailableError
 from facilitator.store import StoreUnavailableError, open_store
 from gateway.records import RecordStoreUnavailableError, open_records
+from gateway.refusals import RefusalStoreUnavailableError, open_refusals
 from gateway.sessions import SessionStoreUnavailableError, open_sessions
 
 LAYERS: dict[str, tuple[Callable[..., Any], type[Exception]]] = {
@@ -21,6 +22,7 @@ LAYERS: dict[str, tuple[Callable[..., Any], type[Exception]]] = {
     "budgets": (open_budget_store, BudgetStoreUnavailableError),
     "records": (open_records, RecordStoreUnavailableError),
     "sessions": (open_sessions, SessionStoreUnavailableError),
+    "refusals": (open_refusals, RefusalStoreUnavailableError),
 }
 
 

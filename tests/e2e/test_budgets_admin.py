@@ -384,6 +384,38 @@ async def test_ledger_as_json_jsonl_and_csv(admin: Admin) -> None:
     doc = (await admin.client.ledger(start=start, limit=2)).json()
     assert [x["request_id"] for x in doc["entries"]] == ["old", "big"]  # oldest first, limited
 
+    # Narrowed by entry fields (the console's filters), before the limit; values compare case-blind.
+    put = await admin.client.put_policy(Owner.agent(other), NET, ASSET, {"group": "ledger-team", "limits": []})
+    assert put.status == 200
+    await spend(admin, other, 6, "grouped")
+    doc = (await admin.client.ledger(group="ledger-team", start=start)).json()
+    assert [x["request_id"] for x in doc["entries"]] == ["grouped"]
+    doc = (await admin.client.ledger(route=ROUTE.lower(), model="GPT-4o", asset=ASSET.upper().replace("0X", "0x"),
+                                     network=NET, agent=agent, start=start, limit=1)).json()
+    assert [x["request_id"] for x in doc["entries"]] == ["old"]
+    assert (await admin.client.ledger(model="other", start=start)).json()["entries"] == []
+    for bad, loc in (({"asset": "usdc"}, "query.asset"), ({"network": "base"}, "query.network"),
+                     ({"group": "a b"}, "query.group")):
+        reply = await admin.client.request("GET", "/v1/ledger", query=bad, check=False)
+        assert reply.status == 422 and reply.json()["errors"][0]["loc"] == loc
+
+    # Summed (what the console's overview reads): per asset, or per agent and asset, in buckets.
+    base = int(admin.enforcer.clock() // 86400) * 86400 - 3 * 86400  # buckets align to multiples of bucket_s
+    doc = (await admin.client.request("GET", "/v1/ledger/summary", query={
+        "start": base, "end": base + 4 * 86400 - 1, "bucket_s": 86400, "agent": agent})).json()
+    [row] = doc["rows"]
+    assert (row["network"], row["asset"], row["calls"], row["amount"]) == (NET, ASSET, 2, str(7 + BIG))
+    assert row["amount_display"] == "20.000000000000000008 OPG" and doc["truncated"] is False
+    assert [(b["calls"], b["amount"]) for b in row["buckets"]] == [(0, "0"), (1, "7"), (0, "0"), (1, str(BIG))]
+    assert [b["start_unix"] for b in row["buckets"]] == [base + i * 86400 for i in range(4)]
+    doc = (await admin.client.request("GET", "/v1/ledger/summary", query={"start": start, "by": "agent"})).json()
+    mine = {r["agent"]: (r["calls"], r["amount"]) for r in doc["rows"] if r["agent"] in (agent, other)}
+    assert mine == {agent: (2, str(7 + BIG)), other: (2, "11")} and doc["rows"][0]["buckets"] is None
+    for bad, loc in (({"by": "route"}, "query.by"), ({"bucket_s": "59"}, "query.bucket_s"),
+                     ({"bucket_s": "60", "start": 0}, "query.bucket_s")):
+        reply = await admin.client.request("GET", "/v1/ledger/summary", query=bad, check=False)
+        assert reply.status == 422 and reply.json()["errors"][0]["loc"] == loc, reply.text
+
     reply = await admin.client.ledger(agent=agent, start=0, format="jsonl")
     assert reply.headers["Content-Type"].startswith("application/x-ndjson")
     lines = [json.loads(line) for line in reply.text.splitlines()]
@@ -422,7 +454,8 @@ async def test_openapi_document_describes_every_route(admin: Admin) -> None:
                       ("GET", pol), ("PUT", pol), ("DELETE", pol), ("GET", grp), ("PUT", grp), ("DELETE", grp),
                       ("GET", "/v1/agents/{address}/usage"), ("POST", "/v1/agents/{address}/suspend"),
                       ("POST", "/v1/agents/{address}/resume"), ("POST", "/v1/groups/{group}/suspend"),
-                      ("POST", "/v1/groups/{group}/resume"), ("GET", "/v1/ledger"), ("GET", "/v1/reconcile")}
+                      ("POST", "/v1/groups/{group}/resume"), ("GET", "/v1/ledger"), ("GET", "/v1/reconcile"),
+                      ("GET", "/v1/ledger/summary")}
     schemas = doc["components"]["schemas"]
     for path, ops in doc["paths"].items():
         for op in ops.values():
@@ -435,8 +468,8 @@ async def test_openapi_document_describes_every_route(admin: Admin) -> None:
         "$ref": "#/components/schemas/Policy"}
     assert {"limits", "per_call_max", "rate_limit", "suspended", "group"} <= set(schemas["Policy"]["properties"])
     assert doc["paths"]["/v1/healthz"]["get"]["security"] == []
-    assert {p["name"] for p in doc["paths"]["/v1/ledger"]["get"]["parameters"]} == {"agent", "start", "end", "limit",
-                                                                                     "format"}
+    assert {p["name"] for p in doc["paths"]["/v1/ledger"]["get"]["parameters"]} == {
+        "agent", "start", "end", "limit", "format", "group", "route", "model", "asset", "network"}
     for schema in schemas.values():
         for ref in _refs(schema):
             assert ref.removeprefix("#/components/schemas/") in schemas, ref

@@ -16,6 +16,7 @@ from budgets.sqlite_store import SQLiteBudgetStore
 from devtools.devchain import calldata
 from devtools.rpc import BlockingRpc
 from facilitator.evm.rpc import JsonRpcClient
+from gateway.console.reconcile import ReconcileRow, chain_reconciler
 from tests.budget_helpers import derived, fund
 from tests.payments import send_transactions
 
@@ -54,6 +55,19 @@ async def test_the_job_reconciles_the_trailing_window_behind_the_lag(devchain: d
         assert [(t.chain, t.ledger, t.difference) for t in now.totals] == [(1007, 1000, 7)]
         assert [(d.tx, d.kind, d.chain, d.ledger) for d in now.differences] == [(outside.lower(), "not_in_ledger", 7, 0)]
         assert seen == [behind, now]  # each run reports (the gateway sets its gauge from it)
+
+        # the console's Reconciliation page asks by time: the blocks mined in the range
+        rpc = BlockingRpc(devchain["rpc_url"])
+        try:
+            mined = int(rpc.call("eth_getTransactionReceipt", through_gateway)["blockNumber"], 16)
+            started = int(rpc.call("eth_getBlockByNumber", hex(mined), False)["timestamp"], 16)
+        finally:
+            rpc.close()
+        (row,) = await chain_reconciler(reconciler)(started, time.time() + 5)
+        assert (row.asset, row.ledger_total, row.chain_total, row.difference) == (token.lower(), 1000, 1007, 7)
+        assert "1 difference" in row.note and "x402-budgets reconcile" in row.note, row.note
+        assert await chain_reconciler(reconciler)(time.time() + 3600, time.time() + 7200) == [
+            ReconcileRow(network, token.lower(), 0, 0, "no block in the range")]
     finally:
         await client.close()
         await store.close()

@@ -34,6 +34,11 @@ they are "$VAR" references the loaders resolve from the environment, or environm
 {{- $_ := set $cfg "quote" $q }}
 {{- end }}
 {{- with include "x402.publicUrl" . }}{{ $_ := set $cfg "public_url" . }}{{ end }}
+{{- with $g.console }}
+{{- $_ := set $cfg "console" .enabled }}
+{{- $_ := set $cfg "console_session_s" .sessionSeconds }}
+{{- with .explorerTxUrl }}{{ $_ := set $cfg "explorer_tx_url" . }}{{ end }}
+{{- end }}
 {{- $mode := include "x402.facilitatorMode" . }}
 {{- if eq $mode "inprocess" }}
 {{- $_ := set $cfg "facilitator" (dict "mode" "local" "config_file" "/etc/x402/facilitator.toml") }}
