@@ -2,7 +2,8 @@
 
 `DevChain().start()` spawns anvil from ``node_modules``, etches Permit2's runtime at its canonical
 address, deploys our x402 exact/upto proxies and the batch-settlement escrow with its two deposit
-collectors and copies their runtime to the canonical x402 addresses, deploys OPG (Permit2 path) and
+collectors and copies their runtime to the canonical x402 addresses (and a Multicall3 stand-in to
+Multicall3's address, for the official SDK's batched reads), deploys OPG (Permit2 path) and
 USDC (EIP-3009 path), and funds deterministic accounts: facilitator signers, one payee and N agents
 (each holding 1,000,000 OPG and USDC, with Permit2 approved for both). On Base's chain id (8453) the
 token stand-ins sit at OPG's and USDC's real Base addresses (CANONICAL_TOKENS). `DevChain.description`
@@ -39,6 +40,7 @@ UPTO_PROXY_ADDRESS = contracts.UPTO_PERMIT2_PROXY
 BATCH_SETTLEMENT_ADDRESS = contracts.BATCH_SETTLEMENT
 ERC3009_COLLECTOR_ADDRESS = contracts.ERC3009_DEPOSIT_COLLECTOR
 PERMIT2_COLLECTOR_ADDRESS = contracts.PERMIT2_DEPOSIT_COLLECTOR
+MULTICALL3_ADDRESS = "0xcA11bde05977b3631167028862bE2a173976CA11"  # where every public chain has Multicall3
 DEFAULT_CHAIN_ID = 84532
 FORBIDDEN_CHAIN_ID = 31337  # the etched Permit2 caches its domain separator for this id
 
@@ -282,6 +284,7 @@ class DevChain:
             "erc3009_collector": self._deploy_tx("X402Erc3009DepositCollector", ["address"], [BATCH_SETTLEMENT_ADDRESS]),
             "permit2_collector": self._deploy_tx("X402Permit2DepositCollector", ["address", "address"],
                                                  [BATCH_SETTLEMENT_ADDRESS, PERMIT2_ADDRESS]),
+            "multicall3": self._deploy_tx("Multicall3Standin"),
             **{symbol: self._deploy_tx(spec["contract"]) for symbol, spec in TOKENS.items()},
         }
         receipts = self._send_and_wait(list(deploys.values()))
@@ -292,7 +295,8 @@ class DevChain:
             self.token_addresses[symbol] = to_checksum_address(address)
 
         canonical = {"exact": EXACT_PROXY_ADDRESS, "upto": UPTO_PROXY_ADDRESS, "batch": BATCH_SETTLEMENT_ADDRESS,
-                     "erc3009_collector": ERC3009_COLLECTOR_ADDRESS, "permit2_collector": PERMIT2_COLLECTOR_ADDRESS}
+                     "erc3009_collector": ERC3009_COLLECTOR_ADDRESS, "permit2_collector": PERMIT2_COLLECTOR_ADDRESS,
+                     "multicall3": MULTICALL3_ADDRESS}
         codes = rpc.batch([("eth_getCode", [deployed[name], "latest"]) for name in canonical])
         rpc.batch([("anvil_setCode", [address, code]) for address, code in zip(canonical.values(), codes, strict=True)])
 
