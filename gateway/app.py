@@ -15,6 +15,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
+from gateway.batch_calls import BatchCalls
+from gateway.batch_channels import open_channels
+from gateway.batch_manager import ChannelManager
 from gateway.budget_hook import BudgetHook, NoBudgets, Refusal
 from gateway.errors import GatewayError
 from gateway.errors import GatewayReason as G
@@ -157,6 +160,13 @@ def create_app(
             background.append(asyncio.create_task(calls.reap_forever(session_routes)))
         settlement = Settlement(settings, fac, records, hook, m, in_background)
         paywall = Paywall(settings, pricing, fac, records, hook, m, upstreams, challenges, settlement, calls)
+        batch_routes = {f"{r.method} {r.path}": r.batch for r in settings.routes if r.batch is not None}
+        channels = None
+        if batch_routes:
+            channels = open_channels(settings.store_url, prefix=settings.store_prefix)
+            paywall.batch = BatchCalls(channels, fac, hook, challenges, paywall.forward)
+            app.state.batch_manager = ChannelManager(channels, fac, batch_routes)
+            background.append(asyncio.create_task(app.state.batch_manager.run_forever()))
         app.state.gateway = GatewayState(paywall, records, fac, upstreams, m, pricing, challenges, sessions_store)
         try:
             yield
@@ -169,6 +179,8 @@ def create_app(
             await records.close()
             if sessions_store is not None:
                 await sessions_store.close()
+            if channels is not None:
+                await channels.close()
             if enforcer is not None:
                 await enforcer.store.close()
 
