@@ -119,6 +119,7 @@ class BatchCalls:
         except PaymentInvalidError as exc:
             raise GatewayError(exc.reason.value, exc.message, offer=call.offer) from None
         channel_id = "0x" + voucher.channel_id.hex()
+        await self.budgets.precheck(config.payer, call.network, requirement.asset, call.offer.route_id, call.offer.model)
         if config.payer_authorizer == ZERO_ADDRESS:
             # ERC-1271 payers: their signatures can only be checked on chain.
             raise GatewayError(R.INVALID_BATCH_SETTLEMENT_EVM_VOUCHER_SIGNATURE.value,
@@ -147,7 +148,7 @@ class BatchCalls:
             return self.corrective(call, held, "the voucher must be for what was charged plus this call's price")
         if outcome != HoldOutcome.OK:
             raise GatewayError(*_REFUSALS[outcome], offer=call.offer)
-        return await self.serve(call, channel_id, price, settled)
+        return await self.serve(call, config.payer, channel_id, price, settled)
 
     # -- the channel a call is for -------------------------------------------------------------
 
@@ -204,10 +205,11 @@ class BatchCalls:
 
     # -- serving -------------------------------------------------------------------------------
 
-    async def serve(self, call: PaidCall, channel_id: str, price: int, deposit: SettleResponse | None) -> Response:
+    async def serve(self, call: PaidCall, payer: str, channel_id: str, price: int,
+                    deposit: SettleResponse | None) -> Response:
         hold = None
         try:
-            hold = await self.budgets.reserve(call.payer, call.network, call.requirement.asset, price, call.offer.route_id,
+            hold = await self.budgets.reserve(payer, call.network, call.requirement.asset, price, call.offer.route_id,
                                               call.offer.model, call.request_id)
             upstream, first, content = await self.forward(call)
         except BaseException:

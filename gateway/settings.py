@@ -228,6 +228,7 @@ class BatchChannels(_Model):
     max_claims_per_batch: int = Field(default=100, ge=1, le=100)
     sync_interval_s: float = Field(default=30.0, gt=0, description="re-read channels on chain (withdrawals)")
     call_lease_s: float = Field(default=120.0, gt=0, description="a call's hold on its channel, if its replica died")
+    manager_lease_s: float = Field(default=30.0, gt=0, description="a dead replica's manager is taken over after this")
 
     @field_validator("receiver_authorizer_key")
     @classmethod

@@ -82,9 +82,9 @@ class Paywall:
         call = decode_call(request, offer, body, forward_body, request_id,
                            resource_url=self.challenges.resource(request, offer).url,
                            payment_ids=self.settings.payment_identifier_on(offer.route))
-        await self.budgets.precheck(call.payer, call.network, call.requirement.asset, offer.route_id, offer.model)
         if call.requirement.scheme == BATCH_SCHEME and self.batch is not None:
             return await self.batch.call(call)  # vouchers: no per-call payment record (gateway/batch_calls.py)
+        await self.budgets.precheck(call.payer, call.network, call.requirement.asset, offer.route_id, offer.model)
         if (earlier := await self.replays.earlier_under_id(call)) is not None:
             return await self.replays.answer_under_id(call, earlier)
         # Verify before claiming anything: a forged or malformed copy never holds the payment's

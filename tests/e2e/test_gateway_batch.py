@@ -298,3 +298,125 @@ async def test_a_withdrawing_payer_is_claimed_and_no_longer_served(stack: Any, d
         resp = await post(replica.url, ch.payment(3 * PRICE["USDC"]))  # continues exactly from what was charged
         assert resp.status_code == 402 and b"Echo" not in resp.content, resp.text
         assert "withdrawal" in resp.json()["message"]
+
+
+# -- crashes ----------------------------------------------------------------------------------------
+
+
+def claimed_events(devchain: dict[str, Any], channel_id: str) -> int:
+    rpc = BlockingRpc(devchain["rpc_url"])
+    try:
+        topic = "0x" + keccak(text="Claimed(bytes32,address,uint128,uint128)").hex()
+        logs = rpc.call("eth_getLogs", {"address": devchain["contracts"]["batch_settlement"], "fromBlock": "0x0",
+                                        "toBlock": "latest", "topics": [topic, channel_id]})
+    finally:
+        rpc.close()
+    return len(logs)
+
+
+def claim_transactions(devchain: dict[str, Any], since_block: int) -> list[str]:
+    """Hashes of claimWithSignature transactions (top-level or in a multicall) mined after `since_block`."""
+    from facilitator.schemes.evm_batch.calldata import SEL_CLAIM_WITH_SIGNATURE, SEL_MULTICALL
+
+    rpc = BlockingRpc(devchain["rpc_url"])
+    try:
+        latest = int(rpc.call("eth_blockNumber"), 16)
+        blocks = rpc.batch([("eth_getBlockByNumber", [hex(n), True]) for n in range(since_block + 1, latest + 1)])
+    finally:
+        rpc.close()
+    target = devchain["contracts"]["batch_settlement"].lower()
+    return [tx["hash"] for block in blocks for tx in block["transactions"]
+            if (tx.get("to") or "").lower() == target
+            and bytes.fromhex(tx["input"][2:10]) in (SEL_CLAIM_WITH_SIGNATURE, SEL_MULTICALL)]
+
+
+def block_number(devchain: dict[str, Any]) -> int:
+    rpc = BlockingRpc(devchain["rpc_url"])
+    try:
+        return int(rpc.call("eth_blockNumber"), 16)
+    finally:
+        rpc.close()
+
+
+async def test_kill_9_during_calls_and_during_a_claim(devchain_file: str, redis_server: Any, devchain: dict,
+                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Replica C (its facilitator behind a proxy that can withhold answers) serves calls and runs
+    the only channel manager. It is killed -9 while a call is in flight, and again while its claim
+    is on chain but unanswered; replica D takes over. Every voucher served is claimed, exactly once
+    (one Claimed event per claim transaction), and payTo gets exactly what was charged."""
+    from tests.gateway_client import set_mode
+
+    procs = Processes(devchain_file, tmp_path_factory.mktemp("batch-kill"))
+    payee, payer = derived("kill-payee").address, derived("kill-payer")
+    fund(devchain, payer)
+    symbol, asset = "USDC", devchain["tokens"]["USDC"]["address"]
+    price = PRICE[symbol]
+    try:
+        upstream = procs.upstream()
+        path = procs.log_dir / "kill.json"
+        config = batch_config(path, devchain, devchain_file, upstream.url, redis_server.url, payee)
+        doc = json.loads(path.read_text())
+        # settle (sweep) only on a manager's first pass: a withheld answer below is a claim's
+        doc["routes"][0]["batch"] |= {"call_lease_s": 2.0, "manager_lease_s": 2.0, "claim_interval_s": 1.0,
+                                      "settle_interval_s": 3600.0}
+        path.write_text(json.dumps(doc))
+        prefix = f"batch-kill:{uuid.uuid4().hex[:8]}:"
+        keys = [a["private_key"] for a in devchain["accounts"]["facilitator"]]
+        fac = procs.facilitator(redis_server.url, env={"FACILITATOR_STORE_PREFIX": prefix + "fac:",
+                                                       "FACILITATOR_SIGNER_KEYS": keys[0]})
+        proxy = procs.hostile(fac.url)
+        env = {"GATEWAY_STORE_PREFIX": prefix + "gw:", "FACILITATOR_STORE_PREFIX": prefix + "fac:"}
+        c = procs.gateway(upstream.url, redis_server.url, config=config, facilitator_url=proxy.url, env=env)
+        client, _ = official_client(payer, asset)
+        async with x402HttpxClient(client, timeout=30) as http:
+            for _ in range(3):
+                assert (await http.post(c.url + CHAT, json=CHAT_BODY)).status_code == 200
+        channel_id = (await offered(c.url, asset)) and Channel(devchain, payer, await offered(c.url, asset)).id
+        wait_for(lambda: channel_state(devchain, channel_id)[1] == 3 * price)  # C's manager claimed the 3
+        claims_before = claimed_events(devchain, channel_id)
+
+        # kill -9 during a call (the upstream is slow; the voucher was taken, nothing was answered)
+        async def slow_call() -> None:
+            async with x402HttpxClient(client, timeout=30) as http:
+                await http.post(c.url + CHAT, json=CHAT_BODY, headers={"X-Devupstream-Fault": "slow:5000"})
+
+        task = asyncio.ensure_future(slow_call())
+        await asyncio.sleep(1.0)
+        c.kill()
+        with pytest.raises(Exception):  # noqa: B017 - the connection dies with the replica
+            await task
+        d = procs.gateway(upstream.url, redis_server.url, config=config, env=env | {"FACILITATOR_SIGNER_KEYS": keys[1]})
+        # the client never got an answer: it pays the same call again on D, served once its hold expires
+        async with x402HttpxClient(client, timeout=30) as http:
+            for _ in range(2):
+                r = await http.post(d.url + CHAT, json=CHAT_BODY)
+                while r.status_code == 402 and "busy" in r.headers.get("PAYMENT-REQUIRED", "") + r.text:
+                    await asyncio.sleep(0.5)
+                    r = await http.post(d.url + CHAT, json=CHAT_BODY)
+                assert r.status_code == 200, r.text
+        charged = 5 * price
+        wait_for(lambda: channel_state(devchain, channel_id)[1] == charged)
+
+        # kill -9 during a claim: C' sends it (it lands on chain), its answer is withheld, C' dies
+        d.kill()
+        since = block_number(devchain)
+        c2 = procs.gateway(upstream.url, redis_server.url, config=config, facilitator_url=proxy.url, env=env)
+        await asyncio.sleep(4.0)  # D's lease expired; C' took it and made its first pass
+        set_mode(proxy, settle="proxy-then-sleep", sleep_s=60)
+        async with x402HttpxClient(client, timeout=30) as http:
+            assert (await http.post(c2.url + CHAT, json=CHAT_BODY)).status_code == 200  # deposit-free: a voucher
+        charged += price
+        wait_for(lambda: channel_state(devchain, channel_id)[1] == charged)  # on chain; C' still waits
+        c2.kill()
+        events = claimed_events(devchain, channel_id)
+        procs.gateway(upstream.url, redis_server.url, config=config, env=env | {"FACILITATOR_SIGNER_KEYS": keys[1]})
+        # D' finds the journaled claim, sends it again: the facilitator answers its recorded result
+        wait_for(lambda: balance_of(devchain, symbol, payee) == charged, timeout=30)
+        await asyncio.sleep(2.0)
+        assert claimed_events(devchain, channel_id) == events  # nothing claimed twice
+        assert len(claim_transactions(devchain, since)) == 1  # D' answered C''s claim from its record: no new one
+        assert events <= claims_before + 3
+        assert channel_state(devchain, channel_id) == (10 * price, charged)
+        assert balance_of(devchain, symbol, payee) == charged
+    finally:
+        procs.stop_all()
