@@ -164,7 +164,7 @@ def create_app(
         channels = None
         if batch_routes:
             channels = open_channels(settings.store_url, prefix=settings.store_prefix)
-            paywall.batch = BatchCalls(channels, fac, hook, challenges, paywall.forward)
+            paywall.batch = BatchCalls(channels, fac, hook, challenges, paywall.forward, in_background)
             app.state.batch_manager = ChannelManager(channels, fac, batch_routes,
                                                      lease_s=min(b.manager_lease_s for b in batch_routes.values()))
             background.append(asyncio.create_task(app.state.batch_manager.run_forever()))

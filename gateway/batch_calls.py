@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -48,7 +48,9 @@ from gateway.batch_channels import Channel, ChannelStore, HoldOutcome
 from gateway.budget_hook import BudgetHook
 from gateway.errors import GatewayError
 from gateway.facilitator_client import FacilitatorClient
+from gateway.metering import StreamMeter, usage_from_body
 from gateway.paywall.call import PaidCall
+from gateway.paywall.metered import metered_charge
 from gateway.paywall.responses import Challenges, payment_response_header
 from gateway.proxy import relay, response_headers
 from gateway.settings import BatchChannels
@@ -94,7 +96,8 @@ def envelope(inner: dict[str, Any], requirement: PaymentRequirements) -> Payment
 
 class BatchCalls:
     def __init__(self, store: ChannelStore, facilitator: FacilitatorClient, budgets: BudgetHook,
-                 challenges: Challenges, forward: Forward) -> None:
+                 challenges: Challenges, forward: Forward, background: set[asyncio.Task[Any]]) -> None:
+        self.background = background  # charges of metered streams whose client left
         self.store = store
         self.facilitator = facilitator
         self.budgets = budgets
@@ -134,21 +137,29 @@ class BatchCalls:
         settled: SettleResponse | None = None
         if kind == "deposit":
             try:
-                channel, settled = await self.deposit(call, config, voucher, channel_id)
+                _, settled = await self.deposit(call, config, voucher, channel_id)
             except _Corrective as corrective:
                 return corrective.response
-        else:
-            channel = await self.store.get(channel_id) or await self.adopt(call, channel_id)
-        if voucher.max_claimable != channel.charged + price:
-            return self.corrective(call, channel, "the voucher must be for what was charged plus this call's price")
-        outcome, held = await self.store.hold(channel_id, charged=channel.charged, voucher_max=voucher.max_claimable,
-                                              signature="0x" + voucher.signature.hex(), amount=price, now=time.time(),
-                                              lease_s=batch.call_lease_s)
+        mismatch = "the voucher must be for what was charged plus this call's price"
+        if voucher.max_claimable < price:
+            channel = await self.store.get(channel_id) or self._fresh(call, config, channel_id)
+            return self.corrective(call, channel, mismatch)
+        # One round trip: the compare-and-set is the check (a voucher continues from what was charged).
+        outcome, held = await self._hold(channel_id, voucher, price, batch)
+        if outcome == HoldOutcome.MISSING and kind == "voucher":
+            await self.adopt(call, channel_id)  # no record here: the chain's state is the baseline
+            outcome, held = await self._hold(channel_id, voucher, price, batch)
         if outcome == HoldOutcome.MISMATCH and held is not None:
-            return self.corrective(call, held, "the voucher must be for what was charged plus this call's price")
+            return self.corrective(call, held, mismatch)
         if outcome != HoldOutcome.OK:
             raise GatewayError(*_REFUSALS[outcome], offer=call.offer)
         return await self.serve(call, config.payer, channel_id, price, settled)
+
+    async def _hold(self, channel_id: str, voucher: SignedVoucher, price: int,
+                    batch: BatchChannels) -> tuple[HoldOutcome, Channel | None]:
+        return await self.store.hold(channel_id, charged=voucher.max_claimable - price, voucher_max=voucher.max_claimable,
+                                     signature="0x" + voucher.signature.hex(), amount=price, now=time.time(),
+                                     lease_s=batch.call_lease_s)
 
     # -- the channel a call is for -------------------------------------------------------------
 
@@ -207,6 +218,9 @@ class BatchCalls:
 
     async def serve(self, call: PaidCall, payer: str, channel_id: str, price: int,
                     deposit: SettleResponse | None) -> Response:
+        """Forward the held call and charge it: the price, or on a metered route what was used
+        (at most the price, the voucher's per-call maximum)."""
+        assert isinstance(call.requirement, PaymentRequirements)
         hold = None
         try:
             hold = await self.budgets.reserve(payer, call.network, call.requirement.asset, price, call.offer.route_id,
@@ -215,19 +229,52 @@ class BatchCalls:
         except BaseException:
             await asyncio.shield(self._nothing(channel_id, hold))
             raise
-        channel = await asyncio.shield(self.store.commit(channel_id, charge=price))
-        await asyncio.shield(self.budgets.commit(hold, price, deposit.transaction if deposit else "", call.request_id,
-                                                 {"scheme": "batch-settlement", "channel": channel_id}))
-        receipt = SettleResponse(
-            success=True, payer=channel.payer, network=call.network,
-            transaction=deposit.transaction if deposit else "", amount=deposit.amount if deposit else "",
-            extra={"chargedAmount": str(price), "channelState": channel.snapshot()},
-        )  # fmt: skip
-        headers = dict(response_headers(upstream)) | payment_response_header(call.payload, receipt)
+        metered = call.offer.token_price is not None
+        if metered and content is None:  # a metered stream: charged after its last token
+            stream = self._metered_stream(call, channel_id, hold, deposit, first, upstream)
+            return StreamingResponse(forwarded_stream(call.request, stream), status_code=upstream.status,
+                                     headers=dict(response_headers(upstream)) | {"Cache-Control": "no-store"})
+        charge, details = (metered_charge(call.offer, call.requirement, usage_from_body(content or b""))
+                           if metered else (price, {}))
+        channel = await asyncio.shield(self._charge(call, channel_id, hold, charge, deposit, details))
+        headers = dict(response_headers(upstream)) | payment_response_header(call.payload,
+                                                                            _receipt(call, channel, charge, deposit))
         if content is not None:
             return Response(content, status_code=upstream.status, headers=headers)
         return StreamingResponse(forwarded_stream(call.request, relay(first, upstream)), status_code=upstream.status,
                                  headers=headers)
+
+    async def _charge(self, call: PaidCall, channel_id: str, hold: Any, charge: int, deposit: SettleResponse | None,
+                      details: dict[str, Any]) -> Channel:
+        channel = await self.store.commit(channel_id, charge=charge)
+        await self.budgets.commit(hold, charge, deposit.transaction if deposit else "", call.request_id,
+                                  {"scheme": "batch-settlement", "channel": channel_id, **details})
+        return channel
+
+    async def _metered_stream(self, call: PaidCall, channel_id: str, hold: Any, deposit: SettleResponse | None,
+                              first: bytes, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """The stream flows as it comes (the channel stays held, so the voucher's maximum backs
+        it); its usage is charged when it ends, reported in a final `event: x402.payment`."""
+        assert isinstance(call.requirement, PaymentRequirements)
+        meter, cut, finished = StreamMeter(), False, False
+        try:
+            try:
+                async for chunk in relay(first, upstream):
+                    meter.feed(chunk)
+                    yield chunk
+            except (aiohttp.ClientError, TimeoutError):
+                cut = True
+            finished = True
+        finally:
+            charge, details = metered_charge(call.offer, call.requirement, meter.usage,
+                                             cut=cut or not finished or not meter.complete)
+            task = asyncio.ensure_future(self._charge(call, channel_id, hold, charge, deposit, details))
+            if not finished:  # the client left: the charge completes in the background
+                self.background.add(task)
+                task.add_done_callback(self.background.discard)
+        channel = await asyncio.shield(task)
+        receipt = _receipt(call, channel, charge, deposit).model_dump(by_alias=True, exclude_none=True)
+        yield b"event: x402.payment\ndata: " + orjson.dumps(receipt | details) + b"\n\n"
 
     async def _nothing(self, channel_id: str, hold: Any) -> None:
         await self.store.release(channel_id)
@@ -311,6 +358,16 @@ class BatchCalls:
         body = {"x402Version": 2, "error": error, "message": message}
         return Response(orjson.dumps(body), status_code=402, media_type="application/json",
                         headers={"PAYMENT-REQUIRED": header, "Cache-Control": "no-store"})
+
+
+def _receipt(call: PaidCall, channel: Channel, charge: int, deposit: SettleResponse | None) -> SettleResponse:
+    """PAYMENT-RESPONSE of a voucher call: `transaction`/`amount` are the deposit's when this call
+    carried one, else empty (nothing moved on chain)."""
+    return SettleResponse(
+        success=True, payer=channel.payer, network=call.network,
+        transaction=deposit.transaction if deposit else "", amount=deposit.amount if deposit else "",
+        extra={"chargedAmount": str(charge), "channelState": channel.snapshot()},
+    )  # fmt: skip
 
 
 class _Corrective(Exception):

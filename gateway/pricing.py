@@ -228,6 +228,9 @@ class Pricing:
                                    "max_timeout_seconds": route.sessions.max_timeout_s}
                     req = req.model_copy(update=update)
                 reqs.append(req)
+        if route.batch is not None:  # a voucher per call for at most the ceiling; charged what was used
+            reqs += [self._batch_requirement(route, o, to_base_units(ceiling, rates[o.asset.lower()][0], o.decimals))
+                     for o in self.settings.accepts if o.asset.lower() in rates]
         if not reqs:
             raise PricingError("no_payment_option", f"no payment option can pay {route.path}", 503)
         return Offer(route=route, model=model, price=ceiling, requirements=tuple(reqs), token_price=token_price,

@@ -285,8 +285,6 @@ class Route(_Model):
             raise ValueError(f"route {self.method} {self.path} has neither price, models nor token_prices")
         elif "upto" in self.schemes:
             raise ValueError(f"route {self.path}: upto needs token_prices (pay for what was used)")
-        if self.batch is not None and self.metered:
-            raise ValueError(f"route {self.path}: batch channels are offered on fixed-price routes")
         return self
 
 

@@ -83,9 +83,15 @@ def batch_config(path: Path, devchain: dict[str, Any], devchain_file: str, upstr
     for name, up in doc["upstreams"].items():
         up["auth_value"] = "sk-upstream" if name == "anthropic" else "Bearer sk-upstream"
     doc["pay_to"] = pay_to
-    doc["routes"][0]["batch"] = {"receiver_authorizer_key": "0x" + bytes(AUTHORIZER.key).hex(),
-                                 "withdraw_delay_s": 900, "min_deposit": "0.05", "claim_interval_s": 1.0,
-                                 "settle_interval_s": 1.0, "sync_interval_s": 0.5, "call_lease_s": 30}
+    batch = {"receiver_authorizer_key": "0x" + bytes(AUTHORIZER.key).hex(), "withdraw_delay_s": 900,
+             "min_deposit": "0.05", "claim_interval_s": 1.0, "settle_interval_s": 1.0, "sync_interval_s": 0.5,
+             "call_lease_s": 30}
+    doc["routes"][0]["batch"] = batch
+    # completions: metered (per token, at most max_per_call a call), paid by vouchers too
+    completions = doc["routes"][1]
+    completions.pop("price")
+    completions |= {"token_prices": {"*": {"input": "0.000001", "output": "0.000002", "per_call": "0.0001"}},
+                    "max_per_call": "0.01", "max_tokens_cap": 512, "schemes": ["exact"], "batch": batch}
     path.write_text(json.dumps(doc, indent=1))
     load_gateway_settings(str(path), env={})
     return str(path)
@@ -185,6 +191,38 @@ async def test_official_client_pays_many_calls_through_one_deposit(stack: Any, d
     settled = await asyncio.to_thread(scheme.refund, stack["replicas"][1].url + CHAT, RefundOptions(fetch=fetch))
     assert settled.success and int(settled.amount) == deposit - charged, settled
     assert balance_of(devchain, symbol, payer.address) == payer_before - charged
+
+
+async def test_metered_calls_charge_what_was_used(stack: Any, devchain: dict) -> None:
+    """A metered route: each voucher allows the per-call maximum, the call is charged its usage
+    (less), reported in `chargedAmount`; a stream's charge comes in its final `x402.payment`
+    event, and the client resynchronises from the corrective 402 on its next call."""
+    payer = derived("metered")
+    fund(devchain, payer)
+    asset = devchain["tokens"]["USDC"]["address"]
+    client, scheme = official_client(payer, asset)
+    url = stack["replicas"][0].url + "/v1/completions"
+    body = {"model": "any-model", "prompt": "count to three"}
+    ceiling = 10_000  # 0.01 USDC
+    charges = []
+    async with x402HttpxClient(client, timeout=30) as http:
+        for _ in range(2):
+            r = await http.post(url, json=body)
+            assert r.status_code == 200, r.text
+            receipt = decoded(r.headers["PAYMENT-RESPONSE"])
+            charges.append(int(receipt["extra"]["chargedAmount"]))
+        assert all(0 < c < ceiling for c in charges), charges
+        assert receipt["extra"]["channelState"]["chargedCumulativeAmount"] == str(sum(charges))
+        r = await http.post(url, json=body | {"stream": True})
+        assert r.status_code == 200 and b"event: x402.payment" in r.content, r.text
+        event = json.loads(r.content.split(b"event: x402.payment\ndata: ")[1].split(b"\n")[0])
+        charges.append(int(event["extra"]["chargedAmount"]))
+        assert 0 < charges[-1] < ceiling
+        assert event["extra"]["channelState"]["chargedCumulativeAmount"] == str(sum(charges))
+        r = await http.post(url, json=body)  # resynchronised through the corrective 402, then paid
+        assert r.status_code == 200, r.text
+        charges.append(int(decoded(r.headers["PAYMENT-RESPONSE"])["extra"]["chargedAmount"]))
+    assert decoded(r.headers["PAYMENT-RESPONSE"])["extra"]["channelState"]["chargedCumulativeAmount"] == str(sum(charges))
 
 
 # -- hostile agents --------------------------------------------------------------------------------

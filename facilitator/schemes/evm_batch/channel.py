@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from eth_utils import keccak
-
 from facilitator.errors import PaymentInvalidError
 from facilitator.evm import contracts
 from facilitator.evm.eip712 import (
@@ -19,6 +17,7 @@ from facilitator.evm.eip712 import (
     SignatureFormatError,
     address_bytes,
     checksum_address,
+    keccak,
     recover_signer,
     typed_digest,
     word_address,

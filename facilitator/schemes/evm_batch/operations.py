@@ -20,14 +20,13 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
-from eth_utils import keccak
-
 from facilitator.errors import PaymentInvalidError
 from facilitator.evm import contracts
 from facilitator.evm.chain import EvmChain
 from facilitator.evm.eip712 import (
     TOKEN_PERMISSIONS_TYPEHASH,
     address_bytes,
+    keccak,
     permit2_domain_separator,
     token_domain_separator,
     typed_digest,
