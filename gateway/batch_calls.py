@@ -350,7 +350,9 @@ class BatchCalls:
         extra = call.requirement.extra | {"channelState": channel.snapshot()}
         if channel.signature:
             extra["voucherState"] = {"signedMaxClaimable": str(channel.signed_max), "signature": channel.signature}
-        accepts = [r.model_copy(update={"extra": extra}) if r is call.requirement else r for r in call.offer.requirements]
+        # The corrected option first: a client resynchronises from the first batch-settlement one.
+        accepts = [call.requirement.model_copy(update={"extra": extra}),
+                   *(r for r in call.offer.requirements if r is not call.requirement)]
         error = R.INVALID_BATCH_SETTLEMENT_EVM_CUMULATIVE_AMOUNT_MISMATCH.value
         header = encode_payment_required(PaymentRequired(x402_version=2, error=error,
                                                          resource=self.challenges.resource(call.request, call.offer),

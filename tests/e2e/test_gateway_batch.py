@@ -36,7 +36,7 @@ from x402.mechanisms.evm.batch_settlement.client.refund import RefundOptions, _R
 from x402.mechanisms.evm.batch_settlement.client.voucher import sign_voucher
 from x402.mechanisms.evm.batch_settlement.types import ChannelConfig
 from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
-from x402.mechanisms.evm.signers import EthAccountSigner
+from x402.mechanisms.evm.signers import EthAccountSigner, EthAccountSignerWithRPC
 
 from devtools.devchain import calldata
 from devtools.rpc import BlockingRpc
@@ -115,8 +115,11 @@ def stack(devchain_file: str, redis_server: Any, devchain: dict, tmp_path_factor
         procs.stop_all()
 
 
-def official_client(payer: LocalAccount, asset: str, deposit_multiplier: int = 10) -> tuple[x402Client, Any]:
-    scheme = BatchSettlementEvmScheme(payer, BatchSettlementEvmSchemeOptions(
+def official_client(payer: LocalAccount, asset: str, deposit_multiplier: int = 10,
+                    rpc_url: str | None = None) -> tuple[x402Client, Any]:
+    """`rpc_url`: the client can read the chain (the SDK needs it to adopt a corrective 402's state)."""
+    signer = EthAccountSignerWithRPC(payer, rpc_url=rpc_url) if rpc_url else payer
+    scheme = BatchSettlementEvmScheme(signer, BatchSettlementEvmSchemeOptions(
         deposit_policy=BatchSettlementDepositPolicy(deposit_multiplier=deposit_multiplier)))
     client = x402Client()
     client.register("eip155:84532", scheme)
@@ -200,7 +203,7 @@ async def test_metered_calls_charge_what_was_used(stack: Any, devchain: dict) ->
     payer = derived("metered")
     fund(devchain, payer)
     asset = devchain["tokens"]["USDC"]["address"]
-    client, scheme = official_client(payer, asset)
+    client, _ = official_client(payer, asset, rpc_url=devchain["rpc_url"])
     url = stack["replicas"][0].url + "/v1/completions"
     body = {"model": "any-model", "prompt": "count to three"}
     ceiling = 10_000  # 0.01 USDC
