@@ -75,6 +75,13 @@ they are "$VAR" references the loaders resolve from the environment, or environm
 {{- if .models }}{{ $_ := set $r "models" .models }}{{ end }}
 {{- if .description }}{{ $_ := set $r "description" .description }}{{ end }}
 {{- if .mimeType }}{{ $_ := set $r "mime_type" .mimeType }}{{ end }}
+{{- if .batch }}
+{{- $bt := $g.batch }}
+{{- $bc := dict "receiver_authorizer_key" "$GATEWAY_BATCH_AUTHORIZER_KEY" "withdraw_delay_s" (int $bt.withdrawDelaySeconds)
+      "claim_interval_s" $bt.claimIntervalSeconds "settle_interval_s" $bt.settleIntervalSeconds "sync_interval_s" $bt.syncIntervalSeconds }}
+{{- if $bt.minDeposit }}{{ $_ := set $bc "min_deposit" $bt.minDeposit }}{{ end }}
+{{- $_ := set $r "batch" $bc }}
+{{- end }}
 {{- $routes = append $routes $r }}
 {{- end }}
 {{- $_ := set $cfg "routes" $routes }}
