@@ -105,8 +105,11 @@ class ChannelManager:
                 channel.refund_nonce = int(verified.extra["refundNonce"])
                 mirrored = await self.store.mirror(channel, now=self.clock())
             elif verified.invalid_reason == R.INVALID_BATCH_SETTLEMENT_EVM_CUMULATIVE_EXCEEDS_BALANCE.value:
-                # The balance fell below our voucher: escrow left (a withdrawal finished). Stop serving.
+                # The balance fell below our voucher: escrow left (a withdrawal finished). Stop
+                # serving; what is not claimed by now is not claimable (claims happen as soon as a
+                # withdrawal starts, so this is reached only if they could not land in its delay).
                 channel.withdraw_at = channel.withdraw_at or 1
+                channel.balance = channel.total_claimed
                 mirrored = await self.store.mirror(channel, now=self.clock())
             else:
                 continue
@@ -118,25 +121,42 @@ class ChannelManager:
     # -- claims --------------------------------------------------------------------------------
 
     async def claim(self) -> int:
-        """Claim what was charged above what is claimed; returns the transactions sent."""
+        """Claim what was charged above what is claimed (never above the channel's balance);
+        returns the transactions sent."""
         groups: dict[tuple[str, str], list[Channel]] = {}
         for c in await self._channels():
-            if c.charged > c.total_claimed and c.signature and c.signed_max >= c.charged:
+            if _claimable(c) > c.total_claimed and c.signature and c.signed_max >= c.charged:
                 groups.setdefault((c.route, c.network), []).append(c)
         sent = 0
         for (route, _network), channels in groups.items():
-            batch = self.routes[route]
-            size = batch.max_claims_per_batch
+            size = self.routes[route].max_claims_per_batch
             for start in range(0, len(channels), size):
-                rows = [(c, c.charged) for c in channels[start:start + size]]
-                requirement = PaymentRequirements.model_validate_json(rows[0][0].requirement)
-                inner = signed_claims(authorizer_account(batch), chain_id_of(rows[0][0].network), rows)
-                entry = {"payload": inner, "requirement": requirement.model_dump(by_alias=True, exclude_none=True),
-                         "rows": [[c.id, total] for c, total in rows]}
-                await self.store.journal(JOURNAL, orjson.dumps(entry).decode())
-                await self._send_claim(entry)
+                chunk = channels[start:start + size]
                 sent += 1
+                if not await self._claim_rows(route, chunk) and len(chunk) > 1:
+                    # Refused as a whole (one row cannot be claimed): the others go one by one.
+                    for channel in chunk:
+                        sent += 1
+                        if not await self._claim_rows(route, [channel]):
+                            await self._unclaimable(channel)
         return sent
+
+    async def _claim_rows(self, route: str, channels: list[Channel]) -> bool:
+        """Journal, then send one claim of these channels; False when refused for good."""
+        batch = self.routes[route]
+        rows = [(c, _claimable(c)) for c in channels]
+        requirement = PaymentRequirements.model_validate_json(rows[0][0].requirement)
+        inner = signed_claims(authorizer_account(batch), chain_id_of(rows[0][0].network), rows)
+        entry = {"payload": inner, "requirement": requirement.model_dump(by_alias=True, exclude_none=True),
+                 "rows": [[c.id, total] for c, total in rows]}
+        await self.store.journal(JOURNAL, orjson.dumps(entry).decode())
+        return await self._send_claim(entry)
+
+    async def _unclaimable(self, channel: Channel) -> None:
+        """A channel whose own claim is refused serves no more calls until its state is re-read."""
+        log.error("batch_channel_unclaimable", extra={"channel": channel.id, "charged": str(channel.charged)})
+        channel.withdraw_at = channel.withdraw_at or 1
+        await self.store.mirror(channel, now=self.clock())
 
     async def finish_journaled(self) -> None:
         """A claim sent before (by any replica) whose outcome was not recorded: send it again."""
@@ -144,7 +164,8 @@ class ChannelManager:
         if raw is not None:
             await self._send_claim(orjson.loads(raw))
 
-    async def _send_claim(self, entry: dict[str, Any]) -> None:
+    async def _send_claim(self, entry: dict[str, Any]) -> bool:
+        """True when it landed or may have (pending: stays journaled); False when refused for good."""
         requirement = PaymentRequirements.model_validate(entry["requirement"])
         self.claims_sent += 1
         settled = await self.facilitator.settle(envelope(entry["payload"], requirement), requirement)
@@ -153,13 +174,15 @@ class ChannelManager:
                 await self.store.claimed(channel_id, total=int(total))
             await self.store.journal(JOURNAL, None)
             log.info("batch_claimed", extra={"channels": len(entry["rows"]), "tx": settled.transaction})
-        elif _final(settled):
-            # Nothing moved and nothing will (refused before sending, or reverted): the next pass
-            # builds a new batch from the channels' state.
+            return True
+        if _final(settled):
+            # Nothing moved and nothing will (refused before sending, or reverted).
             await self.store.journal(JOURNAL, None)
             log.error("batch_claim_failed", extra={"reason": settled.error_reason, "detail": settled.error_message})
-        else:  # unknown outcome (pending): stays journaled, sent again next pass
-            log.warning("batch_claim_pending", extra={"reason": settled.error_reason, "tx": settled.transaction})
+            return False
+        # Unknown outcome (pending, facilitator unreachable): stays journaled, sent again next pass.
+        log.warning("batch_claim_pending", extra={"reason": settled.error_reason, "tx": settled.transaction})
+        return True
 
     # -- settle --------------------------------------------------------------------------------
 
@@ -177,6 +200,12 @@ class ChannelManager:
                 log.info("batch_settled", extra={"amount": settled.amount, "tx": settled.transaction})
             results.append(settled)
         return results
+
+
+def _claimable(channel: Channel) -> int:
+    """What a claim may raise totalClaimed to: what was charged, but never above the balance the
+    escrow holds (after a finished withdrawal, less is claimable than was charged)."""
+    return min(channel.charged, channel.balance)
 
 
 def _final(settled: SettleResponse) -> bool:
