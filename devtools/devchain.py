@@ -1,12 +1,14 @@
-"""Local EVM dev chain: anvil with the canonical Permit2, the x402 proxies, two test tokens, and a
+"""Local EVM dev chain: anvil with the canonical Permit2, the x402 contracts, two test tokens, and a
 TEE registry and inference settlement relay (our own, OpenGradient's ABI).
 
 `DevChain().start()` spawns anvil from ``node_modules``, etches Permit2's runtime at its canonical
-address, deploys our x402 exact/upto proxies and copies their runtime to the canonical x402
-addresses, deploys OPG (Permit2 path) and USDC (EIP-3009 path), and funds deterministic accounts:
-facilitator signers, one payee and N agents (each holding 1,000,000 OPG and USDC, with Permit2
-approved for both). On Base's chain id (8453) the token stand-ins sit at OPG's and USDC's real Base
-addresses (CANONICAL_TOKENS). `DevChain.description` is the JSON-able summary other components consume.
+address, deploys our x402 exact/upto proxies and the batch-settlement escrow with its two deposit
+collectors and copies their runtime to the canonical x402 addresses (and a Multicall3 stand-in to
+Multicall3's address, for the official SDK's batched reads), deploys OPG (Permit2 path) and
+USDC (EIP-3009 path), and funds deterministic accounts: facilitator signers, one payee and N agents
+(each holding 1,000,000 OPG and USDC, with Permit2 approved for both). On Base's chain id (8453) the
+token stand-ins sit at OPG's and USDC's real Base addresses (CANONICAL_TOKENS). `DevChain.description`
+is the JSON-able summary other components consume.
 The contracts are compiled by devtools.solidity; RPC goes through the facilitator's JSON-RPC client
 (devtools.rpc).
 """
@@ -36,6 +38,10 @@ from facilitator.evm import contracts
 PERMIT2_ADDRESS = contracts.PERMIT2
 EXACT_PROXY_ADDRESS = contracts.EXACT_PERMIT2_PROXY
 UPTO_PROXY_ADDRESS = contracts.UPTO_PERMIT2_PROXY
+BATCH_SETTLEMENT_ADDRESS = contracts.BATCH_SETTLEMENT
+ERC3009_COLLECTOR_ADDRESS = contracts.ERC3009_DEPOSIT_COLLECTOR
+PERMIT2_COLLECTOR_ADDRESS = contracts.PERMIT2_DEPOSIT_COLLECTOR
+MULTICALL3_ADDRESS = "0xcA11bde05977b3631167028862bE2a173976CA11"  # where every public chain has Multicall3
 DEFAULT_CHAIN_ID = 84532
 FORBIDDEN_CHAIN_ID = 31337  # the etched Permit2 caches its domain separator for this id
 
@@ -278,6 +284,12 @@ class DevChain:
         deploys = {
             "exact": self._deploy_tx("X402ExactPermit2Proxy", ["address"], [PERMIT2_ADDRESS]),
             "upto": self._deploy_tx("X402UptoPermit2Proxy", ["address"], [PERMIT2_ADDRESS]),
+            # the collectors' SETTLEMENT immutable is the canonical escrow address their code is copied next to
+            "batch": self._deploy_tx("X402BatchSettlement"),
+            "erc3009_collector": self._deploy_tx("X402Erc3009DepositCollector", ["address"], [BATCH_SETTLEMENT_ADDRESS]),
+            "permit2_collector": self._deploy_tx("X402Permit2DepositCollector", ["address", "address"],
+                                                 [BATCH_SETTLEMENT_ADDRESS, PERMIT2_ADDRESS]),
+            "multicall3": self._deploy_tx("Multicall3Standin"),
             **{symbol: self._deploy_tx(spec["contract"]) for symbol, spec in TOKENS.items()},
             "tee_registry": self._deploy_tx("TEERegistry"),
             "settlement_relay": self._deploy_tx("InferenceSettlementRelay"),
@@ -290,10 +302,11 @@ class DevChain:
             self._move(deployed[symbol], address)
             self.token_addresses[symbol] = to_checksum_address(address)
 
-        exact_code, upto_code = rpc.batch([("eth_getCode", [deployed["exact"], "latest"]),
-                                           ("eth_getCode", [deployed["upto"], "latest"])])
-        rpc.batch([("anvil_setCode", [EXACT_PROXY_ADDRESS, exact_code]),
-                   ("anvil_setCode", [UPTO_PROXY_ADDRESS, upto_code])])
+        canonical = {"exact": EXACT_PROXY_ADDRESS, "upto": UPTO_PROXY_ADDRESS, "batch": BATCH_SETTLEMENT_ADDRESS,
+                     "erc3009_collector": ERC3009_COLLECTOR_ADDRESS, "permit2_collector": PERMIT2_COLLECTOR_ADDRESS,
+                     "multicall3": MULTICALL3_ADDRESS}
+        codes = rpc.batch([("eth_getCode", [deployed[name], "latest"]) for name in canonical])
+        rpc.batch([("anvil_setCode", [address, code]) for address, code in zip(canonical.values(), codes, strict=True)])
 
         txs = [self._call_tx(self.deployer, self.tee_registry, calldata(
             "setPCRApproved(bytes32,bool)", ["bytes32", "bool"], [DEV_PCR_HASH, True]))]
@@ -366,17 +379,24 @@ class DevChain:
     def _check(self) -> None:
         sep_call = {"to": PERMIT2_ADDRESS, "data": "0x3644e515"}
         permit2_call = "0x" + calldata("PERMIT2()").hex()
-        separator, exact_permit2, upto_permit2 = self.rpc.batch([
+        settlement_call = "0x" + calldata("SETTLEMENT()").hex()
+        separator, exact_permit2, upto_permit2, collector_permit2, *settlements = self.rpc.batch([
             ("eth_call", [sep_call, "latest"]),
             ("eth_call", [{"to": EXACT_PROXY_ADDRESS, "data": permit2_call}, "latest"]),
             ("eth_call", [{"to": UPTO_PROXY_ADDRESS, "data": permit2_call}, "latest"]),
+            ("eth_call", [{"to": PERMIT2_COLLECTOR_ADDRESS, "data": permit2_call}, "latest"]),
+            ("eth_call", [{"to": ERC3009_COLLECTOR_ADDRESS, "data": settlement_call}, "latest"]),
+            ("eth_call", [{"to": PERMIT2_COLLECTOR_ADDRESS, "data": settlement_call}, "latest"]),
         ])
         if bytes.fromhex(separator[2:]) != permit2_domain_separator(self.chain_id):
             raise DevChainError(f"Permit2 DOMAIN_SEPARATOR mismatch on chain {self.chain_id}")
-        for name, result in (("exact", exact_permit2), ("upto", upto_permit2)):
+        expected = [("exact", exact_permit2, PERMIT2_ADDRESS), ("upto", upto_permit2, PERMIT2_ADDRESS),
+                    ("permit2 collector", collector_permit2, PERMIT2_ADDRESS)]
+        expected += [("deposit collector", result, BATCH_SETTLEMENT_ADDRESS) for result in settlements]
+        for name, result, want in expected:
             (address,) = abi_decode(["address"], bytes.fromhex(result[2:]))
-            if to_checksum_address(address) != PERMIT2_ADDRESS:
-                raise DevChainError(f"{name} proxy PERMIT2() is {address}")
+            if to_checksum_address(address) != want:
+                raise DevChainError(f"{name} points at {address}, not {want}")
 
     # -- description ---------------------------------------------------------------------------
 
@@ -390,7 +410,10 @@ class DevChain:
             "network": f"eip155:{self.chain_id}",
             "contracts": {"permit2": PERMIT2_ADDRESS, "exact_proxy": EXACT_PROXY_ADDRESS,
                           "upto_proxy": UPTO_PROXY_ADDRESS, "tee_registry": self.tee_registry,
-                          "settlement_relay": self.settlement_relay},
+                          "settlement_relay": self.settlement_relay,
+                          "batch_settlement": BATCH_SETTLEMENT_ADDRESS,
+                          "erc3009_deposit_collector": ERC3009_COLLECTOR_ADDRESS,
+                          "permit2_deposit_collector": PERMIT2_COLLECTOR_ADDRESS},
             "tokens": {
                 symbol: {"address": self.token_addresses[symbol],
                          **{k: v for k, v in spec.items() if k != "contract"}}

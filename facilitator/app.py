@@ -26,6 +26,7 @@ from facilitator.evm.rpc import Call, RpcError, RpcUnavailableError
 from facilitator.evm.signer import Signer, SignerPool
 from facilitator.metrics import FacilitatorMetrics
 from facilitator.registry import SchemeRegistry
+from facilitator.schemes.evm_batch import BatchSettlementEvmScheme
 from facilitator.schemes.evm_exact import ExactEvmScheme
 from facilitator.schemes.evm_upto import UptoEvmScheme
 from facilitator.service import Facilitator
@@ -85,6 +86,7 @@ def build_registry(chains: dict[str, EvmChain], signers: SignerPool) -> SchemeRe
     for chain in chains.values():
         registry.register(ExactEvmScheme(chain), x402_versions=(1, 2))
         registry.register(UptoEvmScheme(chain, signers.addresses))
+        registry.register(BatchSettlementEvmScheme(chain))
     return registry
 
 

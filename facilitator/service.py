@@ -127,7 +127,7 @@ class Facilitator:
             await prepared.confirm(fresh=False)
             if keep and not scheme.amount_is_maximum:  # upto settles another amount: prepared again
                 self.verified.keep(request.payment_payload, request.payment_requirements, prepared, requirements.network)
-            resp = VerifyResponse(is_valid=True, payer=payer)
+            resp = VerifyResponse(is_valid=True, payer=payer, extra=prepared.verify_extra)
         except PaymentInvalidError as exc:
             resp = VerifyResponse(is_valid=False, invalid_reason=exc.reason.value, invalid_message=exc.message, payer=payer)
         except (ChainUnavailableError, StoreUnavailableError) as exc:

@@ -55,6 +55,12 @@ def transfer_logged(receipt: Receipt, plan: SettlementPlan) -> bool:
     return False
 
 
+def _success(plan: SettlementPlan, tx_hash: str, network: str) -> SettleResponse:
+    amount = str(plan.amount) if plan.response_amount is None else plan.response_amount
+    return SettleResponse(success=True, payer=plan.payer, transaction=tx_hash, network=network, amount=amount,
+                          extra=plan.extra)
+
+
 class Settler:
     def __init__(
         self,
@@ -109,8 +115,9 @@ class Settler:
         except ChainUnavailableError as exc:
             await self.store.release(key, digest)
             return self._failure(chain, prepared.payer, R.UNEXPECTED_SETTLE_ERROR, f"chain unavailable: {exc}", final=True)
-        if plan.amount == 0:  # upto settled at zero: nothing moves, no transaction
-            resp = SettleResponse(success=True, payer=plan.payer, transaction="", network=chain.network, amount="0")
+        if plan.amount == 0 and plan.transfers:  # upto settled at zero: nothing moves, no transaction
+            resp = SettleResponse(success=True, payer=plan.payer, transaction="", network=chain.network, amount="0",
+                                  extra=plan.extra)
             await self.store.finish(key, digest, state=SettlementState.SETTLED, response=_dump(resp), now_ms=self._now_ms())
             return resp
         signer = self.signers.get(plan.sender) if plan.sender else self.signers.next()
@@ -120,9 +127,7 @@ class Settler:
                                  final=True)
 
         async def persist(signed: SignedTransaction) -> None:
-            success = SettleResponse(
-                success=True, payer=plan.payer, transaction=signed.tx_hash, network=chain.network, amount=str(plan.amount)
-            )
+            success = _success(plan, signed.tx_hash, chain.network)
             await self.store.mark_submitted(
                 key, digest, tx_hash=signed.tx_hash, raw_tx=signed.raw, signer=signer.address,
                 response=_dump(success), now_ms=self._now_ms(),
@@ -179,16 +184,14 @@ class Settler:
         if receipt.status != 1:
             resp = self._failure(chain, plan.payer, R.TRANSACTION_FAILED, "transaction reverted", tx=tx_hash, final=True)
             state = SettlementState.FAILED
-        elif not transfer_logged(receipt, plan):
+        elif plan.transfers and not transfer_logged(receipt, plan):
             resp = self._failure(
                 chain, plan.payer, R.INVALID_EXACT_EVM_TRANSFER_EVENT_MISMATCH,
                 "receipt has no matching Transfer event", tx=tx_hash,
             )  # fmt: skip
             state = SettlementState.FAILED
         else:
-            resp = SettleResponse(
-                success=True, payer=plan.payer, transaction=tx_hash, network=chain.network, amount=str(plan.amount)
-            )
+            resp = _success(plan, tx_hash, chain.network)
             state = SettlementState.SETTLED
         await self._finish_record(key, digest, state, resp)
         return resp

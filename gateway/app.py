@@ -19,6 +19,9 @@ from starlette.routing import Mount, Route
 
 from budgets.reconcile import ReconcileError, ReconcileJob, Reconciler, Report, RpcCall
 from facilitator.evm.rpc import JsonRpcClient, RpcError, RpcUnavailableError
+from gateway.batch_calls import BatchCalls
+from gateway.batch_channels import open_channels
+from gateway.batch_manager import ChannelManager
 from gateway.budget_hook import BudgetHook, NoBudgets, Refusal
 from gateway.errors import GatewayError
 from gateway.errors import GatewayReason as G
@@ -239,6 +242,14 @@ def create_app(
             batcher = ProofBatcher(settings.proofs, proofs, LocalBlobStore(settings.proofs.blob_dir), m, sender)
             background.append(asyncio.create_task(batcher.run_forever()))
         paywall = Paywall(settings, pricing, fac, records, hook, m, upstreams, challenges, settlement, calls, proofs)
+        batch_routes = {f"{r.method} {r.path}": r.batch for r in settings.routes if r.batch is not None}
+        channels = None
+        if batch_routes:
+            channels = open_channels(settings.store_url, prefix=settings.store_prefix)
+            paywall.batch = BatchCalls(channels, fac, hook, challenges, paywall.forward, in_background)
+            app.state.batch_manager = ChannelManager(channels, fac, batch_routes,
+                                                     lease_s=min(b.manager_lease_s for b in batch_routes.values()))
+            background.append(asyncio.create_task(app.state.batch_manager.run_forever()))
         app.state.gateway = GatewayState(paywall, records, fac, upstreams, m, pricing, challenges, refusals,
                                          sessions_store, proofs)
         try:
@@ -257,6 +268,8 @@ def create_app(
             await refusals.store.close()
             if sessions_store is not None:
                 await sessions_store.close()
+            if channels is not None:
+                await channels.close()
             if enforcer is not None:
                 await enforcer.store.close()
             if sender is not None:

@@ -10,8 +10,10 @@ import re
 import time
 from dataclasses import dataclass
 from decimal import Decimal
+from functools import lru_cache
 
 import orjson
+from eth_account import Account
 
 from facilitator.x402.matching import RequirementMismatchError, find_offered
 from facilitator.x402.networks import CAIP2_TO_V1_NETWORK, V1_NETWORK_TO_CAIP2, to_v1_name
@@ -19,7 +21,19 @@ from facilitator.x402.types import PaymentRequirements, PaymentRequirementsV1
 from gateway.errors import GatewayError
 from gateway.metering import TokenPrice, to_base_units
 from gateway.quotes import QuoteBook, StaleQuoteError
-from gateway.settings import GatewaySettings, PaymentOption, Route, parse_price
+from gateway.settings import BatchChannels, GatewaySettings, PaymentOption, Route, parse_price
+
+BATCH_SCHEME = "batch-settlement"
+
+
+@lru_cache(maxsize=64)
+def _address_of(key: str) -> str:
+    return str(Account.from_key(key).address)
+
+
+def batch_authorizer(batch: BatchChannels) -> str:
+    """The channels' receiverAuthorizer: the address of the route's authorizer key."""
+    return _address_of(batch.receiver_authorizer_key.get_secret_value())
 
 _PARAM = re.compile(r"\{([a-zA-Z_][a-zA-Z0-9_]*)\}")
 
@@ -166,10 +180,23 @@ class Pricing:
         else:
             raise PricingError("model_not_offered", f"model {model!r} is not offered on {route.path}")
         reqs = tuple(requirement_for(o, amount_of(price, o), self.settings.pay_to) for o in self.settings.accepts)
+        if route.batch is not None:
+            reqs += tuple(self._batch_requirement(route, o, amount_of(price, o)) for o in self.settings.accepts)
         offer = Offer(route=route, model=model, price=price, requirements=reqs)
         if len(self._offers) < 10_000:  # models come from requests: bound the cache
             self._offers[key] = offer
         return offer
+
+    def _batch_requirement(self, route: Route, option: PaymentOption, amount: int) -> PaymentRequirements:
+        """batch-settlement beside exact: the channel's terms ride in `extra` (the client builds
+        its ChannelConfig from them; the gateway checks the config against them)."""
+        batch = route.batch
+        assert batch is not None
+        req = requirement_for(option, amount, self.settings.pay_to)
+        minimum = amount_of(parse_price(batch.min_deposit), option) if batch.min_deposit else 10 * amount
+        extra = req.extra | {"receiverAuthorizer": batch_authorizer(batch), "withdrawDelay": batch.withdraw_delay_s,
+                             "minDeposit": str(minimum), "assetTransferMethod": option.transfer_method}
+        return req.model_copy(update={"scheme": BATCH_SCHEME, "extra": extra})
 
     def _metered_offer(self, route: Route, model: str | None) -> Offer:
         """Pay for what is used: `upto` with the ceiling as the signed maximum (Permit2 assets),
@@ -201,6 +228,9 @@ class Pricing:
                                    "max_timeout_seconds": route.sessions.max_timeout_s}
                     req = req.model_copy(update=update)
                 reqs.append(req)
+        if route.batch is not None:  # a voucher per call for at most the ceiling; charged what was used
+            reqs += [self._batch_requirement(route, o, to_base_units(ceiling, rates[o.asset.lower()][0], o.decimals))
+                     for o in self.settings.accepts if o.asset.lower() in rates]
         if not reqs:
             raise PricingError("no_payment_option", f"no payment option can pay {route.path}", 503)
         return Offer(route=route, model=model, price=ceiling, requirements=tuple(reqs), token_price=token_price,

@@ -268,6 +268,31 @@ class UptoSessions(_Model):
         return self
 
 
+class BatchChannels(_Model):
+    """batch-settlement on this route: the agent escrows a deposit once (a payment channel) and
+    pays each call with a cumulative voucher, verified locally; the gateway claims the vouchers
+    in batches and sweeps them to payTo (gateway/batch/)."""
+
+    # The key that signs claim batches and refunds (the channels' receiverAuthorizer), "$VAR" allowed.
+    receiver_authorizer_key: SecretStr
+    withdraw_delay_s: int = Field(default=86_400, ge=900, le=2_592_000, description="channels' withdrawDelay")
+    min_deposit: str | None = None  # display units of the asset; default: 10 calls
+    claim_interval_s: float = Field(default=60.0, gt=0)
+    settle_interval_s: float = Field(default=120.0, gt=0)
+    max_claims_per_batch: int = Field(default=100, ge=1, le=100)
+    sync_interval_s: float = Field(default=30.0, gt=0, description="re-read channels on chain (withdrawals)")
+    call_lease_s: float = Field(default=120.0, gt=0, description="a call's hold on its channel, if its replica died")
+    manager_lease_s: float = Field(default=30.0, gt=0, description="a dead replica's manager is taken over after this")
+
+    @field_validator("receiver_authorizer_key")
+    @classmethod
+    def _key(cls, v: SecretStr) -> SecretStr:
+        raw = v.get_secret_value()
+        if not (raw.startswith("0x") and len(raw) == 66):
+            raise ValueError("batch.receiver_authorizer_key must be a 0x-prefixed 32-byte hex key")
+        return v
+
+
 class Route(_Model):
     method: Literal["GET", "POST", "PUT", "PATCH", "DELETE"] = "POST"
     path: str = Field(pattern=r"^/")
@@ -283,6 +308,7 @@ class Route(_Model):
     schemes: list[Scheme] = Field(default_factory=_exact_only, min_length=1)
     missing_usage: Literal["ceiling", "floor"] = "ceiling"  # usage missing or stream cut: charge the max, or only per_call
     sessions: UptoSessions | None = None  # upto sessions on this (metered) route
+    batch: BatchChannels | None = None  # batch-settlement channels offered beside the schemes
     api: Literal["openai", "anthropic", "other"] = "openai"
     payment_identifier: bool | None = Field(default=None, strict=True)  # None: the gateway's setting
 
@@ -394,6 +420,10 @@ def _resolve_secrets(data: dict, env: Mapping[str, str]) -> dict:
         for key in ("rpc_url", "signer_key"):
             if isinstance(proofs.get(key), str):
                 proofs[key] = resolve_env(proofs[key], env)
+    for route in data.get("routes", []):
+        batch = route.get("batch") if isinstance(route, dict) else None
+        if isinstance(batch, dict) and isinstance(batch.get("receiver_authorizer_key"), str):
+            batch["receiver_authorizer_key"] = resolve_env(batch["receiver_authorizer_key"], env)
     fac = data.get("facilitator", {})
     if isinstance(fac.get("auth_value"), str):
         fac["auth_value"] = resolve_env(fac["auth_value"], env)

@@ -25,6 +25,10 @@ class SettlementPlan:
     tx_data: bytes
     gas: int
     sender: str | None = None  # a signer that must send it (upto: witness.facilitator)
+    # batch-settlement's claims move no tokens: sent even at amount 0, no Transfer to check
+    transfers: bool = True
+    response_amount: str | None = None  # the response's `amount` when not str(amount) (claims: "")
+    extra: dict[str, Any] | None = None  # the success response's `extra` (batch: channelState)
 
 
 class PreparedPayment(Protocol):
@@ -39,6 +43,8 @@ class PreparedPayment(Protocol):
     def nonce_used_reason(self) -> str: ...
     @property
     def settle_amount(self) -> int: ...
+    @property
+    def verify_extra(self) -> dict[str, Any] | None: ...  # a valid verify response's `extra`
 
     def check_time(self, now: float) -> None: ...  # prepare()'s validity-window checks, at another time
 

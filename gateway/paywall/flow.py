@@ -33,6 +33,7 @@ from starlette.responses import Response, StreamingResponse
 
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import PaymentPayload, PaymentRequirements, SettleResponse, VerifyResponse
+from gateway.batch_calls import BatchCalls
 from gateway.budget_hook import BudgetHook, Hold
 from gateway.claim import Claim
 from gateway.errors import GatewayError, UpstreamRefused
@@ -45,7 +46,7 @@ from gateway.paywall.metered import capped_body, metered_charge
 from gateway.paywall.replay import Replays
 from gateway.paywall.responses import Challenges, payment_response_header
 from gateway.paywall.settle import RECORD_TTL_S, Settlement
-from gateway.pricing import Offer, Pricing
+from gateway.pricing import BATCH_SCHEME, Offer, Pricing
 from gateway.proxy import UpstreamFailedError, Upstreams, UpstreamUnavailableError, read_all, relay, response_headers
 from gateway.records import PaymentRecord, PaymentRecords, RecordState
 from gateway.session_calls import SessionCalls
@@ -79,6 +80,7 @@ class Paywall:
         self.settlement = settlement
         self.sessions = sessions
         self.proofs = proofs  # tee proofs to anchor (gateway/tee/batcher.py); None: not anchored
+        self.batch: BatchCalls | None = None  # set when a route offers batch-settlement channels
         self.replays = Replays(settings, records, facilitator, settlement, upstreams, metrics, sessions)
 
     async def handle(self, request: Request, body: bytes, request_id: str) -> Response:
@@ -98,6 +100,8 @@ class Paywall:
         # Who paid with what, for the refusal log (gateway/refusals.py) should this call be refused.
         request.scope["state"]["payment"] = (call.payer, call.network, call.requirement.asset)
         self.tee_stream_allowed(call)
+        if call.requirement.scheme == BATCH_SCHEME and self.batch is not None:
+            return await self.batch.call(call)  # vouchers: no per-call payment record (gateway/batch_calls.py)
         await self.budgets.precheck(call.payer, call.network, call.requirement.asset, offer.route_id, offer.model)
         if (earlier := await self.replays.earlier_under_id(call)) is not None:
             return await self.replays.answer_under_id(call, earlier)

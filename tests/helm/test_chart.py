@@ -324,6 +324,9 @@ def test_every_pod_is_under_a_policy(name, objects):
 # -- the config files, loaded by the services' own loaders -------------------------------------------------
 
 
+BATCH_KEY_FROM_SECRET = "0x" + "42" * 32
+
+
 def _fake_secret(variable: str, secret: str, key: str, chart_secret: dict[str, str]) -> str:
     if secret.endswith("-secrets"):
         return chart_secret[key]
@@ -341,6 +344,8 @@ def _fake_secret(variable: str, secret: str, key: str, chart_secret: dict[str, s
         return f"https://rpc-from-{secret}.example"
     if variable == "GATEWAY_PROOFS_SIGNER_KEY":
         return f"key-from-{secret}"
+    if variable == "GATEWAY_BATCH_AUTHORIZER_KEY":
+        return BATCH_KEY_FROM_SECRET
     raise AssertionError(f"no fake for {variable} from {secret}/{key}")
 
 
@@ -376,6 +381,12 @@ def test_gateway_config_loads_with_the_gateway_loader(name, objects, tmp_path):
         (a["network"], a["asset"], a["decimals"], a["transferMethod"]) for a in g["accepts"]]
     assert [(r.path, r.upstream, r.price) for r in settings.routes] == [
         (r["path"], r["upstream"], r.get("price")) for r in g["routes"]]
+    for route, loaded in zip(g["routes"], settings.routes, strict=True):
+        assert (loaded.batch is not None) == bool(route.get("batch"))
+        if loaded.batch is not None:  # the key comes from a Secret, never from the ConfigMap
+            key = g["batch"]["receiverAuthorizerKey"].get("value") or BATCH_KEY_FROM_SECRET
+            assert loaded.batch.receiver_authorizer_key.get_secret_value() == key
+            assert loaded.batch.claim_interval_s == g["batch"].get("claimIntervalSeconds", 60)
     for up_name, up in g["upstreams"].items():
         assert settings.upstreams[up_name].urls == [u.rstrip("/") for u in up.get("urls", [])]
         assert settings.upstreams[up_name].kind == up.get("kind", "urls")
@@ -563,6 +574,9 @@ BAD_COMBINATIONS = [
      "facilitator.external.authHeader needs existingSecret and existingSecretKey"),
     ("alerts without the Prometheus Operator", lambda v: _with(v, "metrics", {"prometheusRule": {"enabled": True}}),
      "metrics.prometheusRule.enabled needs the monitoring.coreos.com/v1 API"),
+    ("batch-settlement without the authorizer key",
+     lambda v: _with(v, "gateway.routes", [{**v["gateway"]["routes"][0], "batch": True}]),
+     "gateway.batch.receiverAuthorizerKey: a route offers batch-settlement"),
 ]
 
 

@@ -474,7 +474,10 @@ def test_cli_writes_description(tmp_path: Path, free_port: int) -> None:
         assert all(re.fullmatch(r"0x[0-9a-fA-F]{40}", a) for a in tee_contracts.values()), tee_contracts
         assert d["contracts"] == {"permit2": "0x000000000022D473030F116dDEE9F6B43aC78BA3",
                                   "exact_proxy": "0x402085c248EeA27D92E8b30b2C58ed07f9E20001",
-                                  "upto_proxy": "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002"}
+                                  "upto_proxy": "0x4020A4f3b7b90ccA423B9fabCc0CE57C6C240002",
+                                  "batch_settlement": "0x4020074e9dF2ce1deE5A9C1b5c3f541D02a10003",
+                                  "erc3009_deposit_collector": "0x4020806089470a89826cB9fB1f4059150b550004",
+                                  "permit2_deposit_collector": "0x4020425FAf3B746C082C2f942b4E5159887B0005"}
         assert set(d["tokens"]) == {"OPG", "USDC"}
         assert {k: v for k, v in d["tokens"]["OPG"].items() if k != "address"} == {
             "decimals": 18, "transfer_method": "permit2", "eip712_name": "OpenGradient", "eip712_version": "1"}

@@ -100,7 +100,7 @@ def test_kinds_are_the_registrations() -> None:
 
 
 async def test_supported_is_derived_from_the_registry() -> None:
-    """One more registration (what batch settlement will be) is all it takes to be served and listed."""
+    """One more registration is all it takes to be served and listed."""
     settings = FacilitatorSettings.model_validate({
         "store_url": "memory://",
         "signer_keys": ["0x" + "11" * 32],
@@ -111,9 +111,11 @@ async def test_supported_is_derived_from_the_registry() -> None:
         signer = fac.signers.addresses[0]
         before = fac.supported()
         assert [(k.x402_version, k.scheme, k.network) for k in before.kinds] == [
-            (2, "exact", "eip155:84532"), (1, "exact", "base-sepolia"), (2, "upto", "eip155:84532"),
+            (2, "batch-settlement", "eip155:84532"), (2, "exact", "eip155:84532"), (1, "exact", "base-sepolia"),
+            (2, "upto", "eip155:84532"),
         ]
-        assert before.kinds[2].extra == {"facilitatorAddress": signer}
+        assert before.kinds[0].extra is None  # batch-settlement: servers hold their receiverAuthorizer
+        assert before.kinds[3].extra == {"facilitatorAddress": signer}
         assert before.signers == {"eip155:*": [signer]}
         batch = Stub("batch", "eip155:*", {"facilitatorAddress": signer})
         fac.registry.register(batch)

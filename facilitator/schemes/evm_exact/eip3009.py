@@ -9,6 +9,7 @@ settle. Signatures must have low s, as the token's ECDSA check demands.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -51,6 +52,10 @@ class Eip3009Payment:
     digest: str
     nonce_used_reason: str = R.INVALID_EXACT_EVM_NONCE_ALREADY_USED.value
     payer_is_eoa: bool = False  # known after confirm()
+
+    @property
+    def verify_extra(self) -> dict[str, Any] | None:
+        return None
 
     @property
     def settle_amount(self) -> int:

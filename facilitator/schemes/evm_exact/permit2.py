@@ -9,6 +9,7 @@ verify time (its verify accepts a settled Permit2 payment again).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -49,6 +50,10 @@ class Permit2Payment:
     digest: str
     nonce_used_reason: str = R.PERMIT2_INVALID_NONCE.value
     payer_is_eoa: bool = False  # known after confirm()
+
+    @property
+    def verify_extra(self) -> dict[str, Any] | None:
+        return None
 
     def check_time(self, now: float) -> None:
         """The time checks of prepare(), again: a payment prepared at verify and settled later."""

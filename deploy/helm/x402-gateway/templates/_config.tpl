@@ -114,6 +114,13 @@ they are "$VAR" references the loaders resolve from the environment, or environm
 {{- range $k, $v := . }}{{ $_ := set $s (required (printf "unknown sessions key %s" $k) (get $keys $k)) $v }}{{ end }}
 {{- $_ := set $r "sessions" $s }}
 {{- end }}
+{{- if .batch }}
+{{- $bt := $g.batch }}
+{{- $bc := dict "receiver_authorizer_key" "$GATEWAY_BATCH_AUTHORIZER_KEY" "withdraw_delay_s" (int $bt.withdrawDelaySeconds)
+      "claim_interval_s" $bt.claimIntervalSeconds "settle_interval_s" $bt.settleIntervalSeconds "sync_interval_s" $bt.syncIntervalSeconds }}
+{{- if $bt.minDeposit }}{{ $_ := set $bc "min_deposit" $bt.minDeposit }}{{ end }}
+{{- $_ := set $r "batch" $bc }}
+{{- end }}
 {{- $routes = append $routes $r }}
 {{- end }}
 {{- $_ := set $cfg "routes" $routes }}

@@ -124,11 +124,17 @@ each gateway process, which then holds the signer keys).
 
 {{- define "x402.chainId" -}}{{ regexReplaceAll "^eip155:" . "" }}{{- end }}
 
+{{/* Does a route offer batch-settlement channels? "true" or "". */}}
+{{- define "x402.batchRoutes" -}}
+{{- range .Values.gateway.routes }}{{ if .batch }}true{{ end }}{{ end }}
+{{- end }}
+
 {{/* Is there anything inline for the chart's own Secret? "true" or "". */}}
 {{- define "x402.hasInlineSecrets" -}}
 {{- $v := .Values }}
 {{- $any := false }}
 {{- if $v.facilitator.signer.keys }}{{ $any = true }}{{ end }}
+{{- if and (include "x402.batchRoutes" .) $v.gateway.batch.receiverAuthorizerKey.value (not $v.gateway.batch.receiverAuthorizerKey.existingSecret) }}{{ $any = true }}{{ end }}
 {{- if and $v.gateway.budgets.enabled $v.gateway.budgets.adminToken.value (not $v.gateway.budgets.adminToken.existingSecret) }}{{ $any = true }}{{ end }}
 {{- range $name, $up := $v.gateway.upstreams }}
 {{- if and $up.auth $up.auth.value (not $up.auth.existingSecret) }}{{ $any = true }}{{ end }}
@@ -246,6 +252,10 @@ Checks across values that the schema cannot express, failing with a message nami
 */}}
 {{- define "x402.validate" -}}
 {{- $v := .Values }}
+{{- $k := $v.gateway.batch.receiverAuthorizerKey }}
+{{- if and (include "x402.batchRoutes" .) (not (or $k.value (and $k.existingSecret $k.existingSecretKey))) }}
+{{- fail "gateway.batch.receiverAuthorizerKey: a route offers batch-settlement; give existingSecret and existingSecretKey (or value)" }}
+{{- end }}
 {{- $mode := include "x402.facilitatorMode" . }}
 {{- range $v.gateway.routes }}
 {{- if not (hasKey $v.gateway.upstreams .upstream) }}

@@ -1,0 +1,399 @@
+"""Calls paid through a batch-settlement channel (x402 `batch-settlement`, gateway/batch_channels.py).
+
+- `deposit`: the first call of a channel (or a top-up) carries the escrow deposit and a voucher;
+  the deposit is relayed through the facilitator and confirmed on chain before anything is served.
+- `voucher`: every later call. Checked here, with no RPC: the channel config is the route's, the
+  voucher is signed by the channel's payerAuthorizer (one EIP-712 digest, one ECDSA recovery),
+  it continues exactly from what was charged (`charged + price`), it fits the mirrored balance,
+  and no withdrawal is pending; the compare-and-set that takes the channel checks the last three
+  atomically across replicas, and refuses a second call while one is in flight.
+- `refund`: the payer asks for what it did not spend; the gateway claims what was charged and
+  returns the rest in one transaction (claimWithSignature + refundWithSignature).
+
+Nothing is charged when the upstream fails (the hold is released and the voucher's extra amount
+stays unclaimable, because claims never go above what was charged). Budgets reserve and commit
+per call like any paid call. A cumulative-amount mismatch answers a corrective 402 carrying the
+channel's state and the last voucher the payer signed, as the spec asks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_typing import Hash32
+from starlette.responses import Response, StreamingResponse
+
+from facilitator.errors import PaymentInvalidError
+from facilitator.schemes.evm_batch.channel import (
+    ZERO_ADDRESS,
+    ChannelConfig,
+    claim_batch_digest,
+    recovers_to,
+    refund_digest,
+    voucher_digest,
+)
+from facilitator.schemes.evm_batch.operations import SignedVoucher, check_config
+from facilitator.x402.headers import encode_payment_required
+from facilitator.x402.reasons import ErrorReason as R
+from facilitator.x402.types import PaymentPayload, PaymentRequired, PaymentRequirements, SettleResponse
+from gateway.batch_channels import Channel, ChannelStore, HoldOutcome
+from gateway.budget_hook import BudgetHook
+from gateway.errors import GatewayError
+from gateway.facilitator_client import FacilitatorClient
+from gateway.metering import StreamMeter, usage_from_body
+from gateway.paywall.call import PaidCall
+from gateway.paywall.metered import metered_charge
+from gateway.paywall.responses import Challenges, payment_response_header
+from gateway.proxy import relay, response_headers
+from gateway.settings import BatchChannels
+from gateway.sse_usage import forwarded_stream
+
+log = logging.getLogger("gateway.batch")
+
+Forward = Callable[[PaidCall], Awaitable[tuple[aiohttp.ClientResponse, bytes, bytes | None]]]
+
+
+def chain_id_of(network: str) -> int:
+    return int(network.split(":", 1)[1])
+
+
+def authorizer_account(batch: BatchChannels) -> LocalAccount:
+    return Account.from_key(batch.receiver_authorizer_key.get_secret_value())
+
+
+def sign_digest(account: LocalAccount, digest: bytes) -> str:
+    """The authorizer's signature of an EIP-712 digest (ClaimBatch, Refund), 0x + 65 bytes."""
+    return "0x" + bytes(account.unsafe_sign_hash(Hash32(digest)).signature).hex()
+
+
+def claim_row(config: dict[str, Any], signed_max: int, signature: str, total: int) -> dict[str, Any]:
+    return {"voucher": {"channel": config, "maxClaimableAmount": str(signed_max)}, "signature": signature,
+            "totalClaimed": str(total)}
+
+
+def signed_claims(account: LocalAccount, chain_id: int, rows: list[tuple[Channel, int]]) -> dict[str, Any]:
+    """A `claim` payload for (channel, totalClaimed) rows, the batch signed by the authorizer."""
+    entries, wire = [], []
+    for channel, total in rows:
+        config = orjson.loads(channel.config)
+        entries.append((bytes.fromhex(channel.id[2:]), channel.signed_max, total))
+        wire.append(claim_row(config, channel.signed_max, channel.signature, total))
+    return {"type": "claim", "claims": wire,
+            "claimAuthorizerSignature": sign_digest(account, claim_batch_digest(chain_id, entries))}
+
+
+def envelope(inner: dict[str, Any], requirement: PaymentRequirements) -> PaymentPayload:
+    return PaymentPayload(x402_version=2, payload=inner, accepted=requirement)
+
+
+class BatchCalls:
+    def __init__(self, store: ChannelStore, facilitator: FacilitatorClient, budgets: BudgetHook,
+                 challenges: Challenges, forward: Forward, background: set[asyncio.Task[Any]]) -> None:
+        self.background = background  # charges of metered streams whose client left
+        self.store = store
+        self.facilitator = facilitator
+        self.budgets = budgets
+        self.challenges = challenges
+        self.forward = forward
+
+    async def call(self, call: PaidCall) -> Response:
+        assert isinstance(call.payload, PaymentPayload) and isinstance(call.requirement, PaymentRequirements)
+        requirement, inner = call.requirement, call.payload.payload
+        batch = call.offer.route.batch
+        assert batch is not None
+        kind = inner.get("type")
+        reason = {"deposit": R.INVALID_BATCH_SETTLEMENT_EVM_DEPOSIT_PAYLOAD,
+                  "refund": R.INVALID_BATCH_SETTLEMENT_EVM_REFUND_PAYLOAD}.get(str(kind),
+                                                                                R.INVALID_BATCH_SETTLEMENT_EVM_VOUCHER_PAYLOAD)
+        try:
+            if kind not in ("deposit", "voucher", "refund"):
+                raise PaymentInvalidError(R.INVALID_BATCH_SETTLEMENT_EVM_PAYLOAD_TYPE, f"payload type {kind!r}")
+            config = ChannelConfig.from_wire(inner.get("channelConfig"), reason)
+            voucher = SignedVoucher.from_wire(inner.get("voucher"), reason)
+            check_config(config, voucher.channel_id, requirement, chain_id_of(requirement.network))
+        except PaymentInvalidError as exc:
+            raise GatewayError(exc.reason.value, exc.message, offer=call.offer) from None
+        channel_id = "0x" + voucher.channel_id.hex()
+        await self.budgets.precheck(config.payer, call.network, requirement.asset, call.offer.route_id, call.offer.model)
+        if config.payer_authorizer == ZERO_ADDRESS:
+            # ERC-1271 payers: their signatures can only be checked on chain.
+            raise GatewayError(R.INVALID_BATCH_SETTLEMENT_EVM_VOUCHER_SIGNATURE.value,
+                               "this gateway needs a payerAuthorizer (an EOA that signs vouchers)", offer=call.offer)
+        digest = voucher_digest(chain_id_of(requirement.network), voucher.channel_id, voucher.max_claimable)
+        if not recovers_to(digest, voucher.signature, config.payer_authorizer):
+            raise GatewayError(R.INVALID_BATCH_SETTLEMENT_EVM_VOUCHER_SIGNATURE.value,
+                               "the voucher is not signed by the channel's payerAuthorizer", offer=call.offer)
+        if kind == "refund":
+            return await self.refund(call, batch, config, voucher, channel_id)
+        price = int(requirement.amount)
+        settled: SettleResponse | None = None
+        if kind == "deposit":
+            try:
+                _, settled = await self.deposit(call, config, voucher, channel_id)
+            except _Corrective as corrective:
+                return corrective.response
+        mismatch = "the voucher must be for what was charged plus this call's price"
+        if voucher.max_claimable < price:
+            channel = await self.store.get(channel_id) or self._fresh(call, config, channel_id)
+            return self.corrective(call, channel, mismatch)
+        # One round trip: the compare-and-set is the check (a voucher continues from what was charged).
+        outcome, held = await self._hold(channel_id, voucher, price, batch)
+        if outcome == HoldOutcome.MISSING and kind == "voucher":
+            await self.adopt(call, channel_id)  # no record here: the chain's state is the baseline
+            outcome, held = await self._hold(channel_id, voucher, price, batch)
+        if outcome == HoldOutcome.MISMATCH and held is not None:
+            return self.corrective(call, held, mismatch)
+        if outcome != HoldOutcome.OK:
+            raise GatewayError(*_REFUSALS[outcome], offer=call.offer)
+        return await self.serve(call, config.payer, channel_id, price, settled)
+
+    async def _hold(self, channel_id: str, voucher: SignedVoucher, price: int,
+                    batch: BatchChannels) -> tuple[HoldOutcome, Channel | None]:
+        return await self.store.hold(channel_id, charged=voucher.max_claimable - price, voucher_max=voucher.max_claimable,
+                                     signature="0x" + voucher.signature.hex(), amount=price, now=time.time(),
+                                     lease_s=batch.call_lease_s)
+
+    # -- the channel a call is for -------------------------------------------------------------
+
+    async def deposit(self, call: PaidCall, config: ChannelConfig, voucher: SignedVoucher,
+                      channel_id: str) -> tuple[Channel, SettleResponse]:
+        """Relay the deposit and wait for it on chain; the channel is then what the chain says."""
+        assert isinstance(call.payload, PaymentPayload) and isinstance(call.requirement, PaymentRequirements)
+        deposit = call.payload.payload.get("deposit") or {}
+        minimum = int(call.requirement.extra.get("minDeposit", "0"))
+        try:
+            amount = int(str(deposit.get("amount", "0")))
+        except ValueError:
+            amount = 0
+        if amount < minimum:
+            raise GatewayError(R.INVALID_BATCH_SETTLEMENT_EVM_DEPOSIT_BELOW_MIN_DEPOSIT.value,
+                               f"a deposit must be at least {minimum}", offer=call.offer)
+        known = await self.store.get(channel_id)
+        charged = known.charged if known is not None else 0
+        if voucher.max_claimable != charged + int(call.requirement.amount):
+            # Checked before anything moves: a deposit whose call cannot be served is not relayed.
+            channel = known or self._fresh(call, config, channel_id)
+            raise _Corrective(self.corrective(call, channel, "the voucher must be for what was charged plus this "
+                                              "call's price"))
+        settled = await self.facilitator.settle(call.payload, call.requirement)
+        if not settled.success:
+            raise GatewayError(settled.error_reason or R.INVALID_BATCH_SETTLEMENT_EVM_DEPOSIT_TRANSACTION_FAILED.value,
+                               settled.error_message or "the deposit did not go through", offer=call.offer)
+        state = (settled.extra or {}).get("channelState") or {}
+        channel = self._fresh(call, config, channel_id)
+        _take_state(channel, state)
+        return await self.store.mirror(channel, now=time.time()), settled
+
+    async def adopt(self, call: PaidCall, channel_id: str) -> Channel:
+        """A channel this gateway has no record of (never seen, or state lost): its on-chain state,
+        read once through the facilitator, is the baseline (charged = totalClaimed)."""
+        assert isinstance(call.payload, PaymentPayload) and isinstance(call.requirement, PaymentRequirements)
+        verified = await self.facilitator.verify(call.payload, call.requirement)
+        if not verified.is_valid and verified.invalid_reason != R.INVALID_BATCH_SETTLEMENT_EVM_CUMULATIVE_BELOW_CLAIMED:
+            raise GatewayError(verified.invalid_reason or R.INVALID_BATCH_SETTLEMENT_EVM_CHANNEL_NOT_FOUND.value,
+                               verified.invalid_message or "the channel could not be read", offer=call.offer)
+        config = ChannelConfig.from_wire(call.payload.payload["channelConfig"], R.INVALID_BATCH_SETTLEMENT_EVM_VOUCHER_PAYLOAD)
+        channel = self._fresh(call, config, channel_id)
+        if verified.extra:
+            _take_state(channel, verified.extra)
+        return await self.store.mirror(channel, now=time.time())
+
+    @staticmethod
+    def _fresh(call: PaidCall, config: ChannelConfig, channel_id: str) -> Channel:
+        assert isinstance(call.requirement, PaymentRequirements)
+        requirement = call.requirement.model_dump(by_alias=True, exclude_none=True)
+        return Channel(id=channel_id, network=call.network, asset=call.requirement.asset.lower(), payer=config.payer,
+                       route=call.offer.route_id, config=orjson.dumps(config.to_wire()).decode(),
+                       requirement=orjson.dumps(requirement).decode())
+
+    # -- serving -------------------------------------------------------------------------------
+
+    async def serve(self, call: PaidCall, payer: str, channel_id: str, price: int,
+                    deposit: SettleResponse | None) -> Response:
+        """Forward the held call and charge it: the price, or on a metered route what was used
+        (at most the price, the voucher's per-call maximum)."""
+        assert isinstance(call.requirement, PaymentRequirements)
+        hold = None
+        try:
+            hold = await self.budgets.reserve(payer, call.network, call.requirement.asset, price, call.offer.route_id,
+                                              call.offer.model, call.request_id)
+            upstream, first, content = await self.forward(call)
+        except BaseException:
+            await asyncio.shield(self._nothing(channel_id, hold))
+            raise
+        metered = call.offer.token_price is not None
+        if metered and content is None:  # a metered stream: charged after its last token
+            stream = self._metered_stream(call, channel_id, hold, deposit, first, upstream)
+            return StreamingResponse(forwarded_stream(call.request, stream), status_code=upstream.status,
+                                     headers=dict(response_headers(upstream)) | {"Cache-Control": "no-store"})
+        charge, details = (metered_charge(call.offer, call.requirement, usage_from_body(content or b""))
+                           if metered else (price, {}))
+        channel = await asyncio.shield(self._charge(call, channel_id, hold, charge, deposit, details))
+        headers = dict(response_headers(upstream)) | payment_response_header(call.payload,
+                                                                            _receipt(call, channel, charge, deposit))
+        if content is not None:
+            return Response(content, status_code=upstream.status, headers=headers)
+        return StreamingResponse(forwarded_stream(call.request, relay(first, upstream)), status_code=upstream.status,
+                                 headers=headers)
+
+    async def _charge(self, call: PaidCall, channel_id: str, hold: Any, charge: int, deposit: SettleResponse | None,
+                      details: dict[str, Any]) -> Channel:
+        channel = await self.store.commit(channel_id, charge=charge)
+        await self.budgets.commit(hold, charge, deposit.transaction if deposit else "", call.request_id,
+                                  {"scheme": "batch-settlement", "channel": channel_id, **details})
+        return channel
+
+    async def _metered_stream(self, call: PaidCall, channel_id: str, hold: Any, deposit: SettleResponse | None,
+                              first: bytes, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """The stream flows as it comes (the channel stays held, so the voucher's maximum backs
+        it); its usage is charged when it ends, reported in a final `event: x402.payment`."""
+        assert isinstance(call.requirement, PaymentRequirements)
+        meter, cut, finished = StreamMeter(), False, False
+        try:
+            try:
+                async for chunk in relay(first, upstream):
+                    meter.feed(chunk)
+                    yield chunk
+            except (aiohttp.ClientError, TimeoutError):
+                cut = True
+            finished = True
+        finally:
+            charge, details = metered_charge(call.offer, call.requirement, meter.usage,
+                                             cut=cut or not finished or not meter.complete)
+            task = asyncio.ensure_future(self._charge(call, channel_id, hold, charge, deposit, details))
+            if not finished:  # the client left: the charge completes in the background
+                self.background.add(task)
+                task.add_done_callback(self.background.discard)
+        channel = await asyncio.shield(task)
+        receipt = _receipt(call, channel, charge, deposit).model_dump(by_alias=True, exclude_none=True)
+        yield b"event: x402.payment\ndata: " + orjson.dumps(receipt | details) + b"\n\n"
+
+    async def _nothing(self, channel_id: str, hold: Any) -> None:
+        await self.store.release(channel_id)
+        if hold is not None:
+            await self.budgets.release(hold)
+
+    # -- cooperative refund --------------------------------------------------------------------
+
+    async def refund(self, call: PaidCall, batch: BatchChannels, config: ChannelConfig, voucher: SignedVoucher,
+                     channel_id: str) -> Response:
+        """Claim what was charged and return the rest (or the amount asked for), in one
+        transaction; the route's upstream is not called."""
+        assert isinstance(call.payload, PaymentPayload) and isinstance(call.requirement, PaymentRequirements)
+        channel = await self.store.get(channel_id) or await self.adopt(call, channel_id)
+        if voucher.max_claimable != channel.charged:
+            return self.corrective(call, channel, "a refund's voucher must be for exactly what was charged")
+        # Fresh on-chain state (the refund nonce, a withdrawal), and the channel held meanwhile.
+        verified = await self.facilitator.verify(call.payload, call.requirement)
+        if not verified.is_valid:
+            raise GatewayError(verified.invalid_reason or R.INVALID_BATCH_SETTLEMENT_EVM_REFUND_PAYLOAD.value,
+                               verified.invalid_message or "refund not possible", offer=call.offer)
+        _take_state(channel, verified.extra or {})
+        channel = await self.store.mirror(channel, now=time.time())
+        outcome, _ = await self.store.hold(channel_id, charged=channel.charged, voucher_max=voucher.max_claimable,
+                                           signature="0x" + voucher.signature.hex(), amount=1, now=time.time(),
+                                           lease_s=batch.call_lease_s)
+        if outcome not in (HoldOutcome.OK, HoldOutcome.WITHDRAWING):
+            raise GatewayError(*_REFUSALS[outcome], offer=call.offer)
+        try:
+            settled = await self._refund(call, batch, channel, voucher)
+        finally:
+            await asyncio.shield(self.store.release(channel_id))
+        return Response(orjson.dumps({"refunded": settled.amount, "channel": channel_id}), media_type="application/json",
+                        headers=payment_response_header(call.payload, settled))
+
+    async def _refund(self, call: PaidCall, batch: BatchChannels, channel: Channel,
+                      voucher: SignedVoucher) -> SettleResponse:
+        assert isinstance(call.payload, PaymentPayload) and isinstance(call.requirement, PaymentRequirements)
+        requested = call.payload.payload.get("amount")
+        unclaimed = channel.balance - channel.charged
+        amount = unclaimed if requested is None else min(int(str(requested)), unclaimed)
+        if amount <= 0:
+            raise GatewayError(R.INVALID_BATCH_SETTLEMENT_EVM_REFUND_NO_BALANCE.value, "nothing is left to refund",
+                               offer=call.offer)
+        account = authorizer_account(batch)
+        chain_id = chain_id_of(channel.network)
+        claims = (signed_claims(account, chain_id, [(channel, channel.charged)])
+                  if channel.charged > channel.total_claimed else {"claims": []})
+        inner = dict(call.payload.payload) | {
+            "amount": str(amount), "refundNonce": str(channel.refund_nonce), "claims": claims["claims"],
+            "refundAuthorizerSignature": sign_digest(account, refund_digest(chain_id, bytes.fromhex(channel.id[2:]),
+                                                                            channel.refund_nonce, amount)),
+        }  # fmt: skip
+        if claims["claims"]:
+            inner["claimAuthorizerSignature"] = claims["claimAuthorizerSignature"]
+        settled = await self.facilitator.settle(envelope(inner, call.requirement), call.requirement)
+        if not settled.success:
+            raise GatewayError(settled.error_reason or R.INVALID_BATCH_SETTLEMENT_EVM_REFUND_PAYLOAD.value,
+                               settled.error_message or "the refund did not go through", offer=call.offer)
+        await self.store.claimed(channel.id, total=channel.charged)
+        state = (settled.extra or {}).get("channelState") or {}
+        await self.store.refunded(channel.id, balance=int(state.get("balance", channel.balance - amount)),
+                                  refund_nonce=int(state.get("refundNonce", channel.refund_nonce + 1)))
+        log.info("batch_refund", extra={"channel": channel.id, "amount": str(amount), "tx": settled.transaction})
+        return settled
+
+    # -- corrective 402 ------------------------------------------------------------------------
+
+    def corrective(self, call: PaidCall, channel: Channel, message: str) -> Response:
+        """`invalid_batch_settlement_evm_cumulative_amount_mismatch` with the channel's state and
+        the last voucher the payer signed, so an honest client resynchronises and retries."""
+        assert isinstance(call.requirement, PaymentRequirements)
+        extra = call.requirement.extra | {"channelState": channel.snapshot()}
+        if channel.signature:
+            extra["voucherState"] = {"signedMaxClaimable": str(channel.signed_max), "signature": channel.signature}
+        # The corrected option first: a client resynchronises from the first batch-settlement one.
+        accepts = [call.requirement.model_copy(update={"extra": extra}),
+                   *(r for r in call.offer.requirements if r is not call.requirement)]
+        error = R.INVALID_BATCH_SETTLEMENT_EVM_CUMULATIVE_AMOUNT_MISMATCH.value
+        header = encode_payment_required(PaymentRequired(x402_version=2, error=error,
+                                                         resource=self.challenges.resource(call.request, call.offer),
+                                                         accepts=accepts))
+        body = {"x402Version": 2, "error": error, "message": message}
+        return Response(orjson.dumps(body), status_code=402, media_type="application/json",
+                        headers={"PAYMENT-REQUIRED": header, "Cache-Control": "no-store"})
+
+
+def _receipt(call: PaidCall, channel: Channel, charge: int, deposit: SettleResponse | None) -> SettleResponse:
+    """PAYMENT-RESPONSE of a voucher call: `transaction`/`amount` are the deposit's when this call
+    carried one, else empty (nothing moved on chain)."""
+    return SettleResponse(
+        success=True, payer=channel.payer, network=call.network,
+        transaction=deposit.transaction if deposit else "", amount=deposit.amount if deposit else "",
+        extra={"chargedAmount": str(charge), "channelState": channel.snapshot()},
+    )  # fmt: skip
+
+
+class _Corrective(Exception):
+    """Carries a ready corrective 402 out of deposit()."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+def _take_state(channel: Channel, state: dict[str, Any]) -> None:
+    channel.balance = int(state.get("balance", channel.balance))
+    channel.total_claimed = int(state.get("totalClaimed", channel.total_claimed))
+    channel.withdraw_at = int(state.get("withdrawRequestedAt", channel.withdraw_at))
+    channel.refund_nonce = int(state.get("refundNonce", channel.refund_nonce))
+
+
+_REFUSALS: dict[HoldOutcome, tuple[str, str]] = {
+    HoldOutcome.MISSING: (R.INVALID_BATCH_SETTLEMENT_EVM_CHANNEL_NOT_FOUND.value, "no such channel"),
+    HoldOutcome.BUSY: (R.INVALID_BATCH_SETTLEMENT_EVM_CHANNEL_BUSY.value,
+                       "another call of this channel is in flight: retry when it is answered"),
+    HoldOutcome.EXCEEDS: (R.INVALID_BATCH_SETTLEMENT_EVM_CUMULATIVE_EXCEEDS_BALANCE.value,
+                          "the voucher is above the channel's balance: deposit more"),
+    HoldOutcome.WITHDRAWING: (R.INVALID_BATCH_SETTLEMENT_EVM_CHANNEL_NOT_FOUND.value,
+                              "a withdrawal from this channel is pending: it serves no more calls"),
+    HoldOutcome.MISMATCH: (R.INVALID_BATCH_SETTLEMENT_EVM_CUMULATIVE_AMOUNT_MISMATCH.value,
+                           "the voucher does not continue from what was charged"),
+}

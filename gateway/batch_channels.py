@@ -1,0 +1,403 @@
+"""batch-settlement channels as the gateway keeps them, in the shared store (Redis or SQLite).
+
+One record per channel: its config and requirement, what was charged (cumulative), the latest
+voucher the payer signed, the on-chain state mirrored (balance, totalClaimed, a pending timed
+withdrawal, the refund nonce) and the call in flight (`held`). Every replica serves every
+channel: a call takes the channel with one compare-and-set in one round trip (a Lua script on
+Redis, one IMMEDIATE transaction on SQLite) that checks the voucher continues exactly from what
+was charged, fits the balance, and that no other call holds the channel; there is no
+process-local lock. A hold whose replica died expires (`hold_until`) and the channel serves again.
+
+The channel manager's coordination lives here too: a lease (one replica claims at a time) and
+the journal of the claim in flight (a claim whose outcome is unknown is sent again, unchanged,
+until it is terminal: the facilitator keys it by its signed batch, so it lands once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+from redis.typing import EncodableT, FieldT
+
+import storage
+from storage import BackendErrors, RedisClient, connect_sqlite, immediate
+from storage.lua import BIGNUM, hash_fields
+
+
+class HoldOutcome(StrEnum):
+    OK = "ok"
+    MISSING = "missing"  # no such channel here (yet)
+    BUSY = "busy"  # another call of this channel is in flight
+    MISMATCH = "mismatch"  # the voucher does not continue from what was charged
+    EXCEEDS = "exceeds"  # the voucher is above the channel's balance
+    WITHDRAWING = "withdrawing"  # the payer started a timed withdrawal: no more calls
+
+
+class ChannelStoreUnavailableError(storage.StoreUnavailableError):
+    pass
+
+
+_errors = BackendErrors(ChannelStoreUnavailableError)
+
+
+@dataclass(slots=True)
+class Channel:
+    id: str  # 0x + 64 hex, lowercase
+    network: str
+    asset: str  # lowercase
+    payer: str
+    route: str
+    config: str  # channelConfig, wire JSON
+    requirement: str  # the route's batch-settlement requirement for this asset, wire JSON
+    charged: int = 0  # cumulative, what calls cost
+    signed_max: int = 0  # the latest voucher's maxClaimableAmount
+    signature: str = ""  # ... and its signature (0x hex)
+    balance: int = 0  # mirrored from chain
+    total_claimed: int = 0  # mirrored from chain (and raised by our own claims)
+    withdraw_at: int = 0  # a pending timed withdrawal's start (chain time), 0: none
+    refund_nonce: int = 0
+    held: int = 0  # the call in flight's worst case
+    hold_until: float = 0.0
+    synced_at: float = 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        """`extra.channelState` of a payment response (the spec's field names)."""
+        return {"channelId": self.id, "balance": str(self.balance), "totalClaimed": str(self.total_claimed),
+                "withdrawRequestedAt": self.withdraw_at, "refundNonce": str(self.refund_nonce),
+                "chargedCumulativeAmount": str(self.charged)}
+
+
+_INT_FIELDS = ("charged", "signed_max", "balance", "total_claimed", "withdraw_at", "refund_nonce", "held")
+
+
+def _channel_from(fields: dict[str, str]) -> Channel:
+    return Channel(
+        id=fields["id"], network=fields["network"], asset=fields["asset"], payer=fields["payer"], route=fields["route"],
+        config=fields["config"], requirement=fields["requirement"], signature=fields.get("signature", ""),
+        hold_until=float(fields.get("hold_until", "0")), synced_at=float(fields.get("synced_at", "0")),
+        **{name: int(fields.get(name, "0")) for name in _INT_FIELDS},
+    )  # fmt: skip
+
+
+class ChannelStore(Protocol):
+    async def mirror(self, channel: Channel, *, now: float) -> Channel:
+        """Create the channel from `channel` if new (charged starts at its totalClaimed: what was
+        never claimed by anyone is not ours to ask for); else take its on-chain fields
+        (balance, totalClaimed never lowered, withdrawal, refund nonce). Returns the record."""
+        ...
+
+    async def hold(self, id: str, *, charged: int, voucher_max: int, signature: str, amount: int, now: float,
+                   lease_s: float) -> tuple[HoldOutcome, Channel | None]:
+        """Take the channel for one call of `amount` paid by a voucher for `voucher_max`: only if
+        no call holds it, `charged` is what was charged, the voucher fits the balance and no
+        withdrawal is pending. The voucher is kept (a signed voucher is never lost)."""
+        ...
+
+    async def commit(self, id: str, *, charge: int) -> Channel:
+        """The call is over: `charge` (at most the hold) is added to what was charged."""
+        ...
+
+    async def release(self, id: str) -> None:
+        """The call is over and charged nothing."""
+        ...
+
+    async def claimed(self, id: str, *, total: int) -> None: ...
+
+    async def refunded(self, id: str, *, balance: int, refund_nonce: int) -> None: ...
+
+    async def get(self, id: str) -> Channel | None: ...
+
+    async def ids(self) -> list[str]: ...
+
+    async def lease(self, name: str, owner: str, *, ttl_s: float, now: float) -> bool:
+        """Take or extend the named lease for `owner`: True while it is ours."""
+        ...
+
+    async def journal(self, name: str, value: str | None) -> None:
+        """Write (or, with None, clear) the named journal entry."""
+        ...
+
+    async def read_journal(self, name: str) -> str | None: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Redis: a hash per channel (one Cluster slot each), a set of channel ids.
+
+_MIRROR = BIGNUM + """
+local c = KEYS[1]
+if redis.call('EXISTS', c) == 0 then
+  redis.call('HSET', c, unpack(ARGV, 6))
+  redis.call('HSET', c, 'charged', ARGV[2], 'signed_max', '0', 'held', '0', 'hold_until', '0')
+end
+local claimed = redis.call('HGET', c, 'total_claimed') or '0'
+if cmp(ARGV[2], claimed) > 0 then claimed = ARGV[2] end
+local charged = redis.call('HGET', c, 'charged')
+if cmp(claimed, charged) > 0 then charged = claimed end
+redis.call('HSET', c, 'balance', ARGV[1], 'total_claimed', claimed, 'charged', charged, 'withdraw_at', ARGV[3],
+           'refund_nonce', ARGV[4], 'synced_at', ARGV[5])
+return redis.call('HGETALL', c)
+"""
+
+# ARGV: charged, voucher_max, signature, amount, now, hold_until
+_HOLD = BIGNUM + """
+local c = KEYS[1]
+if redis.call('EXISTS', c) == 0 then return {'missing'} end
+if redis.call('HGET', c, 'held') ~= '0' and tonumber(redis.call('HGET', c, 'hold_until')) > tonumber(ARGV[5]) then
+  return {'busy'}
+end
+if redis.call('HGET', c, 'withdraw_at') ~= '0' then return {'withdrawing'} end
+if cmp(redis.call('HGET', c, 'charged'), ARGV[1]) ~= 0 then return {'mismatch', redis.call('HGETALL', c)} end
+if cmp(ARGV[2], redis.call('HGET', c, 'balance')) > 0 then return {'exceeds', redis.call('HGETALL', c)} end
+redis.call('HSET', c, 'held', ARGV[4], 'hold_until', ARGV[6])
+if cmp(ARGV[2], redis.call('HGET', c, 'signed_max')) > 0 then
+  redis.call('HSET', c, 'signed_max', ARGV[2], 'signature', ARGV[3])
+end
+return {'ok', redis.call('HGETALL', c)}
+"""
+
+_COMMIT = BIGNUM + """
+local c = KEYS[1]
+redis.call('HSET', c, 'charged', add(redis.call('HGET', c, 'charged'), ARGV[1]), 'held', '0', 'hold_until', '0')
+return redis.call('HGETALL', c)
+"""
+
+_CLAIMED = BIGNUM + """
+local c = KEYS[1]
+if redis.call('EXISTS', c) == 0 then return 0 end
+if cmp(ARGV[1], redis.call('HGET', c, 'total_claimed')) > 0 then redis.call('HSET', c, 'total_claimed', ARGV[1]) end
+return 1
+"""
+
+_LEASE = """
+local owner = redis.call('GET', KEYS[1])
+if owner and owner ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+class RedisChannelStore:
+    def __init__(self, client: RedisClient, *, prefix: str = "x402gw:") -> None:
+        self._r = client
+        self._p = prefix
+        self._ids = f"{prefix}batch:channels"
+        self._mirror = client.register_script(_MIRROR)
+        self._hold = client.register_script(_HOLD)
+        self._commit = client.register_script(_COMMIT)
+        self._claimed = client.register_script(_CLAIMED)
+        self._lease = client.register_script(_LEASE)
+
+    def _k(self, id: str) -> str:
+        return f"{self._p}batch:channel:{{{id}}}"
+
+    @_errors
+    async def _call(self, coro: Any) -> Any:
+        return await coro
+
+    async def mirror(self, channel: Channel, *, now: float) -> Channel:
+        c = channel
+        identity = ["id", c.id, "network", c.network, "asset", c.asset, "payer", c.payer, "route", c.route,
+                    "config", c.config, "requirement", c.requirement]
+        reply = await self._call(self._mirror(keys=[self._k(c.id)], args=[
+            str(c.balance), str(c.total_claimed), str(c.withdraw_at), str(c.refund_nonce), repr(now), *identity]))
+        await self._call(self._r.sadd(self._ids, c.id))
+        return _channel_from(hash_fields(reply))
+
+    async def hold(self, id: str, *, charged: int, voucher_max: int, signature: str, amount: int, now: float,
+                   lease_s: float) -> tuple[HoldOutcome, Channel | None]:
+        reply = await self._call(self._hold(keys=[self._k(id)], args=[
+            str(charged), str(voucher_max), signature, str(amount), repr(now), repr(now + lease_s)]))
+        outcome = HoldOutcome(reply[0])
+        return outcome, (_channel_from(hash_fields(reply[1])) if len(reply) > 1 else None)
+
+    async def commit(self, id: str, *, charge: int) -> Channel:
+        return _channel_from(hash_fields(await self._call(self._commit(keys=[self._k(id)], args=[str(charge)]))))
+
+    async def release(self, id: str) -> None:
+        await self._call(self._r.hset(self._k(id), mapping={"held": "0", "hold_until": "0"}))
+
+    async def claimed(self, id: str, *, total: int) -> None:
+        await self._call(self._claimed(keys=[self._k(id)], args=[str(total)]))
+
+    async def refunded(self, id: str, *, balance: int, refund_nonce: int) -> None:
+        mapping: dict[FieldT, EncodableT] = {"balance": str(balance), "refund_nonce": str(refund_nonce)}
+        await self._call(self._r.hset(self._k(id), mapping=mapping))
+
+    async def get(self, id: str) -> Channel | None:
+        fields = await self._call(self._r.hgetall(self._k(id)))
+        return _channel_from(fields) if fields else None
+
+    async def ids(self) -> list[str]:
+        return sorted(await self._call(self._r.smembers(self._ids)))
+
+    async def lease(self, name: str, owner: str, *, ttl_s: float, now: float) -> bool:
+        key = f"{self._p}batch:lease:{name}"
+        return bool(await self._call(self._lease(keys=[key], args=[owner, str(int(ttl_s * 1000))])))
+
+    async def journal(self, name: str, value: str | None) -> None:
+        key = f"{self._p}batch:journal:{name}"
+        await self._call(self._r.delete(key) if value is None else self._r.set(key, value))
+
+    async def read_journal(self, name: str) -> str | None:
+        value = await self._call(self._r.get(f"{self._p}batch:journal:{name}"))
+        return value if isinstance(value, str) else None
+
+    @_errors
+    async def ping(self) -> None:
+        await self._r.ping()
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+
+# --------------------------------------------------------------------------------------------
+# SQLite: one row per channel, amounts as TEXT, each operation one IMMEDIATE transaction.
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batch_channels (
+    id TEXT PRIMARY KEY, network TEXT, asset TEXT, payer TEXT, route TEXT, config TEXT, requirement TEXT,
+    charged TEXT, signed_max TEXT, signature TEXT, balance TEXT, total_claimed TEXT, withdraw_at INTEGER,
+    refund_nonce TEXT, held TEXT, hold_until REAL, synced_at REAL);
+CREATE TABLE IF NOT EXISTS batch_leases (name TEXT PRIMARY KEY, owner TEXT, until REAL);
+CREATE TABLE IF NOT EXISTS batch_journal (name TEXT PRIMARY KEY, value TEXT);
+"""
+_COLS = ("id, network, asset, payer, route, config, requirement, charged, signed_max, signature, balance, total_claimed,"
+         " withdraw_at, refund_nonce, held, hold_until, synced_at")
+
+
+class SQLiteChannelStore:
+    def __init__(self, path: str) -> None:
+        with _errors:
+            self._db = connect_sqlite(path, _SCHEMA)
+
+    def _row(self, id: str) -> Channel | None:
+        r = self._db.execute(f"SELECT {_COLS} FROM batch_channels WHERE id = ?", (id,)).fetchone()
+        if r is None:
+            return None
+        return Channel(id=r[0], network=r[1], asset=r[2], payer=r[3], route=r[4], config=r[5], requirement=r[6],
+                       charged=int(r[7]), signed_max=int(r[8]), signature=r[9], balance=int(r[10]),
+                       total_claimed=int(r[11]), withdraw_at=int(r[12]), refund_nonce=int(r[13]), held=int(r[14]),
+                       hold_until=float(r[15]), synced_at=float(r[16]))
+
+    def _tx(self, fn: Any) -> Any:
+        with immediate(self._db, ChannelStoreUnavailableError):
+            return fn()
+
+    def _set(self, id: str, **fields: Any) -> None:
+        names = ", ".join(f"{k} = ?" for k in fields)
+        values = [str(v) if isinstance(v, int) and not isinstance(v, bool) and k != "withdraw_at" else v
+                  for k, v in fields.items()]
+        self._db.execute(f"UPDATE batch_channels SET {names} WHERE id = ?", (*values, id))
+
+    async def mirror(self, channel: Channel, *, now: float) -> Channel:
+        c = channel
+
+        def run() -> Channel:
+            row = self._row(c.id)
+            if row is None:
+                self._db.execute(
+                    f"INSERT INTO batch_channels ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0', '', ?, ?, ?, ?, '0', 0, ?)",
+                    (c.id, c.network, c.asset, c.payer, c.route, c.config, c.requirement, str(c.total_claimed),
+                     str(c.balance), str(c.total_claimed), c.withdraw_at, str(c.refund_nonce), now))
+            else:
+                claimed = max(row.total_claimed, c.total_claimed)
+                self._set(c.id, balance=c.balance, total_claimed=claimed, charged=max(row.charged, claimed),
+                          withdraw_at=c.withdraw_at, refund_nonce=c.refund_nonce, synced_at=now)
+            found = self._row(c.id)
+            assert found is not None
+            return found
+        return self._tx(run)
+
+    async def hold(self, id: str, *, charged: int, voucher_max: int, signature: str, amount: int, now: float,
+                   lease_s: float) -> tuple[HoldOutcome, Channel | None]:
+        def run() -> tuple[HoldOutcome, Channel | None]:
+            c = self._row(id)
+            if c is None:
+                return HoldOutcome.MISSING, None
+            if c.held != 0 and c.hold_until > now:
+                return HoldOutcome.BUSY, None
+            if c.withdraw_at != 0:
+                return HoldOutcome.WITHDRAWING, None
+            if c.charged != charged:
+                return HoldOutcome.MISMATCH, c
+            if voucher_max > c.balance:
+                return HoldOutcome.EXCEEDS, c
+            self._set(id, held=amount, hold_until=now + lease_s)
+            if voucher_max > c.signed_max:
+                self._set(id, signed_max=voucher_max, signature=signature)
+            return HoldOutcome.OK, self._row(id)
+        return self._tx(run)
+
+    async def commit(self, id: str, *, charge: int) -> Channel:
+        def run() -> Channel:
+            c = self._row(id)
+            assert c is not None
+            self._set(id, charged=c.charged + charge, held=0, hold_until=0.0)
+            found = self._row(id)
+            assert found is not None
+            return found
+        return self._tx(run)
+
+    async def release(self, id: str) -> None:
+        self._tx(lambda: self._set(id, held=0, hold_until=0.0))
+
+    async def claimed(self, id: str, *, total: int) -> None:
+        def run() -> None:
+            c = self._row(id)
+            if c is not None and total > c.total_claimed:
+                self._set(id, total_claimed=total)
+        self._tx(run)
+
+    async def refunded(self, id: str, *, balance: int, refund_nonce: int) -> None:
+        self._tx(lambda: self._set(id, balance=balance, refund_nonce=refund_nonce))
+
+    @_errors
+    async def get(self, id: str) -> Channel | None:
+        return self._row(id)
+
+    @_errors
+    async def ids(self) -> list[str]:
+        return [r[0] for r in self._db.execute("SELECT id FROM batch_channels ORDER BY id").fetchall()]
+
+    async def lease(self, name: str, owner: str, *, ttl_s: float, now: float) -> bool:
+        def run() -> bool:
+            r = self._db.execute("SELECT owner, until FROM batch_leases WHERE name = ?", (name,)).fetchone()
+            if r is not None and r[0] != owner and r[1] > now:
+                return False
+            self._db.execute("INSERT OR REPLACE INTO batch_leases (name, owner, until) VALUES (?, ?, ?)",
+                             (name, owner, now + ttl_s))
+            return True
+        return self._tx(run)
+
+    async def journal(self, name: str, value: str | None) -> None:
+        if value is None:
+            self._tx(lambda: self._db.execute("DELETE FROM batch_journal WHERE name = ?", (name,)))
+        else:
+            self._tx(lambda: self._db.execute("INSERT OR REPLACE INTO batch_journal (name, value) VALUES (?, ?)",
+                                              (name, value)))
+
+    @_errors
+    async def read_journal(self, name: str) -> str | None:
+        r = self._db.execute("SELECT value FROM batch_journal WHERE name = ?", (name,)).fetchone()
+        return None if r is None else str(r[0])
+
+    @_errors
+    async def ping(self) -> None:
+        self._db.execute("SELECT 1")
+
+    async def close(self) -> None:
+        self._db.close()
+
+
+def open_channels(url: str, *, prefix: str = "x402gw:") -> ChannelStore:
+    """Beside the payment records, in a file of its own on SQLite (`….sqlite3` -> `…-channels.sqlite3`)."""
+    def sqlite(path: str) -> ChannelStore:
+        return SQLiteChannelStore(path if path == ":memory:" else path.replace(".sqlite3", "") + "-channels.sqlite3")
+
+    return storage.open_url(url, sqlite=sqlite, redis=lambda r: RedisChannelStore(r, prefix=prefix))

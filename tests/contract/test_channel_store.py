@@ -1,0 +1,92 @@
+"""The batch-settlement channel store on the embedded SQLite store and Redis (single, Sentinel,
+Cluster): one call at a time per channel, taken by a compare-and-set on what was charged; exact
+18-decimal arithmetic; a dead call's hold expires; the manager's lease and claim journal."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from gateway.batch_channels import Channel, ChannelStore, HoldOutcome, open_channels
+from tests.conftest import TestClock
+
+OPG = 10**18
+
+
+@pytest.fixture
+def store(open_backend) -> ChannelStore:
+    return open_backend(open_channels)
+
+
+async def channel(store: ChannelStore, now: float, *, balance: int = 10 * OPG, claimed: int = 0) -> Channel:
+    c = Channel(id="0x" + uuid.uuid4().hex * 2, network="eip155:84532", asset="0xtoken", payer="0xpayer",
+                route="POST /v1/chat/completions", config="{}", requirement="{}", balance=balance, total_claimed=claimed)
+    return await store.mirror(c, now=now)
+
+
+async def test_one_call_at_a_time_and_cumulative_charges(store: ChannelStore, clock: TestClock) -> None:
+    now = clock()
+    c = await channel(store, now)
+    assert (c.charged, c.held) == (0, 0)
+    price = 3 * OPG + 1  # an 18-decimal odd amount
+    holds = await asyncio.gather(*(store.hold(c.id, charged=0, voucher_max=price, signature="0xsig", amount=price,
+                                              now=now, lease_s=60) for _ in range(8)))
+    outcomes = [o for o, _ in holds]
+    assert outcomes.count(HoldOutcome.OK) == 1 and outcomes.count(HoldOutcome.BUSY) == 7
+    done = await store.commit(c.id, charge=price)
+    assert (done.charged, done.held, done.signed_max, done.signature) == (price, 0, price, "0xsig")
+    # the same voucher again (a replay) no longer continues from what was charged
+    outcome, seen = await store.hold(c.id, charged=0, voucher_max=price, signature="0xsig", amount=price, now=now,
+                                     lease_s=60)
+    assert outcome == HoldOutcome.MISMATCH and seen is not None and seen.charged == price
+    # above the balance
+    outcome, _ = await store.hold(c.id, charged=price, voucher_max=10 * OPG + 1, signature="0x2", amount=price,
+                                  now=now, lease_s=60)
+    assert outcome == HoldOutcome.EXCEEDS
+    assert (await store.hold("0x" + "00" * 32, charged=0, voucher_max=1, signature="", amount=1, now=now,
+                             lease_s=1))[0] == HoldOutcome.MISSING
+
+
+async def test_a_dead_calls_hold_expires_and_a_failed_call_charges_nothing(store: ChannelStore, clock: TestClock) -> None:
+    now = clock()
+    c = await channel(store, now)
+    assert (await store.hold(c.id, charged=0, voucher_max=5, signature="0xa", amount=5, now=now, lease_s=2))[0] == "ok"
+    assert (await store.hold(c.id, charged=0, voucher_max=5, signature="0xa", amount=5, now=now + 1, lease_s=2))[0] \
+        == HoldOutcome.BUSY
+    # its replica died: after the lease, the channel serves again, from the same charged amount
+    outcome, held = await store.hold(c.id, charged=0, voucher_max=5, signature="0xa", amount=5, now=now + 3, lease_s=2)
+    assert outcome == HoldOutcome.OK and held is not None and held.signed_max == 5  # the voucher was kept
+    await store.release(c.id)
+    got = await store.get(c.id)
+    assert got is not None and (got.charged, got.held) == (0, 0)
+
+
+async def test_mirror_withdrawal_and_claims(store: ChannelStore, clock: TestClock) -> None:
+    now = clock()
+    c = await channel(store, now, claimed=2 * OPG)
+    assert c.charged == 2 * OPG  # a channel first seen: what was claimed on chain is the baseline
+    c.withdraw_at = 12345
+    await store.mirror(c, now=now)
+    assert (await store.hold(c.id, charged=2 * OPG, voucher_max=3 * OPG, signature="0x", amount=OPG, now=now,
+                             lease_s=5))[0] == HoldOutcome.WITHDRAWING
+    await store.claimed(c.id, total=3 * OPG)
+    await store.claimed(c.id, total=1)  # never lowered
+    got = await store.get(c.id)
+    assert got is not None and got.total_claimed == 3 * OPG and got.charged == 2 * OPG
+    assert c.id in await store.ids()
+
+
+async def test_manager_lease_and_journal(store: ChannelStore, clock: TestClock) -> None:
+    now = clock()
+    name = "lease-" + uuid.uuid4().hex
+    assert await store.lease(name, "a", ttl_s=30, now=now)
+    assert not await store.lease(name, "b", ttl_s=30, now=now)
+    assert await store.lease(name, "a", ttl_s=30, now=now + 1)  # the owner extends it
+    journal = "j-" + uuid.uuid4().hex
+    assert await store.read_journal(journal) is None
+    await store.journal(journal, '{"rows": []}')
+    assert await store.read_journal(journal) == '{"rows": []}'
+    await store.journal(journal, None)
+    assert await store.read_journal(journal) is None
