@@ -391,6 +391,9 @@ class GatewaySettings(_Model):
             if self.upstreams[r.upstream].kind == "tee" and r.sessions is not None:
                 raise ValueError(f"route {r.path}: upto sessions are not offered on tee upstreams (each answer is"
                                  " verified before it is charged)")
+            if self.upstreams[r.upstream].kind == "tee" and r.batch is not None:
+                raise ValueError(f"route {r.path}: batch-settlement channels are not offered on tee upstreams (each"
+                                 " answer is verified before it is charged; voucher calls are not)")
         for r in self.routes:
             if r.metered and not self.quote.feed_url:
                 missing = [o.symbol for o in self.accepts if o.symbol not in self.quote.rates]

@@ -41,3 +41,14 @@ def test_the_environment_turns_it_on_with_true_or_false_only(tmp_path) -> None:
     assert load_gateway_settings(str(path), env={"GATEWAY_PAYMENT_IDENTIFIER": "0"}).payment_identifier is False
     with pytest.raises(ValueError, match="true or false"):
         load_gateway_settings(str(path), env={"GATEWAY_PAYMENT_IDENTIFIER": "yes"})
+
+
+def test_tee_routes_offer_neither_sessions_nor_batch_channels() -> None:
+    """Both serve before anything is settled per call; a tee answer is verified before it is charged."""
+    tee = {"kind": "tee", "tee": {"registry": "0x" + "33" * 20, "rpc_url": "http://127.0.0.1:1"}}
+    base = BASE | {"upstreams": {"llm": {"urls": ["http://127.0.0.1:1"]}, "enclaves": tee}}
+    batch = {"path": "/t", "upstream": "enclaves", "price": "0.01",
+             "batch": {"receiver_authorizer_key": "0x" + "44" * 32}}
+    with pytest.raises(ValidationError, match="batch-settlement channels are not offered on tee"):
+        GatewaySettings.model_validate(base | {"routes": [batch]})
+    GatewaySettings.model_validate(base | {"routes": [batch | {"upstream": "llm"}]})
