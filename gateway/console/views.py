@@ -421,7 +421,7 @@ class Views:
     async def channels(self, assets: dict[tuple[str, str], tuple[str, int]]) -> dict[str, Any] | None:
         """batch-settlement channels, those needing attention (a pending withdrawal, charges not yet
         claimed) first; None when no route offers them."""
-        store = getattr(self.gateway(), "channels", None)
+        store = self.gateway().channels
         if store is None:
             return None
         try:
@@ -445,7 +445,7 @@ class Views:
     async def proofs(self, now: float) -> dict[str, Any] | None:
         """Proofs of inference waiting to be anchored and the recent anchoring transactions; None
         when the gateway anchors none."""
-        store = getattr(self.gateway(), "proofs", None)
+        store = self.gateway().proofs
         if store is None:
             return None
         try:
