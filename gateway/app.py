@@ -20,7 +20,7 @@ from starlette.routing import Mount, Route
 from budgets.reconcile import ReconcileError, ReconcileJob, Reconciler, Report, RpcCall
 from facilitator.evm.rpc import JsonRpcClient, RpcError, RpcUnavailableError
 from gateway.batch_calls import BatchCalls
-from gateway.batch_channels import open_channels
+from gateway.batch_channels import ChannelStore, open_channels
 from gateway.batch_manager import ChannelManager
 from gateway.budget_hook import BudgetHook, NoBudgets, Refusal
 from gateway.errors import GatewayError
@@ -107,6 +107,7 @@ class GatewayState:
     refusals: RefusalLog
     sessions: SessionStore | None = None  # when a route runs upto sessions
     proofs: ProofStore | None = None  # when tee proofs are anchored ([proofs])
+    channels: ChannelStore | None = None  # when a route offers batch-settlement channels
 
 
 async def read_limited(request: Request, limit: int) -> bytes | None:
@@ -251,7 +252,7 @@ def create_app(
                                                      lease_s=min(b.manager_lease_s for b in batch_routes.values()))
             background.append(asyncio.create_task(app.state.batch_manager.run_forever()))
         app.state.gateway = GatewayState(paywall, records, fac, upstreams, m, pricing, challenges, refusals,
-                                         sessions_store, proofs)
+                                         sessions=sessions_store, proofs=proofs, channels=channels)
         try:
             yield
         finally:

@@ -1,6 +1,7 @@
 """The console's pages. Budgets, usage and the ledger come from the budgets admin API (in
-process, AdminCalls); refusals from the gateway's refusal log; health, settlements in flight and
-the price feed from the gateway's state. Each handler gathers its data and renders a template."""
+process, AdminCalls); refusals from the gateway's refusal log; health, settlements in flight,
+payment channels, proofs of inference and the price feed from the gateway's state. Each handler
+gathers its data and renders a template."""
 
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ RECENT = 50  # rows of recent calls and refusals shown
 LEDGER_ROWS = 500
 AGENTS_MAX = 500
 SORTS = ("address", "group", "spent", "remaining", "suspended")
+CHANNELS_READ = 5000  # channel records read per view (sorted: withdrawals and unclaimed charges first)
+CHANNELS_SHOWN = 200
+PROOF_BATCHES = 20
 
 
 def _iso(ts: float) -> str:
@@ -408,9 +412,49 @@ class Views:
         failed = [n for n in refusals if n.kind == "settlement"]
         sessions = sorted(in_flight["sessions"] or [], key=lambda s: (s.state.value not in ("failed", "settling"),
                                                                       -s.last_used))
+        channels, proofs = await asyncio.gather(self.channels(assets), self.proofs(now))
         return self.render(request, "settlements.html", failed=failed, pending=in_flight["facilitator"],
                            sessions=sessions, has_sessions=in_flight["sessions"] is not None,
-                           settled=list(reversed(entries))[:RECENT * 2], assets=assets)
+                           settled=list(reversed(entries))[:RECENT * 2], assets=assets, channels=channels,
+                           proofs=proofs)
+
+    async def channels(self, assets: dict[tuple[str, str], tuple[str, int]]) -> dict[str, Any] | None:
+        """batch-settlement channels, those needing attention (a pending withdrawal, charges not yet
+        claimed) first; None when no route offers them."""
+        store = self.gateway().channels
+        if store is None:
+            return None
+        try:
+            ids = await store.ids()
+            found = []
+            for i in range(0, min(len(ids), CHANNELS_READ), 100):  # bounded concurrency on the store
+                found += await asyncio.gather(*(store.get(c) for c in ids[i:min(i + 100, CHANNELS_READ)]))
+        except Exception as exc:  # noqa: BLE001 - the page still shows the rest when the store is down
+            return {"error": f"unavailable: {type(exc).__name__}", "rows": [], "total": 0}
+        rows = []
+        for c in (c for c in found if c is not None):
+            symbol, decimals = assets.get((c.network, c.asset.lower()), ("base units", 0))
+            unclaimed = max(c.charged - c.total_claimed, 0)
+            rows.append({"id": c.id, "payer": c.payer, "route": c.route, "symbol": symbol, "unclaimed_raw": unclaimed,
+                         "balance": token_units(c.balance, decimals), "charged": token_units(c.charged, decimals),
+                         "claimed": token_units(c.total_claimed, decimals), "unclaimed": token_units(unclaimed, decimals),
+                         "withdraw_at": c.withdraw_at, "synced_at": c.synced_at})
+        rows.sort(key=lambda r: (not (r["withdraw_at"] or r["unclaimed_raw"]), -r["unclaimed_raw"], r["id"]))
+        return {"error": "", "rows": rows[:CHANNELS_SHOWN], "total": len(ids), "read": min(len(ids), CHANNELS_READ)}
+
+    async def proofs(self, now: float) -> dict[str, Any] | None:
+        """Proofs of inference waiting to be anchored and the recent anchoring transactions; None
+        when the gateway anchors none."""
+        store = self.gateway().proofs
+        if store is None:
+            return None
+        try:
+            waiting, oldest, batches = await asyncio.gather(store.pending_count(), store.pending(1),
+                                                            store.recent_batches(PROOF_BATCHES))
+        except Exception as exc:  # noqa: BLE001 - the page still shows the rest when the store is down
+            return {"error": f"unavailable: {type(exc).__name__}", "waiting": 0, "oldest_age": None, "batches": []}
+        return {"error": "", "waiting": waiting, "oldest_age": now - oldest[0].queued_at if oldest else None,
+                "batches": batches}
 
     # -- reconciliation ----------------------------------------------------------------------------
 

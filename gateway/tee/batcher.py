@@ -6,7 +6,8 @@ the shared store:
   `batchSettle(root, size, blobId)` anchors the root on the relay;
 - individual items each get `settleIndividual(teeId, inputHash, outputHash, timestamp, payer,
   blobId, signature)`;
-- then every item records its root, Merkle path, blob id and transaction (GET /v1/proofs/{hash}).
+- then every item records its root, Merkle path, blob id and transaction (GET /v1/proofs/{hash}),
+  and each transaction is kept among the recent batches (the console's Settlements page).
 
 A batch is sent when `max_batch` items wait or the oldest waited `interval_s`. A replica that dies
 between the transaction and the write leaves its items pending: the next holder anchors them
@@ -31,7 +32,7 @@ from gateway.settings import ProofAnchoring
 from gateway.tee.blobs import BlobStore
 from gateway.tee.chain_tx import AnchorTxError, TxSender
 from gateway.tee.merkle import StandardMerkleTree
-from gateway.tee.proofs import ProofItem, ProofStore, ProofStoreUnavailableError
+from gateway.tee.proofs import AnchoredBatch, ProofItem, ProofStore, ProofStoreUnavailableError
 
 log = logging.getLogger(__name__)
 BATCH_SETTLE = function_signature_to_4byte_selector("batchSettle(bytes32,uint256,bytes)")
@@ -78,18 +79,17 @@ class ProofBatcher:
                          and time.time() - items[0].queued_at < self.settings.interval_s):
             return 0
         batch = [i for i in items if i.kind == "batch"]
-        if batch:
-            await self._batch(batch)
+        sent = [await self._batch(batch)] if batch else []
         for item in (i for i in items if i.kind == "individual"):
-            await self._individual(item)
-        await self.store.anchored(items)
+            sent.append(await self._individual(item))
+        await self.store.anchored(items, sent)
         now = time.time()
         for item in items:
             self.metrics.tee_proof_lag.labels(item.tee_id).observe(now - item.queued_at)
             self.metrics.tee_proofs_anchored.labels(item.tee_id, item.kind).inc()
         return len(items)
 
-    async def _batch(self, items: list[ProofItem]) -> None:
+    async def _batch(self, items: list[ProofItem]) -> AnchoredBatch:
         tree = StandardMerkleTree.of([leaf_values(i) for i in items])
         blob = orjson.dumps({"tree": tree.dump(), "items": [{"request_hash": i.request_hash, "output_hash": i.output_hash,
                                                              "tee_signature": i.signature, "tee_id": i.tee_id,
@@ -104,8 +104,9 @@ class ProofBatcher:
             item.path = ["0x" + p.hex() for p in tree.proof(index)]
             item.blob_id, item.tx, item.anchored_at = blob_id, tx, now
         log.info("proof_batch_anchored", extra={"root": "0x" + tree.root.hex(), "size": len(items), "tx": tx})
+        return AnchoredBatch("batch", "0x" + tree.root.hex(), len(items), blob_id, tx, now)
 
-    async def _individual(self, item: ProofItem) -> None:
+    async def _individual(self, item: ProofItem) -> AnchoredBatch:
         blob_id = await self.blobs.put(item.encode())
         signature = base64.b64decode(item.signature)
         data = SETTLE_INDIVIDUAL + abi_encode(
@@ -114,3 +115,4 @@ class ProofBatcher:
              to_checksum_address(item.payer), blob_id.encode(), signature])
         item.tx = await self.sender.send(self.settings.relay, data)
         item.state, item.blob_id, item.anchored_at = "anchored", blob_id, time.time()
+        return AnchoredBatch("individual", "", 1, blob_id, item.tx, item.anchored_at)

@@ -5,12 +5,15 @@ with an SQLite or memory store (one replica) they live in the process.
 
 Redis layout under the prefix: `proofs:pending` (list of request hashes, oldest first),
 `proofs:item:<request_hash>` (hash: the item's fields, then its batch, path and tx once anchored),
+`proofs:batches` (the last RECENT_BATCHES anchoring transactions, newest first, for the console),
 `proofs:lease` (the batcher's lease: one replica anchors at a time).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
@@ -21,6 +24,9 @@ from storage import BackendErrors, RedisClient
 
 SETTLEMENT_TYPES = {"private": "private", "pivate": "private", "batch": "batch", "individual": "individual",
                     "inidvidual": "individual"}  # OpenGradient's middleware tolerates these typos
+
+
+RECENT_BATCHES = 100  # anchoring transactions remembered for the console
 
 
 class ProofStoreUnavailableError(storage.StoreUnavailableError):
@@ -63,6 +69,25 @@ class ProofItem:
         return cls(**orjson.loads(raw))
 
 
+@dataclass
+class AnchoredBatch:
+    """One anchoring transaction: a Merkle batch (its root) or one individual proof (no root)."""
+
+    kind: str  # batch | individual
+    root: str
+    size: int
+    blob_id: str
+    tx: str
+    anchored_at: float
+
+    def encode(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> AnchoredBatch:
+        return cls(**orjson.loads(raw))
+
+
 class ProofStore(Protocol):
     async def add(self, item: ProofItem) -> None: ...
 
@@ -72,8 +97,15 @@ class ProofStore(Protocol):
         """The oldest pending items, oldest first."""
         ...
 
-    async def anchored(self, items: list[ProofItem]) -> None:
-        """Save `items` (now anchored) and drop them from the pending queue."""
+    async def pending_count(self) -> int: ...
+
+    async def anchored(self, items: list[ProofItem], batches: Sequence[AnchoredBatch] = ()) -> None:
+        """Save `items` (now anchored), drop them from the pending queue and remember `batches`
+        (the transactions that anchored them) among the recent ones."""
+        ...
+
+    async def recent_batches(self, limit: int) -> list[AnchoredBatch]:
+        """The last anchoring transactions, newest first (at most RECENT_BATCHES)."""
         ...
 
     async def lease(self, owner: str, ttl_s: float) -> bool:
@@ -89,6 +121,7 @@ class RedisProofStore:
         self.pending_key = f"{prefix}proofs:pending"
         self.item_prefix = f"{prefix}proofs:item:"
         self.lease_key = f"{prefix}proofs:lease"
+        self.batches_key = f"{prefix}proofs:batches"
         self.ttl_s = ttl_s
 
     async def close(self) -> None:
@@ -114,12 +147,24 @@ class RedisProofStore:
         return [ProofItem.decode(raw) for raw in raws if raw is not None]
 
     @_errors
-    async def anchored(self, items: list[ProofItem]) -> None:
+    async def pending_count(self) -> int:
+        return int(await self.r.llen(self.pending_key))
+
+    @_errors
+    async def anchored(self, items: list[ProofItem], batches: Sequence[AnchoredBatch] = ()) -> None:
         pipe = self.r.pipeline(transaction=True)
         for item in items:
             pipe.set(self.item_prefix + item.request_hash, item.encode(), ex=self.ttl_s)
             pipe.lrem(self.pending_key, 1, item.request_hash)
+        if batches:
+            pipe.lpush(self.batches_key, *(b.encode() for b in batches))
+            pipe.ltrim(self.batches_key, 0, RECENT_BATCHES - 1)
         await pipe.execute()
+
+    @_errors
+    async def recent_batches(self, limit: int) -> list[AnchoredBatch]:
+        raws = await self.r.lrange(self.batches_key, 0, min(limit, RECENT_BATCHES) - 1)
+        return [AnchoredBatch.decode(raw) for raw in raws]
 
     @_errors
     async def lease(self, owner: str, ttl_s: float) -> bool:
@@ -139,6 +184,7 @@ class MemoryProofStore:
     def __init__(self) -> None:
         self.items: dict[str, ProofItem] = {}
         self.queue: list[str] = []
+        self.batches: deque[AnchoredBatch] = deque(maxlen=RECENT_BATCHES)  # newest first
 
     async def add(self, item: ProofItem) -> None:
         if item.request_hash not in self.items:
@@ -151,11 +197,18 @@ class MemoryProofStore:
     async def pending(self, limit: int) -> list[ProofItem]:
         return [self.items[h] for h in self.queue[:limit]]
 
-    async def anchored(self, items: list[ProofItem]) -> None:
+    async def pending_count(self) -> int:
+        return len(self.queue)
+
+    async def anchored(self, items: list[ProofItem], batches: Sequence[AnchoredBatch] = ()) -> None:
         done = {i.request_hash for i in items}
         for item in items:
             self.items[item.request_hash] = item
         self.queue = [h for h in self.queue if h not in done]
+        self.batches.extendleft(batches)
+
+    async def recent_batches(self, limit: int) -> list[AnchoredBatch]:
+        return list(self.batches)[:limit]
 
     async def lease(self, owner: str, ttl_s: float) -> bool:
         return True

@@ -52,6 +52,10 @@ async def test_two_batchers_one_anchors(devchain: dict[str, Any], redis_server: 
         assert await stores[1].pending(100) == []
         done = await stores[1].get(first.request_hash)
         assert done is not None and done.state == "anchored" and done.tx and done.batch_size == 2 and done.path
+        individual, merkle = await stores[1].recent_batches(10)  # the console's recent batches, newest first
+        assert (merkle.kind, merkle.root, merkle.size, merkle.tx, merkle.blob_id) == \
+            ("batch", done.root, 2, done.tx, done.blob_id)
+        assert (individual.kind, individual.root, individual.size) == ("individual", "", 1) and individual.tx
     finally:
         for s in stores:
             await s.close()
