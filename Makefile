@@ -9,7 +9,7 @@ demo: setup
 	.venv/bin/x402-gateway demo
 
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q --durations=15
 
 test-fast: setup
 	.venv/bin/python -m pytest -q -m "not e2e"

@@ -3,10 +3,11 @@ an item per verified, settled `tee` call whose agent asked for `batch` or `indiv
 settlement (X-SETTLEMENT-TYPE; `private` records nothing). Replicas share them through Redis;
 with an SQLite or memory store (one replica) they live in the process.
 
-Redis layout under the prefix: `proofs:pending` (list of request hashes, oldest first),
-`proofs:item:<request_hash>` (hash: the item's fields, then its batch, path and tx once anchored),
-`proofs:batches` (the last RECENT_BATCHES anchoring transactions, newest first, for the console),
-`proofs:lease` (the batcher's lease: one replica anchors at a time).
+Redis layout under the prefix, every key in one Cluster slot (hash tag `{p}`: anchoring updates
+items and the queue in one transaction): `proofs:{p}:pending` (list of request hashes, oldest
+first), `proofs:{p}:item:<request_hash>` (the item, then its batch, path and tx once anchored),
+`proofs:{p}:batches` (the last RECENT_BATCHES anchoring transactions, newest first, for the
+console), `proofs:{p}:lease` (the batcher's lease: one replica anchors at a time).
 """
 
 from __future__ import annotations
@@ -115,23 +116,31 @@ class ProofStore(Protocol):
     async def close(self) -> None: ...
 
 
+_ADD = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then redis.call('RPUSH', KEYS[2], ARGV[3]) end
+return 1
+"""
+
+
 class RedisProofStore:
     def __init__(self, redis: RedisClient, prefix: str, ttl_s: int = 30 * 86_400) -> None:
         self.r = redis
-        self.pending_key = f"{prefix}proofs:pending"
-        self.item_prefix = f"{prefix}proofs:item:"
-        self.lease_key = f"{prefix}proofs:lease"
-        self.batches_key = f"{prefix}proofs:batches"
+        tag = f"{prefix}proofs:{{p}}"
+        self.pending_key = f"{tag}:pending"
+        self.item_prefix = f"{tag}:item:"
+        self.lease_key = f"{tag}:lease"
+        self.batches_key = f"{tag}:batches"
         self.ttl_s = ttl_s
+        self._add = redis.register_script(_ADD)
 
     async def close(self) -> None:
         await self.r.aclose()
 
     @_errors
     async def add(self, item: ProofItem) -> None:
-        key = self.item_prefix + item.request_hash
-        if await self.r.set(key, item.encode(), nx=True, ex=self.ttl_s):  # one item per request hash
-            await self.r.rpush(self.pending_key, item.request_hash)
+        # one item per request hash, queued in the same step (a crash between would strand it)
+        await self._add(keys=[self.item_prefix + item.request_hash, self.pending_key],
+                        args=[item.encode(), self.ttl_s, item.request_hash])
 
     @_errors
     async def get(self, request_hash: str) -> ProofItem | None:
