@@ -76,7 +76,7 @@ def build_facilitator(settings: FacilitatorSettings, *, metrics: FacilitatorMetr
         )
     store = open_store(settings.store_url, prefix=settings.store_prefix)
     return Facilitator(chains, signers, store, build_registry(chains, signers), metrics=metrics,
-                       receipt_timeout_s=settings.receipt_timeout_s)
+                       receipt_timeout_s=settings.receipt_timeout_s, claim_lease_s=settings.claim_lease_s)
 
 
 def build_registry(chains: dict[str, EvmChain], signers: SignerPool) -> SchemeRegistry:

@@ -87,6 +87,7 @@ class Facilitator:
         *,
         metrics: FacilitatorMetrics | None = None,
         receipt_timeout_s: float = 20.0,
+        claim_lease_s: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.chains = chains
@@ -95,7 +96,7 @@ class Facilitator:
         self.metrics = metrics or FacilitatorMetrics()
         self.clock = clock
         self.registry = registry
-        self.settler = Settler(store, signers, receipt_timeout_s=receipt_timeout_s, clock=clock)
+        self.settler = Settler(store, signers, receipt_timeout_s=receipt_timeout_s, lease_s=claim_lease_s, clock=clock)
         self.verified = VerifiedPayments()
 
     def _labels(self, requirements: PaymentRequirements | PaymentRequirementsV1) -> tuple[str, str]:

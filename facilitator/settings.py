@@ -71,6 +71,10 @@ class FacilitatorSettings(BaseModel):
     networks: list[NetworkSettings] = Field(default_factory=list)
     receipt_timeout_s: float = Field(default=20.0, gt=0, le=600)
     reconcile_interval_s: float = Field(default=5.0, gt=0)
+    # How long a settler owns a payment it claimed before its transaction is recorded; a crashed
+    # settler's claim is taken over after it. Recording takes milliseconds: a few seconds suffice
+    # even with a slow node; shorter leases only make a crash's payments answer sooner.
+    claim_lease_s: float = Field(default=60.0, ge=5, le=600)
     # How often new blocks are scanned to keep verify's state cache honest; 0 turns the cache off
     # (every verify reads the chain). facilitator/evm/statecache.py.
     state_poll_s: float = Field(default=0.25, ge=0, le=10)
@@ -158,6 +162,8 @@ def load_settings(
         data["shutdown_grace_s"] = float(grace)
     if poll := env.get("FACILITATOR_STATE_POLL_S"):
         data["state_poll_s"] = float(poll)
+    if lease := env.get("FACILITATOR_CLAIM_LEASE_S"):
+        data["claim_lease_s"] = float(lease)
     if interval := env.get("FACILITATOR_RECONCILE_INTERVAL_S"):
         data["reconcile_interval_s"] = float(interval)
     if host := env.get("FACILITATOR_HOST"):

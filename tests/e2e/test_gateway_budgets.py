@@ -310,7 +310,8 @@ def outage_gateway(devchain: dict, devchain_file: str, own_redis: Any, spawn_ups
                             pay_to=payee, budgets=budgets_section(own_redis.url, prefix,
                                                                   [opg_policy(devchain, agent.address, budget_calls * PRICE)],
                                                                   hold_s=5))
-    gateway = spawn_gateway(upstream.url, own_redis.url, config=config, env=gateway_env(devchain, 2, prefix))
+    gateway = spawn_gateway(upstream.url, own_redis.url, config=config,
+                            env=gateway_env(devchain, 2, prefix) | {"FACILITATOR_CLAIM_LEASE_S": "15"})
     with redis.Redis.from_url(own_redis.url) as r:
         r.config_set("save", "3600 1")
     return agent, upstream, gateway, payee
@@ -395,7 +396,7 @@ async def test_redis_stopped_under_load_fails_closed_and_service_resumes(
     admin = Admin(gateway.url)
     # Holds stranded by the outage expire (hold_s); those of settlements the facilitator refused
     # for its store outage stay pinned until recovery learns the outcome: the facilitator may hold a
-    # claim on the payment it could not clear (its claim lease is 60 s).
+    # claim on the payment it could not clear (its claim lease: 15 s here).
     usage = await admin.wait_usage(agent.address, reserved=0, timeout_s=90)
     ledger = await admin.ledger(agent.address)
     n, on_chain = count(served), (opg_balance(devchain, payee) - payee_before) // PRICE

@@ -56,7 +56,7 @@ PRICE = CHAT_PRICE_OPG
 AGENTS, PAYMENTS, BUDGET_CALLS, CONCURRENCY = 4, 16, 12, 8
 KILLS = 5  # SIGKILLs of a replica (each restart takes a few seconds of a 2-core machine)
 ENV = {"GATEWAY_SETTLE_TIMEOUT_S": "5", "GATEWAY_RECORD_LEASE_S": "2", "GATEWAY_RECOVERY_INTERVAL_S": "0.5",
-       "GATEWAY_FAULT_EXIT_AFTER_SETTLE": "0.1"}
+       "GATEWAY_FAULT_EXIT_AFTER_SETTLE": "0.1", "FACILITATOR_CLAIM_LEASE_S": "15"}
 RETRY = {409, 502, 503}  # in progress, the upstream or a store briefly away: resend the same payment
 PENDING = {"settlement_pending", "unexpected_settle_error", "invalid_transaction_state", "store_unavailable",
            "budget_store_unavailable"}

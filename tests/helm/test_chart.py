@@ -481,6 +481,7 @@ def test_facilitator_config_loads_with_the_facilitator_loader(name, objects, tmp
     assert is_redis_url(settings.store_url) and "$(" not in settings.store_url
     assert settings.receipt_timeout_s < values["gateway"].get("settleTimeoutSeconds", 45)
     assert settings.state_poll_s == values["facilitator"].get("statePollSeconds", 0.25)
+    assert settings.claim_lease_s == values["facilitator"].get("claimLeaseSeconds", 60)
     by_network = {n.network: n for n in settings.networks}
     assert set(by_network) == {n["network"] for n in values["facilitator"]["networks"]}
     for network, net in by_network.items():

@@ -174,6 +174,7 @@ store_prefix = {{ $f.storePrefix | toJson }}
 receipt_timeout_s = {{ $f.receiptTimeoutSeconds }}
 reconcile_interval_s = {{ $f.reconcileIntervalSeconds }}
 state_poll_s = {{ $f.statePollSeconds }}
+claim_lease_s = {{ $f.claimLeaseSeconds }}
 log_level = {{ $f.logLevel | toJson }}
 {{- range $net := $f.networks }}
 
