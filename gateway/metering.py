@@ -13,6 +13,8 @@ from decimal import ROUND_CEILING, Decimal
 
 import orjson
 
+from gateway.sse_lines import SseData
+
 
 @dataclass(frozen=True, slots=True)
 class TokenPrice:
@@ -57,23 +59,16 @@ class StreamMeter:
     reports and whether the stream ended properly."""
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._lines = SseData()
         self.input_tokens: int | None = None
         self.output_tokens: int | None = None
         self.complete = False
 
     def feed(self, chunk: bytes) -> None:
-        self._buf += chunk
-        while b"\n" in self._buf:
-            line, self._buf = self._buf.split(b"\n", 1)
-            self._line(line.strip())
-        if len(self._buf) > 1 << 20:  # a line this long carries no usage we can trust
-            self._buf = b""
+        for data in self._lines.feed(chunk):
+            self._data(data)
 
-    def _line(self, line: bytes) -> None:
-        if not line.startswith(b"data:"):
-            return
-        data = line[5:].strip()
+    def _data(self, data: bytes) -> None:
         if data == b"[DONE]":
             self.complete = True
             return

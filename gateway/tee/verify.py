@@ -9,10 +9,9 @@ import time
 import orjson
 
 from gateway.settings import TeeSettings
+from gateway.sse_lines import SseData
 from gateway.tee.pool import Enclave
 from gateway.tee.proof import ProofError, TeeProof, check, completion_output, output_text, proof_of
-
-MAX_LINE = 1 << 20
 
 
 def _json(data: bytes) -> object:
@@ -46,24 +45,17 @@ class StreamProofReader:
     frame that carries the proof (the last one with `tee_signature`)."""
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._lines = SseData()
         self._text: list[str] = []
         self._tools: dict[int, dict[str, object]] = {}
         self._finish: object = None
         self.final: dict[str, object] | None = None
 
     def feed(self, chunk: bytes) -> None:
-        self._buf += chunk
-        while b"\n" in self._buf:
-            line, self._buf = self._buf.split(b"\n", 1)
-            self._line(line.strip())
-        if len(self._buf) > MAX_LINE:
-            self._buf = b""
+        for data in self._lines.feed(chunk):
+            self._data(data)
 
-    def _line(self, line: bytes) -> None:
-        if not line.startswith(b"data:"):
-            return
-        data = line[5:].strip()
+    def _data(self, data: bytes) -> None:
         if data == b"[DONE]":
             return
         try:
