@@ -272,7 +272,7 @@ class Paywall:
         # Paid, and the response is not kept: it is owed until its last byte went out.
         claim.kept = True
         body = forwarded_stream(call.request, relay(first, upstream)) if streaming else _once(content or b"")
-        return StreamingResponse(self.settlement.delivering(body, record, claim), status_code=status, headers=headers)
+        return self.settlement.owed_response(body, record, claim, status_code=status, headers=headers)
 
     async def forward(self, call: PaidCall) -> tuple[aiohttp.ClientResponse, bytes, bytes | None]:
         """(upstream, first stream bytes, whole body or None for a stream); any failure before

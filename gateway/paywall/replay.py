@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator
 
 import orjson
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from facilitator.x402.identity import payment_identity
 from facilitator.x402.networks import to_caip2
@@ -201,7 +201,9 @@ class Replays:
 
     async def _deliver(self, call: PaidCall, claim: Claim, record: PaymentRecord, settled: SettleResponse) -> Response:
         """Serve a call that was paid for but never delivered: forward it again, without charging
-        again. The caller holds the record's lease."""
+        again. The caller holds the record's lease. A complete answer is kept in the record before
+        it is sent (any later resend replays it: an agent cut off again, even by this replica's
+        death, is never left paid and unserved); a stream is owed until its end went out."""
         try:
             upstream = await self.upstreams.open(call.request, call.offer.route.upstream, call.body, call.request_id)
         except (UpstreamUnavailableError, UpstreamFailedError) as exc:
@@ -213,32 +215,41 @@ class Replays:
             await self.settlement.release(record, claim)
             raise GatewayError(G.UPSTREAM_ERROR, f"paid, but the upstream answered {upstream.status}; resend the same "
                                "payment to get the response", status=502, extra={"transaction": record.tx})
-        headers = dict(response_headers(upstream)) | payment_response_header(call.payload, settled)
+        out_headers = response_headers(upstream)
         pool, enclave = self.upstreams.tee_pool(call.offer.route.upstream), self.upstreams.enclave_of(call.request)
-        if pool is not None and enclave is not None:
-            # An enclave's answer is served only with a proof that holds, owed or not.
-            try:
-                content = await read_all(upstream, self.settings.max_body_bytes)
-                headers |= verify_body(enclave, pool.settings, call.body, content).headers()
-            except (UpstreamFailedError, ProofError) as exc:
-                if isinstance(exc, ProofError):
-                    pool.fault(enclave, exc.reason)
-                await self.settlement.release(record, claim)
-                raise GatewayError(G.TEE_PROOF_INVALID, f"paid, but the enclave's answer failed ({exc}); resend the "
-                                   "same payment to get the response", status=502,
-                                   extra={"transaction": record.tx}) from None
-            finally:
-                upstream.release()
-            pool.verified(enclave)
+        tee = pool is not None and enclave is not None
+        if not tee and upstream.headers.get("content-type", "").startswith("text/event-stream"):
             self.metrics.payments.labels(call.offer.route_id, "delivered", "owed").inc()
             claim.kept = True
-            return StreamingResponse(self.settlement.delivering(_once(content), record, claim), status_code=upstream.status,
-                                     headers=headers)
+            body = forwarded_stream(call.request, relay(b"", upstream))
+            return self.settlement.owed_response(body, record, claim, status_code=upstream.status,
+                                                 headers=dict(out_headers) | payment_response_header(call.payload, settled))
+        try:
+            content = await read_all(upstream, self.settings.max_body_bytes)
+            if pool is not None and enclave is not None:  # an enclave's answer is served only with a proof that holds
+                proof_headers = verify_body(enclave, pool.settings, call.body, content).headers()
+                out_headers = [h for h in out_headers if h[0] not in {k.lower() for k in proof_headers}]
+                out_headers += list(proof_headers.items())
+        except (UpstreamFailedError, ProofError) as exc:
+            if isinstance(exc, ProofError) and pool is not None and enclave is not None:
+                pool.fault(enclave, exc.reason)
+            await self.settlement.release(record, claim)
+            reason = G.TEE_PROOF_INVALID if isinstance(exc, ProofError) else G.UPSTREAM_ERROR
+            raise GatewayError(reason, f"paid, but the upstream's answer failed ({exc}); resend the same payment to "
+                               "get the response", status=502, extra={"transaction": record.tx}) from None
+        finally:
+            upstream.release()
+        if pool is not None and enclave is not None:
+            pool.verified(enclave)
         self.metrics.payments.labels(call.offer.route_id, "delivered", "owed").inc()
+        headers = dict(out_headers) | payment_response_header(call.payload, settled)
+        if len(content) <= self.settings.replay_cache_bytes:
+            record.status, record.headers, record.body = upstream.status, out_headers, content
+            record.cached = record.delivered = True
+            await self.settlement.release(record, claim)  # saved, kept for replays, before it is sent
+            return Response(content, status_code=upstream.status, headers=headers)
         claim.kept = True
-        body = forwarded_stream(call.request, relay(b"", upstream))
-        return StreamingResponse(self.settlement.delivering(body, record, claim), status_code=upstream.status,
-                                 headers=headers)
+        return self.settlement.owed_response(_once(content), record, claim, status_code=upstream.status, headers=headers)
 
     def _replay(self, call: PaidCall, record: PaymentRecord) -> Response:
         self.metrics.payments.labels(call.offer.route_id, "replayed", "").inc()

@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import orjson
+from starlette.responses import StreamingResponse
+from starlette.types import Send
 
 from facilitator.x402.headers import encode_settle_response
 from facilitator.x402.reasons import ErrorReason as R
@@ -240,19 +242,10 @@ class Settlement:
         except (RecordStoreUnavailableError, asyncio.CancelledError):
             log.warning("payment_lease_not_released", extra={"tx": record.tx, "delivered": record.delivered})
 
-    async def delivering(self, body: AsyncIterator[bytes], record: PaymentRecord, claim: Claim) -> AsyncIterator[bytes]:
-        """The body of a paid response that is not kept for replays: once its last byte went out,
-        the record says it was delivered; cut before that (the client left, the upstream broke),
-        it stays owed to a resend."""
-        try:
-            async for chunk in body:
-                yield chunk
-            record.delivered = True
-        except (TimeoutError, aiohttp.ClientError):
-            log.warning("upstream_stream_cut", extra={"tx": record.tx})
-        finally:
-            await claim.close()
-            await self.release(record, claim)
+    def owed_response(self, body: AsyncIterator[bytes], record: PaymentRecord, claim: Claim, *, status_code: int,
+                      headers: dict[str, str]) -> StreamingResponse:
+        """The body of a paid response that is not kept for replays."""
+        return OwedResponse(body, self, record, claim, status_code=status_code, headers=headers)
 
     async def metered_stream(self, call: PaidCall, claim: Claim, first: bytes, upstream: aiohttp.ClientResponse,
                              record: PaymentRecord, requirement: PaymentRequirements, hold: Hold,
@@ -329,3 +322,33 @@ class Settlement:
             log.error("upto_stream_settlement_failed", extra={"request_id": call.request_id,
                                                               "reason": settled.error_reason, "tx": settled.transaction})
         return settled, details
+
+
+class OwedResponse(StreamingResponse):
+    """A paid body not kept for replays: the payment's record says delivered only once the server
+    took the response's end (the final, empty frame included), not when the last chunk was
+    yielded (a replica killed in between left the agent a cut response it could not get again).
+    Cut before that (the client left, the upstream broke, the replica died), it stays owed to a
+    resend of the same payment."""
+
+    def __init__(self, body: AsyncIterator[bytes], settlement: Settlement, record: PaymentRecord, claim: Claim, *,
+                 status_code: int, headers: dict[str, str]) -> None:
+        self.settlement, self.record, self.claim = settlement, record, claim
+        self.cut = False
+        super().__init__(self._watched(body), status_code=status_code, headers=headers)
+
+    async def _watched(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in body:
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError):
+            self.cut = True
+            log.warning("upstream_stream_cut", extra={"tx": self.record.tx})
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+            self.record.delivered = not self.cut
+        finally:
+            await self.claim.close()
+            await self.settlement.release(self.record, self.claim)

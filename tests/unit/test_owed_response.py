@@ -1,0 +1,82 @@
+"""A paid body that is not kept for replays (gateway/paywall/settle.py OwedResponse) is recorded as
+delivered only once the server took the response's end: a cut anywhere before it (the last chunk
+yielded but the final frame never sent: the replica died, the client left) leaves it owed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.paywall.settle import OwedResponse
+from gateway.records import PaymentRecord, RecordState
+
+SCOPE = {"type": "http", "asgi": {"spec_version": "2.4"}}
+
+
+class Books:
+    """What the response tells the settlement and the claim (the store writes are theirs)."""
+
+    def __init__(self) -> None:
+        self.released: list[bool] = []  # record.delivered at each release
+        self.closed = 0
+
+    async def release(self, record: PaymentRecord, claim: Any) -> None:
+        self.released.append(record.delivered)
+
+    async def close(self) -> None:
+        self.closed += 1
+
+
+async def chunks(*parts: bytes, fail: bool = False) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+    if fail:
+        raise aiohttp.ClientPayloadError("upstream cut")
+
+
+def owed(body: AsyncIterator[bytes], books: Books) -> tuple[OwedResponse, PaymentRecord]:
+    record = PaymentRecord(key="k", state=RecordState.SETTLED, request_fp="fp", tx="0xabc")
+    return OwedResponse(body, books, record, books, status_code=200, headers={}), record  # type: ignore[arg-type]
+
+
+async def receive() -> dict:
+    return {"type": "http.disconnect"}
+
+
+async def test_delivered_once_the_final_frame_went_out() -> None:
+    books, sent = Books(), []
+    response, record = owed(chunks(b"a", b"b"), books)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await response(SCOPE, receive, send)
+    assert [m.get("body") for m in sent[1:]] == [b"a", b"b", b""]
+    assert record.delivered and books.released == [True] and books.closed == 1
+
+
+async def test_a_cut_before_the_final_frame_stays_owed() -> None:
+    books = Books()
+    response, record = owed(chunks(b"a", b"b"), books)
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            raise OSError("connection reset")  # every chunk went out, the response's end did not
+
+    with pytest.raises(Exception):
+        await response(SCOPE, receive, send)
+    assert not record.delivered and books.released == [False] and books.closed == 1
+
+
+async def test_an_upstream_cut_stays_owed() -> None:
+    books = Books()
+    response, record = owed(chunks(b"a", fail=True), books)
+
+    async def send(message: dict) -> None:
+        pass
+
+    await response(SCOPE, receive, send)
+    assert not record.delivered and books.released == [False]
