@@ -85,6 +85,7 @@ class Run:
     refused: dict[str, str] = field(default_factory=dict)  # payment -> final refusal
     attempts: int = 0
     answers: dict[str, int] = field(default_factory=dict)  # what the agents saw, for the printout
+    history: dict[str, list[str]] = field(default_factory=dict)  # payment -> its answers, when it fails
 
     def saw(self, what: str) -> None:
         self.answers[what] = self.answers.get(what, 0) + 1
@@ -96,18 +97,19 @@ async def pay_until_final(http: aiohttp.ClientSession, replicas: list[Any], paym
     # A replica killed between its facilitator's claim and the broadcast leaves that claim to
     # lapse (60 s) before any other can settle or refuse it: meanwhile the answer is "pending".
     deadline = time.monotonic() + 150
-    seen: list[str] = []
+    seen = run.history.setdefault(payment, [])
     while time.monotonic() < deadline:
         run.attempts += 1
         replica = rng.choice(replicas)
         try:
             reply = await asyncio.wait_for(post(http, replica.url + CHAT, payment=payment), 20)
-        except (TimeoutError, aiohttp.ClientError):
+        except (TimeoutError, aiohttp.ClientError) as exc:
             run.saw("connection lost")
+            seen.append(f"{type(exc).__name__} {replica.port} {time.monotonic():.1f}")
             await asyncio.sleep(0.3)
             continue
         run.saw(f"{reply.status} {reply.error or ''}".strip())
-        seen.append(f"{reply.status} {reply.error} {replica.port}")
+        seen.append(f"{reply.status} {reply.error} {replica.port} {time.monotonic():.1f}")
         if reply.status == 200:
             assert reply.settle is not None and reply.settle.success and reply.settle.transaction, reply
             run.served[payment] = reply.settle.transaction
@@ -129,17 +131,17 @@ async def chaos(replicas: list[Any], store: RedisServer, rng: random.Random, sto
     while not stop.is_set():
         for r in replicas:
             if r.proc.poll() is not None:
-                log.append(f"replica {r.port} exited {r.proc.returncode}: started again")
+                log.append(f"{time.monotonic():.1f} replica {r.port} exited {r.proc.returncode}: started again")
                 await asyncio.to_thread(r.start)
         if kills < KILLS and time.monotonic() > next_kill:
             kills += 1
             victim = rng.choice(replicas)
-            log.append(f"replica {victim.port} killed")
+            log.append(f"{time.monotonic():.1f} replica {victim.port} killed")
             victim.kill()
             await asyncio.to_thread(victim.start)
             next_kill = time.monotonic() + rng.uniform(2, 4)
         if not redis_killed and time.monotonic() - started > 5:
-            log.append("redis killed")
+            log.append(f"{time.monotonic():.1f} redis killed")
             store.kill()
             await asyncio.sleep(0.5)
             await asyncio.to_thread(store.start)
@@ -163,6 +165,10 @@ def wait_until_closed(url: str, intents_key: str, timeout_s: float) -> int:
         while r.zcard(intents_key) and time.monotonic() < deadline:
             time.sleep(0.5)
         return int(r.zcard(intents_key))
+
+
+def ledger_txs(ledger: list[dict]) -> list[str]:
+    return [e["tx_hash"] for e in ledger]
 
 
 def read_logs(folder: Path) -> str:
@@ -234,7 +240,9 @@ async def test_chaos_ledger_budgets_and_chain_agree(devchain: dict, devchain_fil
         ledger = await admin.ledger(a.address)
         served = [p for p in payments[a.address] if p in run.served]
         assert sum(int(e["amount"]) for e in ledger) == moved, (a.address, ledger)  # ledger = chain, per agent
-        assert moved == len(served) * PRICE  # every charged payment was served, once
+        unserved = {p[-12:]: (set(ledger_txs(ledger)) - set(run.served.values()), run.history[p])
+                    for p in payments[a.address] if p not in run.served}
+        assert moved == len(served) * PRICE, unserved  # every charged payment was served, once
         assert sorted(e["tx_hash"] for e in ledger) == sorted(run.served[p] for p in served)
         assert moved <= BUDGET_CALLS * PRICE  # no budget exceeded on-chain
         assert (usage[a.address]["spent"], usage[a.address]["reserved"]) == (moved, 0), usage[a.address]

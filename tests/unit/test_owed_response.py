@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from starlette.requests import ClientDisconnect
 
 from gateway.paywall.settle import OwedResponse
 from gateway.records import PaymentRecord, RecordState
@@ -66,7 +67,7 @@ async def test_a_cut_before_the_final_frame_stays_owed() -> None:
         if message["type"] == "http.response.body" and not message.get("more_body"):
             raise OSError("connection reset")  # every chunk went out, the response's end did not
 
-    with pytest.raises(Exception):
+    with pytest.raises(ClientDisconnect):
         await response(SCOPE, receive, send)
     assert not record.delivered and books.released == [False] and books.closed == 1
 
