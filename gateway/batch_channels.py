@@ -271,19 +271,57 @@ _COLS = ("id, network, asset, payer, route, config, requirement, charged, signed
          " withdraw_at, refund_nonce, held, hold_until, synced_at")
 
 
+# What a channel's calls change; the rest (config, requirement, …) never changes once written.
+_MUTABLE = "charged, signed_max, signature, balance, total_claimed, withdraw_at, refund_nonce, held, hold_until, synced_at"
+
+
+def _gt(a: str, b: str) -> str:
+    """SQL: a > b for amounts kept as canonical decimal TEXT (no leading zeros: longer is larger)."""
+    return f"(length({a}) > length({b}) OR (length({a}) = length({b}) AND {a} > {b}))"
+
+
+# The hot path in one statement each (autocommit: atomic), the whole record returned. A hold that
+# does not go through is retried in a transaction that tells why; a commit whose `charged` is not
+# the one this process held (it always is, unless the store was changed under it) too. In SET,
+# every expression reads the row as it was before the update.
+_HOLD_FAST = (f"UPDATE batch_channels SET held = :amount, hold_until = :until, "
+              f"signed_max = CASE WHEN {_gt(':vmax', 'signed_max')} THEN :vmax ELSE signed_max END, "
+              f"signature = CASE WHEN {_gt(':vmax', 'signed_max')} THEN :sig ELSE signature END "
+              f"WHERE id = :id AND (held = '0' OR hold_until <= :now) AND withdraw_at = 0 AND charged = :charged "
+              f"AND NOT {_gt(':vmax', 'balance')} RETURNING {_MUTABLE}")
+_COMMIT_FAST = (f"UPDATE batch_channels SET charged = :new, held = '0', hold_until = 0 WHERE id = :id AND charged = :old "
+                f"RETURNING {_MUTABLE}")
+
+
+def _channel_of(r: Any) -> Channel:
+    return Channel(id=r[0], network=r[1], asset=r[2], payer=r[3], route=r[4], config=r[5], requirement=r[6],
+                   charged=int(r[7]), signed_max=int(r[8]), signature=r[9], balance=int(r[10]),
+                   total_claimed=int(r[11]), withdraw_at=int(r[12]), refund_nonce=int(r[13]), held=int(r[14]),
+                   hold_until=float(r[15]), synced_at=float(r[16]))
+
+
 class SQLiteChannelStore:
     def __init__(self, path: str) -> None:
         with _errors:
             self._db = connect_sqlite(path, _SCHEMA)
+        self._held: dict[str, int] = {}  # channel -> what was charged when this process took it
+        self._fixed: dict[str, tuple[Any, ...]] = {}  # channel -> its columns that never change
 
     def _row(self, id: str) -> Channel | None:
         r = self._db.execute(f"SELECT {_COLS} FROM batch_channels WHERE id = ?", (id,)).fetchone()
         if r is None:
             return None
-        return Channel(id=r[0], network=r[1], asset=r[2], payer=r[3], route=r[4], config=r[5], requirement=r[6],
-                       charged=int(r[7]), signed_max=int(r[8]), signature=r[9], balance=int(r[10]),
-                       total_claimed=int(r[11]), withdraw_at=int(r[12]), refund_nonce=int(r[13]), held=int(r[14]),
-                       hold_until=float(r[15]), synced_at=float(r[16]))
+        self._fixed[id] = tuple(r[:7])
+        return _channel_of(r)
+
+    def _mutated(self, id: str, mutable: Any) -> Channel:
+        """The channel from a fast statement's RETURNING (its mutable columns)."""
+        fixed = self._fixed.get(id)
+        if fixed is None:
+            found = self._row(id)
+            assert found is not None
+            return found
+        return _channel_of((*fixed, *mutable))
 
     def _tx(self, fn: Any) -> Any:
         with immediate(self._db, ChannelStoreUnavailableError):
@@ -316,6 +354,13 @@ class SQLiteChannelStore:
 
     async def hold(self, id: str, *, charged: int, voucher_max: int, signature: str, amount: int, now: float,
                    lease_s: float) -> tuple[HoldOutcome, Channel | None]:
+        with _errors:
+            r = self._db.execute(_HOLD_FAST, {"id": id, "amount": str(amount), "until": now + lease_s, "now": now,
+                                              "vmax": str(voucher_max), "sig": signature, "charged": str(charged)}).fetchone()
+        if r is not None:
+            self._held[id] = charged
+            return HoldOutcome.OK, self._mutated(id, r)
+
         def run() -> tuple[HoldOutcome, Channel | None]:
             c = self._row(id)
             if c is None:
@@ -335,6 +380,13 @@ class SQLiteChannelStore:
         return self._tx(run)
 
     async def commit(self, id: str, *, charge: int) -> Channel:
+        old = self._held.pop(id, None)
+        if old is not None:
+            with _errors:
+                r = self._db.execute(_COMMIT_FAST, {"id": id, "old": str(old), "new": str(old + charge)}).fetchone()
+            if r is not None:
+                return self._mutated(id, r)
+
         def run() -> Channel:
             c = self._row(id)
             assert c is not None
@@ -345,6 +397,7 @@ class SQLiteChannelStore:
         return self._tx(run)
 
     async def release(self, id: str) -> None:
+        self._held.pop(id, None)
         self._tx(lambda: self._set(id, held=0, hold_until=0.0))
 
     async def claimed(self, id: str, *, total: int) -> None:

@@ -3,8 +3,8 @@ every request and response."""
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,7 +20,7 @@ class RequestIdMiddleware:
             await self.app(scope, receive, send)
             return
         given = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
-        request_id = given if _VALID.match(given) else uuid.uuid4().hex
+        request_id = given if _VALID.match(given) else os.urandom(16).hex()  # as uuid4().hex, a third of the cost
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:

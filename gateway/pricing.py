@@ -136,6 +136,8 @@ class Pricing:
             model_param = "name" if "name" in params else (params[0] if params else None)
             self._routes.append(_CompiledRoute(route, re.compile(regex), model_param))
         self._offers: dict[tuple[int, str | None, int], Offer] = {}
+        # by identity: list.index would compare routes field by field (pydantic __eq__) per call
+        self._index = {id(c.route): n for n, c in enumerate(self._routes)}
         self.created = int(time.time())  # the catalog's "created": when this configuration was loaded
 
     def match(self, method: str, path: str) -> tuple[Route, dict[str, str]] | None:
@@ -159,7 +161,7 @@ class Pricing:
             if not probe:
                 raise
             model = None
-        index = self.settings.routes.index(route)
+        index = self._index[id(route)]
         key = (index, model, self.quotes.version if route.metered else 0)
         cached = self._offers.get(key)
         if cached is not None:
@@ -237,7 +239,7 @@ class Pricing:
                      rates=tuple((a, r, d) for a, (r, d) in rates.items()))
 
     def _model_of(self, route: Route, params: dict[str, str], body: bytes) -> str | None:
-        compiled = next(c for c in self._routes if c.route is route)
+        compiled = self._routes[self._index[id(route)]]
         if compiled.model_param and compiled.model_param in params:
             return params[compiled.model_param]
         if not route.models and not route.metered:

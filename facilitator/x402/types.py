@@ -137,7 +137,29 @@ def _check_caip2(value: str) -> str:
 
 
 def _check_json_value(value: Any) -> Any:
-    """Free-form JSON: refuse integers beyond +-JSON_SAFE_INT and NaN/Infinity (not JSON)."""
+    """Free-form JSON: refuse integers beyond +-JSON_SAFE_INT and NaN/Infinity (not JSON). Every
+    payment header runs this: a walk without locations first, the one that names them only for
+    a value that fails (or of a type JSON does not produce)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is str or kind is bool or item is None:
+            continue
+        if kind is dict:
+            stack.extend(item.values())
+        elif kind is list:
+            stack.extend(item)
+        elif kind is int and -JSON_SAFE_INT <= item <= JSON_SAFE_INT:
+            continue
+        elif kind is float and math.isfinite(item):
+            continue
+        else:
+            return _check_json_value_at(value)
+    return value
+
+
+def _check_json_value_at(value: Any) -> Any:
     stack: list[tuple[tuple[str | int, ...], Any]] = [((), value)]
     while stack:
         loc, item = stack.pop()

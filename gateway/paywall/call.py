@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
@@ -17,7 +18,7 @@ from facilitator.x402.networks import to_caip2
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import PaymentPayload, PaymentPayloadV1, PaymentRequirements, PaymentRequirementsV1
 from gateway.errors import GatewayError
-from gateway.pricing import Offer, OfferMismatchError, to_v1, v1_offered
+from gateway.pricing import BATCH_SCHEME, Offer, OfferMismatchError, to_v1, v1_offered
 
 PAYMENT_ID = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 AnyPayload = PaymentPayload | PaymentPayloadV1
@@ -50,9 +51,11 @@ class PaidCall:
 
 
 def decode_call(request: Request, offer: Offer, body: bytes, forward_body: bytes, request_id: str, *,
-                resource_url: str, payment_ids: bool) -> PaidCall:
+                resource_url: Callable[[], str], payment_ids: bool) -> PaidCall:
     """Raises GatewayError: 400 for a header that cannot be decoded, 402 (a challenge) for a
-    payment that is not for what this route offers."""
+    payment that is not for what this route offers. A batch-settlement voucher has no per-call
+    payment record: its key, digest and request fingerprint are left empty (not computed on the
+    hot path)."""
     try:
         payload = decode_payment_header(request.headers)
         if payload is None:
@@ -62,7 +65,12 @@ def decode_call(request: Request, offer: Offer, body: bytes, forward_body: bytes
     except PaymentHeaderError as exc:
         raise GatewayError(exc.reason.value, exc.message, status=400, offer=offer) from None
     requirement = bind(payload, offer, resource_url)
-    network = requirement.network if isinstance(requirement, PaymentRequirements) else to_caip2(requirement.network)
+    if isinstance(requirement, PaymentRequirements):
+        network = requirement.network
+        if requirement.scheme == BATCH_SCHEME:
+            return PaidCall(request, offer, forward_body, payload, requirement, network, "", "", "", "", pid, request_id)
+    else:
+        network = to_caip2(requirement.network)
     payer, key = payment_identity(payload.payload, network, requirement.asset)
     target = request.url.path.encode() + b"?" + request.url.query.encode()
     fp = hashlib.sha256(b"%s %s\n" % (request.method.encode(), target) + body).hexdigest()
@@ -70,7 +78,7 @@ def decode_call(request: Request, offer: Offer, body: bytes, forward_body: bytes
                     signed_payload_digest(payload.payload), fp, payer, pid, request_id)
 
 
-def bind(payload: AnyPayload, offer: Offer, resource_url: str) -> AnyRequirement:
+def bind(payload: AnyPayload, offer: Offer, resource_url: Callable[[], str]) -> AnyRequirement:
     """The offered requirement this payment is for, compared field for field, before any
     facilitator call: a payment for a cheaper route, another payTo, asset or network fails here."""
     if isinstance(payload, PaymentPayload):
@@ -84,7 +92,7 @@ def bind(payload: AnyPayload, offer: Offer, resource_url: str) -> AnyRequirement
         except UnknownNetworkError:
             same_network = False
         if payload.scheme == offered.scheme and same_network:
-            return to_v1(offered, resource_url, offer.route.description, offer.route.mime_type)
+            return to_v1(offered, resource_url(), offer.route.description, offer.route.mime_type)
     raise GatewayError(R.INVALID_PAYMENT_REQUIREMENTS.value, "no offered requirement has this payment's scheme and network",
                        offer=offer)
 

@@ -95,12 +95,14 @@ class Paywall:
                                "resend it in PAYMENT-SIGNATURE.", offer=offer)
         forward_body = capped_body(offer, body) if offer.token_price is not None else body
         call = decode_call(request, offer, body, forward_body, request_id,
-                           resource_url=self.challenges.resource(request, offer).url,
+                           resource_url=lambda: self.challenges.resource(request, offer).url,
                            payment_ids=self.settings.payment_identifier_on(offer.route))
         # Who paid with what, for the refusal log (gateway/refusals.py) should this call be refused.
         request.scope["state"]["payment"] = (call.payer, call.network, call.requirement.asset)
         self.tee_stream_allowed(call)
-        if call.requirement.scheme == BATCH_SCHEME and self.batch is not None:
+        if call.requirement.scheme == BATCH_SCHEME:
+            if self.batch is None:  # never offered without its channels; a call without them has no record to key
+                raise GatewayError(R.UNSUPPORTED_SCHEME, "batch-settlement is not served here", offer=offer)
             return await self.batch.call(call)  # vouchers: no per-call payment record (gateway/batch_calls.py)
         await self.budgets.precheck(call.payer, call.network, call.requirement.asset, offer.route_id, offer.model)
         if (earlier := await self.replays.earlier_under_id(call)) is not None:

@@ -90,3 +90,26 @@ async def test_manager_lease_and_journal(store: ChannelStore, clock: TestClock) 
     assert await store.read_journal(journal) == '{"rows": []}'
     await store.journal(journal, None)
     assert await store.read_journal(journal) is None
+
+
+async def test_amounts_compare_as_numbers_past_64_bits_and_only_a_larger_voucher_is_kept(store: ChannelStore,
+                                                                                          clock: TestClock) -> None:
+    now = clock()
+    big = 10**30  # beyond any machine integer; amounts of different lengths must compare as numbers
+    c = await channel(store, now, balance=big)
+    assert (await store.hold(c.id, charged=0, voucher_max=big + 1, signature="0xover", amount=1, now=now,
+                             lease_s=5))[0] == HoldOutcome.EXCEEDS
+    assert (await store.hold(c.id, charged=0, voucher_max=9 * 10**29, signature="0xa", amount=9 * 10**29, now=now,
+                             lease_s=5))[0] == HoldOutcome.OK
+    done = await store.commit(c.id, charge=9 * 10**29)
+    assert (done.charged, done.signed_max, done.signature) == (9 * 10**29, 9 * 10**29, "0xa")
+    # "95" > "100000…" as text, not as numbers: the older, smaller voucher is not kept over the larger one
+    assert (await store.hold(c.id, charged=9 * 10**29, voucher_max=big, signature="0xb", amount=10**29, now=now,
+                             lease_s=5))[0] == HoldOutcome.OK
+    await store.release(c.id)
+    assert (await store.hold(c.id, charged=9 * 10**29, voucher_max=95 * 10**28, signature="0xc", amount=5 * 10**28,
+                             now=now, lease_s=5))[0] == HoldOutcome.OK
+    done = await store.commit(c.id, charge=5 * 10**28)
+    assert (done.charged, done.signed_max, done.signature, done.held) == (95 * 10**28, big, "0xb", 0)
+    assert (await store.hold(c.id, charged=9 * 10**29, voucher_max=big, signature="0xd", amount=1, now=now,
+                             lease_s=5))[0] == HoldOutcome.MISMATCH

@@ -69,20 +69,20 @@ class ChannelConfig:
 
     @classmethod
     def from_wire(cls, raw: Any, reason: R) -> ChannelConfig:
-        """The wire object (`channelConfig`), shape-checked; raises `reason` when malformed."""
+        """The wire object (`channelConfig`), shape-checked; raises `reason` when malformed. A
+        channel's every call repeats its config: parsed configs are cached by their field values."""
         if not isinstance(raw, dict):
             raise PaymentInvalidError(reason, "channelConfig must be an object")
         try:
-            addresses = [_address(raw[k]) for k in ("payer", "payerAuthorizer", "receiver", "receiverAuthorizer", "token")]
-            delay, salt = raw["withdrawDelay"], raw["salt"]
-        except (KeyError, ValueError) as exc:
+            fields = tuple(raw[k] for k in _CONFIG_FIELDS)
+        except KeyError as exc:
             raise PaymentInvalidError(reason, f"channelConfig: {exc}") from None
-        if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay < 2**40:
-            raise PaymentInvalidError(reason, "channelConfig.withdrawDelay must be a uint40")
-        if not isinstance(salt, str) or not _BYTES32.fullmatch(salt):
-            raise PaymentInvalidError(reason, "channelConfig.salt must be 0x + 64 hex digits")
-        payer, payer_authorizer, receiver, receiver_authorizer, token = addresses
-        return cls(payer, payer_authorizer, receiver, receiver_authorizer, token, delay, bytes.fromhex(salt[2:]))
+        if not all(type(v) in (str, int) for v in fields):  # hashable, and nothing else is valid anyway
+            raise PaymentInvalidError(reason, "channelConfig: addresses and salt must be strings, withdrawDelay an integer")
+        try:
+            return _config_of(*fields)
+        except ValueError as exc:
+            raise PaymentInvalidError(reason, f"channelConfig: {exc}") from None
 
     def as_tuple(self) -> tuple[Any, ...]:
         """The ABI tuple (address,address,address,address,address,uint40,bytes32)."""
@@ -116,7 +116,7 @@ class ChannelConfig:
         )
 
     def channel_id(self, chain_id: int) -> bytes:
-        return typed_digest(domain_separator(chain_id), self.struct_hash())
+        return _channel_id(self, chain_id)
 
     @property
     def voucher_signer(self) -> str:
@@ -173,6 +173,26 @@ def parse_hex(value: Any, reason: R, what: str) -> bytes:
     if not isinstance(value, str) or not _HEX.fullmatch(value) or len(value) > 20_002:
         raise PaymentInvalidError(reason, f"{what} must be 0x-prefixed hex bytes")
     return bytes.fromhex(value[2:])
+
+
+_CONFIG_FIELDS = ("payer", "payerAuthorizer", "receiver", "receiverAuthorizer", "token", "withdrawDelay", "salt")
+
+
+@lru_cache(maxsize=8192)
+def _config_of(payer: Any, payer_authorizer: Any, receiver: Any, receiver_authorizer: Any, token: Any, delay: Any,
+               salt: Any) -> ChannelConfig:
+    """Raises ValueError (not cached)."""
+    if isinstance(delay, bool) or not isinstance(delay, int) or not 0 <= delay < 2**40:
+        raise ValueError("withdrawDelay must be a uint40")
+    if not isinstance(salt, str) or not _BYTES32.fullmatch(salt):
+        raise ValueError("salt must be 0x + 64 hex digits")
+    return ChannelConfig(_address(payer), _address(payer_authorizer), _address(receiver), _address(receiver_authorizer),
+                         _address(token), delay, bytes.fromhex(salt[2:]))
+
+
+@lru_cache(maxsize=8192)
+def _channel_id(config: ChannelConfig, chain_id: int) -> bytes:
+    return typed_digest(domain_separator(chain_id), config.struct_hash())
 
 
 def _address(value: Any) -> str:
