@@ -95,8 +95,12 @@ def encode_payment_payload(payload: PaymentPayload | PaymentPayloadV1) -> str:
     return _b64(payload.model_dump_json(by_alias=True, exclude_none=True))
 
 
-def encode_settle_response(settle_response: SettleResponse) -> str:
-    """Value of ``PAYMENT-RESPONSE`` / ``X-PAYMENT-RESPONSE``, byte-identical to the SDK's."""
+def encode_settle_response(settle_response: SettleResponse | dict[str, Any]) -> str:
+    """Value of ``PAYMENT-RESPONSE`` / ``X-PAYMENT-RESPONSE``, byte-identical to the SDK's. A dict
+    is taken as the response's wire form already (``model_dump(mode="json", by_alias=True,
+    exclude_none=True)``): a hot path that built it directly skips the model."""
+    if isinstance(settle_response, dict):
+        return _b64(json.dumps(settle_response))
     return _b64(json.dumps(settle_response.model_dump(mode="json", by_alias=True, exclude_none=True)))
 
 

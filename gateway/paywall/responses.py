@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -38,8 +39,10 @@ def json_error(status: int, error: str, message: str, *, headers: dict[str, str]
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=h)
 
 
-def payment_response_header(payload: PaymentPayload | PaymentPayloadV1, settled: SettleResponse) -> dict[str, str]:
-    """The receipt, in the header the payment's wire version reads."""
+def payment_response_header(payload: PaymentPayload | PaymentPayloadV1,
+                            settled: SettleResponse | dict[str, Any]) -> dict[str, str]:
+    """The receipt, in the header the payment's wire version reads (`settled`: the response, or
+    its wire form built directly)."""
     name = X_PAYMENT_RESPONSE_HEADER if isinstance(payload, PaymentPayloadV1) else PAYMENT_RESPONSE_HEADER
     return {name: encode_settle_response(settled), "Cache-Control": "no-store",
             "Access-Control-Expose-Headers": f"{PAYMENT_RESPONSE_HEADER}, {X_PAYMENT_RESPONSE_HEADER}"}

@@ -62,3 +62,22 @@ def test_only_the_payer_authorizers_low_s_signature_recovers() -> None:
     malleated = r + (SECP256K1_N - s).to_bytes(32, "big") + bytes([55 - v])  # the high-s twin
     assert not recovers_to(digest, malleated, signer.address)
     assert not recovers_to(digest, b"\x00" * 65, signer.address)
+
+
+def test_a_voucher_receipt_built_directly_is_byte_identical_to_the_models() -> None:
+    from types import SimpleNamespace
+
+    from facilitator.x402.headers import encode_settle_response
+    from facilitator.x402.types import SettleResponse
+    from gateway.batch_calls import _receipt, receipt_fields
+    from gateway.batch_channels import Channel
+
+    channel = Channel(id="0x" + "ab" * 32, network="eip155:84532", asset="0xtoken", payer="0x" + "cd" * 20, route="r",
+                      config="{}", requirement="{}", charged=10**25 + 7, balance=10**26, total_claimed=5,
+                      withdraw_at=1_700_000_000, refund_nonce=3)
+    call = SimpleNamespace(network="eip155:84532")
+    deposits = [None, SettleResponse(success=True, transaction="0x" + "12" * 32, network="eip155:84532", amount="5000"),
+                SettleResponse(success=True, transaction="0x" + "34" * 32, network="eip155:84532")]
+    for deposit in deposits:
+        assert encode_settle_response(receipt_fields(call, channel, 5000, deposit)) == \
+            encode_settle_response(_receipt(call, channel, 5000, deposit))  # type: ignore[arg-type]
