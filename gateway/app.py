@@ -247,7 +247,8 @@ def create_app(
         channels = None
         if batch_routes:
             channels = open_channels(settings.store_url, prefix=settings.store_prefix)
-            paywall.batch = BatchCalls(channels, fac, hook, challenges, paywall.forward, in_background)
+            paywall.batch = BatchCalls(channels, fac, hook, challenges, paywall.forward, in_background,
+                                       keep_bytes=settings.replay_cache_bytes)
             app.state.batch_manager = ChannelManager(channels, fac, batch_routes,
                                                      lease_s=min(b.manager_lease_s for b in batch_routes.values()))
             background.append(asyncio.create_task(app.state.batch_manager.run_forever()))

@@ -19,7 +19,10 @@ channel's state and the last voucher the payer signed, as the spec asks.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import os
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -29,6 +32,7 @@ import orjson
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_typing import Hash32
+from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from facilitator.errors import PaymentInvalidError
@@ -44,7 +48,7 @@ from facilitator.schemes.evm_batch.operations import SignedVoucher, check_config
 from facilitator.x402.headers import encode_payment_required
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import PaymentPayload, PaymentRequired, PaymentRequirements, SettleResponse
-from gateway.batch_channels import Channel, ChannelStore, HoldOutcome
+from gateway.batch_channels import Channel, ChannelStore, ChannelStoreUnavailableError, HoldOutcome
 from gateway.budget_hook import BudgetHook
 from gateway.errors import GatewayError
 from gateway.facilitator_client import FacilitatorClient
@@ -57,6 +61,8 @@ from gateway.settings import BatchChannels
 from gateway.sse_usage import forwarded_stream
 
 log = logging.getLogger("gateway.batch")
+
+DELIVERY_GRACE_S = 2.0  # how long after charging a call its answer may still be on its way
 
 Forward = Callable[[PaidCall], Awaitable[tuple[aiohttp.ClientResponse, bytes, bytes | None]]]
 
@@ -96,8 +102,12 @@ def envelope(inner: dict[str, Any], requirement: PaymentRequirements) -> Payment
 
 class BatchCalls:
     def __init__(self, store: ChannelStore, facilitator: FacilitatorClient, budgets: BudgetHook,
-                 challenges: Challenges, forward: Forward, background: set[asyncio.Task[Any]]) -> None:
+                 challenges: Challenges, forward: Forward, background: set[asyncio.Task[Any]], *,
+                 keep_bytes: int = 1 << 20) -> None:
         self.background = background  # charges of metered streams whose client left
+        self.keep_bytes = keep_bytes  # answers kept (until delivered) for a resend of their voucher
+        # The crash tests' fault hook (as settle.py's): the process dies right after a call was charged.
+        self.exit_after_charge = float(os.environ.get("GATEWAY_FAULT_EXIT_AFTER_SETTLE") or 0)
         self.store = store
         self.facilitator = facilitator
         self.budgets = budgets
@@ -150,10 +160,10 @@ class BatchCalls:
             await self.adopt(call, channel_id)  # no record here: the chain's state is the baseline
             outcome, held = await self._hold(channel_id, voucher, price, batch)
         if outcome == HoldOutcome.MISMATCH and held is not None:
-            return self.corrective(call, held, mismatch)
+            return await self.owed(call, held, voucher) or self.corrective(call, held, mismatch)
         if outcome != HoldOutcome.OK:
             raise GatewayError(*_REFUSALS[outcome], offer=call.offer)
-        return await self.serve(call, config.payer, channel_id, price, settled)
+        return await self.serve(call, config.payer, channel_id, "0x" + voucher.signature.hex(), price, settled)
 
     async def _hold(self, channel_id: str, voucher: SignedVoucher, price: int,
                     batch: BatchChannels) -> tuple[HoldOutcome, Channel | None]:
@@ -180,6 +190,8 @@ class BatchCalls:
         charged = known.charged if known is not None else 0
         if voucher.max_claimable != charged + int(call.requirement.amount):
             # Checked before anything moves: a deposit whose call cannot be served is not relayed.
+            if known is not None and (kept := await self.owed(call, known, voucher)) is not None:
+                raise _Corrective(kept)
             channel = known or self._fresh(call, config, channel_id)
             raise _Corrective(self.corrective(call, channel, "the voucher must be for what was charged plus this "
                                               "call's price"))
@@ -216,7 +228,7 @@ class BatchCalls:
 
     # -- serving -------------------------------------------------------------------------------
 
-    async def serve(self, call: PaidCall, payer: str, channel_id: str, price: int,
+    async def serve(self, call: PaidCall, payer: str, channel_id: str, signature: str, price: int,
                     deposit: SettleResponse | None) -> Response:
         """Forward the held call and charge it: the price, or on a metered route what was used
         (at most the price, the voucher's per-call maximum)."""
@@ -236,17 +248,61 @@ class BatchCalls:
                                      headers=dict(response_headers(upstream)) | {"Cache-Control": "no-store"})
         charge, details = (metered_charge(call.offer, call.requirement, usage_from_body(content or b""))
                            if metered else (price, {}))
-        channel = await asyncio.shield(self._charge(call, channel_id, hold, charge, deposit, details))
+        reply = ""
+        if content is not None and len(content) <= self.keep_bytes:
+            reply = orjson.dumps({"status": upstream.status, "headers": response_headers(upstream),
+                                  "body": base64.b64encode(content).decode(), "charge": str(charge),
+                                  "deposit": deposit.model_dump(by_alias=True, exclude_none=True) if deposit else None,
+                                  "at": time.time()}).decode()  # fmt: skip
+        channel = await asyncio.shield(self._charge(call, channel_id, hold, charge, deposit, details, reply, signature))
+        if self.exit_after_charge and random.random() < self.exit_after_charge:
+            os._exit(70)
         headers = dict(response_headers(upstream)) | payment_response_header(call.payload,
                                                                             receipt_fields(call, channel, charge, deposit))
+        if reply:  # owed until it went out to its end
+            return Response(content, status_code=upstream.status, headers=headers,
+                            background=BackgroundTask(self._delivered, channel_id, signature))
         if content is not None:
             return Response(content, status_code=upstream.status, headers=headers)
         return StreamingResponse(forwarded_stream(call.request, relay(first, upstream)), status_code=upstream.status,
                                  headers=headers)
 
+    async def owed(self, call: PaidCall, channel: Channel, voucher: SignedVoucher) -> Response | None:
+        """A resend of the channel's latest voucher whose answer was kept and never delivered (its
+        replica died after charging it, or the agent was cut off): that answer, once more, with
+        no new charge and no upstream call. None for anything else (a replay of a delivered call
+        is refused by the corrective 402)."""
+        signature = "0x" + voucher.signature.hex()
+        if channel.signed_max != voucher.max_claimable or channel.signature != signature:
+            return None
+        kept = await self.store.owed_reply(channel.id, voucher=signature)
+        if kept is None:
+            return None
+        doc = orjson.loads(kept)
+        # Just charged: its replica may be sending it right now, and marks it delivered once sent.
+        # A resend within that moment is told apart from a replay by waiting for the mark.
+        deadline = time.monotonic() + min(max(float(doc.get("at", 0)) + DELIVERY_GRACE_S - time.time(), 0),
+                                          DELIVERY_GRACE_S)
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            if await self.store.owed_reply(channel.id, voucher=signature) is None:
+                return None
+        deposit = SettleResponse.model_validate(doc["deposit"]) if doc.get("deposit") else None
+        receipt = receipt_fields(call, channel, int(doc["charge"]), deposit)
+        log.warning("batch_owed_reply_served", extra={"channel": channel.id, "request_id": call.request_id})
+        return Response(base64.b64decode(doc["body"]), status_code=int(doc["status"]),
+                        headers=dict(doc["headers"]) | payment_response_header(call.payload, receipt),
+                        background=BackgroundTask(self._delivered, channel.id, signature))
+
+    async def _delivered(self, channel_id: str, signature: str) -> None:
+        try:
+            await self.store.delivered(channel_id, voucher=signature)
+        except ChannelStoreUnavailableError:  # it stays owed: a resend would get it once more, never charged
+            log.warning("batch_reply_not_marked_delivered", extra={"channel": channel_id})
+
     async def _charge(self, call: PaidCall, channel_id: str, hold: Any, charge: int, deposit: SettleResponse | None,
-                      details: dict[str, Any]) -> Channel:
-        channel = await self.store.commit(channel_id, charge=charge)
+                      details: dict[str, Any], reply: str = "", signature: str = "") -> Channel:
+        channel = await self.store.commit(channel_id, charge=charge, reply=reply, voucher=signature)
         await self.budgets.commit(hold, charge, deposit.transaction if deposit else "", call.request_id,
                                   {"scheme": "batch-settlement", "channel": channel_id, **details})
         return channel

@@ -15,6 +15,7 @@ until it is terminal: the facilitator keys it by its signed batch, so it lands o
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
@@ -95,8 +96,18 @@ class ChannelStore(Protocol):
         withdrawal is pending. The voucher is kept (a signed voucher is never lost)."""
         ...
 
-    async def commit(self, id: str, *, charge: int) -> Channel:
-        """The call is over: `charge` (at most the hold) is added to what was charged."""
+    async def commit(self, id: str, *, charge: int, reply: str = "", voucher: str = "") -> Channel:
+        """The call is over: `charge` (at most the hold) is added to what was charged. `reply`:
+        the call's answer, kept with it (for the voucher `voucher`, its signature) until
+        `delivered`: a resend of that voucher after a crash or a cut gets it (owed_reply)."""
+        ...
+
+    async def delivered(self, id: str, *, voucher: str) -> None:
+        """The answer kept for `voucher` went out to its end: a resend of it is a replay (refused)."""
+        ...
+
+    async def owed_reply(self, id: str, *, voucher: str) -> str | None:
+        """The answer kept for `voucher` and not yet delivered, if any."""
         ...
 
     async def release(self, id: str) -> None:
@@ -161,11 +172,23 @@ end
 return {'ok', redis.call('HGETALL', c)}
 """
 
+# KEYS: channel, its kept reply. ARGV: charge, reply, voucher signature, reply TTL (ms)
 _COMMIT = BIGNUM + """
 local c = KEYS[1]
 redis.call('HSET', c, 'charged', add(redis.call('HGET', c, 'charged'), ARGV[1]), 'held', '0', 'hold_until', '0')
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[2], 'voucher', ARGV[3], 'reply', ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
 return redis.call('HGETALL', c)
 """
+
+_DELIVERED = """
+if redis.call('HGET', KEYS[1], 'voucher') == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+REPLY_TTL_MS = 86_400_000  # an owed answer is kept a day (as the payment records of exact calls)
 
 _CLAIMED = BIGNUM + """
 local c = KEYS[1]
@@ -190,11 +213,15 @@ class RedisChannelStore:
         self._mirror = client.register_script(_MIRROR)
         self._hold = client.register_script(_HOLD)
         self._commit = client.register_script(_COMMIT)
+        self._delivered = client.register_script(_DELIVERED)
         self._claimed = client.register_script(_CLAIMED)
         self._lease = client.register_script(_LEASE)
 
     def _k(self, id: str) -> str:
         return f"{self._p}batch:channel:{{{id}}}"
+
+    def _reply_key(self, id: str) -> str:
+        return f"{self._p}batch:reply:{{{id}}}"  # the channel's slot: one script writes both
 
     @_errors
     async def _call(self, coro: Any) -> Any:
@@ -216,8 +243,16 @@ class RedisChannelStore:
         outcome = HoldOutcome(reply[0])
         return outcome, (_channel_from(hash_fields(reply[1])) if len(reply) > 1 else None)
 
-    async def commit(self, id: str, *, charge: int) -> Channel:
-        return _channel_from(hash_fields(await self._call(self._commit(keys=[self._k(id)], args=[str(charge)]))))
+    async def commit(self, id: str, *, charge: int, reply: str = "", voucher: str = "") -> Channel:
+        return _channel_from(hash_fields(await self._call(self._commit(
+            keys=[self._k(id), self._reply_key(id)], args=[str(charge), reply, voucher, REPLY_TTL_MS]))))
+
+    async def delivered(self, id: str, *, voucher: str) -> None:
+        await self._call(self._delivered(keys=[self._reply_key(id)], args=[voucher]))
+
+    async def owed_reply(self, id: str, *, voucher: str) -> str | None:
+        kept, reply = await self._call(self._r.hmget(self._reply_key(id), ["voucher", "reply"]))
+        return reply if kept == voucher and reply else None
 
     async def release(self, id: str) -> None:
         await self._call(self._r.hset(self._k(id), mapping={"held": "0", "hold_until": "0"}))
@@ -266,6 +301,7 @@ CREATE TABLE IF NOT EXISTS batch_channels (
     refund_nonce TEXT, held TEXT, hold_until REAL, synced_at REAL);
 CREATE TABLE IF NOT EXISTS batch_leases (name TEXT PRIMARY KEY, owner TEXT, until REAL);
 CREATE TABLE IF NOT EXISTS batch_journal (name TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS batch_replies (id TEXT PRIMARY KEY, voucher TEXT, reply TEXT, until REAL);
 """
 _COLS = ("id, network, asset, payer, route, config, requirement, charged, signed_max, signature, balance, total_claimed,"
          " withdraw_at, refund_nonce, held, hold_until, synced_at")
@@ -379,7 +415,13 @@ class SQLiteChannelStore:
             return HoldOutcome.OK, self._row(id)
         return self._tx(run)
 
-    async def commit(self, id: str, *, charge: int) -> Channel:
+    async def commit(self, id: str, *, charge: int, reply: str = "", voucher: str = "") -> Channel:
+        if reply:
+            # Kept before the charge, each statement atomic: a crash between leaves a reply for a
+            # voucher not charged, which the voucher's resend (held and served as new) replaces.
+            with _errors:
+                self._db.execute("INSERT OR REPLACE INTO batch_replies (id, voucher, reply, until) VALUES (?, ?, ?, ?)",
+                                 (id, voucher, reply, time.time() + REPLY_TTL_MS / 1000))
         old = self._held.pop(id, None)
         if old is not None:
             with _errors:
@@ -395,6 +437,16 @@ class SQLiteChannelStore:
             assert found is not None
             return found
         return self._tx(run)
+
+    async def delivered(self, id: str, *, voucher: str) -> None:
+        with _errors:
+            self._db.execute("DELETE FROM batch_replies WHERE id = ? AND voucher = ?", (id, voucher))
+
+    @_errors
+    async def owed_reply(self, id: str, *, voucher: str) -> str | None:
+        r = self._db.execute("SELECT reply FROM batch_replies WHERE id = ? AND voucher = ? AND until > ?",
+                             (id, voucher, time.time())).fetchone()
+        return None if r is None or not r[0] else str(r[0])
 
     async def release(self, id: str) -> None:
         self._held.pop(id, None)

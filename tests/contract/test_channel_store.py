@@ -113,3 +113,24 @@ async def test_amounts_compare_as_numbers_past_64_bits_and_only_a_larger_voucher
     assert (done.charged, done.signed_max, done.signature, done.held) == (95 * 10**28, big, "0xb", 0)
     assert (await store.hold(c.id, charged=9 * 10**29, voucher_max=big, signature="0xd", amount=1, now=now,
                              lease_s=5))[0] == HoldOutcome.MISMATCH
+
+
+async def test_an_answer_kept_with_its_charge_is_owed_until_delivered(store: ChannelStore, clock: TestClock) -> None:
+    now = clock()
+    c = await channel(store, now)
+    assert (await store.hold(c.id, charged=0, voucher_max=5, signature="0xv1", amount=5, now=now, lease_s=5))[0] == "ok"
+    done = await store.commit(c.id, charge=5, reply='{"body": "answer one"}', voucher="0xv1")
+    assert done.charged == 5
+    assert await store.owed_reply(c.id, voucher="0xv1") == '{"body": "answer one"}'
+    assert await store.owed_reply(c.id, voucher="0xother") is None  # only for the voucher it was charged with
+    await store.delivered(c.id, voucher="0xother")  # another voucher's mark leaves it owed
+    assert await store.owed_reply(c.id, voucher="0xv1") is not None
+    await store.delivered(c.id, voucher="0xv1")
+    assert await store.owed_reply(c.id, voucher="0xv1") is None
+    # the next call's answer replaces it; a commit without one keeps nothing
+    assert (await store.hold(c.id, charged=5, voucher_max=10, signature="0xv2", amount=5, now=now, lease_s=5))[0] == "ok"
+    await store.commit(c.id, charge=5, reply='{"body": "answer two"}', voucher="0xv2")
+    assert (await store.hold(c.id, charged=10, voucher_max=15, signature="0xv3", amount=5, now=now, lease_s=5))[0] == "ok"
+    await store.commit(c.id, charge=5)
+    assert await store.owed_reply(c.id, voucher="0xv3") is None
+    assert await store.owed_reply(c.id, voucher="0xv2") == '{"body": "answer two"}'

@@ -107,10 +107,11 @@ def stack(devchain_file: str, redis_server: Any, devchain: dict, tmp_path_factor
                               payee)
         prefix = f"batch:{uuid.uuid4().hex[:8]}:"
         keys = [a["private_key"] for a in devchain["accounts"]["facilitator"]]
+        env = {"GATEWAY_STORE_PREFIX": prefix + "gw:", "FACILITATOR_STORE_PREFIX": prefix + "fac:"}
         replicas = [procs.gateway(upstream.url, redis_server.url, config=config,
-                                  env={"GATEWAY_STORE_PREFIX": prefix + "gw:", "FACILITATOR_STORE_PREFIX": prefix + "fac:",
-                                       "FACILITATOR_SIGNER_KEYS": keys[i]}) for i in range(2)]
-        yield {"replicas": replicas, "payee": payee, "procs": procs}
+                                  env=env | {"FACILITATOR_SIGNER_KEYS": keys[i]}) for i in range(2)]
+        yield {"replicas": replicas, "payee": payee, "procs": procs, "config": config, "upstream": upstream.url,
+               "store": redis_server.url, "env": env | {"FACILITATOR_SIGNER_KEYS": keys[2 % len(keys)]}}
     finally:
         procs.stop_all()
 
@@ -461,3 +462,38 @@ async def test_kill_9_during_calls_and_during_a_claim(devchain_file: str, redis_
         assert balance_of(devchain, symbol, payee) == charged
     finally:
         procs.stop_all()
+
+
+async def test_a_replica_dead_after_charging_a_voucher_owes_its_answer_once(stack: Any, devchain: dict) -> None:
+    """A replica exits right after charging a voucher (the fault hook), before answering: the
+    agent's resend of that very voucher, on another replica, gets the answer kept with the charge,
+    without a new charge and without calling the upstream again; a resend after that is a replay
+    (refused), and the next voucher continues from what was charged once."""
+    a, _ = stack["replicas"]
+    payer = derived("owed")
+    fund(devchain, payer)
+    asset = devchain["tokens"]["USDC"]["address"]
+    client, _ = official_client(payer, asset)
+    async with x402HttpxClient(client, timeout=30) as http:
+        assert (await http.post(a.url + CHAT, json=CHAT_BODY)).status_code == 200  # the deposit's call
+    ch = Channel(devchain, payer, await offered(a.url, asset))
+    price = PRICE["USDC"]
+    dying = stack["procs"].gateway(stack["upstream"], stack["store"], config=stack["config"],
+                                   env=stack["env"] | {"GATEWAY_FAULT_EXIT_AFTER_SETTLE": "1"})
+    second = ch.payment(2 * price)
+    with pytest.raises(httpx.HTTPError):
+        await post(dying.url, second)
+    assert dying.proc.wait(10) == 70
+
+    owed = await post(a.url, second)
+    assert owed.status_code == 200 and b"Echo" in owed.content, owed.text
+    receipt = decoded(owed.headers["PAYMENT-RESPONSE"])
+    assert receipt["extra"]["chargedAmount"] == str(price)
+    assert receipt["extra"]["channelState"]["chargedCumulativeAmount"] == str(2 * price)  # charged once
+    again = await post(a.url, second)  # delivered now: a replay
+    assert again.status_code == 402 and b"Echo" not in again.content
+    assert decoded(again.headers["PAYMENT-REQUIRED"])["error"] == "invalid_batch_settlement_evm_cumulative_amount_mismatch"
+    third = await post(a.url, ch.payment(3 * price))
+    assert third.status_code == 200
+    assert decoded(third.headers["PAYMENT-RESPONSE"])["extra"]["channelState"]["chargedCumulativeAmount"] == \
+        str(3 * price)
