@@ -32,8 +32,9 @@ import orjson
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_typing import Hash32
-from starlette.background import BackgroundTask
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from facilitator.errors import PaymentInvalidError
 from facilitator.schemes.evm_batch.channel import (
@@ -259,10 +260,10 @@ class BatchCalls:
             os._exit(70)
         headers = dict(response_headers(upstream)) | payment_response_header(call.payload,
                                                                             receipt_fields(call, channel, charge, deposit))
-        if reply:  # owed until it went out to its end
-            return Response(content, status_code=upstream.status, headers=headers,
-                            background=BackgroundTask(self._delivered, channel_id, signature))
         if content is not None:
+            if reply:  # owed until it went out to its end
+                return OwedAnswer(content, status_code=upstream.status, headers=headers,
+                                  delivered=lambda: self._delivered(channel_id, signature))
             return Response(content, status_code=upstream.status, headers=headers)
         return StreamingResponse(forwarded_stream(call.request, relay(first, upstream)), status_code=upstream.status,
                                  headers=headers)
@@ -290,9 +291,9 @@ class BatchCalls:
         deposit = SettleResponse.model_validate(doc["deposit"]) if doc.get("deposit") else None
         receipt = receipt_fields(call, channel, int(doc["charge"]), deposit)
         log.warning("batch_owed_reply_served", extra={"channel": channel.id, "request_id": call.request_id})
-        return Response(base64.b64decode(doc["body"]), status_code=int(doc["status"]),
-                        headers=dict(doc["headers"]) | payment_response_header(call.payload, receipt),
-                        background=BackgroundTask(self._delivered, channel.id, signature))
+        return OwedAnswer(base64.b64decode(doc["body"]), status_code=int(doc["status"]),
+                          headers=dict(doc["headers"]) | payment_response_header(call.payload, receipt),
+                          delivered=lambda: self._delivered(channel.id, signature))
 
     async def _delivered(self, channel_id: str, signature: str) -> None:
         try:
@@ -438,6 +439,23 @@ def receipt_fields(call: PaidCall, channel: Channel, charge: int, deposit: Settl
         fields["amount"] = amount
     fields["extra"] = {"chargedAmount": str(charge), "channelState": channel.snapshot()}
     return fields
+
+
+class OwedAnswer(Response):
+    """A charged answer kept for its voucher: marked delivered once sent, unless the client was
+    already gone (uvicorn drops the sends of a closed connection silently) or the replica dies
+    first; then a resend of the voucher gets it."""
+
+    def __init__(self, content: bytes, *, status_code: int, headers: dict[str, str],
+                 delivered: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, status_code=status_code, headers=headers)
+        self.delivered = delivered
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gone = await Request(scope, receive).is_disconnected()
+        await super().__call__(scope, receive, send)
+        if not gone:
+            await self.delivered()
 
 
 class _Corrective(Exception):

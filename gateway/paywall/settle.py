@@ -22,8 +22,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import orjson
+from starlette.requests import Request
 from starlette.responses import StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from facilitator.x402.headers import encode_settle_response
 from facilitator.x402.reasons import ErrorReason as R
@@ -329,13 +330,19 @@ class OwedResponse(StreamingResponse):
     took the response's end (the final, empty frame included), not when the last chunk was
     yielded (a replica killed in between left the agent a cut response it could not get again).
     Cut before that (the client left, the upstream broke, the replica died), it stays owed to a
-    resend of the same payment."""
+    resend of the same payment. A client already gone when the answer is ready (uvicorn then
+    drops every send without a word) is not served either."""
 
     def __init__(self, body: AsyncIterator[bytes], settlement: Settlement, record: PaymentRecord, claim: Claim, *,
                  status_code: int, headers: dict[str, str]) -> None:
         self.settlement, self.record, self.claim = settlement, record, claim
         self.cut = False
         super().__init__(self._watched(body), status_code=status_code, headers=headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if await Request(scope, receive).is_disconnected():
+            self.cut = True
+        await super().__call__(scope, receive, send)
 
     async def _watched(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         try:

@@ -1,9 +1,12 @@
 """A paid body that is not kept for replays (gateway/paywall/settle.py OwedResponse) is recorded as
 delivered only once the server took the response's end: a cut anywhere before it (the last chunk
-yielded but the final frame never sent: the replica died, the client left) leaves it owed."""
+yielded but the final frame never sent: the replica died, the client left) leaves it owed; so does
+a client already gone when the answer is ready (uvicorn drops those sends silently). The same for
+a batch-settlement voucher's kept answer (gateway/batch_calls.py OwedAnswer)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -44,6 +47,12 @@ def owed(body: AsyncIterator[bytes], books: Books) -> tuple[OwedResponse, Paymen
 
 
 async def receive() -> dict:
+    """A client still there: nothing to receive (the request body was read)."""
+    await asyncio.Event().wait()
+    return {}
+
+
+async def gone() -> dict:
     return {"type": "http.disconnect"}
 
 
@@ -81,3 +90,38 @@ async def test_an_upstream_cut_stays_owed() -> None:
 
     await response(SCOPE, receive, send)
     assert not record.delivered and books.released == [False]
+
+
+async def test_a_client_gone_before_the_answer_is_not_served_it() -> None:
+    books, sent = Books(), []
+    response, record = owed(chunks(b"a"), books)
+
+    async def send(message: dict) -> None:  # as uvicorn's, for a closed connection: nothing, no error
+        sent.append(message)
+
+    await response(SCOPE, gone, send)
+    assert not record.delivered and books.released == [False]
+
+
+async def test_a_vouchers_kept_answer_is_marked_delivered_only_if_its_client_was_there() -> None:
+    from gateway.batch_calls import OwedAnswer
+
+    marks: list[str] = []
+
+    async def delivered() -> None:
+        marks.append("delivered")
+
+    async def send(message: dict) -> None:
+        pass
+
+    await OwedAnswer(b"answer", status_code=200, headers={}, delivered=delivered)(SCOPE, receive, send)
+    assert marks == ["delivered"]
+    await OwedAnswer(b"answer", status_code=200, headers={}, delivered=delivered)(SCOPE, gone, send)
+    assert marks == ["delivered"]  # the client had left: still owed
+
+    async def broken(message: dict) -> None:
+        raise OSError("connection reset")
+
+    with pytest.raises(OSError):
+        await OwedAnswer(b"answer", status_code=200, headers={}, delivered=delivered)(SCOPE, receive, broken)
+    assert marks == ["delivered"]
