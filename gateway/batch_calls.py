@@ -330,7 +330,7 @@ class BatchCalls:
                 self.background.add(task)
                 task.add_done_callback(self.background.discard)
         channel = await asyncio.shield(task)
-        receipt = _receipt(call, channel, charge, deposit).model_dump(by_alias=True, exclude_none=True)
+        receipt = receipt_fields(call, channel, charge, deposit)
         yield b"event: x402.payment\ndata: " + orjson.dumps(receipt | details) + b"\n\n"
 
     async def _nothing(self, channel_id: str, hold: Any) -> None:
@@ -419,19 +419,10 @@ class BatchCalls:
                         headers={"PAYMENT-REQUIRED": header, "Cache-Control": "no-store"})
 
 
-def _receipt(call: PaidCall, channel: Channel, charge: int, deposit: SettleResponse | None) -> SettleResponse:
-    """PAYMENT-RESPONSE of a voucher call: `transaction`/`amount` are the deposit's when this call
-    carried one, else empty (nothing moved on chain)."""
-    return SettleResponse(
-        success=True, payer=channel.payer, network=call.network,
-        transaction=deposit.transaction if deposit else "", amount=deposit.amount if deposit else "",
-        extra={"chargedAmount": str(charge), "channelState": channel.snapshot()},
-    )  # fmt: skip
-
-
 def receipt_fields(call: PaidCall, channel: Channel, charge: int, deposit: SettleResponse | None) -> dict[str, Any]:
-    """`_receipt(...)` in its wire form, built without the model on every voucher call (a unit
-    test holds the two byte for byte)."""
+    """PAYMENT-RESPONSE of a voucher call, in its wire form (a SettleResponse's, built without the
+    model on every call; a unit test holds them byte for byte): `transaction`/`amount` are the
+    deposit's when this call carried one, else empty (nothing moved on chain)."""
     fields: dict[str, Any] = {"success": True, "payer": channel.payer,
                               "transaction": deposit.transaction if deposit else "", "network": call.network}
     amount = deposit.amount if deposit else ""
