@@ -13,7 +13,22 @@ settlement's re-check always reads the chain itself. When the poll loop cannot r
 (or has fallen behind by more than `stale_after_s`), nothing is served from the cache.
 
 A read is stored only if no invalidation of its payer happened while it was in flight, so a read
-that raced with a block changing the payer's state is never kept. This assumes one node (or
+that raced with a block changing the payer's state is never kept.
+
+A repeat payer's verify makes no round trip at all: its payment's nonce (fresh for every payment,
+so never cached) is an `optional` read, left unread when everything else about the payer is
+cached. That is safe because a nonce used on-chain after the payer's state was read emits an
+event naming the payer (a Transfer from it, AuthorizationUsed, UnorderedNonceInvalidation), which
+drops the payer; our own settlements are refused from the settlement store before any read; and
+the settlement's re-check reads the nonce from the chain. What a warm verify cannot see is a nonce
+burned before we first read the payer: it passes verify and fails at settlement (nothing is
+served). The reference facilitator's Permit2 verify never reads the nonce at all.
+
+Our own settlements keep their payer warm: a settlement that succeeded applies its effects
+(balance and allowance debited, nonce marked) to what is cached, and the poll loop does not drop
+the payer for the events of our own transaction. Effects are applied only if nothing about the
+payer was read or dropped since the settlement began (such a read may already include the
+transfer); otherwise the payer is dropped as before. This assumes one node (or
 nodes that agree on `latest`); behind a load balancer of lagging nodes, set `poll_s` to 0 to
 disable the cache.
 """
@@ -24,8 +39,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
-from typing import Any
+from collections import OrderedDict, defaultdict
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import orjson
 
@@ -47,6 +64,33 @@ WATCHED_TOPICS = [_topic(e) for e in (
     "AuthorizationCanceled(address,bytes32)", "UnorderedNonceInvalidation(address,uint256,uint256)",
 )]
 MAX_RANGE = 2_000  # blocks scanned in one eth_getLogs; a longer gap clears the whole cache
+OWN_TXS = 10_000  # our settlement transactions remembered, so that their own events do not drop their payer
+MAX_UINT = 2**256 - 1
+
+
+class Unread:
+    """An `optional` read the cache chose not to make (`ChainStateCache.read`)."""
+
+    def __repr__(self) -> str:
+        return "UNREAD"
+
+
+UNREAD = Unread()
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    """What a settled transaction did to one cached read (a uint256 eth_call result):
+    `debit` subtracts, `debit_unless_max` too unless the value is 2^256-1 (an unlimited
+    allowance), `set_bit` sets bit `value`."""
+
+    call: Call
+    op: Literal["debit", "debit_unless_max", "set_bit"]
+    value: int
+
+
+def _key(call: Call) -> bytes:
+    return orjson.dumps([call.method, call.params])
 
 
 class ChainStateCache:
@@ -64,6 +108,11 @@ class ChainStateCache:
         self._generation: dict[str, int] = {}
         self._reading: dict[str, int] = {}
         self._inflight: dict[tuple[str, str], int] = defaultdict(int)  # (asset, payer) -> amount being settled
+        # payer -> tick of the last read stored or drop, for cached payers: a settlement applies its
+        # effects only if its payer's entry did not change while it ran
+        self._changed: dict[str, int] = {}
+        self._tick = 0
+        self._own: OrderedDict[str, str] = OrderedDict()  # our settlement tx hash -> its payer (lowercase)
         self._block: int | None = None  # last block whose logs were applied
         self._synced_at = 0.0  # monotonic time of the last successful poll
         self._task: asyncio.Task[None] | None = None
@@ -91,14 +140,15 @@ class ChainStateCache:
 
     # -- reads -----------------------------------------------------------------------------------
 
-    async def read(self, payer: str, calls: list[Call]) -> list[Any | RpcError]:
+    async def read(self, payer: str, calls: list[Call], *, optional: Collection[int] = ()) -> list[Any | RpcError]:
         """The results of `calls` (all about `payer`), from the cache where it can answer, the rest
-        in one batch. Raises RpcUnavailableError like JsonRpcClient.batch."""
+        in one batch. The calls at the `optional` indexes are left UNREAD when they are the only
+        ones the cache cannot answer. Raises RpcUnavailableError like JsonRpcClient.batch."""
         self.start()
         payer = payer.lower()
         if not self.usable():
             return await self.rpc.batch(calls)
-        keys = [orjson.dumps([c.method, c.params]) for c in calls]
+        keys = [_key(c) for c in calls]
         out: list[Any] = [None] * len(calls)
         missing: list[int] = []
         for i, key in enumerate(keys):
@@ -107,8 +157,10 @@ class ChainStateCache:
                 missing.append(i)
             else:
                 out[i] = hit[1]
-        if not missing:
+        if all(i in optional for i in missing):
             self.hits += 1
+            for i in missing:
+                out[i] = UNREAD
             return out
         self.misses += 1
         generation = self._generation.setdefault(payer, 0)
@@ -130,6 +182,9 @@ class ChainStateCache:
             if keep and not isinstance(result, RpcError):
                 self._values[keys[i]] = (payer, result)
                 self._by_payer[payer].add(keys[i])
+        if keep:
+            self._tick += 1
+            self._changed[payer] = self._tick
         return out
 
     # -- our own settlements -------------------------------------------------------------------
@@ -137,24 +192,65 @@ class ChainStateCache:
     def inflight(self, asset: str, payer: str) -> int:
         return self._inflight.get((asset.lower(), payer.lower()), 0)
 
-    def add_inflight(self, asset: str, payer: str, amount: int) -> None:
-        self._inflight[(asset.lower(), payer.lower())] += amount
+    def add_inflight(self, asset: str, payer: str, amount: int) -> int | None:
+        """A settlement begins. Returns its stamp for `settled()`."""
+        payer = payer.lower()
+        self._inflight[(asset.lower(), payer)] += amount
+        return self._changed.get(payer)
 
-    def settled(self, asset: str, payer: str, amount: int) -> None:
+    def own_tx(self, tx_hash: str, payer: str) -> None:
+        """Our settlement's transaction, before it is broadcast: its events do not drop `payer`
+        (its effects are applied by `settled()`, or the payer is dropped there)."""
+        self._own[tx_hash.lower()] = payer.lower()
+        while len(self._own) > OWN_TXS:
+            self._own.popitem(last=False)
+
+    def settled(self, asset: str, payer: str, amount: int, *, stamp: int | None = None,
+                effects: Sequence[Effect] = (), tx_hash: str = "") -> None:
         """A settlement ended (mined, reverted, pending or refused): its amount is no longer
-        subtracted, and what we cached about the payer is dropped, since it may have changed."""
-        key = (asset.lower(), payer.lower())
+        subtracted. Its `effects` (a transaction mined with them, `tx_hash`) are applied to what
+        is cached about the payer if nothing about the payer changed since `add_inflight` returned
+        `stamp`; otherwise (or without effects) what we cached about the payer is dropped."""
+        payer = payer.lower()
+        key = (asset.lower(), payer)
         left = self._inflight.get(key, 0) - amount
         if left > 0:
             self._inflight[key] = left
         else:
             self._inflight.pop(key, None)
+        if effects and stamp is not None and self._changed.get(payer) == stamp and self._apply(payer, effects):
+            return
+        self._own.pop(tx_hash.lower(), None)  # its events, if any, must drop the payer again
         self.invalidate(payer)
+
+    def _apply(self, payer: str, effects: Sequence[Effect]) -> bool:
+        updates: list[tuple[bytes, str]] = []
+        for effect in effects:
+            key = _key(effect.call)
+            hit = self._values.get(key)
+            if hit is None:
+                continue  # not cached: a later read gets it from the chain
+            if not isinstance(hit[1], str):
+                return False
+            value = int(hit[1], 16) if hit[1] not in ("0x", "") else 0
+            if effect.op == "set_bit":
+                value |= 1 << effect.value
+            elif effect.op == "debit_unless_max" and value == MAX_UINT:
+                continue
+            else:
+                value -= effect.value
+                if value < 0:
+                    return False  # not what the chain can hold: our picture of the payer is wrong
+            updates.append((key, "0x" + value.to_bytes(32, "big").hex()))
+        for key, result in updates:
+            self._values[key] = (payer, result)
+        return True
 
     def invalidate(self, address: str) -> None:
         address = address.lower()
         if address not in self._generation:
             return  # neither cached nor being read: nothing to drop
+        self._changed.pop(address, None)
         keys = self._by_payer.pop(address, ())
         for key in keys:
             self._values.pop(key, None)
@@ -205,9 +301,12 @@ class ChainStateCache:
                 "address": sorted(self.watched), "topics": [WATCHED_TOPICS],
             }])
             for entry in logs or []:
+                ours = self._own.get(str(entry.get("transactionHash", "")).lower())
                 for topic in (entry.get("topics") or [])[1:3]:
                     if isinstance(topic, str) and len(topic) == 66:
-                        self.invalidate("0x" + topic[-40:])
+                        address = "0x" + topic[-40:].lower()
+                        if address != ours:
+                            self.invalidate(address)
         self._block = head
         self._synced_at = time.monotonic()
         async with self._new_block:

@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from facilitator.evm.statecache import Effect
 from facilitator.x402.types import PaymentPayload, PaymentRequirements
 
 
@@ -29,6 +30,9 @@ class SettlementPlan:
     transfers: bool = True
     response_amount: str | None = None  # the response's `amount` when not str(amount) (claims: "")
     extra: dict[str, Any] | None = None  # the success response's `extra` (batch: channelState)
+    # what the mined transaction does to the payer's reads, applied to the state cache (none: the
+    # payer is dropped from it)
+    effects: tuple[Effect, ...] = ()
 
 
 class PreparedPayment(Protocol):

@@ -15,7 +15,7 @@ from facilitator.app import build_facilitator
 from facilitator.service import Facilitator
 from facilitator.settings import devchain_overlay, load_settings
 from facilitator.x402.reasons import ErrorReason as R
-from facilitator.x402.types import VerifyRequest
+from facilitator.x402.types import SettleRequest, VerifyRequest
 from tests.payments import (
     balance_of,
     facilitator_body,
@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 AGENT = 3  # its balance is moved away and back (restored in a finally)
 REFUSED = {R.INVALID_EXACT_EVM_INSUFFICIENT_BALANCE.value, R.PERMIT2_INSUFFICIENT_BALANCE.value}
+NONCE_USED = {R.INVALID_EXACT_EVM_NONCE_ALREADY_USED.value, R.PERMIT2_INVALID_NONCE.value}
 
 
 def _facilitator(devchain: dict[str, Any], poll_s: float = 0.02) -> Facilitator:
@@ -135,3 +136,135 @@ async def test_a_read_that_raced_with_an_invalidation_is_not_kept(devchain: dict
         assert chain.state.misses == misses + 1  # now it is
     finally:
         await fac.close()
+
+
+def _cached_balance(chain: Any, symbol: str, devchain: dict[str, Any], who: str) -> int | None:
+    from facilitator.evm import contracts
+    from facilitator.evm.eip712 import address_bytes
+    from facilitator.evm.rpc import Call
+    from facilitator.evm.statecache import _key
+
+    token = devchain["tokens"][symbol]["address"]
+    from facilitator.evm.eip712 import checksum_address
+
+    call = Call("eth_call", [{"to": checksum_address(token), "data": contracts.balance_of(address_bytes(who))}, "latest"])
+    hit = chain.state._values.get(_key(call))
+    return None if hit is None else int(hit[1], 16)
+
+
+@pytest.mark.parametrize("symbol", ["USDC", "OPG"])
+async def test_a_repeat_payers_new_payment_is_verified_without_a_round_trip(devchain: dict[str, Any], symbol: str) -> None:
+    """Every payment has a fresh nonce: for a payer whose state is cached, its nonce is left to
+    the settlement's re-check, so the second payment's verify reads nothing."""
+    fac = _facilitator(devchain)
+    chain = next(iter(fac.chains.values()))
+    try:
+        first, second = await _request(devchain, symbol, 1_000), await _request(devchain, symbol, 1_000)
+        assert await chain.state.synced_to(0)
+        assert (await fac.verify(first)).is_valid
+        misses, calls = chain.state.misses, _count_batches(chain)
+        assert (await fac.verify(second)).is_valid
+        assert chain.state.misses == misses and calls() == 0
+    finally:
+        await fac.close()
+
+
+def _count_batches(chain: Any) -> Any:
+    """Counts JSON-RPC batches sent from now on; returns the counter."""
+    real = chain.rpc.batch
+    sent = [0]
+
+    async def counted(calls: Any) -> Any:
+        sent[0] += 1
+        return await real(calls)
+
+    chain.rpc.batch = counted
+    return lambda: sent[0]
+
+
+@pytest.mark.parametrize("symbol", ["USDC", "OPG"])
+async def test_a_nonce_used_elsewhere_after_the_payer_was_cached_is_refused(devchain: dict[str, Any], symbol: str) -> None:
+    """Another facilitator settles the payment: its Transfer from the payer drops the payer from
+    our cache, so our verify reads the chain again and sees the nonce used."""
+    ours, other = _facilitator(devchain), _facilitator(devchain, poll_s=0)
+    chain = next(iter(ours.chains.values()))
+    try:
+        warm, payment = await _request(devchain, symbol, 1_000), await _request(devchain, symbol, 1_000)
+        assert await chain.state.synced_to(0)
+        assert (await ours.verify(warm)).is_valid
+        settled = await other.settle(SettleRequest.model_validate(payment.model_dump(by_alias=True)))
+        assert settled.success, settled
+        assert await chain.state.synced_to(await _head(devchain))
+        refused = await ours.verify(payment)
+        assert not refused.is_valid and refused.invalid_reason in NONCE_USED, refused
+    finally:
+        await ours.close()
+        await other.close()
+
+
+@pytest.mark.parametrize("symbol", ["USDC", "OPG"])
+async def test_our_own_settlement_keeps_its_payer_warm_and_exact(devchain: dict[str, Any], symbol: str) -> None:
+    """A settlement applies its effects to the cached state (balance debited) and its own events
+    do not drop the payer: the next payment verifies with no round trip, and what the cache holds
+    is what the chain holds."""
+    fac = _facilitator(devchain)
+    chain = next(iter(fac.chains.values()))
+    agent = devchain["accounts"]["agents"][AGENT]["address"]
+    try:
+        payment, following = await _request(devchain, symbol, 1_000), await _request(devchain, symbol, 1_000)
+        assert await chain.state.synced_to(0)
+        assert (await fac.verify(payment)).is_valid
+        settled = await fac.settle(SettleRequest.model_validate(payment.model_dump(by_alias=True)))
+        assert settled.success, settled
+        assert await chain.state.synced_to(await _head(devchain))
+        assert _cached_balance(chain, symbol, devchain, agent) == balance_of(devchain, symbol, agent)
+        calls = _count_batches(chain)
+        assert (await fac.verify(following)).is_valid
+        assert calls() == 0
+        replay = await fac.verify(payment)  # our own settled payment: refused from the store
+        assert not replay.is_valid and replay.invalid_reason in NONCE_USED
+    finally:
+        await fac.close()
+
+
+async def test_a_read_stored_while_settling_drops_the_payer_instead_of_applying(devchain: dict[str, Any]) -> None:
+    """A read of the payer stored after its settlement began may already include the transfer:
+    the settlement's effects are not applied on top of it; the payer is dropped."""
+    fac = _facilitator(devchain)
+    chain = next(iter(fac.chains.values()))
+    agent = devchain["accounts"]["agents"][AGENT]["address"]
+    usdc = devchain["tokens"]["USDC"]["address"]
+    try:
+        req = await _request(devchain, "USDC", 1_000)
+        assert await chain.state.synced_to(0)
+        assert (await fac.verify(req)).is_valid
+        stamp = chain.state.add_inflight(usdc, agent, 1_000)
+        assert stamp is not None
+        chain.state.invalidate(agent)
+        assert (await fac.verify(req)).is_valid  # read again while the settlement runs
+        before = _cached_balance(chain, "USDC", devchain, agent)
+        assert before is not None
+        plan_effects = _balance_debit(chain, devchain, "USDC", agent, 1_000)
+        chain.state.settled(usdc, agent, 1_000, stamp=stamp, effects=plan_effects, tx_hash="0x" + "ab" * 32)
+        assert _cached_balance(chain, "USDC", devchain, agent) is None  # dropped, not debited twice
+    finally:
+        await fac.close()
+
+
+def _balance_debit(chain: Any, devchain: dict[str, Any], symbol: str, who: str, amount: int) -> tuple[Any, ...]:
+    from facilitator.evm import contracts
+    from facilitator.evm.eip712 import address_bytes, checksum_address
+    from facilitator.evm.rpc import Call
+    from facilitator.evm.statecache import Effect
+
+    token = checksum_address(devchain["tokens"][symbol]["address"])
+    call = Call("eth_call", [{"to": token, "data": contracts.balance_of(address_bytes(who))}, "latest"])
+    return (Effect(call, "debit", amount),)
+
+
+async def _head(devchain: dict[str, Any]) -> int:
+    rpc = BlockingRpc(devchain["rpc_url"])
+    try:
+        return int(rpc.call("eth_blockNumber"), 16)
+    finally:
+        rpc.close()

@@ -3,7 +3,9 @@
 Local checks in the reference's order (x402-protocol.md §3.2); then one batch reads the payer's
 code, balance, the authorization's nonce state and (once per token and domain) the token's
 DOMAIN_SEPARATOR, so a wrong `extra.name`/`version` is refused at verify instead of reverting at
-settle. Signatures must have low s, as the token's ECDSA check demands.
+settle. Signatures must have low s, as the token's ECDSA check demands. A repeat payer's verify
+answered from the state cache leaves the nonce to the settlement's re-check
+(facilitator/evm/statecache.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from facilitator.evm.eip712 import (
 )
 from facilitator.evm.rpc import Call, RpcError, RpcUnavailableError
 from facilitator.evm.signatures import check_signature, try_recover
+from facilitator.evm.statecache import UNREAD, Effect
 from facilitator.schemes.base import SettlementPlan, payment_digest
 from facilitator.schemes.evm_exact.permit2 import DEADLINE_BUFFER_S, _first_error
 from facilitator.x402.identity import eip3009_key
@@ -71,11 +74,7 @@ class Eip3009Payment:
         reads may come from the chain's state cache, and the payer's settlements in flight count
         against its balance; the settlement's re-check reads the chain."""
         chain = self.chain
-        reads = [
-            Call("eth_getCode", [self.payer, "latest"]),
-            Call("eth_call", [{"to": self.asset, "data": contracts.balance_of(self.payer_b)}, "latest"]),
-            Call("eth_call", [{"to": self.asset, "data": contracts.authorization_state(self.payer_b, self.nonce_b)}, "latest"]),
-        ]
+        reads = self._reads()
         check_asset = self.asset.lower() not in chain.asset_has_code
         check_domain = self.domain not in chain.domain_ok
         if check_asset:
@@ -87,7 +86,7 @@ class Eip3009Payment:
                 results = await chain.rpc.batch(reads)
             else:
                 chain.state.watch(self.asset)
-                results = await chain.state.read(self.payer, reads)
+                results = await chain.state.read(self.payer, reads, optional=(2,))  # the nonce: see statecache
         except RpcUnavailableError as exc:
             raise ChainUnavailableError(str(exc)) from exc
         payer_code, balance, used = results[:3]
@@ -125,12 +124,20 @@ class Eip3009Payment:
         )
         if isinstance(used, RpcError):
             raise PaymentInvalidError(R.INVALID_EXACT_EVM_EIP3009_NOT_SUPPORTED, "token has no authorizationState()")
-        if contracts.decode_uint(used) != 0:
+        if used is not UNREAD and contracts.decode_uint(used) != 0:
             raise PaymentInvalidError(R.INVALID_EXACT_EVM_NONCE_ALREADY_USED, "authorization nonce already used on-chain")
         if isinstance(balance, RpcError):
             raise PaymentInvalidError(R.BALANCE_CHECK_FAILED, "balanceOf reverted")
         if contracts.decode_uint(balance) < self.value + (0 if fresh else chain.state.inflight(self.asset, self.payer)):
             raise PaymentInvalidError(R.INVALID_EXACT_EVM_INSUFFICIENT_BALANCE, "payer balance is below the amount")
+
+    def _reads(self) -> list[Call]:
+        """code, balance, authorization state (in this order)."""
+        return [
+            Call("eth_getCode", [self.payer, "latest"]),
+            Call("eth_call", [{"to": self.asset, "data": contracts.balance_of(self.payer_b)}, "latest"]),
+            Call("eth_call", [{"to": self.asset, "data": contracts.authorization_state(self.payer_b, self.nonce_b)}, "latest"]),
+        ]
 
     def plan(self) -> SettlementPlan:
         signature = self.signature
@@ -138,6 +145,7 @@ class Eip3009Payment:
             # EIP-2098 compact: the tokens' `bytes signature` overload (OpenZeppelin 5, Circle's
             # FiatToken) reads only 65 bytes, so an EOA's signature goes through (v, r, s).
             signature = expand_signature(signature)
+        _, balance, state = self._reads()
         return SettlementPlan(
             payer=self.payer,
             amount=self.value,
@@ -149,6 +157,7 @@ class Eip3009Payment:
                 valid_before=self.valid_before, nonce=self.nonce_b, signature=signature,
             ),  # fmt: skip
             gas=contracts.GAS_EIP3009_SETTLE,
+            effects=(Effect(balance, "debit", self.value), Effect(state, "set_bit", 0)),
         )
 
 

@@ -3,7 +3,8 @@
 Local checks follow the reference facilitator's order (x402-protocol.md §3.3, §4.3) so we name
 the same reason it would; then one JSON-RPC batch reads the payer's code, Permit2 allowance,
 balance and Permit2 nonce bit. Unlike the reference we refuse a nonce already used on-chain at
-verify time (its verify accepts a settled Permit2 payment again).
+verify time (its verify accepts a settled Permit2 payment again); a repeat payer's verify answered
+from the state cache leaves the nonce to the settlement's re-check (facilitator/evm/statecache.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from facilitator.evm.eip712 import address_bytes, expand_signature, permit2_witn
 from facilitator.evm.eip712 import checksum_address as _checksum
 from facilitator.evm.rpc import Call, RpcError, RpcUnavailableError
 from facilitator.evm.signatures import check_signature, try_recover
+from facilitator.evm.statecache import UNREAD, Effect
 from facilitator.schemes.base import SettlementPlan, payment_digest
 from facilitator.x402.identity import permit2_key
 from facilitator.x402.reasons import ErrorReason as R
@@ -65,12 +67,7 @@ class Permit2Payment:
         reads may come from the chain's state cache, and the payer's settlements in flight count
         against its balance; the settlement's re-check reads the chain."""
         chain = self.chain
-        reads = [
-            Call("eth_getCode", [self.payer, "latest"]),
-            Call("eth_call", [{"to": self.token, "data": contracts.allowance(self.payer_b, chain.permit2_b)}, "latest"]),
-            Call("eth_call", [{"to": self.token, "data": contracts.balance_of(self.payer_b)}, "latest"]),
-            Call("eth_call", [{"to": chain.permit2, "data": contracts.nonce_bitmap(self.payer_b, self.nonce >> 8)}, "latest"]),
-        ]
+        reads = self._reads()
         check_asset = self.token.lower() not in chain.asset_has_code
         if check_asset:
             reads.append(Call("eth_getCode", [self.token, "latest"]))
@@ -79,7 +76,7 @@ class Permit2Payment:
                 results = await chain.rpc.batch(reads)
             else:
                 chain.state.watch(self.token)
-                results = await chain.state.read(self.payer, reads)
+                results = await chain.state.read(self.payer, reads, optional=(3,))  # the nonce: see statecache
         except RpcUnavailableError as exc:
             raise ChainUnavailableError(str(exc)) from exc
         payer_code, allowance, balance, bitmap = results[:4]
@@ -114,10 +111,27 @@ class Permit2Payment:
         if contracts.decode_uint(balance) < need:
             reason = R.PERMIT2_INSUFFICIENT_BALANCE if self.upto else R.INVALID_EXACT_EVM_INSUFFICIENT_BALANCE
             raise PaymentInvalidError(reason, "payer balance is below the amount")
+        if bitmap is UNREAD:
+            return
         if isinstance(bitmap, RpcError):
             raise ChainUnavailableError(f"nonceBitmap read failed: {bitmap.message}")
         if (contracts.decode_uint(bitmap) >> (self.nonce & 0xFF)) & 1:
             raise PaymentInvalidError(R.PERMIT2_INVALID_NONCE, "Permit2 nonce already used on-chain")
+
+    def _reads(self) -> list[Call]:
+        """code, Permit2 allowance, balance, nonce word (in this order)."""
+        chain = self.chain
+        return [
+            Call("eth_getCode", [self.payer, "latest"]),
+            Call("eth_call", [{"to": self.token, "data": contracts.allowance(self.payer_b, chain.permit2_b)}, "latest"]),
+            Call("eth_call", [{"to": self.token, "data": contracts.balance_of(self.payer_b)}, "latest"]),
+            Call("eth_call", [{"to": chain.permit2, "data": contracts.nonce_bitmap(self.payer_b, self.nonce >> 8)}, "latest"]),
+        ]
+
+    def _effects(self) -> tuple[Effect, ...]:
+        _, allowance, balance, bitmap = self._reads()
+        return (Effect(allowance, "debit_unless_max", self.settle_amount), Effect(balance, "debit", self.settle_amount),
+                Effect(bitmap, "set_bit", self.nonce & 0xFF))
 
     def plan(self) -> SettlementPlan:
         # Verify reads v as 0/1 or 27/28 and EIP-2098's 64 bytes; Permit2's ecrecover wants v 27/28.
@@ -145,6 +159,7 @@ class Permit2Payment:
             tx_data=data,
             gas=contracts.GAS_PERMIT2_SETTLE,
             sender=self.facilitator,
+            effects=self._effects(),
         )
 
 
