@@ -12,7 +12,9 @@ Measures, in one run and for both transfer methods (Permit2/OPG and EIP-3009/USD
   (c) HTTP: `x402-facilitator serve` (1 worker) driven by aiohttp at --http-conc for
       --http-seconds; median of --http-reps. (The SDK has no HTTP service: not measured.)
 Writes loadtests/results/verify-<date>.{json,md} and LATEST-verify.md. Verify consumes nothing, so
-the pre-signed payloads are reused cyclically. All load goes to 127.0.0.1; every loop is bounded
+(a) and (b) reuse the pre-signed payloads cyclically (a repeated payload's nonce may be cached);
+(c) verifies each of --fresh further payloads at most once, as real traffic does (every payment
+has a new nonce), and says how many it had to repeat. All load goes to 127.0.0.1; every loop is bounded
 by a count and a duration; anvil and the serve process are always stopped.
 """
 
@@ -52,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-seconds", type=float, default=5.0, help="duration of each HTTP run (default 5 s)")
     p.add_argument("--http-reps", type=int, default=3, help="repetitions of the HTTP part (default 3)")
     p.add_argument("--http-conc", type=int, default=32, help="HTTP client concurrency (default 32)")
+    p.add_argument("--fresh", type=int, default=25000,
+                   help="payloads per method signed for the HTTP part, each verified once (default 25000)")
     p.add_argument("--store", default="memory://",
                    help="settlement store for our facilitator: memory:// (default) or e.g. redis://127.0.0.1:6379/0 "
                         "(a unique key prefix per run, deleted at the end)")
@@ -244,6 +248,22 @@ def time_cpu(cases: dict[str, tuple], n_for: Any, reps: int) -> dict[str, list[f
 # (b) in-process and (c) HTTP
 
 
+class Fresh:
+    """Hands out each payload once across runs (then starts over, counting the repeats)."""
+
+    def __init__(self, items: list) -> None:
+        self.items = items
+        self.next = 0
+        self.repeats = 0
+
+    def iterator(self):
+        while True:
+            if self.next >= len(self.items):
+                self.repeats += 1
+            yield self.items[self.next % len(self.items)]
+            self.next += 1
+
+
 class Rotor:
     """Each run starts further along the payload list, so runs do not all hit the same ones."""
 
@@ -338,7 +358,7 @@ async def inprocess_part(args: argparse.Namespace, d: dict[str, Any], pays: dict
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-async def http_part(args: argparse.Namespace, d: dict[str, Any], pays: dict[str, list[C.SignedPayment]],
+async def http_part(args: argparse.Namespace, d: dict[str, Any], fresh: dict[str, list[C.SignedPayment]],
                     store_url: str, store_prefix: str, results: dict[str, Any], anvil_pid: int | None) -> None:
     import aiohttp
     import orjson
@@ -360,18 +380,18 @@ async def http_part(args: argparse.Namespace, d: dict[str, Any], pays: dict[str,
                 body = orjson.loads(raw)
                 return bool(body.get("isValid")), body.get("invalidReason") or ""
 
-            rotors = {m: Rotor(pays[m]) for m in METHODS}
+            rotors = {m: Fresh(fresh[m]) for m in METHODS}
             for m in METHODS:  # warm-up
                 await C.run_load(post, rotors[m].iterator(), concurrency=args.http_conc, max_ops=200, max_seconds=10)
             for rep in range(args.http_reps):
                 for m in METHODS:
                     r = await C.run_load(post, rotors[m].iterator(), concurrency=args.http_conc, max_ops=1_000_000,
                                          max_seconds=args.http_seconds, cpu=cpu)
-                    results.setdefault(m, []).append(r.summary())
+                    results.setdefault(m, []).append(r.summary() | {"repeated": rotors[m].repeats})
                     cpu_txt = " ".join(f"{k.split()[0]} {v / max(r.ops, 1) * 1e6:.0f}" for k, v in r.cpu_s.items())
                     print(f"  rep {rep + 1} {m:8s} http c={args.http_conc:<3d} {r.rate:9.1f}/s "
                           f"p50 {r.p(50) * 1e3:7.2f} ms p99 {r.p(99) * 1e3:7.2f} ms cpu µs/op [{cpu_txt}] "
-                          f"ok {r.ok}/{r.ops}"
+                          f"ok {r.ok}/{r.ops} repeated so far {rotors[m].repeats}"
                           f"{' FAIL ' + str(r.failures) if r.failures else ''}", flush=True)
         if serve.proc is not None and serve.proc.poll() is not None:
             raise RuntimeError(f"serve died during the run:\n{serve.log_tail()}")
@@ -440,7 +460,10 @@ def build_report(data: dict[str, Any]) -> str:
         lines += ["## (c) Over HTTP: `x402-facilitator serve`, 1 worker", "",
                   f"aiohttp client, concurrency {a['http_conc']}, {a['http_seconds']} s per run, median of "
                   f"{a['http_reps']} runs. Client, server and anvil share the {data['machine']['nproc']} CPUs. "
-                  "The SDK ships no HTTP facilitator service, so there is no SDK row here.", ""]
+                  "The SDK ships no HTTP facilitator service, so there is no SDK row here. Each run verifies "
+                  f"payments never verified before (a new nonce each, {a.get('fresh', 0):,} signed per method "
+                  "for this part, as real traffic has them; 8 agents, so a payer is seen again): repeated "
+                  f"payloads: {max((runs[-1].get('repeated', 0) for runs in http.values()), default=0)}.", ""]
         rows = [[m, C.fmt(med_of(runs, "ops_per_s")), C.fmt(med_of(runs, "p50_ms"), 2), C.fmt(med_of(runs, "p99_ms"), 2),
                  cpu_cell(runs, "serve"), cpu_cell(runs, "anvil"), cpu_cell(runs, "client (bench process)"),
                  sum(r["ops"] for r in runs), sum(r["ops"] - r["ok"] for r in runs)] for m, runs in http.items()]
@@ -579,7 +602,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_http:
             print("(c) HTTP verify", flush=True)
             data["http"] = {}
-            runner.run(http_part(args, d, pays, store_url, store_prefix, data["http"], chain.pid))
+            t0 = time.perf_counter()
+            fresh = {m: runner.run(C.sign_payments(d, sym, args.fresh, agents=args.agents)) for m, sym in METHODS.items()}
+            print(f"signed {sum(map(len, fresh.values()))} fresh payloads in {time.perf_counter() - t0:.1f} s", flush=True)
+            runner.run(http_part(args, d, fresh, store_url, store_prefix, data["http"], chain.pid))
         runner.run(C.purge_redis_prefix(store_url, store_prefix))
 
     compute_ratios_and_targets(data)
