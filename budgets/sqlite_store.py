@@ -1,6 +1,14 @@
 """Budgets on SQLite: the embedded default. Each operation is one BEGIN IMMEDIATE transaction, so
 it is atomic across processes sharing the file. Amounts are TEXT (SQLite integers are int64;
-18-decimal tokens overflow them) and summed with Python's exact integers."""
+18-decimal tokens overflow them) and summed with Python's exact integers.
+
+A scope's outstanding holds are kept as a running total (`held`: the total and the earliest
+expiry among them), so a reserve reads one row instead of summing every hold of a group; holds
+that expired are swept by the (scope, expires) index only once that earliest expiry has passed,
+each one once. Every statement that adds or drops a hold moves the total with it. A file written
+before the running totals existed gets its totals on first use (the holds summed once); processes
+of an older version must not share a file with newer ones (their holds would not move the totals).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ CREATE TABLE IF NOT EXISTS counters (scope TEXT, wkey TEXT, bucket INTEGER, amou
 CREATE INDEX IF NOT EXISTS counters_expires ON counters (expires);  -- commit prunes expired counters
 CREATE TABLE IF NOT EXISTS holds (id TEXT, scope TEXT, amount TEXT NOT NULL, expires REAL NOT NULL, PRIMARY KEY (id, scope));
 CREATE INDEX IF NOT EXISTS holds_scope ON holds (scope, expires);
+CREATE TABLE IF NOT EXISTS held (scope TEXT PRIMARY KEY, total TEXT NOT NULL, first REAL);
 CREATE TABLE IF NOT EXISTS rate (scope TEXT PRIMARY KEY, tokens REAL NOT NULL, ts REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS done (id TEXT PRIMARY KEY, ts REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS ledger (seq INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, agent TEXT NOT NULL,
@@ -40,8 +49,43 @@ class SQLiteBudgetStore:
     # -- helpers (inside a transaction) ---------------------------------------------------------
 
     def _reserved(self, scope: Scope, now: float) -> int:
-        self._db.execute("DELETE FROM holds WHERE scope = ? AND expires <= ?", (scope.name, now))
-        return sum(int(a) for (a,) in self._db.execute("SELECT amount FROM holds WHERE scope = ?", (scope.name,)))
+        """The scope's outstanding holds, after sweeping the expired ones (O(1) unless some expired)."""
+        row = self._db.execute("SELECT total, first FROM held WHERE scope = ?", (scope.name,)).fetchone()
+        if row is None:  # first use of this scope (or of a file from before the running totals)
+            self._db.execute("DELETE FROM holds WHERE scope = ? AND expires <= ?", (scope.name, now))
+            total = sum(int(a) for (a,) in self._db.execute("SELECT amount FROM holds WHERE scope = ?", (scope.name,)))
+            self._db.execute("INSERT INTO held (scope, total, first) VALUES (?, ?, (SELECT MIN(expires) FROM holds"
+                             " WHERE scope = ?))", (scope.name, str(total), scope.name))
+            return total
+        total, first = int(row[0]), row[1]
+        if first is not None and first <= now:
+            gone = self._db.execute("DELETE FROM holds WHERE scope = ? AND expires <= ? RETURNING amount",
+                                    (scope.name, now)).fetchall()
+            total -= sum(int(a) for (a,) in gone)
+            self._db.execute("UPDATE held SET total = ?, first = (SELECT MIN(expires) FROM holds WHERE scope = ?)"
+                             " WHERE scope = ?", (str(total), scope.name, scope.name))
+        return total
+
+    def _add_hold(self, scope: Scope, reservation_id: str, amount: int, expires: float) -> None:
+        """After `_reserved(scope)` in the same transaction (the scope's `held` row exists)."""
+        old = self._db.execute("SELECT amount FROM holds WHERE id = ? AND scope = ?", (reservation_id, scope.name)).fetchone()
+        self._db.execute("INSERT OR REPLACE INTO holds (id, scope, amount, expires) VALUES (?, ?, ?, ?)",
+                         (reservation_id, scope.name, str(amount), expires))
+        delta = amount - (int(old[0]) if old else 0)  # the same id again: replaced
+        row = self._db.execute("SELECT total FROM held WHERE scope = ?", (scope.name,)).fetchone()
+        self._db.execute("UPDATE held SET total = ?, first = min(coalesce(first, ?), ?) WHERE scope = ?",
+                         (str(int(row[0]) + delta), expires, expires, scope.name))
+
+    def _drop_hold(self, scope: Scope, reservation_id: str) -> None:
+        gone = self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ? RETURNING amount",
+                                (reservation_id, scope.name)).fetchone()
+        if gone is None:
+            return
+        row = self._db.execute("SELECT total FROM held WHERE scope = ?", (scope.name,)).fetchone()
+        if row is None:  # a hold from before the running totals: the total is built (without it) on first use
+            return
+        # `first` may now be earlier than any hold left: the next sweep finds nothing and moves it on
+        self._db.execute("UPDATE held SET total = ? WHERE scope = ?", (str(int(row[0]) - int(gone[0])), scope.name))
 
     def _spent(self, scope: Scope, windows: tuple[Window, ...]) -> list[int]:
         """Each window's spend, from one query over the scope's counters. A rolling window is its
@@ -98,8 +142,7 @@ class SQLiteBudgetStore:
             for c in checks:
                 if c.rate is not None:
                     self._bucket(c.scope, c.rate, now, True)
-                self._db.execute("INSERT OR REPLACE INTO holds (id, scope, amount, expires) VALUES (?, ?, ?, ?)",
-                                 (reservation_id, c.scope.name, str(amount), now + hold_s))
+                self._add_hold(c.scope, reservation_id, amount, now + hold_s)
         return None
 
     async def commit(self, checks: list[Check], reservation_id: str, amount: int, entry: LedgerEntry,
@@ -108,10 +151,10 @@ class SQLiteBudgetStore:
             if self._db.execute("INSERT OR IGNORE INTO done (id, ts) VALUES (?, ?)",
                                 (once or reservation_id, now)).rowcount == 0:
                 for c in checks:
-                    self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ?", (reservation_id, c.scope.name))
+                    self._drop_hold(c.scope, reservation_id)
                 return False
             for c in checks:
-                self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ?", (reservation_id, c.scope.name))
+                self._drop_hold(c.scope, reservation_id)
                 if not c.windows:
                     continue
                 # one read of the scope's counters and one batch of writes, not two statements a window
@@ -135,7 +178,7 @@ class SQLiteBudgetStore:
     async def release(self, checks: list[Check], reservation_id: str, *, now: float) -> None:
         with self._tx():
             for c in checks:
-                self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ?", (reservation_id, c.scope.name))
+                self._drop_hold(c.scope, reservation_id)
 
     async def pin(self, checks: list[Check], reservation_id: str, amount: int, *, now: float) -> bool:
         with self._tx():

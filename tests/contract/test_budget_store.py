@@ -189,3 +189,47 @@ async def test_policies_round_trip(store: BudgetStore) -> None:
     assert any(kind == "agent" and pid == agent.lower() for kind, pid, _ in await store.list_policies())
     assert await store.delete_policy("agent", agent, NET, ASSET) is True
     assert await store.get_policy("agent", agent, NET, ASSET) is None
+
+
+async def test_outstanding_holds_stay_exact_through_every_way_a_hold_ends(store: BudgetStore, t0: float) -> None:
+    """Holds kept as a running total (not summed per reserve) must say exactly what a sum would:
+    a seeded mix of reserves (the same id again replaces its hold), commits, releases, pins and
+    expiries over one group of three agents, checked against a model after every step."""
+    import random
+
+    rnd = random.Random(1201)
+    agents = ["0xb1", "0xb2", "0xb3"]
+    big = [Limit(period="day", amount=10**30)]
+    live: dict[str, tuple[str, int, float]] = {}  # id -> (agent, amount, expires)
+    now = t0
+
+    def checks(agent: str) -> list[Check]:
+        return [agent_check(agent, big, now, group="team"), group_check("team", big, now)]
+
+    for step in range(160):
+        now += rnd.choice([0, 0, 1, 7, 31])
+        for rid in [r for r, (_, _, exp) in live.items() if exp <= now]:
+            del live[rid]
+        op = rnd.random()
+        if op < 0.5 or not live:
+            agent = rnd.choice(agents)
+            rid = rnd.choice([f"r{step}", *[r for r, (a, _, _) in live.items() if a == agent][:1]])
+            amount, hold_s = rnd.randrange(1, 10**20), rnd.choice([5, 30, 600])
+            assert await store.reserve(checks(agent), amount, rid, now=now, hold_s=hold_s) is None
+            live[rid] = (agent, amount, now + hold_s)
+        else:
+            rid = rnd.choice(sorted(live))
+            agent, amount, _ = live[rid]
+            if op < 0.7:
+                assert await store.commit(checks(agent), rid, amount, entry(agent, amount, rid, now), now=now)
+                del live[rid]
+            elif op < 0.85:
+                await store.release(checks(agent), rid, now=now)
+                del live[rid]
+            elif await store.pin(checks(agent), rid, amount, now=now):
+                live[rid] = (agent, amount, float("inf"))
+        for agent in agents:
+            (usage,) = await store.usage(checks(agent)[0], now=now)
+            assert usage.reserved == sum(a for ag, a, _ in live.values() if ag == agent), (step, agent)
+        (usage,) = await store.usage(checks(agents[0])[1], now=now)
+        assert usage.reserved == sum(a for _, a, _ in live.values()), step
