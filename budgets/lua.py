@@ -43,6 +43,11 @@ COUNTERS_TTL_S = 36 * 86400
 # costs about a microsecond or a fraction of one: the scripts pass and build as little as they can.
 # loadtests/bench_budget_scripts.py measures them.
 
+_DIG = """
+local DIG = {[0] = '0', '1', '2', '3', '4', '5', '6', '7', '8', '9'}
+local function dig(i) return DIG[i] or string.format('%d', i) end  -- a small integer as Redis takes it
+"""
+
 _LIMBS = """
 local B = 1000000000
 local function trim(a) while #a > 0 and a[#a] == 0 do a[#a] = nil end return a end
@@ -97,11 +102,16 @@ end
 
 # the scope's holds: `h` has the running total 't' (limbs), 'x' (no hold expires before it), 'e'
 # (when `h` and `z` expire) and the rate bucket; returns the total after sweeping expired holds
-# (by score, when one may have expired) and HMGET's values of 't', 'x', the hold `id`, 'tokens',
-# 'ts', 'e'
+# (by score, when one may have expired) and HMGET's values of 't', 'x', 'e', the hold `id`, and
+# with `rate` 'tokens' and 'ts'
 _HOLDS = """
-local function holds(z, h, now, id)
-  local v = redis.call('HMGET', h, 't', 'x', 'h:' .. id, 'tokens', 'ts', 'e')
+local function holds(z, h, now, id, rate)
+  local v
+  if rate then
+    v = redis.call('HMGET', h, 't', 'x', 'e', 'h:' .. id, 'tokens', 'ts')
+  else
+    v = redis.call('HMGET', h, 't', 'x', 'e', 'h:' .. id)
+  end
   local total = csv_limbs(v[1])
   local x = tonumber(v[2])
   if x and x <= now then
@@ -114,7 +124,7 @@ local function holds(z, h, now, id)
       end
       redis.call('HDEL', h, unpack(fields))
       redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
-      if v[3] then for _, e in ipairs(expired) do if e == id then v[3] = false end end end
+      if v[4] then for _, e in ipairs(expired) do if e == id then v[4] = false end end end
     end
     local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
     v[2] = first[2] or false
@@ -156,7 +166,7 @@ local function rebuild(key, j, n, hour)
     local bucket_s = tonumber(ARGV[j + 4])
     local fields = {}
     for h = start_h, hour do
-      for i = 0, n - 1 do fields[#fields + 1] = 'h' .. string.format('%d', h) .. '#' .. i end
+      for i = 0, n - 1 do fields[#fields + 1] = 'h' .. string.format('%d', h) .. '#' .. dig(i) end
     end
     local vals = redis.call('HMGET', key, unpack(fields))
     local sums = {}  -- rolling: spend per target bucket
@@ -176,10 +186,10 @@ local function rebuild(key, j, n, hour)
     local out = {}
     if rolling then
       for b, v in pairs(sums) do
-        for i = 1, #v do out[#out + 1] = k .. ':' .. string.format('%d', b) .. '#' .. (i - 1) out[#out + 1] = v[i] end
+        for i = 1, #v do out[#out + 1] = k .. ':' .. string.format('%d', b) .. '#' .. dig(i - 1) out[#out + 1] = v[i] end
       end
     else
-      for i = 1, #total do out[#out + 1] = k .. '#' .. (i - 1) out[#out + 1] = total[i] end
+      for i = 1, #total do out[#out + 1] = k .. '#' .. dig(i - 1) out[#out + 1] = total[i] end
     end
     if #out > 0 then redis.call('HSET', key, unpack(out)) end
     if #total > n then redis.call('HSET', key, 'n', #total) end
@@ -209,11 +219,11 @@ local function spent(c, hour)
         local k, b = ARGV[j + 2] .. ':', tonumber(ARGV[j + 3])
         for bb = b - 60, b + 3 do
           local pre = k .. string.format('%d', bb) .. '#'
-          for i = 0, L - 1 do fields[#fields + 1] = pre .. i end
+          for i = 0, L - 1 do fields[#fields + 1] = pre .. dig(i) end
         end
       else
         local pre = ARGV[j + 2] .. '#'
-        for i = 0, L - 1 do fields[#fields + 1] = pre .. i end
+        for i = 0, L - 1 do fields[#fields + 1] = pre .. dig(i) end
       end
     end
     vals = redis.call('HMGET', key, unpack(fields))
@@ -260,7 +270,7 @@ local function drop(z, h, id, now)
   if redis.call('ZSCORE', z, id) == 'inf' then
     local p = (tonumber(v[3]) or 0) - 1
     if p > 0 then
-      set[3] = 'p' set[4] = p
+      set[3] = 'p' set[4] = dig(p)
     else
       del[2] = 'p'
       local last = redis.call('ZREVRANGEBYSCORE', z, '(inf', '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
@@ -289,15 +299,15 @@ def _script(*parts: str) -> str:
 # of at most a few thousand such nonnegative terms within 10^-12: a sum below the limit by a
 # relative 10^-9 is below it exactly), and on limbs (exactly) otherwise: near the limit, over it,
 # and for a limit of 0.
-RESERVE = _script(_LIMBS, _HOLDS, _CHECKS, """
+RESERVE = _script(_DIG, _LIMBS, _HOLDS, _CHECKS, """
 local now, exp, keep, id, amt_s, hour = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5],
   tonumber(ARGV[6])
 local amt, amt_d = dec_limbs(amt_s), tonumber(amt_s)
 local checks = read_checks(8, tonumber(ARGV[7]))
 local held, state = {}, {}
 for ci, c in ipairs(checks) do
-  local total, v = holds(c.z, c.h, now, id)
-  if v[3] then total = minus(total, dec_limbs(v[3])) end  -- the same id again: replaced
+  local total, v = holds(c.z, c.h, now, id, c.per_minute > 0)
+  if v[4] then total = minus(total, dec_limbs(v[4])) end  -- the same id again: replaced
   held[ci], state[ci] = total, v
   local sums = spent(c, hour)
   local base = amt_d
@@ -318,7 +328,7 @@ for ci, c in ipairs(checks) do
     local cap = c.burst
     if cap <= 0 then cap = c.per_minute end
     local per_s = c.per_minute / 60.0
-    local tokens, ts = tonumber(state[ci][4]) or cap, tonumber(state[ci][5]) or now
+    local tokens, ts = tonumber(state[ci][5]) or cap, tonumber(state[ci][6]) or now
     tokens = math.min(cap, tokens + math.max(0, now - ts) * per_s)
     if tokens < 1 then return {'rate', ci, 0, tostring(math.ceil((1 - tokens) / per_s))} end
     left[ci] = tokens - 1
@@ -327,19 +337,19 @@ end
 for ci, c in ipairs(checks) do
   local set = {'h:' .. id, amt_s, 't', table.concat(plus(held[ci], amt), ',')}
   if left[ci] then
-    -- numbers, not tostring(): Redis converts them exactly; tostring keeps 14 digits and would
-    -- round a unix time with a fraction to 0.1 ms
-    set[5] = 'tokens' set[6] = left[ci] set[7] = 'ts' set[8] = now
+    -- a number, not tostring(): Redis converts it exactly; tostring keeps 14 digits (and `now` and
+    -- `exp` go on as the caller wrote them)
+    set[5] = 'tokens' set[6] = left[ci] set[7] = 'ts' set[8] = ARGV[1]
   end
   local x = tonumber(state[ci][2])
-  if not x or exp < x then set[#set + 1] = 'x' set[#set + 1] = exp end
+  if not x or exp < x then set[#set + 1] = 'x' set[#set + 1] = ARGV[2] end
   -- the holds' keys live `keep` past the last hold: refreshed (to twice that) once `e` says less is left
-  local renew = (tonumber(state[ci][6]) or 0) - now < keep
+  local renew = (tonumber(state[ci][3]) or 0) - now < keep
   if renew then set[#set + 1] = 'e' set[#set + 1] = now + 2 * keep end
   redis.call('HSET', c.h, unpack(set))
   -- the member '' (never expiring) keeps `z` from vanishing when its last hold goes, and so
   -- from coming back without a TTL
-  redis.call('ZADD', c.z, exp, id, '+inf', '')
+  redis.call('ZADD', c.z, ARGV[2], id, '+inf', '')
   if renew then
     redis.call('EXPIRE', c.z, 2 * keep)
     redis.call('EXPIRE', c.h, 2 * keep)
@@ -349,71 +359,66 @@ return {'ok'}
 """)
 
 # the commit's counting in one scope's counters hash: the hour's spend and every tracked window.
-# `incr` adds limbs to the counter whose fields start with `pre`; returns how many limbs it has at
-# least, and whether its first field written was new (or 0): a new hour
+# `incr` adds limbs (decimal strings, passed on as they came: no number is formatted) to the counter
+# whose fields start with `pre`; returns how many limbs it has at least, and whether its first
+# field written was new (or 0): a new hour
 _COUNT = """
 local function incr(key, pre, a)
   local c, i, fresh = 0, 1, nil
   while i <= #a or c > 0 do
-    local d = (a[i] or 0) + c
+    local d = a[i] or '0'
+    if c > 0 then d = tonumber(d) + c end
     c = 0
-    if d > 0 then
-      local v = redis.call('HINCRBY', key, pre .. (i - 1), d)
-      if fresh == nil then fresh = v == d end
-      if v >= B then redis.call('HINCRBY', key, pre .. (i - 1), -B) c = 1 end
+    if d ~= '0' then
+      local v = redis.call('HINCRBY', key, pre .. dig(i - 1), d)
+      if fresh == nil then fresh = v == tonumber(d) end
+      if v >= B then redis.call('HINCRBY', key, pre .. dig(i - 1), -B) c = 1 end
     end
     i = i + 1
   end
   return i - 1, fresh
 end
-local function count(key, windows, amt, hour)
+-- the windows are ARGV[w0..]: 3 values each, marker field, the previous window's marker field
+-- ('' for a rolling window), counter name (a calendar window's key, or `roll:<period>:<bucket>`)
+local function count(key, w0, nw, amt, hour)
   local fields = {'n', 'lo:h'}
-  for _, w in ipairs(windows) do
-    fields[#fields + 1] = w.mark
-    if w.prev then fields[#fields + 1] = w.prev end
-  end
+  for j = w0, w0 + 3 * (nw - 1), 3 do fields[#fields + 1] = ARGV[j] end
   local vals = redis.call('HMGET', key, unpack(fields))
   local n = tonumber(vals[1]) or 0
-  local hs = string.format('%d', hour)
-  local top, new_hour = incr(key, 'h' .. hs .. '#', amt)
+  local top, new_hour = incr(key, 'h' .. ARGV[3] .. '#', amt)
   local set, stale = {}, {}
   local lo_h = tonumber(vals[2])
   if not lo_h or hour < lo_h then
-    set[#set + 1] = 'lo:h' set[#set + 1] = hs
+    set[#set + 1] = 'lo:h' set[#set + 1] = ARGV[3]
     new_hour = true  -- the hash may be new
   elseif hour - %(keep)d > lo_h then
     local last = math.min(hour - %(keep)d - 1, lo_h + 50)
-    for x = lo_h, last do for i = 0, n - 1 do stale[#stale + 1] = 'h' .. string.format('%d', x) .. '#' .. i end end
+    for x = lo_h, last do for i = 0, n - 1 do stale[#stale + 1] = 'h' .. string.format('%d', x) .. '#' .. dig(i) end end
     set[#set + 1] = 'lo:h' set[#set + 1] = string.format('%d', last + 1)
   end
-  local j = 2
-  for _, w in ipairs(windows) do
-    j = j + 1
-    local mark = vals[j]
-    if w.rolling then
-      local lo = tonumber(mark)
-      if lo then
-        top = math.max(top, (incr(key, w.k .. ':' .. string.format('%d', w.bucket) .. '#', amt)))
-        if w.bucket < lo then
-          set[#set + 1] = w.mark set[#set + 1] = string.format('%d', w.bucket)
-        elseif w.bucket - 61 >= lo then
+  for wi = 1, nw do
+    local mark = vals[2 + wi]
+    if mark then  -- tracked
+      local j = w0 + 3 * (wi - 1)
+      local f = ARGV[j + 2]
+      top = math.max(top, (incr(key, f .. '#', amt)))
+      if ARGV[j + 1] == '' then
+        local k, b = string.match(f, '^(.*):(%d+)$')
+        local bucket, lo = tonumber(b), tonumber(mark)
+        if bucket < lo then
+          set[#set + 1] = ARGV[j] set[#set + 1] = b
+        elseif bucket - 61 >= lo then
           -- fields exist only from lo to lo + 60 (older buckets were dropped when lo moved)
-          for b = lo, math.min(w.bucket - 61, lo + 120) do
-            for i = 0, n - 1 do stale[#stale + 1] = w.k .. ':' .. string.format('%d', b) .. '#' .. i end
+          for bb = lo, math.min(bucket - 61, lo + 120) do
+            for i = 0, n - 1 do stale[#stale + 1] = k .. ':' .. string.format('%d', bb) .. '#' .. dig(i) end
           end
-          set[#set + 1] = w.mark set[#set + 1] = string.format('%d', w.bucket - 60)
+          set[#set + 1] = ARGV[j] set[#set + 1] = string.format('%d', bucket - 60)
         end
-      end
-    else
-      j = j + 1
-      local prev = vals[j]
-      if mark then
-        top = math.max(top, (incr(key, w.k .. '#', amt)))
-        if mark < w.k then  -- a newer window of this period (keys sort by time)
-          if prev then for i = 0, n - 1 do stale[#stale + 1] = prev .. '#' .. i end end
-          set[#set + 1] = w.mark set[#set + 1] = w.k
-          set[#set + 1] = w.prev set[#set + 1] = mark
-        end
+      elseif mark < f then  -- a newer window of this period (keys sort by time)
+        local prev = redis.call('HGET', key, ARGV[j + 1])
+        if prev then for i = 0, n - 1 do stale[#stale + 1] = prev .. '#' .. dig(i) end end
+        set[#set + 1] = ARGV[j] set[#set + 1] = f
+        set[#set + 1] = ARGV[j + 1] set[#set + 1] = mark
       end
     end
   end
@@ -424,43 +429,36 @@ local function count(key, windows, amt, hour)
 end
 """
 
-# KEYS: done, ledger, then per check z, h, c. ARGV: now, id, amount (decimal), hour, ledger entry
-# (JSON), #checks, then per check: #windows (-1: the previous check's), then per window its
-# counter's name (a calendar window's key, or `roll:<period>:<bucket>`)
-COMMIT = _script(_LIMBS, _DROP, _COUNT, """
-local now, id, amt, hour = tonumber(ARGV[1]), ARGV[2], dec_limbs(ARGV[3]), tonumber(ARGV[4])
+# KEYS: done, ledger, then per check z, h, c. ARGV: now, id, hour, ledger entry (JSON), the amount's
+# limbs (their number, then each as a decimal string, lowest first), #checks, then per check:
+# #windows (-1: the previous check's), then its windows (3 values each, as `count` reads them)
+COMMIT = _script(_DIG, _LIMBS, _DROP, _COUNT, """
+local now, id, hour = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local m = tonumber(ARGV[5])
+local amt = {}
+for i = 1, m do amt[i] = ARGV[5 + i] end
 -- counted once per `done` (the settlement's transaction): a second hold for the same payment
 -- (a resend that took over a stalled claim, and recovery of the first) is only dropped
 local first = redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800)
-local windows = {}
-local a = 7
-for ci = 1, tonumber(ARGV[6]) do
+local a = 7 + m
+local w0, nw = a, 0
+for ci = 1, tonumber(ARGV[6 + m]) do
   drop(KEYS[3 * ci], KEYS[3 * ci + 1], id, now)
-  local nw = tonumber(ARGV[a])
+  local k = tonumber(ARGV[a])
   a = a + 1
-  if nw >= 0 then  -- else: the same windows as the check before
-    windows = {}
-    for wi = 1, nw do
-      local f = ARGV[a]
-      a = a + 1
-      local p, b = string.match(f, '^(roll:[^:]+):(%d+)$')
-      if p then
-        windows[wi] = {rolling = true, mark = 'lo:' .. p, k = p, bucket = tonumber(b)}
-      else
-        local period = string.match(f, '^[^:]+')
-        windows[wi] = {rolling = false, mark = 'cur:' .. period, prev = 'prev:' .. period, k = f}
-      end
-    end
+  if k >= 0 then  -- else: the same windows as the check before
+    w0, nw = a, k
+    a = a + 3 * k
   end
-  if first then count(KEYS[3 * ci + 2], windows, amt, hour) end
+  if first then count(KEYS[3 * ci + 2], w0, nw, amt, hour) end
 end
 if not first then return 0 end
-redis.call('ZADD', KEYS[2], now, ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4])
 return 1
 """)
 
 # KEYS: per check z, h. ARGV: now, id
-RELEASE = _script(_LIMBS, _DROP, """
+RELEASE = _script(_DIG, _LIMBS, _DROP, """
 local now, id = tonumber(ARGV[1]), ARGV[2]
 for ci = 1, #KEYS / 2 do drop(KEYS[2 * ci - 1], KEYS[2 * ci], id, now) end
 return 1
@@ -471,7 +469,7 @@ return 1
 # persists the keys, and nothing gives them a TTL again while `p` is above 0). 0, writing nothing,
 # when the hold is gone or expired in any scope (its budget may be another call's now).
 # KEYS: per check z, h. ARGV: now, id
-PIN = _script("""
+PIN = _script(_DIG, """
 local now, id = tonumber(ARGV[1]), ARGV[2]
 local n = #KEYS / 2
 local pins = {}
@@ -491,9 +489,9 @@ for ci = 1, n do
     local z, h = KEYS[2 * ci - 1], KEYS[2 * ci]
     redis.call('ZADD', z, '+inf', id)
     if p > 0 then
-      redis.call('HSET', h, 'p', p + 1)
+      redis.call('HSET', h, 'p', dig(p + 1))
     else
-      redis.call('HSET', h, 'p', 1, 'e', 1e15)  -- far off: a reserve does not renew (shorten) the keys' life
+      redis.call('HSET', h, 'p', '1', 'e', '1000000000000000')  -- far off: a reserve does not renew (shorten) the keys' life
       redis.call('PERSIST', z)
       redis.call('PERSIST', h)
     end
@@ -521,7 +519,7 @@ return {1, '0'}
 
 # KEYS: z, h, c. ARGV: now, hour, then one check as RESERVE has it. Returns the held total's limbs,
 # then each window's: each list as its length, then its limbs.
-USAGE = _script(_LIMBS, _HOLDS, _CHECKS, """
+USAGE = _script(_DIG, _LIMBS, _HOLDS, _CHECKS, """
 local now, hour = tonumber(ARGV[1]), tonumber(ARGV[2])
 local c = read_checks(3, 1)[1]
 local held = holds(c.z, c.h, now, '')

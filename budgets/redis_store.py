@@ -47,9 +47,24 @@ def _window_args(w: Window) -> tuple[int, str, str, int, int, int, str]:
 
 
 def _limbs_to_read(windows: tuple[Window, ...]) -> int:
-    """One more limb than the longest limit has (reading that many shows a counter past it)."""
+    """As many limbs as the longest limit has (a counter with more shows in the hash's `n`, and the
+    script reads again)."""
     top = max((w.limit for w in windows), default=0)
-    return (len(str(top)) + 8) // 9 + 1 if top else 1
+    return max(1, (len(str(top)) + 8) // 9) if top else 1
+
+
+def _commit_window_args(w: Window) -> tuple[str, str, str]:
+    """A window as COMMIT takes it: its marker field, the previous window's marker field ('' for a
+    rolling window), its counter's name."""
+    if w.rolling:
+        return f"lo:{w.key}", "", f"{w.key}:{w.bucket}"
+    return f"cur:{w.period}", f"prev:{w.period}", w.key
+
+
+def _limb_strings(amount: int) -> list[str | int]:
+    """The amount's limbs for COMMIT: their number, then each as a decimal string, lowest first."""
+    limbs = _limbs(amount)
+    return [limbs[0], *(str(x) for x in limbs[1:])]
 
 
 def _merge_counters(src: dict[str, str], dst: dict[str, str]) -> dict[str, str | int]:
@@ -108,6 +123,9 @@ class RedisBudgetStore:
         self._rate = client.register_script(lua.RATE)
         self._usage = client.register_script(lua.USAGE)
         self._indexed: set[str] = set()  # tags known to be in the ledger's index
+        # windows as the scripts take them, per tuple of windows (the enforcer's WindowCache hands
+        # out the same tuple until a window moves on): keyed by id, the tuple kept to check it
+        self._wargs: dict[tuple[int, bool], tuple[tuple[Window, ...], list[str | int | float]]] = {}
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "x402b:") -> RedisBudgetStore:
@@ -116,14 +134,29 @@ class RedisBudgetStore:
     def _k(self, scope: Scope, suffix: str) -> str:
         return f"{self._p}b:{{{scope.tag}}}:{scope.name}:{suffix}"
 
+    def _windows_args(self, windows: tuple[Window, ...], commit: bool) -> list[str | int | float]:
+        hit = self._wargs.get((id(windows), commit))
+        if hit is not None and hit[0] is windows:
+            return hit[1]
+        out: list[str | int | float] = []
+        if commit:
+            out.append(len(windows))
+            for w in windows:
+                out += _commit_window_args(w)
+        else:
+            out += [_limbs_to_read(windows), len(windows)]
+            for w in windows:
+                out += _window_args(w)
+        if len(self._wargs) >= 1024:
+            self._wargs.clear()
+        self._wargs[(id(windows), commit)] = (windows, out)
+        return out
+
     def _check_args(self, c: Check, keys: list[str], *, rate: bool) -> list[str | int | float]:
         """Its keys z, h, c go to `keys`; returns per_minute, burst, limbs to read, #windows, windows."""
         keys += [self._k(c.scope, "rz"), self._k(c.scope, "rh"), self._k(c.scope, "c")]
         out: list[str | int | float] = [c.rate.per_minute, c.rate.burst] if rate and c.rate is not None else [0, 0]
-        out += [_limbs_to_read(c.windows), len(c.windows)]
-        for w in c.windows:
-            out += _window_args(w)
-        return out
+        return out + self._windows_args(c.windows, False)
 
     @_errors
     async def _run(self, script, keys: list[str], args: list[str | int | float]):
@@ -156,15 +189,15 @@ class RedisBudgetStore:
         period's window (the enforcer's `for_commit`), so a period tracked since is counted too."""
         tag_scope = checks[0].scope
         keys = [self._k(tag_scope, f"done:{once or reservation_id}"), f"{self._p}b:{{{tag_scope.tag}}}:ledger"]
-        args: list[str | int | float] = [repr(now), reservation_id, str(amount), int(now // 3600), _entry_json(entry),
-                                         len(checks)]
+        args: list[str | int | float] = [repr(now), reservation_id, int(now // 3600), _entry_json(entry),
+                                         *_limb_strings(amount), len(checks)]
         previous: tuple[Window, ...] | None = None
         for c in checks:
             keys += [self._k(c.scope, "rz"), self._k(c.scope, "rh"), self._k(c.scope, "c")]
-            if c.windows == previous:  # the enforcer's commit: every scope has the same windows
+            if c.windows is previous or c.windows == previous:  # the enforcer's commit: the same windows
                 args.append(-1)
             else:
-                args += [len(c.windows), *(f"{w.key}:{w.bucket}" if w.rolling else w.key for w in c.windows)]
+                args += self._windows_args(c.windows, True)
             previous = c.windows
         res = await self._run(self._commit, keys, args)
         if tag_scope.tag not in self._indexed:
