@@ -37,18 +37,19 @@ LIMB = 10**9
 HISTORY_HOURS = 800  # > the longest window (a 31-day month, the rolling 30 days + a bucket) in hours
 COUNTERS_TTL_S = 36 * 86400
 
-_PRELUDE = """
+# Pieces of Lua the scripts are put together from: each script takes only the pieces it uses. Redis
+# runs a script's whole body on every call (so every function it defines is a closure made anew each
+# time), and on this kind of machine every argument, table, string and command a script touches
+# costs about a microsecond or a fraction of one: the scripts pass and build as little as they can.
+# loadtests/bench_budget_scripts.py measures them.
+
+_DIG = """
+local DIG = {[0] = '0', '1', '2', '3', '4', '5', '6', '7', '8', '9'}
+local function dig(i) return DIG[i] or string.format('%d', i) end  -- a small integer as Redis takes it
+"""
+
+_LIMBS = """
 local B = 1000000000
-local ai = 0
-local function arg() ai = ai + 1 return ARGV[ai] end
-local function num() ai = ai + 1 return tonumber(ARGV[ai]) end
-local function limbs_arg()
-  local n = num()
-  local t = {}
-  for i = 1, n do t[i] = tonumber(ARGV[ai + i]) end
-  ai = ai + n
-  return t
-end
 local function trim(a) while #a > 0 and a[#a] == 0 do a[#a] = nil end return a end
 local function normalize(a, n)  -- carry every limb below B (a may hold sums of many limbs)
   local out, c, i = {}, 0, 1
@@ -97,41 +98,33 @@ local function csv_limbs(s)
   if s then for x in string.gmatch(s, '[^,]+') do out[#out + 1] = tonumber(x) end end
   return out
 end
--- add limbs to the counter whose fields start with `pre`; returns how many limbs it has at least
-local function incr(key, pre, a)
-  local c, i = 0, 1
-  while i <= #a or c > 0 do
-    local d = (a[i] or 0) + c
-    c = 0
-    if d > 0 then
-      local v = redis.call('HINCRBY', key, pre .. (i - 1), d)
-      if v >= B then redis.call('HINCRBY', key, pre .. (i - 1), -B) c = 1 end
-    end
-    i = i + 1
+"""
+
+# the scope's holds: `h` has the running total 't' (limbs), 'x' (no hold expires before it), 'e'
+# (when `h` and `z` expire) and the rate bucket; returns the total after sweeping expired holds
+# (by score, when one may have expired) and HMGET's values of 't', 'x', 'e', the hold `id`, and
+# with `rate` 'tokens' and 'ts'
+_HOLDS = """
+local function holds(z, h, now, id, rate)
+  local v
+  if rate then
+    v = redis.call('HMGET', h, 't', 'x', 'e', 'h:' .. id, 'tokens', 'ts')
+  else
+    v = redis.call('HMGET', h, 't', 'x', 'e', 'h:' .. id)
   end
-  return i - 1
-end
--- the hold's field in `h` (ids come from callers: a prefix keeps them off the scope's own fields)
-local function hid(id) return 'h:' .. id end
--- the scope's holds: `h` has the running total 't' (limbs), 'x' (no hold expires before it), 'e'
--- (when `h` and `z` expire) and the rate bucket; returns the total after sweeping expired holds
--- (by score, when one may have expired) and HMGET's values of 't', 'x', the hold `id`, 'tokens',
--- 'ts', 'e'
-local function holds(z, h, now, id)
-  local v = redis.call('HMGET', h, 't', 'x', hid(id), 'tokens', 'ts', 'e')
   local total = csv_limbs(v[1])
   local x = tonumber(v[2])
   if x and x <= now then
     local expired = redis.call('ZRANGEBYSCORE', z, '-inf', now)
     if #expired > 0 then
       local fields = {}
-      for i, e in ipairs(expired) do fields[i] = hid(e) end
+      for i, e in ipairs(expired) do fields[i] = 'h:' .. e end
       for _, a in ipairs(redis.call('HMGET', h, unpack(fields))) do
         if a then total = minus(total, dec_limbs(a)) end
       end
       redis.call('HDEL', h, unpack(fields))
       redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
-      if v[3] then for _, e in ipairs(expired) do if e == id then v[3] = false end end end
+      if v[4] then for _, e in ipairs(expired) do if e == id then v[4] = false end end end
     end
     local first = redis.call('ZRANGE', z, 0, 0, 'WITHSCORES')
     v[2] = first[2] or false
@@ -144,124 +137,94 @@ local function holds(z, h, now, id)
   end
   return total, v
 end
--- drop one hold (commit, release): its amount leaves the running total. The last pinned hold
--- to go gives the keys their expiry back: past the latest live hold, and `e` so that the next
--- reserve renews it as usual
-local function drop(z, h, id, now)
-  local v = redis.call('HMGET', h, hid(id), 't')
-  if not v[1] then return end
-  local pinned = redis.call('ZSCORE', z, id) == 'inf'
-  redis.call('HDEL', h, hid(id))
-  redis.call('HSET', h, 't', table.concat(minus(csv_limbs(v[2]), dec_limbs(v[1])), ','))
-  redis.call('ZREM', z, id)
-  if pinned and redis.call('HINCRBY', h, 'p', -1) <= 0 then
-    redis.call('HDEL', h, 'p')
-    local last = redis.call('ZREVRANGEBYSCORE', z, '(inf', '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
-    local ttl = math.ceil(math.max(0, (tonumber(last[2]) or now) - now)) + 7200
-    redis.call('HSET', h, 'e', now + ttl)
-    redis.call('EXPIRE', z, ttl)
-    redis.call('EXPIRE', h, ttl)
+"""
+
+# Checks as RESERVE and USAGE take them. Per check (its keys KEYS[3ci-2..3ci]: z, h, c): rate per
+# minute (0: none), burst, the limbs to read of each counter (one more than the longest limit has),
+# #windows, then 7 values per window: rolling (0/1), its marker field (`cur:<period>`,
+# `lo:<rolling key>`), its key (a calendar window's id, or the rolling period's: its buckets are
+# `<key>:<bucket>`), bucket, bucket_s, first hour, limit (decimal). A check is a table of where its
+# values start in ARGV: windows are read from ARGV where they are used.
+_CHECKS = """
+local function read_checks(a, n)
+  local checks = {}
+  for ci = 1, n do
+    local nw = tonumber(ARGV[a + 3])
+    checks[ci] = {z = KEYS[3 * ci - 2], h = KEYS[3 * ci - 1], c = KEYS[3 * ci], per_minute = tonumber(ARGV[a]),
+                  burst = tonumber(ARGV[a + 1]), L = tonumber(ARGV[a + 2]), nw = nw, w = a + 4}
+    a = a + 4 + 7 * nw
   end
+  return checks
 end
--- the token bucket in `h` ('tokens', 'ts'): (allowed, wait s, tokens left after taking one)
-local function tokens_left(r, now, tokens_s, ts_s)
-  local cap = r.burst
-  if cap <= 0 then cap = r.per_minute end
-  local per_s = r.per_minute / 60.0
-  local tokens = tonumber(tokens_s) or cap
-  local ts = tonumber(ts_s) or now
-  tokens = math.min(cap, tokens + math.max(0, now - ts) * per_s)
-  if tokens < 1 then return false, (1 - tokens) / per_s, 0 end
-  return true, 0, tokens - 1
-end
-local function bucket(key, r, now, take)
-  local st = redis.call('HMGET', key, 'tokens', 'ts')
-  local ok, wait, left = tokens_left(r, now, st[1], st[2])
-  if ok and take then
-    -- numbers, not tostring(): Redis converts them exactly; tostring keeps 14 digits and would
-    -- round a unix time with a fraction to 0.1 ms
-    redis.call('HSET', key, 'tokens', left, 'ts', now)
-    if redis.call('TTL', key) < 3600 then redis.call('EXPIRE', key, 3600) end  -- never shortens the holds' TTL
-  end
-  return ok, wait
-end
--- a check as reserve and usage read it: keys, rate, windows (with their limits)
-local function read_check(with_rate)
-  local c = {z = KEYS[num()], h = KEYS[num()], c = KEYS[num()], windows = {}}
-  if with_rate and num() == 1 then c.rate = {per_minute = num(), burst = num()} end
-  for wi = 1, num() do
-    c.windows[wi] = {rolling = num() == 1, p = arg(), k = arg(), bucket = num(), bucket_s = num(),
-                     start_h = num(), limit = limbs_arg()}
-  end
-  return c
-end
--- a rolling window reads its bucket and the 60 before it, and 3 after it: a replica whose clock is
--- a little behind still sees what one ahead of it counted (spend is never forgiven early)
-local function counter_fields(fields, w, n)
-  if w.rolling then
-    for b = w.bucket - 60, w.bucket + 3 do
-      local pre = w.k .. ':' .. string.format('%d', b) .. '#'
-      for i = 0, n - 1 do fields[#fields + 1] = pre .. i end
-    end
-  else
-    for i = 0, n - 1 do fields[#fields + 1] = w.k .. '#' .. i end
-  end
-end
--- a window never tracked in this scope: build its counter from the hourly spend, track it from now on
-local function rebuild(key, w, n, hour)
+-- a window never tracked in this scope (its values at ARGV[j..j+6]): build its counter from the
+-- hourly spend, track it from now on; returns its limbs
+local function rebuild(key, j, n, hour)
+  local rolling, k, bucket = ARGV[j] == '1', ARGV[j + 2], tonumber(ARGV[j + 3])
+  local start_h = tonumber(ARGV[j + 5])
   local total = {}
-  if n > 0 and hour >= w.start_h then
+  if n > 0 and hour >= start_h then
+    local bucket_s = tonumber(ARGV[j + 4])
     local fields = {}
-    for h = w.start_h, hour do
-      for i = 0, n - 1 do fields[#fields + 1] = 'h' .. string.format('%d', h) .. '#' .. i end
+    for h = start_h, hour do
+      for i = 0, n - 1 do fields[#fields + 1] = 'h' .. string.format('%d', h) .. '#' .. dig(i) end
     end
     local vals = redis.call('HMGET', key, unpack(fields))
     local sums = {}  -- rolling: spend per target bucket
-    local j = 0
-    for h = w.start_h, hour do
+    local jj = 0
+    for h = start_h, hour do
       local v = {}
-      for i = 1, n do j = j + 1 v[i] = tonumber(vals[j]) or 0 end
+      for i = 1, n do jj = jj + 1 v[i] = tonumber(vals[jj]) or 0 end
       v = trim(v)
       if #v > 0 then
         total = plus(total, v)
-        if w.rolling then
-          local b = math.min(w.bucket, math.floor(((h + 1) * 3600 - 1) / w.bucket_s))
+        if rolling then
+          local b = math.min(bucket, math.floor(((h + 1) * 3600 - 1) / bucket_s))
           sums[b] = plus(sums[b] or {}, v)
         end
       end
     end
     local out = {}
-    if w.rolling then
+    if rolling then
       for b, v in pairs(sums) do
-        for i = 1, #v do out[#out + 1] = w.k .. ':' .. string.format('%d', b) .. '#' .. (i - 1) out[#out + 1] = v[i] end
+        for i = 1, #v do out[#out + 1] = k .. ':' .. string.format('%d', b) .. '#' .. dig(i - 1) out[#out + 1] = v[i] end
       end
     else
-      for i = 1, #total do out[#out + 1] = w.k .. '#' .. (i - 1) out[#out + 1] = total[i] end
+      for i = 1, #total do out[#out + 1] = k .. '#' .. dig(i - 1) out[#out + 1] = total[i] end
     end
     if #out > 0 then redis.call('HSET', key, unpack(out)) end
     if #total > n then redis.call('HSET', key, 'n', #total) end
   end
-  if w.rolling then
-    redis.call('HSET', key, 'lo:' .. w.p, string.format('%d', w.bucket - 60))
+  if rolling then
+    redis.call('HSET', key, ARGV[j + 1], string.format('%d', bucket - 60))
   else
-    redis.call('HSET', key, 'cur:' .. w.p, w.k)
+    redis.call('HSET', key, ARGV[j + 1], k)
   end
   redis.call('EXPIRE', key, %(ttl)d)
   return total
 end
--- what a check's windows hold: one list of limbs per window (tracking the untracked ones)
+-- what a check's windows hold: per window the sums of its limbs (lowest first, not carried),
+-- tracking the untracked windows. A rolling window reads its bucket and the 60 before it, and 3
+-- after it: a replica whose clock is a little behind still sees what one ahead of it counted
+-- (spend is never forgiven early)
 local function spent(c, hour)
   local out = {}
-  if #c.windows == 0 then return out end
-  local key = c.c
-  local L = 1
-  for _, w in ipairs(c.windows) do L = math.max(L, #w.limit + 1) end
+  if c.nw == 0 then return out end
+  local key, L = c.c, c.L
   local fields, vals
   for _ = 1, 2 do
     fields = {'n'}
-    for _, w in ipairs(c.windows) do
-      fields[#fields + 1] = (w.rolling and 'lo:' or 'cur:') .. w.p
-      counter_fields(fields, w, L)
+    for j = c.w, c.w + 7 * (c.nw - 1), 7 do
+      fields[#fields + 1] = ARGV[j + 1]
+      if ARGV[j] == '1' then
+        local k, b = ARGV[j + 2] .. ':', tonumber(ARGV[j + 3])
+        for bb = b - 60, b + 3 do
+          local pre = k .. string.format('%d', bb) .. '#'
+          for i = 0, L - 1 do fields[#fields + 1] = pre .. dig(i) end
+        end
+      else
+        local pre = ARGV[j + 2] .. '#'
+        for i = 0, L - 1 do fields[#fields + 1] = pre .. dig(i) end
+      end
     end
     vals = redis.call('HMGET', key, unpack(fields))
     local n = tonumber(vals[1]) or 0
@@ -269,76 +232,124 @@ local function spent(c, hour)
     L = n  -- some counter of this scope has more limbs than the limits: read them all
   end
   local n = tonumber(vals[1]) or 0
-  local j = 1
-  for wi, w in ipairs(c.windows) do
-    j = j + 1
-    local tracked = vals[j]
+  local i0 = 1
+  for wi = 1, c.nw do
+    local j = c.w + 7 * (wi - 1)
+    i0 = i0 + 1
     local per = 1
-    if w.rolling then per = 64 end
-    if tracked then
+    if ARGV[j] == '1' then per = 64 end
+    if vals[i0] then
       local sum = {}
+      for i = 1, L do sum[i] = 0 end
       for _ = 1, per do
-        for i = 1, L do sum[i] = (sum[i] or 0) + (tonumber(vals[j + i]) or 0) end
-        j = j + L
+        for i = 1, L do
+          local v = vals[i0 + i]
+          if v then sum[i] = sum[i] + tonumber(v) end
+        end
+        i0 = i0 + L
       end
-      out[wi] = normalize(sum, L)
+      out[wi] = sum
     else
-      j = j + per * L
-      out[wi] = rebuild(key, w, n, hour)
+      i0 = i0 + per * L
+      out[wi] = rebuild(key, j, n, hour)
     end
   end
   return out
 end
 """
 
+# drop one hold (commit, release): its amount leaves the running total. The last pinned hold
+# to go gives the keys their expiry back: past the latest live hold, and `e` so that the next
+# reserve renews it as usual
+_DROP = """
+local function drop(z, h, id, now)
+  local f = 'h:' .. id
+  local v = redis.call('HMGET', h, f, 't', 'p')
+  if not v[1] then return end
+  local set, del, ttl = {'t', table.concat(minus(csv_limbs(v[2]), dec_limbs(v[1])), ',')}, {f}, nil
+  if redis.call('ZSCORE', z, id) == 'inf' then
+    local p = (tonumber(v[3]) or 0) - 1
+    if p > 0 then
+      set[3] = 'p' set[4] = dig(p)
+    else
+      del[2] = 'p'
+      local last = redis.call('ZREVRANGEBYSCORE', z, '(inf', '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+      ttl = math.ceil(math.max(0, (tonumber(last[2]) or now) - now)) + 7200
+      set[3] = 'e' set[4] = now + ttl
+    end
+  end
+  redis.call('HDEL', h, unpack(del))
+  redis.call('HSET', h, unpack(set))
+  redis.call('ZREM', z, id)
+  if ttl then
+    redis.call('EXPIRE', z, ttl)
+    redis.call('EXPIRE', h, ttl)
+  end
+end
+"""
 
-def _script(body: str) -> str:
-    return (_PRELUDE + body).replace("%(ttl)d", str(COUNTERS_TTL_S)).replace("%(keep)d", str(HISTORY_HOURS))
+
+def _script(*parts: str) -> str:
+    return "".join(parts).replace("%(ttl)d", str(COUNTERS_TTL_S)).replace("%(keep)d", str(HISTORY_HOURS))
 
 
-# ARGV: now, exp, keep, id, amount (decimal), amount limbs, hour, #checks, then per check:
-#   z, h, c, rate (0: none, 1: per_minute and burst follow), #windows, then per window:
-#   rolling, period, key, bucket, bucket_s, start hour, limit limbs
-# (a limb list is its length, then its limbs, lowest first)
-RESERVE = _script("""
-local now, exp, keep, id, amt_s = num(), num(), num(), arg(), arg()
-local amt = limbs_arg()
-local hour = num()
-local checks = {}
-for ci = 1, num() do checks[ci] = read_check(true) end
+# ARGV: now, exp, keep, id, amount (decimal), hour, #checks, then the checks (_CHECKS).
+# Whether a window has room is decided on doubles when the sum is clearly below the limit (each
+# value converted from its limbs or digits is within 2^-52 of the exact one, relatively, and a sum
+# of at most a few thousand such nonnegative terms within 10^-12: a sum below the limit by a
+# relative 10^-9 is below it exactly), and on limbs (exactly) otherwise: near the limit, over it,
+# and for a limit of 0.
+RESERVE = _script(_DIG, _LIMBS, _HOLDS, _CHECKS, """
+local now, exp, keep, id, amt_s, hour = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5],
+  tonumber(ARGV[6])
+local amt, amt_d = dec_limbs(amt_s), tonumber(amt_s)
+local checks = read_checks(8, tonumber(ARGV[7]))
 local held, state = {}, {}
 for ci, c in ipairs(checks) do
-  held[ci], state[ci] = holds(c.z, c.h, now, id)
-  if state[ci][3] then held[ci] = minus(held[ci], dec_limbs(state[ci][3])) end  -- the same id again: replaced
-  local used = spent(c, hour)
-  for wi, w in ipairs(c.windows) do
-    local u = plus(used[wi], held[ci])
-    if cmp(plus(u, amt), w.limit) > 0 then return {'budget', ci, wi, unpack(u)} end
+  local total, v = holds(c.z, c.h, now, id, c.per_minute > 0)
+  if v[4] then total = minus(total, dec_limbs(v[4])) end  -- the same id again: replaced
+  held[ci], state[ci] = total, v
+  local sums = spent(c, hour)
+  local base = amt_d
+  for i = #total, 1, -1 do base = base + total[i] * B ^ (i - 1) end
+  for wi = 1, c.nw do
+    local s, lim_s = sums[wi], ARGV[c.w + 7 * wi - 1]
+    local u = 0
+    for i = #s, 1, -1 do u = u * B + s[i] end
+    if not (u + base <= tonumber(lim_s) * 0.999999999) then
+      u = plus(normalize(s, #s), total)
+      if cmp(plus(u, amt), dec_limbs(lim_s)) > 0 then return {'budget', ci, wi, unpack(u)} end
+    end
   end
 end
 local left = {}
 for ci, c in ipairs(checks) do
-  if c.rate then
-    local ok, wait, l = tokens_left(c.rate, now, state[ci][4], state[ci][5])
-    if not ok then return {'rate', ci, 0, tostring(math.ceil(wait))} end
-    left[ci] = l
+  if c.per_minute > 0 then  -- the token bucket in `h` ('tokens', 'ts')
+    local cap = c.burst
+    if cap <= 0 then cap = c.per_minute end
+    local per_s = c.per_minute / 60.0
+    local tokens, ts = tonumber(state[ci][5]) or cap, tonumber(state[ci][6]) or now
+    tokens = math.min(cap, tokens + math.max(0, now - ts) * per_s)
+    if tokens < 1 then return {'rate', ci, 0, tostring(math.ceil((1 - tokens) / per_s))} end
+    left[ci] = tokens - 1
   end
 end
 for ci, c in ipairs(checks) do
-  local set = {hid(id), amt_s, 't', table.concat(plus(held[ci], amt), ',')}
-  if c.rate then
-    set[#set + 1] = 'tokens' set[#set + 1] = left[ci]
-    set[#set + 1] = 'ts' set[#set + 1] = now
+  local set = {'h:' .. id, amt_s, 't', table.concat(plus(held[ci], amt), ',')}
+  if left[ci] then
+    -- a number, not tostring(): Redis converts it exactly; tostring keeps 14 digits (and `now` and
+    -- `exp` go on as the caller wrote them)
+    set[5] = 'tokens' set[6] = left[ci] set[7] = 'ts' set[8] = ARGV[1]
   end
   local x = tonumber(state[ci][2])
-  if not x or exp < x then set[#set + 1] = 'x' set[#set + 1] = exp end
+  if not x or exp < x then set[#set + 1] = 'x' set[#set + 1] = ARGV[2] end
   -- the holds' keys live `keep` past the last hold: refreshed (to twice that) once `e` says less is left
-  local renew = (tonumber(state[ci][6]) or 0) - now < keep
+  local renew = (tonumber(state[ci][3]) or 0) - now < keep
   if renew then set[#set + 1] = 'e' set[#set + 1] = now + 2 * keep end
   redis.call('HSET', c.h, unpack(set))
   -- the member '' (never expiring) keeps `z` from vanishing when its last hold goes, and so
   -- from coming back without a TTL
-  redis.call('ZADD', c.z, exp, id, '+inf', '')
+  redis.call('ZADD', c.z, ARGV[2], id, '+inf', '')
   if renew then
     redis.call('EXPIRE', c.z, 2 * keep)
     redis.call('EXPIRE', c.h, 2 * keep)
@@ -347,54 +358,67 @@ end
 return {'ok'}
 """)
 
-# the commit's counting in one scope's counters hash: the hour's spend and every tracked window
-COUNT = """
-local function count(key, windows, amt, hour)
-  local fields = {'n', 'lo:h', 'h' .. string.format('%d', hour) .. '#0'}
-  for _, w in ipairs(windows) do
-    if w.rolling then
-      fields[#fields + 1] = 'lo:' .. w.p
-      fields[#fields + 1] = 'lo:' .. w.p
-    else
-      fields[#fields + 1] = 'cur:' .. w.p
-      fields[#fields + 1] = 'prev:' .. w.p
+# the commit's counting in one scope's counters hash: the hour's spend and every tracked window.
+# `incr` adds limbs (decimal strings, passed on as they came: no number is formatted) to the counter
+# whose fields start with `pre`; returns how many limbs it has at least, and whether its first
+# field written was new (or 0): a new hour
+_COUNT = """
+local function incr(key, pre, a)
+  local c, i, fresh = 0, 1, nil
+  while i <= #a or c > 0 do
+    local d = a[i] or '0'
+    if c > 0 then d = tonumber(d) + c end
+    c = 0
+    if d ~= '0' then
+      local v = redis.call('HINCRBY', key, pre .. dig(i - 1), d)
+      if fresh == nil then fresh = v == tonumber(d) end
+      if v >= B then redis.call('HINCRBY', key, pre .. dig(i - 1), -B) c = 1 end
     end
+    i = i + 1
   end
+  return i - 1, fresh
+end
+-- the windows are ARGV[w0..]: 3 values each, marker field, the previous window's marker field
+-- ('' for a rolling window), counter name (a calendar window's key, or `roll:<period>:<bucket>`)
+local function count(key, w0, nw, amt, hour)
+  local fields = {'n', 'lo:h'}
+  for j = w0, w0 + 3 * (nw - 1), 3 do fields[#fields + 1] = ARGV[j] end
   local vals = redis.call('HMGET', key, unpack(fields))
   local n = tonumber(vals[1]) or 0
-  local new_hour = not vals[3]
-  local top = incr(key, 'h' .. string.format('%d', hour) .. '#', amt)
+  local top, new_hour = incr(key, 'h' .. ARGV[3] .. '#', amt)
   local set, stale = {}, {}
   local lo_h = tonumber(vals[2])
   if not lo_h or hour < lo_h then
-    set[#set + 1] = 'lo:h' set[#set + 1] = string.format('%d', hour)
+    set[#set + 1] = 'lo:h' set[#set + 1] = ARGV[3]
+    new_hour = true  -- the hash may be new
   elseif hour - %(keep)d > lo_h then
     local last = math.min(hour - %(keep)d - 1, lo_h + 50)
-    for x = lo_h, last do for i = 0, n - 1 do stale[#stale + 1] = 'h' .. string.format('%d', x) .. '#' .. i end end
+    for x = lo_h, last do for i = 0, n - 1 do stale[#stale + 1] = 'h' .. string.format('%d', x) .. '#' .. dig(i) end end
     set[#set + 1] = 'lo:h' set[#set + 1] = string.format('%d', last + 1)
   end
-  for wi, w in ipairs(windows) do
-    local mark, prev = vals[2 + 2 * wi], vals[3 + 2 * wi]
-    if w.rolling then
-      local lo = tonumber(mark)
-      if lo then
-        top = math.max(top, incr(key, w.k .. ':' .. string.format('%d', w.bucket) .. '#', amt))
-        if w.bucket < lo then
-          set[#set + 1] = 'lo:' .. w.p set[#set + 1] = string.format('%d', w.bucket)
-        elseif w.bucket - 61 >= lo then
+  for wi = 1, nw do
+    local mark = vals[2 + wi]
+    if mark then  -- tracked
+      local j = w0 + 3 * (wi - 1)
+      local f = ARGV[j + 2]
+      top = math.max(top, (incr(key, f .. '#', amt)))
+      if ARGV[j + 1] == '' then
+        local k, b = string.match(f, '^(.*):(%d+)$')
+        local bucket, lo = tonumber(b), tonumber(mark)
+        if bucket < lo then
+          set[#set + 1] = ARGV[j] set[#set + 1] = b
+        elseif bucket - 61 >= lo then
           -- fields exist only from lo to lo + 60 (older buckets were dropped when lo moved)
-          for b = lo, math.min(w.bucket - 61, lo + 120) do
-            for i = 0, n - 1 do stale[#stale + 1] = w.k .. ':' .. string.format('%d', b) .. '#' .. i end
+          for bb = lo, math.min(bucket - 61, lo + 120) do
+            for i = 0, n - 1 do stale[#stale + 1] = k .. ':' .. string.format('%d', bb) .. '#' .. dig(i) end
           end
-          set[#set + 1] = 'lo:' .. w.p set[#set + 1] = string.format('%d', w.bucket - 60)
+          set[#set + 1] = ARGV[j] set[#set + 1] = string.format('%d', bucket - 60)
         end
-      end
-    elseif mark then
-      top = math.max(top, incr(key, w.k .. '#', amt))
-      if mark < w.k then  -- a newer window of this period (keys sort by time)
-        if prev then for i = 0, n - 1 do stale[#stale + 1] = prev .. '#' .. i end end
-        set[#set + 1] = 'cur:' .. w.p set[#set + 1] = w.k
-        set[#set + 1] = 'prev:' .. w.p set[#set + 1] = mark
+      elseif mark < f then  -- a newer window of this period (keys sort by time)
+        local prev = redis.call('HGET', key, ARGV[j + 1])
+        if prev then for i = 0, n - 1 do stale[#stale + 1] = prev .. '#' .. dig(i) end end
+        set[#set + 1] = ARGV[j] set[#set + 1] = f
+        set[#set + 1] = ARGV[j + 1] set[#set + 1] = mark
       end
     end
   end
@@ -405,66 +429,72 @@ local function count(key, windows, amt, hour)
 end
 """
 
-# ARGV: now, id, amount limbs, hour, done key, ledger key, ledger entry (JSON), #checks, then per
-#   check: z, h, c, #windows (-1: the previous check's), then per window its counter's name (a
-#   calendar window's key, or `roll:<period>:<bucket>`)
-COMMIT = _script(COUNT + """
-local now, id = num(), arg()
-local amt = limbs_arg()
-local hour, done, ledger, entry = num(), KEYS[num()], KEYS[num()], arg()
+# KEYS: done, ledger, then per check z, h, c. ARGV: now, id, hour, ledger entry (JSON), the amount's
+# limbs (their number, then each as a decimal string, lowest first), #checks, then per check:
+# #windows (-1: the previous check's), then its windows (3 values each, as `count` reads them)
+COMMIT = _script(_DIG, _LIMBS, _DROP, _COUNT, """
+local now, id, hour = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
+local m = tonumber(ARGV[5])
+local amt = {}
+for i = 1, m do amt[i] = ARGV[5 + i] end
 -- counted once per `done` (the settlement's transaction): a second hold for the same payment
 -- (a resend that took over a stalled claim, and recovery of the first) is only dropped
-local first = redis.call('SET', done, '1', 'NX', 'EX', 604800)
-local windows = {}
-for _ = 1, num() do
-  local z, h, key = KEYS[num()], KEYS[num()], KEYS[num()]
-  drop(z, h, id, now)
-  local nw = num()
-  if nw >= 0 then  -- else: the same windows as the check before
-    windows = {}
-    for wi = 1, nw do
-      local f = arg()
-      local p, b = string.match(f, '^(roll:[^:]+):(%d+)$')
-      if p then
-        windows[wi] = {rolling = true, p = p, k = p, bucket = tonumber(b)}
-      else
-        windows[wi] = {rolling = false, p = string.match(f, '^[^:]+'), k = f, bucket = 0}
-      end
-    end
+local first = redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800)
+local a = 7 + m
+local w0, nw = a, 0
+for ci = 1, tonumber(ARGV[6 + m]) do
+  drop(KEYS[3 * ci], KEYS[3 * ci + 1], id, now)
+  local k = tonumber(ARGV[a])
+  a = a + 1
+  if k >= 0 then  -- else: the same windows as the check before
+    w0, nw = a, k
+    a = a + 3 * k
   end
-  if first then count(key, windows, amt, hour) end
+  if first then count(KEYS[3 * ci + 2], w0, nw, amt, hour) end
 end
 if not first then return 0 end
-redis.call('ZADD', ledger, now, entry)
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4])
 return 1
 """)
 
-# ARGV: now, id, #checks, then per check: z, h
-RELEASE = _script("""
-local now, id = num(), arg()
-for _ = 1, num() do drop(KEYS[num()], KEYS[num()], id, now) end
+# KEYS: per check z, h. ARGV: now, id
+RELEASE = _script(_DIG, _LIMBS, _DROP, """
+local now, id = tonumber(ARGV[1]), ARGV[2]
+for ci = 1, #KEYS / 2 do drop(KEYS[2 * ci - 1], KEYS[2 * ci], id, now) end
 return 1
 """)
 
 # Pin a live hold: its expiry score becomes +inf, which the sweep never reaches, and the keys lose
-# their TTL until the last pinned hold of the scope is dropped (`p` counts them). 0, writing
-# nothing, when the hold is gone or expired in any scope (its budget may be another call's now).
-# ARGV: now, id, #checks, then per check: z, h
-PIN = _script("""
-local now, id = num(), arg()
-local checks = {}
-for ci = 1, num() do checks[ci] = {z = KEYS[num()], h = KEYS[num()]} end
-for _, c in ipairs(checks) do
-  local s = redis.call('ZSCORE', c.z, id)
-  if (not s) or tonumber(s) <= now or not redis.call('HGET', c.h, hid(id)) then return 0 end
+# their TTL until the last pinned hold of the scope is dropped (`p` counts them: the first one
+# persists the keys, and nothing gives them a TTL again while `p` is above 0). 0, writing nothing,
+# when the hold is gone or expired in any scope (its budget may be another call's now).
+# KEYS: per check z, h. ARGV: now, id
+PIN = _script(_DIG, """
+local now, id = tonumber(ARGV[1]), ARGV[2]
+local n = #KEYS / 2
+local pins = {}
+for ci = 1, n do
+  local s = redis.call('ZSCORE', KEYS[2 * ci - 1], id)
+  if not s then return 0 end
+  local v = redis.call('HMGET', KEYS[2 * ci], 'h:' .. id, 'p')
+  if not v[1] then return 0 end
+  if s ~= 'inf' then  -- pinning twice counts once
+    if tonumber(s) <= now then return 0 end
+    pins[ci] = tonumber(v[2]) or 0
+  end
 end
-for _, c in ipairs(checks) do
-  if redis.call('ZSCORE', c.z, id) ~= 'inf' then  -- pinning twice counts once
-    redis.call('ZADD', c.z, '+inf', id)
-    redis.call('HINCRBY', c.h, 'p', 1)
-    redis.call('HSET', c.h, 'e', 1e15)  -- far off: a reserve does not renew (shorten) the keys' life
-    redis.call('PERSIST', c.z)
-    redis.call('PERSIST', c.h)
+for ci = 1, n do
+  local p = pins[ci]
+  if p then
+    local z, h = KEYS[2 * ci - 1], KEYS[2 * ci]
+    redis.call('ZADD', z, '+inf', id)
+    if p > 0 then
+      redis.call('HSET', h, 'p', dig(p + 1))
+    else
+      redis.call('HSET', h, 'p', '1', 'e', '1000000000000000')  -- far off: a reserve does not renew (shorten) the keys' life
+      redis.call('PERSIST', z)
+      redis.call('PERSIST', h)
+    end
   end
 end
 return 1
@@ -472,19 +502,30 @@ return 1
 
 RATE = _script("""
 local r = cjson.decode(ARGV[1])
-local ok, wait = bucket(KEYS[1], r, r.now, r.take)
-if ok then return {1, '0'} end
-return {0, tostring(wait)}
+local key, now = KEYS[1], r.now
+local st = redis.call('HMGET', key, 'tokens', 'ts', 'p')
+local cap = r.burst
+if cap <= 0 then cap = r.per_minute end
+local per_s = r.per_minute / 60.0
+local tokens = math.min(cap, (tonumber(st[1]) or cap) + math.max(0, now - (tonumber(st[2]) or now)) * per_s)
+if tokens < 1 then return {0, tostring((1 - tokens) / per_s)} end
+if r.take then
+  redis.call('HSET', key, 'tokens', tokens - 1, 'ts', now)
+  -- never shortens the holds' TTL, nor gives one to keys a pinned hold keeps
+  if (tonumber(st[3]) or 0) <= 0 and redis.call('TTL', key) < 3600 then redis.call('EXPIRE', key, 3600) end
+end
+return {1, '0'}
 """)
 
-# ARGV: now, hour, then one check as RESERVE has it (without the rate key). Returns the held total's
-# limbs, then each window's: each list as its length, then its limbs.
-USAGE = _script("""
-local now, hour = num(), num()
-local c = read_check(false)
+# KEYS: z, h, c. ARGV: now, hour, then one check as RESERVE has it. Returns the held total's limbs,
+# then each window's: each list as its length, then its limbs.
+USAGE = _script(_DIG, _LIMBS, _HOLDS, _CHECKS, """
+local now, hour = tonumber(ARGV[1]), tonumber(ARGV[2])
+local c = read_checks(3, 1)[1]
 local held = holds(c.z, c.h, now, '')
 local out = {#held, unpack(held)}
 for _, s in ipairs(spent(c, hour)) do
+  s = normalize(s, #s)
   out[#out + 1] = #s
   for _, x in ipairs(s) do out[#out + 1] = x end
 end

@@ -25,17 +25,6 @@ from storage import BackendErrors, RedisClient, redis_from_url
 _errors = BackendErrors(BudgetStoreUnavailableError)
 
 
-class _Keys:
-    """Collects KEYS for a script and hands out their 1-based indexes."""
-
-    def __init__(self) -> None:
-        self.keys: list[str] = []
-
-    def add(self, key: str) -> int:
-        self.keys.append(key)
-        return len(self.keys)
-
-
 def _limbs(amount: int) -> list[int]:
     """An amount as the scripts take it: its length, then its base-10^9 limbs, lowest first."""
     out = []
@@ -49,13 +38,33 @@ def _from_limbs(limbs: list[int]) -> int:
     return sum(int(x) * lua.LIMB**i for i, x in enumerate(limbs))
 
 
-def _window_args(w: Window, *, limit: bool) -> list[str | int | float]:
-    """rolling, period (the markers' name), key (the calendar window's, or the rolling period's:
-    its buckets are `key:<bucket>`), bucket[, bucket_s, first hour, limit]."""
-    out: list[str | int | float] = [int(w.rolling), w.key if w.rolling else w.period, w.key, w.bucket]
-    if limit:
-        out += [w.bucket_s or 1, int(w.start // 3600), *_limbs(w.limit)]
-    return out
+def _window_args(w: Window) -> tuple[int, str, str, int, int, int, str]:
+    """A window as RESERVE and USAGE take it (budgets/lua.py): rolling, its marker field, its key
+    (a calendar window's, or the rolling period's: its buckets are `key:<bucket>`), bucket,
+    bucket_s, first hour, limit."""
+    return (int(w.rolling), f"lo:{w.key}" if w.rolling else f"cur:{w.period}", w.key, w.bucket, w.bucket_s or 1,
+            int(w.start // 3600), str(w.limit))
+
+
+def _limbs_to_read(windows: tuple[Window, ...]) -> int:
+    """As many limbs as the longest limit has (a counter with more shows in the hash's `n`, and the
+    script reads again)."""
+    top = max((w.limit for w in windows), default=0)
+    return max(1, (len(str(top)) + 8) // 9) if top else 1
+
+
+def _commit_window_args(w: Window) -> tuple[str, str, str]:
+    """A window as COMMIT takes it: its marker field, the previous window's marker field ('' for a
+    rolling window), its counter's name."""
+    if w.rolling:
+        return f"lo:{w.key}", "", f"{w.key}:{w.bucket}"
+    return f"cur:{w.period}", f"prev:{w.period}", w.key
+
+
+def _limb_strings(amount: int) -> list[str | int]:
+    """The amount's limbs for COMMIT: their number, then each as a decimal string, lowest first."""
+    limbs = _limbs(amount)
+    return [limbs[0], *(str(x) for x in limbs[1:])]
 
 
 def _merge_counters(src: dict[str, str], dst: dict[str, str]) -> dict[str, str | int]:
@@ -114,6 +123,9 @@ class RedisBudgetStore:
         self._rate = client.register_script(lua.RATE)
         self._usage = client.register_script(lua.USAGE)
         self._indexed: set[str] = set()  # tags known to be in the ledger's index
+        # windows as the scripts take them, per tuple of windows (the enforcer's WindowCache hands
+        # out the same tuple until a window moves on): keyed by id, the tuple kept to check it
+        self._wargs: dict[tuple[int, bool], tuple[tuple[Window, ...], list[str | int | float]]] = {}
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "x402b:") -> RedisBudgetStore:
@@ -122,16 +134,29 @@ class RedisBudgetStore:
     def _k(self, scope: Scope, suffix: str) -> str:
         return f"{self._p}b:{{{scope.tag}}}:{scope.name}:{suffix}"
 
-    def _check_args(self, c: Check, keys: _Keys, *, rate: bool | None, limits: bool = True) -> list[str | int | float]:
-        """z, h, c[, 1, per_minute, burst | 0], #windows, windows (`rate` None: no rate flag)."""
-        out: list[str | int | float] = [keys.add(self._k(c.scope, "rz")), keys.add(self._k(c.scope, "rh")),
-                                        keys.add(self._k(c.scope, "c"))]
-        if rate is not None:
-            out += [1, c.rate.per_minute, c.rate.burst] if rate and c.rate is not None else [0]
-        out.append(len(c.windows))
-        for w in c.windows:
-            out += _window_args(w, limit=limits)
+    def _windows_args(self, windows: tuple[Window, ...], commit: bool) -> list[str | int | float]:
+        hit = self._wargs.get((id(windows), commit))
+        if hit is not None and hit[0] is windows:
+            return hit[1]
+        out: list[str | int | float] = []
+        if commit:
+            out.append(len(windows))
+            for w in windows:
+                out += _commit_window_args(w)
+        else:
+            out += [_limbs_to_read(windows), len(windows)]
+            for w in windows:
+                out += _window_args(w)
+        if len(self._wargs) >= 1024:
+            self._wargs.clear()
+        self._wargs[(id(windows), commit)] = (windows, out)
         return out
+
+    def _check_args(self, c: Check, keys: list[str], *, rate: bool) -> list[str | int | float]:
+        """Its keys z, h, c go to `keys`; returns per_minute, burst, limbs to read, #windows, windows."""
+        keys += [self._k(c.scope, "rz"), self._k(c.scope, "rh"), self._k(c.scope, "c")]
+        out: list[str | int | float] = [c.rate.per_minute, c.rate.burst] if rate and c.rate is not None else [0, 0]
+        return out + self._windows_args(c.windows, False)
 
     @_errors
     async def _run(self, script, keys: list[str], args: list[str | int | float]):
@@ -139,12 +164,12 @@ class RedisBudgetStore:
 
     async def reserve(self, checks: list[Check], amount: int, reservation_id: str, *, now: float,
                       hold_s: float) -> Refusal | None:
-        keys = _Keys()
+        keys: list[str] = []
         args: list[str | int | float] = [repr(now), repr(now + hold_s), int(hold_s) + 3600, reservation_id,
-                                         str(amount), *_limbs(amount), int(now // 3600), len(checks)]
+                                         str(amount), int(now // 3600), len(checks)]
         for c in checks:
             args += self._check_args(c, keys, rate=True)
-        res = await self._run(self._reserve, keys.keys, args)
+        res = await self._run(self._reserve, keys, args)
         if res[0] == "ok":
             return None
         check = checks[int(res[1]) - 1]
@@ -162,21 +187,19 @@ class RedisBudgetStore:
                      *, now: float, once: str | None = None) -> bool:
         """Counts in the windows of `checks` that the scope is limited by (tracked); pass every
         period's window (the enforcer's `for_commit`), so a period tracked since is counted too."""
-        keys = _Keys()
         tag_scope = checks[0].scope
-        args: list[str | int | float] = [
-            repr(now), reservation_id, *_limbs(amount), int(now // 3600),
-            keys.add(self._k(tag_scope, f"done:{once or reservation_id}")), keys.add(f"{self._p}b:{{{tag_scope.tag}}}:ledger"),
-            _entry_json(entry), len(checks)]
+        keys = [self._k(tag_scope, f"done:{once or reservation_id}"), f"{self._p}b:{{{tag_scope.tag}}}:ledger"]
+        args: list[str | int | float] = [repr(now), reservation_id, int(now // 3600), _entry_json(entry),
+                                         *_limb_strings(amount), len(checks)]
         previous: tuple[Window, ...] | None = None
         for c in checks:
-            args += [keys.add(self._k(c.scope, "rz")), keys.add(self._k(c.scope, "rh")), keys.add(self._k(c.scope, "c"))]
-            if c.windows == previous:  # the enforcer's commit: every scope has the same windows
+            keys += [self._k(c.scope, "rz"), self._k(c.scope, "rh"), self._k(c.scope, "c")]
+            if c.windows is previous or c.windows == previous:  # the enforcer's commit: the same windows
                 args.append(-1)
             else:
-                args += [len(c.windows), *(f"{w.key}:{w.bucket}" if w.rolling else w.key for w in c.windows)]
+                args += self._windows_args(c.windows, True)
             previous = c.windows
-        res = await self._run(self._commit, keys.keys, args)
+        res = await self._run(self._commit, keys, args)
         if tag_scope.tag not in self._indexed:
             try:
                 await self._r.sadd(f"{self._p}ledger:tags", tag_scope.tag)
@@ -189,11 +212,10 @@ class RedisBudgetStore:
         return res == 1
 
     def _holds_args(self, checks: list[Check], reservation_id: str, now: float) -> tuple[list[str], list[str | int | float]]:
-        keys = _Keys()
-        args: list[str | int | float] = [repr(now), reservation_id, len(checks)]
+        keys: list[str] = []
         for c in checks:
-            args += [keys.add(self._k(c.scope, "rz")), keys.add(self._k(c.scope, "rh"))]
-        return keys.keys, args
+            keys += [self._k(c.scope, "rz"), self._k(c.scope, "rh")]
+        return keys, [repr(now), reservation_id]
 
     async def release(self, checks: list[Check], reservation_id: str, *, now: float) -> None:
         await self._run(self._release, *self._holds_args(checks, reservation_id, now))
@@ -213,9 +235,9 @@ class RedisBudgetStore:
         return await self._bucket(scope, rate, now, True)
 
     async def usage(self, check: Check, *, now: float) -> list[BudgetUsage]:
-        keys = _Keys()
-        args = [repr(now), int(now // 3600), *self._check_args(check, keys, rate=None)]
-        res = [int(x) for x in await self._run(self._usage, keys.keys, args)]
+        keys: list[str] = []
+        args = [repr(now), int(now // 3600), *self._check_args(check, keys, rate=False)]
+        res = [int(x) for x in await self._run(self._usage, keys, args)]
         lists, i = [], 0
         while i < len(res):
             lists.append(res[i + 1:i + 1 + res[i]])

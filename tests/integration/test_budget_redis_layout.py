@@ -211,6 +211,49 @@ async def test_a_pinned_hold_outlives_its_expiry_and_its_keys_get_their_ttl_back
     assert total == summed == 700
 
 
+async def test_a_second_pinned_hold_and_the_rate_bucket_leave_the_keys_without_ttl(store: RedisBudgetStore) -> None:
+    """Only a scope's first pinned hold persists its keys; while `p` is above 0 nothing gives them a
+    TTL again (not a reserve, not the rate bucket), and the last one to go gives it back."""
+    s = scope("0xp3")
+    check = Check(s, tuple(resolve_windows([Limit(period="day", amount=1000)], T0, UTC)))
+    z, h = store._k(s, "rz"), store._k(s, "rh")
+    for rid in ("a", "b"):
+        assert await store.reserve([check], 100, rid, now=T0, hold_s=30) is None
+        assert await store.pin([check], rid, 100, now=T0 + 1)
+    assert await store._r.hget(h, "p") == "2"
+    await store.rate_take(s, RateLimit(per_minute=60), now=T0 + 2)
+    assert await store._r.ttl(z) == await store._r.ttl(h) == -1
+    await store.release([check], "a", now=T0 + 3)
+    assert await store._r.ttl(z) == await store._r.ttl(h) == -1
+    assert await store.commit([check], "b", 100, entry("b", 100, T0 + 4), now=T0 + 4)
+    assert 0 < await store._r.ttl(z) and 0 < await store._r.ttl(h)
+    assert await store._r.hget(h, "p") is None
+
+
+@pytest.mark.parametrize("limit", [2**80, 10**27 + 1, 4 * 10**21 + 3, 10**9, 1])
+async def test_room_is_decided_exactly_at_the_limit_whatever_the_limbs(store: RedisBudgetStore, limit: int) -> None:
+    """A reserve decides on doubles only when the sum is clearly below the limit: one base unit
+    more than the room is refused, the room itself fits, for limits past 2^53 and within it, with
+    spend, holds and the amount spread over several limbs."""
+    s = scope(f"0xe{limit % 997}")
+    check = Check(s, tuple(resolve_windows([Limit(period="day", amount=limit)], T0, UTC)))
+    spent, held = limit // 3, limit // 5
+    if spent:
+        assert await store.reserve([check], spent, "spent", now=T0, hold_s=60) is None
+        assert await store.commit([Check(s, tuple(commit_windows([], T0, UTC)))], "spent", spent,
+                                  entry("spent", spent, T0), now=T0)
+    if held:
+        assert await store.reserve([check], held, "held", now=T0, hold_s=60) is None
+    room = limit - spent - held
+    refused = await store.reserve([check], room + 1, "over", now=T0, hold_s=60)
+    assert refused is not None and refused.reason == "budget_exceeded" and refused.remaining == room
+    assert await store.reserve([check], room, "fits", now=T0, hold_s=60) is None
+    refused = await store.reserve([check], 1, "one more", now=T0, hold_s=60)
+    assert refused is not None and refused.remaining == 0
+    zero = Check(s, tuple(resolve_windows([Limit(period="day", amount=0)], T0, UTC)))
+    assert (await store.reserve([zero], 1, "zero", now=T0, hold_s=60)) is not None
+
+
 async def test_a_payment_is_counted_once_per_transaction_whichever_hold_commits(store: RedisBudgetStore) -> None:
     s = scope("0xp2")
     check = Check(s, tuple(resolve_windows([Limit(period="day", amount=1000)], T0, UTC)))
