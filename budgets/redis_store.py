@@ -268,13 +268,15 @@ class RedisBudgetStore:
             await self._r.hset(dst_c, mapping=merged)
             await self._r.expire(dst_c, lua.COUNTERS_TTL_S)
             await self._r.delete(src_c)
-        old_h, new_h = self._k(old, "rh"), self._k(new, "rh")
+        old_h, new_h, new_z = self._k(old, "rh"), self._k(new, "rh"), self._k(new, "rz")
         holds = cast(list[tuple[str, float]], await self._r.zrange(self._k(old, "rz"), 0, -1, withscores=True))
         amounts = cast(dict[str, str], await self._r.hgetall(old_h))
+        pinned = 0
         for hold_id, expires in holds:
             if f"h:{hold_id}" in amounts:
-                await self._r.zadd(self._k(new, "rz"), {hold_id: expires})
+                await self._r.zadd(new_z, {hold_id: expires})
                 await self._r.hset(new_h, f"h:{hold_id}", amounts[f"h:{hold_id}"])
+                pinned += expires == float("inf")
         await self._r.delete(self._k(old, "rz"), old_h)
         # the new scope's running total, from its holds (an admin operation: a sum is fine here);
         # 'x' goes, so the next reserve sweeps by score
@@ -283,7 +285,14 @@ class RedisBudgetStore:
         if held or await self._r.exists(new_h):
             await self._r.hset(new_h, "t", ",".join(str(x) for x in _limbs(held)[1:]))
             await self._r.hset(new_h, "x", "0")
-            await self._r.expire(new_h, max(await self._r.ttl(new_h), 3600))
+            if pinned:  # moved pinned holds keep the keys alive as PIN has it (budgets/lua.py)
+                await self._r.hincrby(new_h, "p", pinned)
+                await self._r.hset(new_h, "e", "1000000000000000")
+            if int(moved.get("p", 0)) + pinned > 0:
+                await self._r.persist(new_h)
+                await self._r.persist(new_z)
+            else:
+                await self._r.expire(new_h, max(await self._r.ttl(new_h), 3600))
 
     def _pk(self, kind: str, id: str, network: str, asset: str) -> str:
         return f"{self._p}pol:{kind}:{id.lower() if kind == 'agent' else id}:{network}:{asset.lower()}"

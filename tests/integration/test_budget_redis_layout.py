@@ -267,3 +267,21 @@ async def test_a_payment_is_counted_once_per_transaction_whichever_hold_commits(
     assert (u.spent, u.reserved) == (100, 0)
     assert len(await store.ledger(agent=None, start=T0 - 1, end=T0 + 1, limit=10)) == 1
     assert 0 < await store._r.ttl(store._k(s, "rz"))
+
+
+async def test_pinned_holds_moved_to_a_new_group_keep_their_keys_alive(store: RedisBudgetStore) -> None:
+    """An agent changes group while a settlement is pinned under it: the moved hold still counts
+    as pinned (`p`), the new scope's keys have no TTL until it goes, and then they get one."""
+    old, new = Scope("agent", "0xm1", NET, ASSET, "a:0xm1"), Scope("agent", "0xm1", NET, ASSET, "g:team")
+    windows = tuple(resolve_windows([Limit(period="day", amount=1000)], T0, UTC))
+    assert await store.reserve([Check(old, windows)], 300, "asked", now=T0, hold_s=30) is None
+    assert await store.pin([Check(old, windows)], "asked", 300, now=T0 + 1)
+    await store.move_spend(old, new, windows)
+    z, h = store._k(new, "rz"), store._k(new, "rh")
+    assert await store._r.hget(h, "p") == "1"
+    assert await store._r.ttl(z) == await store._r.ttl(h) == -1
+    (u,) = await store.usage(Check(new, windows), now=T0 + 30 * 86400)
+    assert u.reserved == 300
+    assert await store.commit([Check(new, windows)], "asked", 300, entry("asked", 300, T0 + 50), now=T0 + 50)
+    assert await store._r.hget(h, "p") is None
+    assert 0 < await store._r.ttl(h)
