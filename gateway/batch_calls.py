@@ -11,7 +11,9 @@
   returns the rest in one transaction (claimWithSignature + refundWithSignature).
 
 Nothing is charged when the upstream fails (the hold is released and the voucher's extra amount
-stays unclaimable, because claims never go above what was charged). Budgets reserve and commit
+stays unclaimable, because claims never go above what was charged). A call's hold on its channel
+is short (`call_lease_s`) and renewed every third of it while the call runs: a replica killed
+mid-call frees the channel within seconds, and a call however long keeps it. Budgets reserve and commit
 per call like any paid call. A cumulative-amount mismatch answers a corrective 402 carrying the
 channel's state and the last voucher the payer signed, as the spec asks.
 """
@@ -101,6 +103,46 @@ def envelope(inner: dict[str, Any], requirement: PaymentRequirements) -> Payment
     return PaymentPayload(x402_version=2, payload=inner, accepted=requirement)
 
 
+class HoldRenewal:
+    """Keeps a call's hold on its channel alive, every third of the lease, until stopped (for at
+    most MAX_CALL_S: a call whose end was never seen, such as a stream whose client left before
+    its first byte, must not keep its channel forever). Nothing runs for a call shorter than a
+    third of the lease (a timer, then one task)."""
+
+    MAX_CALL_S = 3600.0
+
+    def __init__(self, store: ChannelStore, channel_id: str, holder: str, lease_s: float) -> None:
+        self.store = store
+        self.channel_id = channel_id
+        self.holder = holder
+        self.lease_s = lease_s
+        self._until = time.monotonic() + self.MAX_CALL_S
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(lease_s / 3, self._start)
+
+    def _start(self) -> None:
+        self._timer = None
+        self._task = asyncio.ensure_future(self._renew())
+
+    async def _renew(self) -> None:
+        while time.monotonic() < self._until:
+            try:
+                if not await self.store.renew(self.channel_id, holder=self.holder, until=time.time() + self.lease_s):
+                    log.warning("batch_hold_not_ours", extra={"channel": self.channel_id, "request_id": self.holder})
+                    return
+            except ChannelStoreUnavailableError as exc:  # next time; the hold may lapse meanwhile
+                log.warning("batch_hold_not_renewed", extra={"channel": self.channel_id, "error": str(exc)})
+            await asyncio.sleep(self.lease_s / 3)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+
 class BatchCalls:
     def __init__(self, store: ChannelStore, facilitator: FacilitatorClient, budgets: BudgetHook,
                  challenges: Challenges, forward: Forward, background: set[asyncio.Task[Any]], *,
@@ -156,21 +198,22 @@ class BatchCalls:
             channel = await self.store.get(channel_id) or self._fresh(call, config, channel_id)
             return self.corrective(call, channel, mismatch)
         # One round trip: the compare-and-set is the check (a voucher continues from what was charged).
-        outcome, held = await self._hold(channel_id, voucher, price, batch)
+        outcome, held = await self._hold(call, channel_id, voucher, price, batch)
         if outcome == HoldOutcome.MISSING and kind == "voucher":
             await self.adopt(call, channel_id)  # no record here: the chain's state is the baseline
-            outcome, held = await self._hold(channel_id, voucher, price, batch)
+            outcome, held = await self._hold(call, channel_id, voucher, price, batch)
         if outcome == HoldOutcome.MISMATCH and held is not None:
             return await self.owed(call, held, voucher) or self.corrective(call, held, mismatch)
         if outcome != HoldOutcome.OK:
             raise GatewayError(*_REFUSALS[outcome], offer=call.offer)
-        return await self.serve(call, config.payer, channel_id, "0x" + voucher.signature.hex(), price, settled)
+        renewal = HoldRenewal(self.store, channel_id, call.request_id, batch.call_lease_s)
+        return await self.serve(call, config.payer, channel_id, "0x" + voucher.signature.hex(), price, settled, renewal)
 
-    async def _hold(self, channel_id: str, voucher: SignedVoucher, price: int,
+    async def _hold(self, call: PaidCall, channel_id: str, voucher: SignedVoucher, price: int,
                     batch: BatchChannels) -> tuple[HoldOutcome, Channel | None]:
         return await self.store.hold(channel_id, charged=voucher.max_claimable - price, voucher_max=voucher.max_claimable,
                                      signature="0x" + voucher.signature.hex(), amount=price, now=time.time(),
-                                     lease_s=batch.call_lease_s)
+                                     lease_s=batch.call_lease_s, holder=call.request_id)
 
     # -- the channel a call is for -------------------------------------------------------------
 
@@ -230,7 +273,7 @@ class BatchCalls:
     # -- serving -------------------------------------------------------------------------------
 
     async def serve(self, call: PaidCall, payer: str, channel_id: str, signature: str, price: int,
-                    deposit: SettleResponse | None) -> Response:
+                    deposit: SettleResponse | None, renewal: HoldRenewal) -> Response:
         """Forward the held call and charge it: the price, or on a metered route what was used
         (at most the price, the voucher's per-call maximum)."""
         assert isinstance(call.requirement, PaymentRequirements)
@@ -240,11 +283,12 @@ class BatchCalls:
                                               call.offer.model, call.request_id)
             upstream, first, content = await self.forward(call)
         except BaseException:
-            await asyncio.shield(self._nothing(channel_id, hold))
+            renewal.stop()
+            await asyncio.shield(self._nothing(call, channel_id, hold))
             raise
         metered = call.offer.token_price is not None
         if metered and content is None:  # a metered stream: charged after its last token
-            stream = self._metered_stream(call, channel_id, hold, deposit, first, upstream)
+            stream = self._metered_stream(call, channel_id, hold, deposit, first, upstream, renewal)
             return StreamingResponse(forwarded_stream(call.request, stream), status_code=upstream.status,
                                      headers=dict(response_headers(upstream)) | {"Cache-Control": "no-store"})
         charge, details = (metered_charge(call.offer, call.requirement, usage_from_body(content or b""))
@@ -255,7 +299,12 @@ class BatchCalls:
                                   "body": base64.b64encode(content).decode(), "charge": str(charge),
                                   "deposit": deposit.model_dump(by_alias=True, exclude_none=True) if deposit else None,
                                   "at": time.time()}).decode()  # fmt: skip
-        channel = await asyncio.shield(self._charge(call, channel_id, hold, charge, deposit, details, reply, signature))
+        charged = await asyncio.shield(self._charge(call, channel_id, hold, charge, deposit, details, renewal, reply,
+                                                    signature))
+        if charged is None:
+            upstream.release()
+            return await self.hold_lost(call, channel_id)
+        channel = charged
         if self.exit_after_charge and random.random() < self.exit_after_charge:
             os._exit(70)
         headers = dict(response_headers(upstream)) | payment_response_header(call.payload,
@@ -302,14 +351,36 @@ class BatchCalls:
             log.warning("batch_reply_not_marked_delivered", extra={"channel": channel_id})
 
     async def _charge(self, call: PaidCall, channel_id: str, hold: Any, charge: int, deposit: SettleResponse | None,
-                      details: dict[str, Any], reply: str = "", signature: str = "") -> Channel:
-        channel = await self.store.commit(channel_id, charge=charge, reply=reply, voucher=signature)
+                      details: dict[str, Any], renewal: HoldRenewal, reply: str = "",
+                      signature: str = "") -> Channel | None:
+        """None: the call's hold lapsed and another call took the channel; nothing was charged."""
+        try:
+            channel = await self.store.commit(channel_id, charge=charge, holder=call.request_id, reply=reply,
+                                              voucher=signature)
+        finally:
+            renewal.stop()
+        if channel is None:
+            log.error("batch_hold_lost", extra={"channel": channel_id, "request_id": call.request_id})
+            if hold is not None:
+                await self.budgets.release(hold)
+            return None
         await self.budgets.commit(hold, charge, deposit.transaction if deposit else "", call.request_id,
                                   {"scheme": "batch-settlement", "channel": channel_id, **details})
         return channel
 
+    async def hold_lost(self, call: PaidCall, channel_id: str) -> Response:
+        """The call ran past its hold (not renewed: the store was away, or the process stalled)
+        and another call took the channel: it was not charged, and its answer is not served."""
+        channel = await self.store.get(channel_id)
+        if channel is None:
+            raise GatewayError(R.INVALID_BATCH_SETTLEMENT_EVM_CHANNEL_NOT_FOUND.value, "the channel is gone",
+                               offer=call.offer)
+        return self.corrective(call, channel, "this call's hold on the channel lapsed and another call took it: it "
+                                              "was not charged; sign the next voucher from what was charged")
+
     async def _metered_stream(self, call: PaidCall, channel_id: str, hold: Any, deposit: SettleResponse | None,
-                              first: bytes, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+                              first: bytes, upstream: aiohttp.ClientResponse,
+                              renewal: HoldRenewal) -> AsyncIterator[bytes]:
         """The stream flows as it comes (the channel stays held, so the voucher's maximum backs
         it); its usage is charged when it ends, reported in a final `event: x402.payment`."""
         assert isinstance(call.requirement, PaymentRequirements)
@@ -325,16 +396,18 @@ class BatchCalls:
         finally:
             charge, details = metered_charge(call.offer, call.requirement, meter.usage,
                                              cut=cut or not finished or not meter.complete)
-            task = asyncio.ensure_future(self._charge(call, channel_id, hold, charge, deposit, details))
+            task = asyncio.ensure_future(self._charge(call, channel_id, hold, charge, deposit, details, renewal))
             if not finished:  # the client left: the charge completes in the background
                 self.background.add(task)
                 task.add_done_callback(self.background.discard)
         channel = await asyncio.shield(task)
+        if channel is None:  # delivered and not charged (the hold lapsed, logged): no receipt to give
+            return
         receipt = receipt_fields(call, channel, charge, deposit)
         yield b"event: x402.payment\ndata: " + orjson.dumps(receipt | details) + b"\n\n"
 
-    async def _nothing(self, channel_id: str, hold: Any) -> None:
-        await self.store.release(channel_id)
+    async def _nothing(self, call: PaidCall, channel_id: str, hold: Any) -> None:
+        await self.store.release(channel_id, holder=call.request_id)
         if hold is not None:
             await self.budgets.release(hold)
 
@@ -357,13 +430,15 @@ class BatchCalls:
         channel = await self.store.mirror(channel, now=time.time())
         outcome, _ = await self.store.hold(channel_id, charged=channel.charged, voucher_max=voucher.max_claimable,
                                            signature="0x" + voucher.signature.hex(), amount=1, now=time.time(),
-                                           lease_s=batch.call_lease_s)
+                                           lease_s=batch.call_lease_s, holder=call.request_id)
         if outcome not in (HoldOutcome.OK, HoldOutcome.WITHDRAWING):
             raise GatewayError(*_REFUSALS[outcome], offer=call.offer)
+        renewal = HoldRenewal(self.store, channel_id, call.request_id, batch.call_lease_s)
         try:
             settled = await self._refund(call, batch, channel, voucher)
         finally:
-            await asyncio.shield(self.store.release(channel_id))
+            renewal.stop()
+            await asyncio.shield(self.store.release(channel_id, holder=call.request_id))
         return Response(orjson.dumps({"refunded": settled.amount, "channel": channel_id}), media_type="application/json",
                         headers=payment_response_header(call.payload, settled))
 

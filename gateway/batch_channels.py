@@ -6,7 +6,10 @@ withdrawal, the refund nonce) and the call in flight (`held`). Every replica ser
 channel: a call takes the channel with one compare-and-set in one round trip (a Lua script on
 Redis, one IMMEDIATE transaction on SQLite) that checks the voucher continues exactly from what
 was charged, fits the balance, and that no other call holds the channel; there is no
-process-local lock. A hold whose replica died expires (`hold_until`) and the channel serves again.
+process-local lock. A hold belongs to its call (`holder`): it is short and renewed while the call
+runs, so a hold whose replica died lapses within seconds and the channel serves again; a call
+whose hold lapsed and was taken by another is not charged (its commit finds the hold gone) and
+never releases the other call's hold.
 
 The channel manager's coordination lives here too: a lease (one replica claims at a time) and
 the journal of the claim in flight (a claim whose outcome is unknown is sent again, unchanged,
@@ -15,6 +18,8 @@ until it is terminal: the facilitator keys it by its signed batch, so it lands o
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
 from dataclasses import dataclass
 from enum import StrEnum
@@ -62,6 +67,7 @@ class Channel:
     held: int = 0  # the call in flight's worst case
     hold_until: float = 0.0
     synced_at: float = 0.0
+    holder: str = ""  # the call in flight (its request id)
 
     def snapshot(self) -> dict[str, Any]:
         """`extra.channelState` of a payment response (the spec's field names)."""
@@ -78,7 +84,7 @@ def _channel_from(fields: dict[str, str]) -> Channel:
         id=fields["id"], network=fields["network"], asset=fields["asset"], payer=fields["payer"], route=fields["route"],
         config=fields["config"], requirement=fields["requirement"], signature=fields.get("signature", ""),
         hold_until=float(fields.get("hold_until", "0")), synced_at=float(fields.get("synced_at", "0")),
-        **{name: int(fields.get(name, "0")) for name in _INT_FIELDS},
+        holder=fields.get("holder", ""), **{name: int(fields.get(name, "0")) for name in _INT_FIELDS},
     )  # fmt: skip
 
 
@@ -90,16 +96,24 @@ class ChannelStore(Protocol):
         ...
 
     async def hold(self, id: str, *, charged: int, voucher_max: int, signature: str, amount: int, now: float,
-                   lease_s: float) -> tuple[HoldOutcome, Channel | None]:
-        """Take the channel for one call of `amount` paid by a voucher for `voucher_max`: only if
-        no call holds it, `charged` is what was charged, the voucher fits the balance and no
-        withdrawal is pending. The voucher is kept (a signed voucher is never lost)."""
+                   lease_s: float, holder: str = "") -> tuple[HoldOutcome, Channel | None]:
+        """Take the channel for one call (`holder`) of `amount` paid by a voucher for
+        `voucher_max`, until `now + lease_s` unless renewed: only if no call holds it, `charged`
+        is what was charged, the voucher fits the balance and no withdrawal is pending. The
+        voucher is kept (a signed voucher is never lost)."""
         ...
 
-    async def commit(self, id: str, *, charge: int, reply: str = "", voucher: str = "") -> Channel:
-        """The call is over: `charge` (at most the hold) is added to what was charged. `reply`:
-        the call's answer, kept with it (for the voucher `voucher`, its signature) until
-        `delivered`: a resend of that voucher after a crash or a cut gets it (owed_reply)."""
+    async def renew(self, id: str, *, holder: str, until: float) -> bool:
+        """Extend `holder`'s hold to `until`; False if the channel is not held by it any more."""
+        ...
+
+    async def commit(self, id: str, *, charge: int, holder: str = "", reply: str = "",
+                     voucher: str = "") -> Channel | None:
+        """The call is over: `charge` (at most the hold) is added to what was charged, if the
+        channel is still held by `holder` (else None, nothing charged: its hold lapsed and
+        another call took the channel). `reply`: the call's answer, kept with it (for the
+        voucher `voucher`, its signature) until `delivered`: a resend of that voucher after a
+        crash or a cut gets it (owed_reply)."""
         ...
 
     async def delivered(self, id: str, *, voucher: str) -> None:
@@ -110,8 +124,8 @@ class ChannelStore(Protocol):
         """The answer kept for `voucher` and not yet delivered, if any."""
         ...
 
-    async def release(self, id: str) -> None:
-        """The call is over and charged nothing."""
+    async def release(self, id: str, *, holder: str = "") -> None:
+        """The call is over and charged nothing (the channel is freed only if `holder` holds it)."""
         ...
 
     async def claimed(self, id: str, *, total: int) -> None: ...
@@ -155,7 +169,7 @@ redis.call('HSET', c, 'balance', ARGV[1], 'total_claimed', claimed, 'charged', c
 return redis.call('HGETALL', c)
 """
 
-# ARGV: charged, voucher_max, signature, amount, now, hold_until
+# ARGV: charged, voucher_max, signature, amount, now, hold_until, holder
 _HOLD = BIGNUM + """
 local c = KEYS[1]
 if redis.call('EXISTS', c) == 0 then return {'missing'} end
@@ -165,22 +179,33 @@ end
 if redis.call('HGET', c, 'withdraw_at') ~= '0' then return {'withdrawing'} end
 if cmp(redis.call('HGET', c, 'charged'), ARGV[1]) ~= 0 then return {'mismatch', redis.call('HGETALL', c)} end
 if cmp(ARGV[2], redis.call('HGET', c, 'balance')) > 0 then return {'exceeds', redis.call('HGETALL', c)} end
-redis.call('HSET', c, 'held', ARGV[4], 'hold_until', ARGV[6])
+redis.call('HSET', c, 'held', ARGV[4], 'hold_until', ARGV[6], 'holder', ARGV[7])
 if cmp(ARGV[2], redis.call('HGET', c, 'signed_max')) > 0 then
   redis.call('HSET', c, 'signed_max', ARGV[2], 'signature', ARGV[3])
 end
 return {'ok', redis.call('HGETALL', c)}
 """
 
-# KEYS: channel, its kept reply. ARGV: charge, reply, voucher signature, reply TTL (ms)
+# KEYS: channel, its kept reply. ARGV: charge, reply, voucher signature, reply TTL (ms), holder
 _COMMIT = BIGNUM + """
 local c = KEYS[1]
-redis.call('HSET', c, 'charged', add(redis.call('HGET', c, 'charged'), ARGV[1]), 'held', '0', 'hold_until', '0')
+local v = redis.call('HMGET', c, 'held', 'holder', 'charged')
+if v[1] == false or v[1] == '0' or (v[2] or '') ~= ARGV[5] then return false end
+redis.call('HSET', c, 'charged', add(v[3], ARGV[1]), 'held', '0', 'hold_until', '0', 'holder', '')
 if ARGV[2] ~= '' then
   redis.call('HSET', KEYS[2], 'voucher', ARGV[3], 'reply', ARGV[2])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 return redis.call('HGETALL', c)
+"""
+
+# ARGV: holder, then until (renew) or nothing (release)
+_HELD_BY = """
+local v = redis.call('HMGET', KEYS[1], 'held', 'holder')
+if v[1] == false or v[1] == '0' or (v[2] or '') ~= ARGV[1] then return 0 end
+if ARGV[2] then redis.call('HSET', KEYS[1], 'hold_until', ARGV[2])
+else redis.call('HSET', KEYS[1], 'held', '0', 'hold_until', '0', 'holder', '') end
+return 1
 """
 
 _DELIVERED = """
@@ -213,6 +238,7 @@ class RedisChannelStore:
         self._mirror = client.register_script(_MIRROR)
         self._hold = client.register_script(_HOLD)
         self._commit = client.register_script(_COMMIT)
+        self._held_by = client.register_script(_HELD_BY)
         self._delivered = client.register_script(_DELIVERED)
         self._claimed = client.register_script(_CLAIMED)
         self._lease = client.register_script(_LEASE)
@@ -237,15 +263,21 @@ class RedisChannelStore:
         return _channel_from(hash_fields(reply))
 
     async def hold(self, id: str, *, charged: int, voucher_max: int, signature: str, amount: int, now: float,
-                   lease_s: float) -> tuple[HoldOutcome, Channel | None]:
+                   lease_s: float, holder: str = "") -> tuple[HoldOutcome, Channel | None]:
         reply = await self._call(self._hold(keys=[self._k(id)], args=[
-            str(charged), str(voucher_max), signature, str(amount), repr(now), repr(now + lease_s)]))
+            str(charged), str(voucher_max), signature, str(amount), repr(now), repr(now + lease_s), holder]))
         outcome = HoldOutcome(reply[0])
         return outcome, (_channel_from(hash_fields(reply[1])) if len(reply) > 1 else None)
 
-    async def commit(self, id: str, *, charge: int, reply: str = "", voucher: str = "") -> Channel:
-        return _channel_from(hash_fields(await self._call(self._commit(
-            keys=[self._k(id), self._reply_key(id)], args=[str(charge), reply, voucher, REPLY_TTL_MS]))))
+    async def renew(self, id: str, *, holder: str, until: float) -> bool:
+        return bool(await self._call(self._held_by(keys=[self._k(id)], args=[holder, repr(until)])))
+
+    async def commit(self, id: str, *, charge: int, holder: str = "", reply: str = "",
+                     voucher: str = "") -> Channel | None:
+        # the kept reply is written only if the charge is (in the same script)
+        fields = await self._call(self._commit(keys=[self._k(id), self._reply_key(id)],
+                                               args=[str(charge), reply, voucher, REPLY_TTL_MS, holder]))
+        return _channel_from(hash_fields(fields)) if fields else None
 
     async def delivered(self, id: str, *, voucher: str) -> None:
         await self._call(self._delivered(keys=[self._reply_key(id)], args=[voucher]))
@@ -254,8 +286,8 @@ class RedisChannelStore:
         kept, reply = await self._call(self._r.hmget(self._reply_key(id), ["voucher", "reply"]))
         return reply if kept == voucher and reply else None
 
-    async def release(self, id: str) -> None:
-        await self._call(self._r.hset(self._k(id), mapping={"held": "0", "hold_until": "0"}))
+    async def release(self, id: str, *, holder: str = "") -> None:
+        await self._call(self._held_by(keys=[self._k(id)], args=[holder]))
 
     async def claimed(self, id: str, *, total: int) -> None:
         await self._call(self._claimed(keys=[self._k(id)], args=[str(total)]))
@@ -304,11 +336,12 @@ CREATE TABLE IF NOT EXISTS batch_journal (name TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS batch_replies (id TEXT PRIMARY KEY, voucher TEXT, reply TEXT, until REAL);
 """
 _COLS = ("id, network, asset, payer, route, config, requirement, charged, signed_max, signature, balance, total_claimed,"
-         " withdraw_at, refund_nonce, held, hold_until, synced_at")
+         " withdraw_at, refund_nonce, held, hold_until, synced_at, holder")
 
 
 # What a channel's calls change; the rest (config, requirement, …) never changes once written.
-_MUTABLE = "charged, signed_max, signature, balance, total_claimed, withdraw_at, refund_nonce, held, hold_until, synced_at"
+_MUTABLE = ("charged, signed_max, signature, balance, total_claimed, withdraw_at, refund_nonce, held, hold_until, synced_at,"
+            " holder")
 
 
 def _gt(a: str, b: str) -> str:
@@ -320,26 +353,29 @@ def _gt(a: str, b: str) -> str:
 # does not go through is retried in a transaction that tells why; a commit whose `charged` is not
 # the one this process held (it always is, unless the store was changed under it) too. In SET,
 # every expression reads the row as it was before the update.
-_HOLD_FAST = (f"UPDATE batch_channels SET held = :amount, hold_until = :until, "
+_HOLD_FAST = (f"UPDATE batch_channels SET held = :amount, hold_until = :until, holder = :holder, "
               f"signed_max = CASE WHEN {_gt(':vmax', 'signed_max')} THEN :vmax ELSE signed_max END, "
               f"signature = CASE WHEN {_gt(':vmax', 'signed_max')} THEN :sig ELSE signature END "
               f"WHERE id = :id AND (held = '0' OR hold_until <= :now) AND withdraw_at = 0 AND charged = :charged "
               f"AND NOT {_gt(':vmax', 'balance')} RETURNING {_MUTABLE}")
-_COMMIT_FAST = (f"UPDATE batch_channels SET charged = :new, held = '0', hold_until = 0 WHERE id = :id AND charged = :old "
-                f"RETURNING {_MUTABLE}")
+_COMMIT_FAST = (f"UPDATE batch_channels SET charged = :new, held = '0', hold_until = 0, holder = '' WHERE id = :id "
+                f"AND charged = :old AND held != '0' AND holder = :holder RETURNING {_MUTABLE}")
 
 
 def _channel_of(r: Any) -> Channel:
     return Channel(id=r[0], network=r[1], asset=r[2], payer=r[3], route=r[4], config=r[5], requirement=r[6],
                    charged=int(r[7]), signed_max=int(r[8]), signature=r[9], balance=int(r[10]),
                    total_claimed=int(r[11]), withdraw_at=int(r[12]), refund_nonce=int(r[13]), held=int(r[14]),
-                   hold_until=float(r[15]), synced_at=float(r[16]))
+                   hold_until=float(r[15]), synced_at=float(r[16]), holder=r[17] or "")
 
 
 class SQLiteChannelStore:
     def __init__(self, path: str) -> None:
         with _errors:
             self._db = connect_sqlite(path, _SCHEMA)
+            if "holder" not in {r[1] for r in self._db.execute("PRAGMA table_info(batch_channels)")}:
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it meanwhile
+                    self._db.execute("ALTER TABLE batch_channels ADD COLUMN holder TEXT NOT NULL DEFAULT ''")
         self._held: dict[str, int] = {}  # channel -> what was charged when this process took it
         self._fixed: dict[str, tuple[Any, ...]] = {}  # channel -> its columns that never change
 
@@ -376,7 +412,7 @@ class SQLiteChannelStore:
             row = self._row(c.id)
             if row is None:
                 self._db.execute(
-                    f"INSERT INTO batch_channels ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0', '', ?, ?, ?, ?, '0', 0, ?)",
+                    f"INSERT INTO batch_channels ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, '0', '', ?, ?, ?, ?, '0', 0, ?, '')",
                     (c.id, c.network, c.asset, c.payer, c.route, c.config, c.requirement, str(c.total_claimed),
                      str(c.balance), str(c.total_claimed), c.withdraw_at, str(c.refund_nonce), now))
             else:
@@ -389,10 +425,11 @@ class SQLiteChannelStore:
         return self._tx(run)
 
     async def hold(self, id: str, *, charged: int, voucher_max: int, signature: str, amount: int, now: float,
-                   lease_s: float) -> tuple[HoldOutcome, Channel | None]:
+                   lease_s: float, holder: str = "") -> tuple[HoldOutcome, Channel | None]:
         with _errors:
             r = self._db.execute(_HOLD_FAST, {"id": id, "amount": str(amount), "until": now + lease_s, "now": now,
-                                              "vmax": str(voucher_max), "sig": signature, "charged": str(charged)}).fetchone()
+                                              "vmax": str(voucher_max), "sig": signature, "charged": str(charged),
+                                              "holder": holder}).fetchone()
         if r is not None:
             self._held[id] = charged
             return HoldOutcome.OK, self._mutated(id, r)
@@ -409,33 +446,42 @@ class SQLiteChannelStore:
                 return HoldOutcome.MISMATCH, c
             if voucher_max > c.balance:
                 return HoldOutcome.EXCEEDS, c
-            self._set(id, held=amount, hold_until=now + lease_s)
+            self._set(id, held=amount, hold_until=now + lease_s, holder=holder)
             if voucher_max > c.signed_max:
                 self._set(id, signed_max=voucher_max, signature=signature)
             return HoldOutcome.OK, self._row(id)
         return self._tx(run)
 
-    async def commit(self, id: str, *, charge: int, reply: str = "", voucher: str = "") -> Channel:
+    async def renew(self, id: str, *, holder: str, until: float) -> bool:
+        with _errors:
+            return self._db.execute("UPDATE batch_channels SET hold_until = ? WHERE id = ? AND held != '0' AND holder = ?",
+                                    (until, id, holder)).rowcount == 1
+
+    async def commit(self, id: str, *, charge: int, holder: str = "", reply: str = "",
+                     voucher: str = "") -> Channel | None:
         if reply:
-            # Kept before the charge, each statement atomic: a crash between leaves a reply for a
-            # voucher not charged, which the voucher's resend (held and served as new) replaces.
+            # Kept before the charge, each statement atomic: a crash between (or a hold found
+            # lapsed) leaves a reply for a voucher not charged, which the voucher's resend (held
+            # and served as new) replaces.
             with _errors:
                 self._db.execute("INSERT OR REPLACE INTO batch_replies (id, voucher, reply, until) VALUES (?, ?, ?, ?)",
                                  (id, voucher, reply, time.time() + REPLY_TTL_MS / 1000))
         old = self._held.pop(id, None)
         if old is not None:
             with _errors:
-                r = self._db.execute(_COMMIT_FAST, {"id": id, "old": str(old), "new": str(old + charge)}).fetchone()
+                r = self._db.execute(_COMMIT_FAST, {"id": id, "old": str(old), "new": str(old + charge),
+                                                    "holder": holder}).fetchone()
             if r is not None:
                 return self._mutated(id, r)
 
-        def run() -> Channel:
+        def run() -> Channel | None:
             c = self._row(id)
-            assert c is not None
-            self._set(id, charged=c.charged + charge, held=0, hold_until=0.0)
-            found = self._row(id)
-            assert found is not None
-            return found
+            if c is None or c.held == 0 or c.holder != holder:
+                if reply:  # not charged: nothing is owed for it
+                    self._db.execute("DELETE FROM batch_replies WHERE id = ? AND voucher = ?", (id, voucher))
+                return None
+            self._set(id, charged=c.charged + charge, held=0, hold_until=0.0, holder="")
+            return self._row(id)
         return self._tx(run)
 
     async def delivered(self, id: str, *, voucher: str) -> None:
@@ -448,9 +494,11 @@ class SQLiteChannelStore:
                              (id, voucher, time.time())).fetchone()
         return None if r is None or not r[0] else str(r[0])
 
-    async def release(self, id: str) -> None:
+    async def release(self, id: str, *, holder: str = "") -> None:
         self._held.pop(id, None)
-        self._tx(lambda: self._set(id, held=0, hold_until=0.0))
+        with _errors:
+            self._db.execute("UPDATE batch_channels SET held = '0', hold_until = 0, holder = '' WHERE id = ? AND held != '0'"
+                             " AND holder = ?", (id, holder))
 
     async def claimed(self, id: str, *, total: int) -> None:
         def run() -> None:

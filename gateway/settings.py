@@ -281,7 +281,9 @@ class BatchChannels(_Model):
     settle_interval_s: float = Field(default=120.0, gt=0)
     max_claims_per_batch: int = Field(default=100, ge=1, le=100)
     sync_interval_s: float = Field(default=30.0, gt=0, description="re-read channels on chain (withdrawals)")
-    call_lease_s: float = Field(default=120.0, gt=0, description="a call's hold on its channel, if its replica died")
+    # A call's hold on its channel, renewed every third of it while the call runs: a replica
+    # killed mid-call leaves the channel busy for at most this long.
+    call_lease_s: float = Field(default=15.0, ge=1, description="a call's hold on its channel, if its replica died")
     manager_lease_s: float = Field(default=30.0, gt=0, description="a dead replica's manager is taken over after this")
 
     @field_validator("receiver_authorizer_key")

@@ -134,3 +134,31 @@ async def test_an_answer_kept_with_its_charge_is_owed_until_delivered(store: Cha
     await store.commit(c.id, charge=5)
     assert await store.owed_reply(c.id, voucher="0xv3") is None
     assert await store.owed_reply(c.id, voucher="0xv2") == '{"body": "answer two"}'
+
+
+async def test_a_hold_is_its_calls_own_renewed_while_it_runs(store: ChannelStore, clock: TestClock) -> None:
+    """A live call renews its hold however long it runs; a call whose hold lapsed and was taken by
+    another is not charged (commit None, and no answer kept for its voucher), and neither its
+    release nor its renewal touches the other call's hold."""
+    now = clock()
+    c = await channel(store, now)
+    ok = HoldOutcome.OK
+    assert (await store.hold(c.id, charged=0, voucher_max=5, signature="0xa", amount=5, now=now, lease_s=2,
+                             holder="call-a"))[0] == ok
+    assert await store.renew(c.id, holder="call-a", until=now + 10)
+    assert not await store.renew(c.id, holder="call-x", until=now + 60)
+    assert (await store.hold(c.id, charged=0, voucher_max=5, signature="0xb", amount=5, now=now + 5, lease_s=2,
+                             holder="call-b"))[0] == HoldOutcome.BUSY  # renewed past its first lease
+    # call-a stalls: its hold lapses, call-b takes the channel from the same charged amount
+    assert (await store.hold(c.id, charged=0, voucher_max=5, signature="0xb", amount=5, now=now + 11, lease_s=2,
+                             holder="call-b"))[0] == ok
+    assert await store.commit(c.id, charge=5, holder="call-a", reply='{"body": "a"}', voucher="0xa") is None
+    assert await store.owed_reply(c.id, voucher="0xa") is None
+    await store.release(c.id, holder="call-a")
+    assert not await store.renew(c.id, holder="call-a", until=now + 60)
+    got = await store.get(c.id)
+    assert got is not None and (got.charged, got.held, got.holder) == (0, 5, "call-b")
+    done = await store.commit(c.id, charge=5, holder="call-b")
+    assert done is not None and (done.charged, done.held) == (5, 0)
+    assert await store.commit(c.id, charge=5, holder="call-b") is None  # committed once
+    assert not await store.renew(c.id, holder="call-b", until=now + 60)  # over: nothing to renew

@@ -497,3 +497,42 @@ async def test_a_replica_dead_after_charging_a_voucher_owes_its_answer_once(stac
     assert third.status_code == 200
     assert decoded(third.headers["PAYMENT-RESPONSE"])["extra"]["channelState"]["chargedCumulativeAmount"] == \
         str(3 * price)
+
+
+async def test_a_call_longer_than_its_lease_keeps_its_channel_and_a_replay_meanwhile_is_refused(
+        devchain_file: str, redis_server: Any, devchain: dict, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """call_lease_s is 1 s and the upstream takes 3.5 s: the call renews its hold, so the very same
+    voucher sent to the other replica meanwhile is refused (without renewal the lapsed hold would
+    have let it in: two answers for one price), and the call itself is served and charged once."""
+    procs = Processes(devchain_file, tmp_path_factory.mktemp("batch-lease"))
+    payer = derived("lease-payer")
+    fund(devchain, payer)
+    asset, price = devchain["tokens"]["OPG"]["address"], PRICE["OPG"]
+    try:
+        upstream = procs.upstream()
+        path = procs.log_dir / "lease.json"
+        batch_config(path, devchain, devchain_file, upstream.url, redis_server.url, derived("lease-payee").address)
+        doc = json.loads(path.read_text())
+        doc["routes"][0]["batch"] |= {"call_lease_s": 1.0}
+        path.write_text(json.dumps(doc))
+        env = {"GATEWAY_STORE_PREFIX": f"batch-lease:{uuid.uuid4().hex[:8]}:gw:"}
+        a, b = (procs.gateway(upstream.url, redis_server.url, config=str(path), env=env) for _ in range(2))
+        client, _ = official_client(payer, asset)
+        async with x402HttpxClient(client, timeout=30) as http:
+            assert (await http.post(a.url + CHAT, json=CHAT_BODY)).status_code == 200  # the deposit's call
+        ch = Channel(devchain, payer, await offered(a.url, asset))
+        voucher = ch.payment(2 * price)
+        async with httpx.AsyncClient(timeout=30) as http:
+            slow = asyncio.ensure_future(http.post(a.url + CHAT, json=CHAT_BODY, headers={
+                "PAYMENT-SIGNATURE": voucher, "X-Devupstream-Fault": "slow:3500"}))
+            await asyncio.sleep(2.5)  # well past the first lease
+            replay = await http.post(b.url + CHAT, json=CHAT_BODY, headers={"PAYMENT-SIGNATURE": voucher})
+            assert replay.status_code == 402 and b"Echo" not in replay.content, replay.text
+            assert decoded(replay.headers["PAYMENT-REQUIRED"])["error"] == "invalid_batch_settlement_evm_channel_busy"
+            served = await slow
+        assert served.status_code == 200, served.text
+        assert decoded(served.headers["PAYMENT-RESPONSE"])["extra"]["channelState"]["chargedCumulativeAmount"] \
+            == str(2 * price)
+        assert (await post(b.url, ch.payment(3 * price))).status_code == 200  # charged exactly 2 prices so far
+    finally:
+        procs.stop_all()
