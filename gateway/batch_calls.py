@@ -103,6 +103,39 @@ def envelope(inner: dict[str, Any], requirement: PaymentRequirements) -> Payment
     return PaymentPayload(x402_version=2, payload=inner, accepted=requirement)
 
 
+class HeldStream(StreamingResponse):
+    """A stream that holds its channel until it ends. Its body charges (or releases) in its own
+    `finally`; but a client gone before the body began (Starlette then never starts it) would
+    leave the hold and the budget taken: `unstarted` frees them."""
+
+    def __init__(self, content: AsyncIterator[bytes], unstarted: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        self.began = False
+        self._unstarted = unstarted
+
+        async def body() -> AsyncIterator[bytes]:
+            self.began = True
+            try:
+                async for chunk in content:
+                    yield chunk
+            finally:  # a client gone mid-stream: the body's own `finally` (its charge) runs now
+                close = getattr(content, "aclose", None)
+                if close is not None:
+                    await close()
+
+        super().__init__(body(), **kwargs)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.began:
+                await asyncio.shield(self._unstarted())
+            else:  # ended, or cut (the client left, a send failed): its `finally` charges now, not at GC
+                close = getattr(self.body_iterator, "aclose", None)
+                if close is not None:
+                    await asyncio.shield(close())
+
+
 class HoldRenewal:
     """Keeps a call's hold on its channel alive, every third of the lease, until stopped (for at
     most MAX_CALL_S: a call whose end was never seen, such as a stream whose client left before
@@ -289,8 +322,14 @@ class BatchCalls:
         metered = call.offer.token_price is not None
         if metered and content is None:  # a metered stream: charged after its last token
             stream = self._metered_stream(call, channel_id, hold, deposit, first, upstream, renewal)
-            return StreamingResponse(forwarded_stream(call.request, stream), status_code=upstream.status,
-                                     headers=dict(response_headers(upstream)) | {"Cache-Control": "no-store"})
+
+            async def unstarted() -> None:  # the client left before the stream began: nothing to charge
+                renewal.stop()
+                upstream.release()
+                await self._nothing(call, channel_id, hold)
+
+            return HeldStream(forwarded_stream(call.request, stream), unstarted, status_code=upstream.status,
+                              headers=dict(response_headers(upstream)) | {"Cache-Control": "no-store"})
         charge, details = (metered_charge(call.offer, call.requirement, usage_from_body(content or b""))
                            if metered else (price, {}))
         reply = ""

@@ -125,3 +125,48 @@ async def test_a_vouchers_kept_answer_is_marked_delivered_only_if_its_client_was
     with pytest.raises(OSError):
         await OwedAnswer(b"answer", status_code=200, headers={}, delivered=delivered)(SCOPE, receive, broken)
     assert marks == ["delivered"]
+
+
+async def test_a_held_stream_whose_client_left_before_it_began_frees_its_hold() -> None:
+    """A metered voucher stream charges in its body's `finally`; Starlette never starts the body of
+    a client already gone (ASGI 2.3, uvicorn's), so HeldStream frees the hold itself. A stream that
+    began runs its own `finally` instead, also when cut."""
+    from gateway.batch_calls import HeldStream
+
+    ended: list[str] = []
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield b"data: 1\n\n"
+            yield b"data: 2\n\n"
+        finally:
+            ended.append("charged")
+
+    async def unstarted() -> None:
+        ended.append("released")
+
+    async def slow_send(message: dict) -> None:
+        await asyncio.sleep(0)  # the disconnect listener runs before the body begins
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+    await HeldStream(body(), unstarted, status_code=200)(scope, gone, slow_send)
+    assert ended == ["released"]
+
+    ended.clear()
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    await HeldStream(body(), unstarted, status_code=200)(scope, receive, send)
+    assert ended == ["charged"] and sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+
+    ended.clear()
+
+    async def cut(message: dict) -> None:
+        if message.get("body") == b"data: 2\n\n":
+            raise OSError("connection reset")
+
+    with pytest.raises(OSError):
+        await HeldStream(body(), unstarted, status_code=200)(scope, receive, cut)
+    assert ended == ["charged"]
