@@ -25,6 +25,7 @@ from budgets.windows import WindowCache
 
 log = logging.getLogger("budgets.enforcer")
 POLICY_CACHE_S = 1.0  # how stale a policy may be on the hot path (suspension takes effect within 1 s)
+PIN_MARGIN_S = 60.0  # a hold left unpinned outlives its caller's promise by at least this
 
 
 def _unavailable(exc: Exception) -> Refusal:
@@ -178,13 +179,19 @@ class BudgetEnforcer:
             if c.rate is not None:
                 self.rates.took(c.scope, c.rate, now)
         return Hold(id=request_id, agent=payer, network=network, asset=asset.lower(), amount=amount, route=route,
-                    model=model, group=policy.group)
+                    model=model, group=policy.group, reserved_at=now)
 
-    async def pin(self, hold: Hold) -> None:
-        """Settlement is about to be asked for: the hold never expires on its own from here on.
-        A hold that expired meanwhile (a slow upstream) is reserved again first, against the
-        limits as they are now. Raises Refusal when it does not fit any more (budget_exceeded) or
-        the store cannot be reached (503): then nothing is settled."""
+    async def pin(self, hold: Hold, *, within_s: float | None = None) -> None:
+        """Settlement is about to be asked for: the hold must not expire on its own before it is
+        committed or released. With `within_s` (the caller ends the hold within that long, or
+        hands it to someone who pins it), a hold that outlives it by a margin is left as it is: no
+        round trip. Otherwise it is pinned (never expires on its own); a hold that expired
+        meanwhile (a slow upstream) is reserved again first, against the limits as they are now.
+        Raises Refusal when it does not fit any more (budget_exceeded) or the store cannot be
+        reached (503): then nothing is settled."""
+        if within_s is not None and hold.reserved_at and \
+                self.clock() + within_s + PIN_MARGIN_S < hold.reserved_at + self.hold_s:
+            return
         try:
             policy, group = await self._commit_policies(hold)
             now = self.clock()

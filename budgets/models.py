@@ -187,6 +187,7 @@ class Hold:
     route: str
     model: str | None
     group: str | None = None
+    reserved_at: float = 0.0  # the enforcer's clock when reserved (0: unknown, as if long ago)
 
 
 class BudgetReason(StrEnum):

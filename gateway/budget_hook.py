@@ -1,7 +1,8 @@
 """Where budgets plug into the payment flow. The gateway calls `precheck` before any signature
 work, `reserve` after verification, `pin` right before settlement is asked for (the hold then
-never expires on its own), and exactly one of `commit` (settled) or `release` (anything else) per
-hold. `NoBudgets` enforces nothing; `budgets.enforcer.BudgetEnforcer` is the real one."""
+does not expire on its own before it ends: pinned, unless it outlives the settlement anyway), and
+exactly one of `commit` (settled) or `release` (anything else) per hold. `NoBudgets` enforces
+nothing; `budgets.enforcer.BudgetEnforcer` is the real one."""
 
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ class BudgetHook(Protocol):
         """Raise Refusal if `amount` does not fit every budget that applies."""
         ...
 
-    async def pin(self, hold: Hold) -> None:
-        """Raise Refusal when the hold cannot be pinned (then settlement is not asked for)."""
+    async def pin(self, hold: Hold, *, within_s: float | None = None) -> None:
+        """Raise Refusal when the hold cannot be pinned (then settlement is not asked for).
+        `within_s`: the caller ends the hold within that long (or hands it over to recovery,
+        which pins it): a hold that outlives that is not pinned (no round trip)."""
         ...
 
     async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str,
@@ -47,7 +50,7 @@ class NoBudgets:
                       request_id: str) -> Hold:
         return Hold(id=request_id, agent=payer, network=network, asset=asset, amount=amount, route=route, model=model)
 
-    async def pin(self, hold: Hold) -> None:
+    async def pin(self, hold: Hold, *, within_s: float | None = None) -> None:
         return None
 
     async def commit(self, hold: Hold, amount: int, tx_hash: str, request_id: str,

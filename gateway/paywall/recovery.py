@@ -26,6 +26,7 @@ from collections.abc import Callable
 
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import SettleResponse
+from gateway.budget_hook import Refusal
 from gateway.intents import Intent, IntentStore, commit_key
 from gateway.paywall.call import load_payment
 from gateway.paywall.settle import RECORD_TTL_S, Settlement
@@ -76,6 +77,13 @@ class Recovery:
         s = self.settlement
         payload, requirement = load_payment(intent.payment)
         route = intent.hold.route
+        # The settling replica pins its hold only when the hold would not outlive it (settle.py
+        # write_ahead): from here on nobody promises to end it soon, so it is pinned now.
+        try:
+            await s.budgets.pin(intent.hold)
+        except Refusal as exc:  # expired and given away, or the store is away: what settled is committed anyway
+            log.warning("settlement_intent_hold_not_pinned", extra={"request_id": intent.request_id,
+                                                                     "reason": exc.reason})
         if await self._never_asked(intent):
             return await self._release(intent, "never_settled")
         try:

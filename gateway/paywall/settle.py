@@ -176,14 +176,16 @@ class Settlement:
     async def write_ahead(self, intent: Intent, claim: Claim, hold: Hold) -> None:
         """Record the intent, then pin the hold, before anything is asked of the facilitator. In
         this order: a pinned hold always has an intent that ends it (a replica killed after a pin
-        whose intent was never written would leave the budget held for good). If either cannot be
+        whose intent was never written would leave the budget held for good). A hold that outlives
+        the intent's lease anyway is not pinned (no round trip on the usual paid call): this
+        replica ends it before the lease lapses, or recovery takes the intent and pins it first. If either cannot be
         done (the hold expired and the budget is gone, a store is away), nothing is settled: the
         payment is freed, the hold released and the intent closed (recovery does it if this
         replica dies first: the payment was never asked for); a metered stream already delivered
         its tokens: it is settled all the same."""
         try:
             await self.intents.write(intent, owner=claim.owner, lease_until_ms=claim.now_ms() + self.intent_lease_ms)
-            await self.budgets.pin(hold)
+            await self.budgets.pin(hold, within_s=self.intent_lease_ms / 1000)
         except (Refusal, IntentStoreUnavailableError) as exc:
             log.error("settlement_intent_not_written", extra={"request_id": intent.request_id, "error": str(exc)})
             if intent.delivered:

@@ -552,3 +552,38 @@ async def test_leaving_a_group_keeps_the_agent_s_spend_and_holds(store: BudgetSt
     granted(await reserve(e, agent, 20))  # a call in flight while the operator changes the policy
     await put(e, "agent", agent, limits=[Limit(period="day", amount=100), Limit(period="hour", amount=100, rolling=True)])
     assert refused(await reserve(e, agent, 31), "budget_exceeded").remaining == 30
+
+
+# -- pinning a hold before settlement ------------------------------------------------------------
+
+
+async def test_a_hold_that_outlives_the_settlement_is_not_pinned_and_one_that_may_not_is(store: BudgetStore,
+                                                                                        t0: float) -> None:
+    """pin(within_s): the usual paid call (settled within the intent's lease, far inside hold_s)
+    makes no round trip and the hold keeps its expiry; a hold too close to its expiry for the
+    promise, or a pin without one (recovery's), is pinned: it never expires on its own."""
+    clock = Clock(t0)
+    e = enforcer(store, clock, hold_s=600)
+    agent = wallet()
+    await put(e, "agent", agent, limits=[Limit(period="day", amount=1000)])
+    calls: list[str] = []
+    real_pin = store.pin
+
+    async def counted_pin(*args: object, **kwargs: object) -> bool:
+        calls.append("pin")
+        return await real_pin(*args, **kwargs)  # type: ignore[arg-type]
+
+    store.pin = counted_pin  # type: ignore[method-assign]
+    quick = granted(await reserve(e, agent, 100))
+    clock.t = t0 + 30
+    await e.pin(quick, within_s=60)
+    assert calls == []  # no round trip
+    late = granted(await reserve(e, agent, 200))
+    clock.t = t0 + 30 + 600 - 90  # 90 s of this hold's life left: less than 60 s + the margin
+    await e.pin(late, within_s=60)
+    assert calls == ["pin"]
+    clock.t = t0 + 30 + 600 + 1
+    (u,) = await usage(e, agent)
+    assert u.reserved == 200  # the unpinned one expired; the pinned one never does
+    await e.pin(late)
+    assert calls == ["pin", "pin"]  # without a promise (recovery): always pinned
