@@ -66,15 +66,14 @@ class SQLiteBudgetStore:
                              " WHERE scope = ?", (str(total), scope.name, scope.name))
         return total
 
-    def _add_hold(self, scope: Scope, reservation_id: str, amount: int, expires: float) -> None:
-        """After `_reserved(scope)` in the same transaction (the scope's `held` row exists)."""
+    def _add_hold(self, scope: Scope, reservation_id: str, amount: int, expires: float, held: int) -> None:
+        """After `_reserved(scope)` (which returned `held`) in the same transaction."""
         old = self._db.execute("SELECT amount FROM holds WHERE id = ? AND scope = ?", (reservation_id, scope.name)).fetchone()
         self._db.execute("INSERT OR REPLACE INTO holds (id, scope, amount, expires) VALUES (?, ?, ?, ?)",
                          (reservation_id, scope.name, str(amount), expires))
-        delta = amount - (int(old[0]) if old else 0)  # the same id again: replaced
-        row = self._db.execute("SELECT total FROM held WHERE scope = ?", (scope.name,)).fetchone()
+        total = held + amount - (int(old[0]) if old else 0)  # the same id again: replaced
         self._db.execute("UPDATE held SET total = ?, first = min(coalesce(first, ?), ?) WHERE scope = ?",
-                         (str(int(row[0]) + delta), expires, expires, scope.name))
+                         (str(total), expires, expires, scope.name))
 
     def _drop_hold(self, scope: Scope, reservation_id: str) -> None:
         gone = self._db.execute("DELETE FROM holds WHERE id = ? AND scope = ? RETURNING amount",
@@ -123,8 +122,10 @@ class SQLiteBudgetStore:
     async def reserve(self, checks: list[Check], amount: int, reservation_id: str, *, now: float,
                       hold_s: float) -> Refusal | None:
         with self._tx():
+            held_now: list[int] = []
             for c in checks:
                 held = self._reserved(c.scope, now)
+                held_now.append(held)
                 for w, spent in zip(c.windows, self._spent(c.scope, c.windows), strict=True):
                     used = spent + held
                     if used + amount > w.limit:
@@ -139,10 +140,10 @@ class SQLiteBudgetStore:
                         wait = max(1, int(state.retry_after_s + 0.999))
                         return Refusal("rate_limited", "rate limit reached", status=429, scope=c.scope.name,
                                        retry_after_s=wait, resets_at=now + wait)
-            for c in checks:
+            for c, held in zip(checks, held_now, strict=True):
                 if c.rate is not None:
                     self._bucket(c.scope, c.rate, now, True)
-                self._add_hold(c.scope, reservation_id, amount, now + hold_s)
+                self._add_hold(c.scope, reservation_id, amount, now + hold_s, held)
         return None
 
     async def commit(self, checks: list[Check], reservation_id: str, amount: int, entry: LedgerEntry,
