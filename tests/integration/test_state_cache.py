@@ -268,3 +268,25 @@ async def _head(devchain: dict[str, Any]) -> int:
         return int(rpc.call("eth_blockNumber"), 16)
     finally:
         rpc.close()
+
+
+async def test_a_permit2_nonce_burned_by_its_payer_after_caching_is_refused(devchain: dict[str, Any]) -> None:
+    """A hostile payer signs a payment, then burns its nonce on Permit2 (invalidateUnorderedNonces)
+    while its state is cached: the UnorderedNonceInvalidation event drops it, and the verify that a
+    warm payer would have answered without reading the nonce reads it and refuses."""
+    fac = _facilitator(devchain)
+    chain = next(iter(fac.chains.values()))
+    agent = devchain["accounts"]["agents"][AGENT]
+    try:
+        warm, payment = await _request(devchain, "OPG", 1_000), await _request(devchain, "OPG", 1_000)
+        assert await chain.state.synced_to(0)
+        assert (await fac.verify(warm)).is_valid
+        nonce = int(payment.payment_payload.payload["permit2Authorization"]["nonce"])
+        data = calldata("invalidateUnorderedNonces(uint256,uint256)", ["uint256", "uint256"],
+                        [nonce >> 8, 1 << (nonce & 0xFF)])
+        send_transactions(devchain, [(Account.from_key(agent["private_key"]), devchain["contracts"]["permit2"], data)])
+        assert await chain.state.synced_to(await _head(devchain))
+        refused = await fac.verify(payment)
+        assert not refused.is_valid and refused.invalid_reason == R.PERMIT2_INVALID_NONCE.value, refused
+    finally:
+        await fac.close()
