@@ -138,18 +138,28 @@ async def test_a_read_that_raced_with_an_invalidation_is_not_kept(devchain: dict
         await fac.close()
 
 
-def _cached_balance(chain: Any, symbol: str, devchain: dict[str, Any], who: str) -> int | None:
+def _balance_call(devchain: dict[str, Any], symbol: str, who: str) -> Any:
+    """The balanceOf read a verify makes (as the cache keys it)."""
     from facilitator.evm import contracts
-    from facilitator.evm.eip712 import address_bytes
+    from facilitator.evm.eip712 import address_bytes, checksum_address
     from facilitator.evm.rpc import Call
+
+    token = checksum_address(devchain["tokens"][symbol]["address"])
+    return Call("eth_call", [{"to": token, "data": contracts.balance_of(address_bytes(who))}, "latest"])
+
+
+def _cached_balance(chain: Any, symbol: str, devchain: dict[str, Any], who: str) -> int | None:
     from facilitator.evm.statecache import _key
 
-    token = devchain["tokens"][symbol]["address"]
-    from facilitator.evm.eip712 import checksum_address
-
-    call = Call("eth_call", [{"to": checksum_address(token), "data": contracts.balance_of(address_bytes(who))}, "latest"])
-    hit = chain.state._values.get(_key(call))
+    hit = chain.state._values.get(_key(_balance_call(devchain, symbol, who)))
     return None if hit is None else int(hit[1], 16)
+
+
+async def _settle(fac: Facilitator, payment: VerifyRequest, chain: Any, devchain: dict[str, Any]) -> None:
+    """Settle `payment` through `fac` and wait until `chain`'s cache scanned its block."""
+    settled = await fac.settle(SettleRequest.model_validate(payment.model_dump(by_alias=True)))
+    assert settled.success, settled
+    assert await chain.state.synced_to(await _head(devchain))
 
 
 @pytest.mark.parametrize("symbol", ["USDC", "OPG"])
@@ -192,9 +202,7 @@ async def test_a_nonce_used_elsewhere_after_the_payer_was_cached_is_refused(devc
         warm, payment = await _request(devchain, symbol, 1_000), await _request(devchain, symbol, 1_000)
         assert await chain.state.synced_to(0)
         assert (await ours.verify(warm)).is_valid
-        settled = await other.settle(SettleRequest.model_validate(payment.model_dump(by_alias=True)))
-        assert settled.success, settled
-        assert await chain.state.synced_to(await _head(devchain))
+        await _settle(other, payment, chain, devchain)
         refused = await ours.verify(payment)
         assert not refused.is_valid and refused.invalid_reason in NONCE_USED, refused
     finally:
@@ -214,9 +222,7 @@ async def test_our_own_settlement_keeps_its_payer_warm_and_exact(devchain: dict[
         payment, following = await _request(devchain, symbol, 1_000), await _request(devchain, symbol, 1_000)
         assert await chain.state.synced_to(0)
         assert (await fac.verify(payment)).is_valid
-        settled = await fac.settle(SettleRequest.model_validate(payment.model_dump(by_alias=True)))
-        assert settled.success, settled
-        assert await chain.state.synced_to(await _head(devchain))
+        await _settle(fac, payment, chain, devchain)
         assert _cached_balance(chain, symbol, devchain, agent) == balance_of(devchain, symbol, agent)
         calls = _count_batches(chain)
         assert (await fac.verify(following)).is_valid
@@ -252,14 +258,9 @@ async def test_a_read_stored_while_settling_drops_the_payer_instead_of_applying(
 
 
 def _balance_debit(chain: Any, devchain: dict[str, Any], symbol: str, who: str, amount: int) -> tuple[Any, ...]:
-    from facilitator.evm import contracts
-    from facilitator.evm.eip712 import address_bytes, checksum_address
-    from facilitator.evm.rpc import Call
     from facilitator.evm.statecache import Effect
 
-    token = checksum_address(devchain["tokens"][symbol]["address"])
-    call = Call("eth_call", [{"to": token, "data": contracts.balance_of(address_bytes(who))}, "latest"])
-    return (Effect(call, "debit", amount),)
+    return (Effect(_balance_call(devchain, symbol, who), "debit", amount),)
 
 
 async def _head(devchain: dict[str, Any]) -> int:
