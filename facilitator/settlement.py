@@ -126,7 +126,10 @@ class Settler:
             return self._failure(chain, plan.payer, R.UPTO_FACILITATOR_MISMATCH, "no key for the signer the payment names",
                                  final=True)
 
+        sent: list[str] = []  # every transaction signed for it (a nonce collision signs another)
+
         async def persist(signed: SignedTransaction) -> None:
+            sent.append(signed.tx_hash)
             chain.state.own_tx(signed.tx_hash, plan.payer)
             success = _success(plan, signed.tx_hash, chain.network)
             await self.store.mark_submitted(
@@ -137,7 +140,7 @@ class Settler:
         # While it is in flight, verifies of this payer count its amount as spent; when it ends, the
         # state cache applies its effects to the payer (mined) or drops what it holds about them.
         stamp = chain.state.add_inflight(plan.asset, plan.payer, plan.amount)
-        tx_hash, mined = "", False
+        mined = False
         try:
             try:
                 signed = await chain.sender.send(signer, to=plan.tx_to, data=plan.tx_data, gas=plan.gas, persist=persist)
@@ -145,14 +148,13 @@ class Settler:
                 await self.store.release(key, digest)  # refused, or never sent: nothing is on the network
                 log.warning("settlement_broadcast_rejected", extra={"reason": str(exc), "signer": signer.address})
                 return self._failure(chain, plan.payer, R.UNEXPECTED_SETTLE_ERROR, f"broadcast rejected: {exc}", final=True)
-            tx_hash = signed.tx_hash
             receipt = await chain.sender.wait_receipt(signed.tx_hash, signed.raw, self.receipt_timeout_s)
             resp = await self._conclude(chain, key, digest, plan, signed.tx_hash, receipt)
             mined = resp.success
             return resp
         finally:
             chain.state.settled(plan.asset, plan.payer, plan.amount, stamp=stamp,
-                                effects=plan.effects if mined else (), tx_hash=tx_hash)
+                                effects=plan.effects if mined else (), tx_hashes=sent)
 
     async def _finish_submitted(self, chain: EvmChain, record: SettlementRecord, payer: str) -> SettleResponse:
         receipt = await chain.sender.wait_receipt(record.tx_hash, record.raw_tx, self.receipt_timeout_s)

@@ -206,11 +206,12 @@ class ChainStateCache:
             self._own.popitem(last=False)
 
     def settled(self, asset: str, payer: str, amount: int, *, stamp: int | None = None,
-                effects: Sequence[Effect] = (), tx_hash: str = "") -> None:
+                effects: Sequence[Effect] = (), tx_hashes: Sequence[str] = ()) -> None:
         """A settlement ended (mined, reverted, pending or refused): its amount is no longer
-        subtracted. Its `effects` (a transaction mined with them, `tx_hash`) are applied to what
-        is cached about the payer if nothing about the payer changed since `add_inflight` returned
-        `stamp`; otherwise (or without effects) what we cached about the payer is dropped."""
+        subtracted. Its `effects` (one of `tx_hashes`, the transactions signed for it, was mined
+        with them) are applied to what is cached about the payer if nothing about the payer
+        changed since `add_inflight` returned `stamp`; otherwise (or without effects) what we
+        cached about the payer is dropped, and the events of those transactions drop it again."""
         payer = payer.lower()
         key = (asset.lower(), payer)
         left = self._inflight.get(key, 0) - amount
@@ -220,7 +221,8 @@ class ChainStateCache:
             self._inflight.pop(key, None)
         if effects and stamp is not None and self._changed.get(payer) == stamp and self._apply(payer, effects):
             return
-        self._own.pop(tx_hash.lower(), None)  # its events, if any, must drop the payer again
+        for tx_hash in tx_hashes:
+            self._own.pop(tx_hash.lower(), None)
         self.invalidate(payer)
 
     def _apply(self, payer: str, effects: Sequence[Effect]) -> bool:

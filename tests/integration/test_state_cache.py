@@ -251,7 +251,7 @@ async def test_a_read_stored_while_settling_drops_the_payer_instead_of_applying(
         before = _cached_balance(chain, "USDC", devchain, agent)
         assert before is not None
         plan_effects = _balance_debit(chain, devchain, "USDC", agent, 1_000)
-        chain.state.settled(usdc, agent, 1_000, stamp=stamp, effects=plan_effects, tx_hash="0x" + "ab" * 32)
+        chain.state.settled(usdc, agent, 1_000, stamp=stamp, effects=plan_effects, tx_hashes=["0x" + "ab" * 32])
         assert _cached_balance(chain, "USDC", devchain, agent) is None  # dropped, not debited twice
     finally:
         await fac.close()
