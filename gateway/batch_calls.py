@@ -138,9 +138,8 @@ class HeldStream(StreamingResponse):
 
 class HoldRenewal:
     """Keeps a call's hold on its channel alive, every third of the lease, until stopped (for at
-    most MAX_CALL_S: a call whose end was never seen, such as a stream whose client left before
-    its first byte, must not keep its channel forever). Nothing runs for a call shorter than a
-    third of the lease (a timer, then one task)."""
+    most MAX_CALL_S: should a call's end ever go unseen, its channel is not kept forever). Nothing
+    runs for a call shorter than a third of the lease (a timer, then one task)."""
 
     MAX_CALL_S = 3600.0
 
