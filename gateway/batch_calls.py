@@ -34,7 +34,6 @@ import orjson
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from eth_typing import Hash32
-from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -58,7 +57,7 @@ from gateway.facilitator_client import FacilitatorClient
 from gateway.metering import StreamMeter, usage_from_body
 from gateway.paywall.call import PaidCall
 from gateway.paywall.metered import metered_charge
-from gateway.paywall.responses import Challenges, payment_response_header
+from gateway.paywall.responses import Challenges, client_gone, payment_response_header
 from gateway.proxy import relay, response_headers
 from gateway.settings import BatchChannels
 from gateway.sse_usage import forwarded_stream
@@ -556,7 +555,7 @@ class OwedAnswer(Response):
         self.delivered = delivered
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gone = await Request(scope, receive).is_disconnected()
+        gone = await client_gone(receive)
         await super().__call__(scope, receive, send)
         if not gone:
             await self.delivered()

@@ -132,6 +132,7 @@ _RECORDS_SCHEMA = """
 
 
 _COLUMNS = "key, state, request_fp, lease_until_ms, tx, settle, status, headers, body, cached, payment, delivered, digest, owner"
+_MARKS = ", ".join("?" * 15)  # _COLUMNS and expires_ms
 
 
 class SQLitePaymentRecords:
@@ -153,22 +154,28 @@ class SQLitePaymentRecords:
         self._db.execute("DELETE FROM records WHERE key = ? AND expires_ms > 0 AND expires_ms < ?", (key, now_ms))
         return self._row(key)
 
-    def _write(self, record: PaymentRecord, expires_ms: int) -> None:
-        self._db.execute(
-            f"INSERT OR REPLACE INTO records ({_COLUMNS}, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (record.key, record.state.value, record.request_fp, record.lease_until_ms, record.tx, record.settle,
-             record.status, _encode_headers(record.headers), record.body, int(record.cached), record.payment,
-             int(record.delivered), record.digest, record.owner, expires_ms),
-        )  # fmt: skip
+    @staticmethod
+    def _values(record: PaymentRecord, expires_ms: int) -> tuple[Any, ...]:  # in _COLUMNS' order, then expires_ms
+        return (record.key, record.state.value, record.request_fp, record.lease_until_ms, record.tx, record.settle,
+                record.status, _encode_headers(record.headers), record.body, int(record.cached), record.payment,
+                int(record.delivered), record.digest, record.owner, expires_ms)  # fmt: skip
+
+    def _write(self, record: PaymentRecord, expires_ms: int, *, verb: str = "INSERT OR REPLACE") -> int:
+        return self._db.execute(f"{verb} INTO records ({_COLUMNS}, expires_ms) VALUES ({_MARKS})",
+                                self._values(record, expires_ms)).rowcount
 
     async def begin(self, key: str, request_fp: str, digest: str, *, owner: str, now_ms: int,
                     lease_ms: int) -> PaymentRecord | None:
+        record = PaymentRecord(key=key, state=RecordState.PROCESSING, request_fp=request_fp,
+                               lease_until_ms=now_ms + lease_ms, digest=digest, owner=owner)
+        expires_ms = now_ms + lease_ms * PROCESSING_TTL_LEASES
+        with _errors:  # a payment seen for the first time (the usual case): one statement, atomic
+            if self._write(record, expires_ms, verb="INSERT OR IGNORE") == 1:
+                return None
         with immediate(self._db, RecordStoreUnavailableError):
             existing = self._live_row(key, now_ms)
             if existing is None or (existing.state == RecordState.PROCESSING and existing.lease_until_ms < now_ms):
-                record = PaymentRecord(key=key, state=RecordState.PROCESSING, request_fp=request_fp,
-                                       lease_until_ms=now_ms + lease_ms, digest=digest, owner=owner)
-                self._write(record, now_ms + lease_ms * PROCESSING_TTL_LEASES)
+                self._write(record, expires_ms)
                 return None
             return existing
 
@@ -197,13 +204,12 @@ class SQLitePaymentRecords:
         import time
 
         now = int(time.time() * 1000) if now_ms is None else now_ms
-        with immediate(self._db, RecordStoreUnavailableError):
-            if owner is not None:
-                row = self._db.execute("SELECT owner FROM records WHERE key = ?", (record.key,)).fetchone()
-                if row is None or row[0] != owner:
-                    return False
-            self._write(record, now + ttl_s * 1000)
-            return True
+        with _errors:  # one statement, atomic: kept only while `owner` holds the record
+            if owner is None:
+                self._write(record, now + ttl_s * 1000)
+                return True
+            return self._db.execute(f"UPDATE records SET ({_COLUMNS}, expires_ms) = ({_MARKS}) WHERE key = ? AND owner = ?",
+                                    (*self._values(record, now + ttl_s * 1000), record.key, owner)).rowcount == 1
 
     @_errors
     async def abandon(self, key: str, owner: str) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Protocol
 
 import orjson
@@ -47,7 +47,7 @@ class RefusalNote:
     tx: str = ""  # settlement: the transaction, when one was sent
 
     def dumps(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self)  # orjson writes a dataclass as asdict would, without its deep copy
 
     @classmethod
     def loads(cls, raw: str | bytes) -> RefusalNote:

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 from facilitator.x402.headers import (
     PAYMENT_RESPONSE_HEADER,
@@ -31,6 +32,22 @@ PAYMENT_IDENTIFIER_EXTENSION = {
         },
     }
 }
+
+
+async def client_gone(receive: Receive) -> bool:
+    """Whether the client already left, asked without waiting: the receive is stepped once and
+    closed if it would wait (a connection still open). Starlette's `is_disconnected` does the same
+    with an anyio cancel scope, at several times the cost, on every paid answer."""
+    pending = receive()
+    step = getattr(pending, "send", None)
+    if step is None:  # not a coroutine: an awaitable of another kind, waited on as Starlette would not
+        return False
+    try:
+        step(None)
+    except StopIteration as done:
+        return isinstance(done.value, dict) and done.value.get("type") == "http.disconnect"
+    pending.close()  # type: ignore[attr-defined]
+    return False
 
 
 def json_error(status: int, error: str, message: str, *, headers: dict[str, str] | None = None, **extra: object) -> Response:

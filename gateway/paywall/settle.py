@@ -22,7 +22,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import orjson
-from starlette.requests import Request
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -39,7 +38,7 @@ from gateway.metering import StreamMeter
 from gateway.metrics import GatewayMetrics
 from gateway.paywall.call import AnyRequirement, PaidCall, stored_payment
 from gateway.paywall.metered import ChargeDetails, metered_charge
-from gateway.paywall.responses import payment_response_header
+from gateway.paywall.responses import client_gone, payment_response_header
 from gateway.records import PaymentRecord, PaymentRecords, RecordState, RecordStoreUnavailableError
 from gateway.settings import GatewaySettings
 from gateway.tee.check import TeeStreamCheck
@@ -342,7 +341,7 @@ class OwedResponse(StreamingResponse):
         super().__init__(self._watched(body), status_code=status_code, headers=headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if await Request(scope, receive).is_disconnected():
+        if await client_gone(receive):
             self.cut = True
         await super().__call__(scope, receive, send)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import orjson
@@ -63,7 +63,7 @@ class ProofItem:
     anchored_at: float = 0.0
 
     def encode(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self)  # orjson writes a dataclass as asdict would, without its deep copy
 
     @classmethod
     def decode(cls, raw: bytes | str) -> ProofItem:
@@ -82,7 +82,7 @@ class AnchoredBatch:
     anchored_at: float
 
     def encode(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self)  # orjson writes a dataclass as asdict would, without its deep copy
 
     @classmethod
     def decode(cls, raw: bytes | str) -> AnchoredBatch:
