@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import itertools
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from starlette.requests import Request
@@ -48,6 +50,21 @@ class UpstreamResponse:
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+
+
+def path_of(scope: Any) -> str:
+    """The request's path as Starlette's request.url gives it (its own escapes for ?, # and \\),
+    without building and parsing a URL on every call."""
+    return scope["path"].replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
+
+
+def query_of(raw: bytes) -> str:
+    """The query as forwarded: as sent, or percent-encoded where its bytes are not UTF-8 (which
+    Starlette's request.url cannot decode)."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return urllib.parse.quote_from_bytes(raw, safe="&=+%;/?:@,$!*'()~[]")
 
 
 def forward_headers(headers: list[tuple[bytes, bytes]], upstream: Upstream) -> dict[str, str]:
@@ -171,7 +188,7 @@ class Upstreams:
         if not isinstance(pool, WorkerPool) or request.method == "HEAD":
             return
         try:
-            pool.admit(model or pool.model_of(request.url.path, body))
+            pool.admit(model or pool.model_of(path_of(request.scope), body))
         except PoolRefusal as exc:
             if exc.status == 404:
                 raise GatewayError(G.MODEL_NOT_OFFERED, str(exc), status=404) from None
@@ -182,7 +199,8 @@ class Upstreams:
         """The upstream answering this request (status and headers read, body not yet), with the
         agent's payment and auth headers replaced by the provider's key."""
         pool = self.pools[upstream]
-        path_qs = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        query = query_of(request.scope["query_string"])
+        path_qs = path_of(request.scope) + (f"?{query}" if query else "")
         headers = forward_headers(request.headers.raw, pool.config)
         headers["x-request-id"] = request_id
         try:

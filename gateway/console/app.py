@@ -148,4 +148,4 @@ def create_console_app(admin_app: ASGIApp, token: str, *, gateway: Callable[[], 
 
 def _tls(request: Request, settings: Any) -> bool:
     """Secure cookies when the console is reached over TLS (or the gateway's public URL is https)."""
-    return request.url.scheme == "https" or str(settings.public_url or "").startswith("https://")
+    return request.scope.get("scheme") == "https" or str(settings.public_url or "").startswith("https://")

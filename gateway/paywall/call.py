@@ -19,6 +19,7 @@ from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import PaymentPayload, PaymentPayloadV1, PaymentRequirements, PaymentRequirementsV1
 from gateway.errors import GatewayError
 from gateway.pricing import BATCH_SCHEME, Offer, OfferMismatchError, to_v1, v1_offered
+from gateway.proxy import path_of
 
 PAYMENT_ID = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 AnyPayload = PaymentPayload | PaymentPayloadV1
@@ -72,7 +73,7 @@ def decode_call(request: Request, offer: Offer, body: bytes, forward_body: bytes
     else:
         network = to_caip2(requirement.network)
     payer, key = payment_identity(payload.payload, network, requirement.asset)
-    target = request.url.path.encode() + b"?" + request.url.query.encode()
+    target = path_of(request.scope).encode() + b"?" + request.scope["query_string"]
     fp = hashlib.sha256(b"%s %s\n" % (request.method.encode(), target) + body).hexdigest()
     return PaidCall(request, offer, forward_body, payload, requirement, network, key,
                     signed_payload_digest(payload.payload), fp, payer, pid, request_id)

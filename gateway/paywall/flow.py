@@ -47,7 +47,15 @@ from gateway.paywall.replay import Replays
 from gateway.paywall.responses import Challenges, payment_response_header
 from gateway.paywall.settle import RECORD_TTL_S, Settlement
 from gateway.pricing import BATCH_SCHEME, Offer, Pricing
-from gateway.proxy import UpstreamFailedError, Upstreams, UpstreamUnavailableError, read_all, relay, response_headers
+from gateway.proxy import (
+    UpstreamFailedError,
+    Upstreams,
+    UpstreamUnavailableError,
+    path_of,
+    read_all,
+    relay,
+    response_headers,
+)
 from gateway.records import PaymentRecord, PaymentRecords, RecordState
 from gateway.session_calls import SessionCalls
 from gateway.settings import GatewaySettings
@@ -129,9 +137,10 @@ class Paywall:
         return response
 
     def price(self, request: Request, body: bytes) -> Offer:
-        match = self.pricing.match(request.method, request.url.path)
+        path = path_of(request.scope)
+        match = self.pricing.match(request.method, path)
         if match is None:
-            if self.pricing.path_known(request.url.path):
+            if self.pricing.path_known(path):
                 raise GatewayError(G.METHOD_NOT_ALLOWED, f"{request.method} is not offered on this path", status=405)
             raise GatewayError(G.NOT_FOUND, "this path is not offered by the gateway", status=404)
         route, params = match

@@ -21,6 +21,7 @@ from gateway.budget_hook import Refusal
 from gateway.errors import GatewayError, UpstreamRefused
 from gateway.metrics import GatewayMetrics
 from gateway.pricing import Offer, to_v1, v1_offered
+from gateway.proxy import path_of
 from gateway.settings import GatewaySettings
 
 PAYMENT_IDENTIFIER_EXTENSION = {
@@ -73,8 +74,9 @@ class Challenges:
         self._cache: dict[tuple[int, str | None, str, str], str] = {}
 
     def resource(self, request: Request, offer: Offer) -> ResourceInfo:
-        base = self.settings.public_url or f"{request.url.scheme}://{request.url.netloc}"
-        return ResourceInfo(url=base.rstrip("/") + request.url.path, description=offer.route.description or None,
+        # Not request.url: a query that is not UTF-8 makes it raise (a 500 for a challenge).
+        base = self.settings.public_url or f"{request.base_url.scheme}://{request.base_url.netloc}"
+        return ResourceInfo(url=base.rstrip("/") + path_of(request.scope), description=offer.route.description or None,
                             mime_type=offer.route.mime_type)
 
     def render(self, request: Request, offer: Offer, error: str, message: str, *, status: int = 402,

@@ -298,3 +298,38 @@ def test_an_id_whose_first_payment_died_before_settling_serves_nothing_unpaid(
                                                         "PAYMENT-SIGNATURE": encode_payment(retry)})
     assert r.status_code == 200, r.text
     assert facilitator.calls["settle"] == 1  # it paid for what it got
+
+
+def test_a_query_that_is_not_utf8_is_priced_challenged_and_served(gateway: TestClient,
+                                                                   facilitator: StandInFacilitator) -> None:
+    """Raw query bytes (an HTTP client may send any): never a 500 (Starlette's request.url cannot
+    decode them); the call is challenged and served like any other."""
+    payment = pay(gateway, facilitator)
+
+    async def raw_call(headers: list[tuple[bytes, bytes]]) -> tuple[int, dict[bytes, bytes]]:
+        body = json.dumps(BODY).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": CHAT, "raw_path": CHAT.encode(), "query_string": b"v=\xff\xfe&w=1", "root_path": "",
+                 "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                             (b"content-length", str(len(body)).encode()), *headers],
+                 "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+        sent: list[dict[str, Any]] = []
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop()
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await gateway.app(scope, receive, send)
+        start = sent[0]
+        return start["status"], dict(start["headers"])
+
+    status, headers = gateway.portal.call(raw_call, [])  # type: ignore[union-attr]
+    assert status == 402 and decode_payment_required(headers[b"payment-required"].decode()).resource.url.endswith(CHAT)
+    status, headers = gateway.portal.call(raw_call, [(b"payment-signature", encode_payment(payment).encode())])  # type: ignore[union-attr]
+    assert status == 200 and decode_payment_response(headers[b"payment-response"].decode()).success
