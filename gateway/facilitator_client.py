@@ -14,11 +14,11 @@ import contextlib
 import re
 from typing import Protocol
 
-import aiohttp
 import orjson
 from pydantic import ValidationError
 from pydantic_core import PydanticSerializationError
 
+from facilitator.http11 import Http11Client, HttpError
 from facilitator.service import Facilitator
 from facilitator.x402.reasons import ErrorReason as R
 from facilitator.x402.types import (
@@ -146,22 +146,28 @@ class LocalFacilitatorClient:
 
 class HttpFacilitatorClient:
     trusted = False
+
     def __init__(self, url: str, *, timeout_s: float = 30.0, headers: dict[str, str] | None = None) -> None:
         self.url = url.rstrip("/")
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
-        self._headers = {"Content-Type": "application/json", **(headers or {})}
-        self._session: aiohttp.ClientSession | None = None
+        self._timeout_s = timeout_s
+        self._headers = headers or {}
+        self._http: Http11Client | None = None
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256), timeout=self._timeout, headers=self._headers
-            )
-        return self._session
+    def _client(self) -> Http11Client:
+        if self._http is None:  # made on first use: its connections belong to the running loop
+            try:
+                self._http = Http11Client(self.url, limit=256, timeout_s=self._timeout_s)
+            except ValueError as exc:
+                raise HttpError(str(exc)) from None
+        return self._http
+
+    async def _exchange(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        client = self._client()
+        answer = await client.request(method, body, path=client.path.rstrip("/") + path, headers=self._headers)
+        return answer.status, answer.body
 
     async def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
-        async with self._client().post(self.url + path, data=body) as resp:
-            return resp.status, await resp.read()
+        return await self._exchange("POST", path, body)
 
     async def verify(self, payload: AnyPayload, requirements: AnyRequirements) -> VerifyResponse:
         body = _request_body(payload, requirements)
@@ -170,9 +176,9 @@ class HttpFacilitatorClient:
                                   invalid_message="the payment cannot be encoded as JSON")
         try:
             status, raw = await self._post("/verify", body)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except HttpError as exc:
             return VerifyResponse(is_valid=False, invalid_reason=R.UNEXPECTED_VERIFY_ERROR.value,
-                                  invalid_message=f"facilitator unreachable: {type(exc).__name__}")
+                                  invalid_message=f"facilitator unreachable: {exc}")
         if status != 200:
             return VerifyResponse(is_valid=False, invalid_reason=R.UNEXPECTED_VERIFY_ERROR.value,
                                   invalid_message=f"facilitator answered HTTP {status}")
@@ -190,10 +196,10 @@ class HttpFacilitatorClient:
                                   error_message="the payment cannot be encoded as JSON", transaction="", network=network)
         try:
             status, raw = await self._post("/settle", body)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except HttpError as exc:
             # It may have settled: the caller keeps the payment unresolved, not "free to retry".
             return SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,
-                                  error_message=f"facilitator unreachable or timed out: {type(exc).__name__}",
+                                  error_message=f"facilitator unreachable or timed out: {exc}",
                                   transaction="", network=network)
         try:
             parsed = SettleResponse.model_validate_json(raw)
@@ -212,9 +218,9 @@ class HttpFacilitatorClient:
 
     async def upto_signers(self) -> dict[str, str]:
         try:
-            async with self._client().get(self.url + "/supported") as resp:
-                doc = orjson.loads(await resp.read()) if resp.status == 200 else {}
-        except (TimeoutError, aiohttp.ClientError, OSError, orjson.JSONDecodeError):
+            status, raw = await self._exchange("GET", "/supported")
+            doc = orjson.loads(raw) if status == 200 else {}
+        except (HttpError, orjson.JSONDecodeError):
             return {}
         out: dict[str, str] = {}
         for kind in doc.get("kinds", []) if isinstance(doc, dict) else []:
@@ -226,14 +232,15 @@ class HttpFacilitatorClient:
 
     async def ready(self) -> bool:
         try:
-            async with self._client().get(self.url + "/supported") as resp:
-                return resp.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError):
+            status, _ = await self._exchange("GET", "/supported")
+        except HttpError:
             return False
+        return status == 200
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
 
 
 def _caip2(requirements: AnyRequirements) -> str:
