@@ -13,7 +13,8 @@ import aiohttp
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 
@@ -31,7 +32,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.middleware import RequestIdMiddleware
 from gateway.paywall.flow import Paywall
 from gateway.paywall.recovery import Recovery
-from gateway.paywall.responses import Challenges, render_refusal
+from gateway.paywall.responses import Challenges, json_error, render_refusal
 from gateway.paywall.settle import Settlement
 from gateway.pricing import Pricing
 from gateway.proxy import UpstreamPool, Upstreams
@@ -110,17 +111,29 @@ class GatewayState:
     channels: ChannelStore | None = None  # when a route offers batch-settlement channels
 
 
+BODY_TIMEOUT_S = 30.0  # for a request body to arrive whole: a client trickling it in holds nothing longer
+
+
 async def read_limited(request: Request, limit: int) -> bytes | None:
+    """The whole body, or None above `limit`. Raises GatewayError when it does not come whole: the
+    client left (nobody reads the answer, but nothing is logged as a crash) or it is too slow."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         return None
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    return None
+                chunks.append(chunk)
+    except ClientDisconnect:
+        raise GatewayError(G.REQUEST_INCOMPLETE, "the client left before its request body arrived", status=400) from None
+    except TimeoutError:
+        raise GatewayError(G.REQUEST_INCOMPLETE, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s",
+                           status=408) from None
     return b"".join(chunks)
 
 
@@ -402,7 +415,13 @@ def create_app(
             state.refusals.note(route_id, exc.reason, exc.status, exc.message, payer, network, asset, kind=kind, tx=tx)
         return render_refusal(request, exc, state.challenges, state.metrics)
 
-    handlers = {GatewayError: refused, Refusal: refused, StoreUnavailableError: refused}
+    def routing_refused(request: Request, exc: Exception) -> Response:
+        """Starlette's own 404 and 405 (a method no route takes, `OPTIONS *`) in the gateway's JSON."""
+        assert isinstance(exc, HTTPException)
+        reason = {404: G.NOT_FOUND, 405: G.METHOD_NOT_ALLOWED}.get(exc.status_code, G.INVALID_REQUEST)
+        return json_error(exc.status_code, reason, str(exc.detail), headers=dict(exc.headers or {}))
+
+    handlers = {GatewayError: refused, Refusal: refused, StoreUnavailableError: refused, HTTPException: routing_refused}
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.add_middleware(RequestIdMiddleware)
     return app

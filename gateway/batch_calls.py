@@ -42,6 +42,7 @@ from facilitator.schemes.evm_batch.channel import (
     ZERO_ADDRESS,
     ChannelConfig,
     claim_batch_digest,
+    parse_uint,
     recovers_to,
     refund_digest,
     voucher_digest,
@@ -252,12 +253,14 @@ class BatchCalls:
                       channel_id: str) -> tuple[Channel, SettleResponse]:
         """Relay the deposit and wait for it on chain; the channel is then what the chain says."""
         assert isinstance(call.payload, PaymentPayload) and isinstance(call.requirement, PaymentRequirements)
-        deposit = call.payload.payload.get("deposit") or {}
+        deposit = call.payload.payload.get("deposit")
         minimum = int(call.requirement.extra.get("minDeposit", "0"))
         try:
-            amount = int(str(deposit.get("amount", "0")))
-        except ValueError:
-            amount = 0
+            if not isinstance(deposit, dict):
+                raise PaymentInvalidError(R.INVALID_BATCH_SETTLEMENT_EVM_DEPOSIT_PAYLOAD, "deposit must be an object")
+            amount = parse_uint(deposit.get("amount"), R.INVALID_BATCH_SETTLEMENT_EVM_DEPOSIT_PAYLOAD, "deposit.amount")
+        except PaymentInvalidError as exc:
+            raise GatewayError(exc.reason.value, exc.message, offer=call.offer) from None
         if amount < minimum:
             raise GatewayError(R.INVALID_BATCH_SETTLEMENT_EVM_DEPOSIT_BELOW_MIN_DEPOSIT.value,
                                f"a deposit must be at least {minimum}", offer=call.offer)
@@ -484,7 +487,11 @@ class BatchCalls:
         assert isinstance(call.payload, PaymentPayload) and isinstance(call.requirement, PaymentRequirements)
         requested = call.payload.payload.get("amount")
         unclaimed = channel.balance - channel.charged
-        amount = unclaimed if requested is None else min(int(str(requested)), unclaimed)
+        try:
+            amount = unclaimed if requested is None else min(
+                parse_uint(requested, R.INVALID_BATCH_SETTLEMENT_EVM_REFUND_AMOUNT_INVALID, "amount"), unclaimed)
+        except PaymentInvalidError as exc:
+            raise GatewayError(exc.reason.value, exc.message, offer=call.offer) from None
         if amount <= 0:
             raise GatewayError(R.INVALID_BATCH_SETTLEMENT_EVM_REFUND_NO_BALANCE.value, "nothing is left to refund",
                                offer=call.offer)

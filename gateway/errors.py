@@ -30,6 +30,7 @@ class GatewayReason(StrEnum):
     MODEL_NOT_OFFERED = "model_not_offered"
     PROMPT_TOO_LARGE = "prompt_too_large"
     REQUEST_TOO_LARGE = "request_too_large"
+    REQUEST_INCOMPLETE = "request_incomplete"  # the body did not arrive whole (the client left, or too slowly)
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"

@@ -245,10 +245,10 @@ class Channel:
         self.id = compute_channel_id(self.config, devchain["network"])
 
     def payment(self, max_claimable: int, *, signer: LocalAccount | None = None, channel_id: str | None = None,
-                kind: str = "voucher") -> str:
+                kind: str = "voucher", extra: dict[str, Any] | None = None) -> str:
         voucher = sign_voucher(EthAccountSigner(signer or self.payer), channel_id or self.id, max_claimable,
                                self.devchain["network"])
-        inner = {"type": kind, "channelConfig": self.config.to_dict(), "voucher": voucher.to_dict()}
+        inner = {"type": kind, "channelConfig": self.config.to_dict(), "voucher": voucher.to_dict(), **(extra or {})}
         return encode_payment({"x402Version": 2, "payload": inner, "accepted": self.requirement,
                                "resource": {"url": "http://x" + CHAT}})
 
@@ -283,6 +283,13 @@ async def test_hostile_vouchers_are_refused_and_never_served(stack: Any, devchai
         assert resp.status_code == 402 and b"Echo" not in resp.content, resp.text
         assert json.loads(base64.b64decode(resp.headers["PAYMENT-REQUIRED"]))["error"] == reason, resp.text
 
+    # malformed deposit and refund fields (the fuzzer's 500s): refused by name, nothing moves
+    for bad in ("x", [1], 5, True):
+        await refused(await post(a.url, ch.payment(2 * price, kind="deposit", extra={"deposit": bad})),
+                      "invalid_batch_settlement_evm_deposit_payload")
+    for amount in ("abc", "1.5", "0x10", "", [1], {"a": 1}, True):
+        await refused(await post(b.url, ch.payment(price, kind="refund", extra={"amount": amount})),
+                      "invalid_batch_settlement_evm_refund_amount_invalid")
     # at or below the last voucher (charged is 1 price): refused with the corrective state
     for stale in (price, price - 1):
         resp = await post(b.url, ch.payment(stale))

@@ -333,3 +333,47 @@ def test_a_query_that_is_not_utf8_is_priced_challenged_and_served(gateway: TestC
     assert status == 402 and decode_payment_required(headers[b"payment-required"].decode()).resource.url.endswith(CHAT)
     status, headers = gateway.portal.call(raw_call, [(b"payment-signature", encode_payment(payment).encode())])  # type: ignore[union-attr]
     assert status == 200 and decode_payment_response(headers[b"payment-response"].decode()).success
+
+
+def test_routing_refusals_are_json(gateway: TestClient) -> None:
+    for method, path in (("OPTIONS", CHAT), ("TRACE", CHAT), ("OPTIONS", "/healthz"), ("TRACE", "/metrics")):
+        r = gateway.request(method, path)
+        assert r.status_code == 405 and r.json()["error"] == GatewayReason.METHOD_NOT_ALLOWED, (method, path, r.text)
+        assert r.headers["content-type"] == "application/json" and "allow" in r.headers
+
+
+def test_a_body_that_never_comes_whole_is_refused_without_a_crash(gateway: TestClient,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that leaves mid-body (nobody reads the answer, nothing raises out of the app) and
+    one that trickles it in past the body timeout (408)."""
+    import gateway.app as app_module
+
+    monkeypatch.setattr(app_module, "BODY_TIMEOUT_S", 0.3)
+
+    async def partial_call(last: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": CHAT, "raw_path": CHAT.encode(), "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"testserver"), (b"content-type", b"application/json"),
+                             (b"content-length", b"100")],
+                 "client": ("127.0.0.1", 1), "server": ("testserver", 80)}
+        messages: list[dict[str, Any]] = [{"type": "http.request", "body": b'{"model":', "more_body": True}]
+        if last is not None:
+            messages.append(last)
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(3600)  # the rest never comes
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await gateway.app(scope, receive, send)
+        return sent[0]["status"], json.loads(sent[1]["body"])
+
+    status, body = gateway.portal.call(partial_call, {"type": "http.disconnect"})  # type: ignore[union-attr]
+    assert (status, body["error"]) == (400, GatewayReason.REQUEST_INCOMPLETE)
+    status, body = gateway.portal.call(partial_call, None)  # type: ignore[union-attr]
+    assert (status, body["error"]) == (408, GatewayReason.REQUEST_INCOMPLETE)

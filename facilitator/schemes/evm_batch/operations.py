@@ -198,6 +198,8 @@ def prepare_voucher(chain: EvmChain, inner: dict[str, Any], requirements: Paymen
     config = ChannelConfig.from_wire(inner.get("channelConfig"), reason)
     voucher = SignedVoucher.from_wire(inner.get("voucher"), reason)
     check_config(config, voucher.channel_id, requirements, chain.chain_id)
+    if refund and inner.get("amount") is not None:  # a partial refund names a decimal amount
+        parse_uint(inner.get("amount"), R.INVALID_BATCH_SETTLEMENT_EVM_REFUND_AMOUNT_INVALID, "amount")
     key = f"{chain.network}:batch-voucher:{voucher.channel_id.hex()}:{voucher.max_claimable}"
     return VoucherCheck(
         chain, config.payer, key, _sha(voucher.channel_id, voucher.signature), config=config, voucher=voucher, refund=refund
