@@ -37,7 +37,7 @@ from facilitator.x402.errors import WireFormatError
 from facilitator.x402.headers import parse_json_body
 from facilitator.x402.reasons import ErrorReason
 from facilitator.x402.types import SettleRequest, VerifyRequest
-from storage import is_redis_url
+from storage import bodies, is_redis_url
 
 log = logging.getLogger("facilitator.app")
 
@@ -91,17 +91,11 @@ def build_registry(chains: dict[str, EvmChain], signers: SignerPool) -> SchemeRe
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise WireFormatError(ErrorReason.INVALID_PAYLOAD, f"body too large: {declared} bytes (limit {limit})")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise WireFormatError(ErrorReason.INVALID_PAYLOAD, f"body too large (limit {limit} bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The body, or WireFormatError (a 400 naming why): too large, or not arrived whole."""
+    try:
+        return await bodies.read_body(request, limit)
+    except (bodies.BodyTooLargeError, bodies.BodyIncompleteError) as exc:
+        raise WireFormatError(ErrorReason.INVALID_PAYLOAD, str(exc)) from None
 
 
 def bad_request(exc: WireFormatError) -> Response:

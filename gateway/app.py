@@ -14,7 +14,7 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 
@@ -50,6 +50,7 @@ from gateway.tee.pool import TeePool
 from gateway.tee.proofs import ProofStore, open_proofs
 from gateway.workers.pool import TrackedResponse, WorkerPool
 from storage import StoreUnavailableError, is_redis_url
+from storage.bodies import BODY_TIMEOUT_S, BodyIncompleteError, BodyTooLargeError, read_body
 
 log = logging.getLogger("gateway.app")
 
@@ -111,30 +112,15 @@ class GatewayState:
     channels: ChannelStore | None = None  # when a route offers batch-settlement channels
 
 
-BODY_TIMEOUT_S = 30.0  # for a request body to arrive whole: a client trickling it in holds nothing longer
-
-
 async def read_limited(request: Request, limit: int) -> bytes | None:
-    """The whole body, or None above `limit`. Raises GatewayError when it does not come whole: the
-    client left (nobody reads the answer, but nothing is logged as a crash) or it is too slow."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        return None
-    chunks: list[bytes] = []
-    size = 0
+    """The whole body, or None above `limit`. Raises GatewayError when it does not come whole (the
+    client left: nobody reads the answer; or too slowly)."""
     try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    return None
-                chunks.append(chunk)
-    except ClientDisconnect:
-        raise GatewayError(G.REQUEST_INCOMPLETE, "the client left before its request body arrived", status=400) from None
-    except TimeoutError:
-        raise GatewayError(G.REQUEST_INCOMPLETE, f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s",
-                           status=408) from None
-    return b"".join(chunks)
+        return await read_body(request, limit, timeout_s=BODY_TIMEOUT_S)
+    except BodyTooLargeError:
+        return None
+    except BodyIncompleteError as exc:
+        raise GatewayError(G.REQUEST_INCOMPLETE, exc.message, status=exc.status) from None
 
 
 async def _probe(ping: Callable[[], Awaitable[None]]) -> str:

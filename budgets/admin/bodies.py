@@ -10,6 +10,7 @@ from decimal import Decimal
 from starlette.requests import Request
 
 from budgets.admin.errors import AdminError, invalid
+from storage.bodies import BodyIncompleteError, BodyTooLargeError, read_body
 
 MAX_BODY_BYTES = 1 << 20
 MAX_DEPTH = 32
@@ -18,16 +19,12 @@ _NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 
 async def read_json(request: Request, *, required: bool) -> dict | None:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise AdminError(413, "request_too_large", f"bodies are at most {MAX_BODY_BYTES} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise AdminError(413, "request_too_large", f"bodies are at most {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    raw = b"".join(chunks)
+    try:
+        raw = await read_body(request, MAX_BODY_BYTES)
+    except BodyTooLargeError:
+        raise AdminError(413, "request_too_large", f"bodies are at most {MAX_BODY_BYTES} bytes") from None
+    except BodyIncompleteError as exc:
+        raise AdminError(exc.status, "request_incomplete", exc.message) from None
     if not raw.strip():
         if required:
             raise invalid("body", "a JSON object is required")

@@ -11,19 +11,20 @@ from typing import Any
 
 from starlette.requests import Request
 
+from storage.bodies import BodyIncompleteError, BodyTooLargeError, read_body
+
 MAX_FORM_BYTES = 64 * 1024
 PERIODS = ("hour", "day", "week", "month")
 
 
 async def read_form(request: Request) -> dict[str, str] | None:
-    """The form's fields (last value wins), or None when the body is too large."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_FORM_BYTES:
-            return None
-        chunks.append(chunk)
-    return dict(urllib.parse.parse_qsl(b"".join(chunks).decode("utf-8", "replace"), keep_blank_values=True))
+    """The form's fields (last value wins), or None when the body is too large or did not arrive
+    whole (nobody, or a client too slow, to answer with the form again)."""
+    try:
+        raw = await read_body(request, MAX_FORM_BYTES)
+    except (BodyTooLargeError, BodyIncompleteError):
+        return None
+    return dict(urllib.parse.parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
 
 
 def token_units(amount: int, decimals: int) -> str:
