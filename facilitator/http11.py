@@ -50,6 +50,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
+        self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.answer: asyncio.Future[Answer] | None = None
@@ -215,8 +216,11 @@ class Http11Client:
 
     def _take(self) -> _Connection | None:
         now = time.monotonic()
+        loop = asyncio.get_running_loop()
         while self._idle:
             conn = self._idle.pop()
+            if conn.loop is not loop:  # made under a loop that has ended (a CLI's asyncio.run, a test's)
+                continue
             if conn.reusable and now - conn.idle_since < KEEPALIVE_S:
                 return conn
             conn.close()
