@@ -94,6 +94,29 @@ async def sign_for(devchain: dict[str, Any], url: str, body: Any, *, symbol: str
     return payload
 
 
+def malformed_answer(url: str, request: bytes) -> tuple[int, dict[str, Any]]:
+    """Bytes a client library would not send, over a raw socket; the (status, JSON body) back."""
+    import socket
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall(request)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), raw
+    return int(head.split()[1]), json.loads(body)
+
+
+MALFORMED = [  # each refused by the HTTP parser, before any app code
+    b"GET / HTTP/1.1\r\nHost: x\r\nBad\x00Header: 1\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+]
+
+
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=5) as r:
         return json.loads(r.read())

@@ -43,10 +43,12 @@ from tests.gateway_client import (
     CHAT,
     CHAT_BODY,
     CHAT_PRICE,
+    MALFORMED,
     Balances,
     Processes,
     call,
     facilitator_env,
+    malformed_answer,
     sign_for,
     upstream_stats,
 )
@@ -127,6 +129,14 @@ async def test_reported_out_of_range_values_are_400_and_leave_the_payment_usable
     reply = await call(gateway.url + CHAT, CHAT_BODY, payment=payment)  # not blocked by any of them
     assert_served(reply)
     assert balances.moved() == (CHAT_PRICE["OPG"],) * 2
+
+
+def test_requests_the_http_parser_refuses_get_json_from_both_services(stack: tuple) -> None:
+    gateway, facilitator, _ = stack
+    for service in (gateway, facilitator):
+        for request in MALFORMED:
+            status, doc = malformed_answer(service.url, request)
+            assert status == 400 and doc["error"] == "invalid_request" and doc["message"], (service.url, request, doc)
 
 
 @pytest.mark.parametrize("endpoint", ["/verify", "/settle"])

@@ -17,7 +17,7 @@ from eth_account import Account
 
 from devtools.devconfig import dev_settings
 from tests.conftest import _port
-from tests.gateway_client import CHAT, CHAT_BODY, call, get_json, sign_for
+from tests.gateway_client import CHAT, CHAT_BODY, MALFORMED, call, get_json, malformed_answer, sign_for
 
 pytestmark = pytest.mark.e2e
 
@@ -93,6 +93,9 @@ def test_facilitator_workers_resolve_the_signer_key_themselves(devchain: dict, t
     for _ in range(4):  # whichever worker answers signs with the key from $SIGNER_VAR
         supported = get_json(service.url + "/supported")
         assert supported["signers"]["eip155:*"] == [Account.from_key(signer["private_key"]).address]
+    for request in MALFORMED:  # the workers' uvicorn protocol refuses in JSON too
+        status, doc = malformed_answer(service.url, request)
+        assert status == 400 and doc["error"] == "invalid_request", doc
 
 
 async def test_gateway_workers_resolve_secrets_themselves(devchain: dict, tmp_path: Path, spawn: Any) -> None:
@@ -120,3 +123,6 @@ async def test_gateway_workers_resolve_secrets_themselves(devchain: dict, tmp_pa
     r = await call(gateway.url + CHAT, CHAT_BODY, payment=payment)
     assert r.status == 200 and r.settle is not None and r.settle.success, r
     assert r.json()["choices"][0]["message"]["content"].startswith("Echo:")
+    for request in MALFORMED:
+        status, doc = malformed_answer(gateway.url, request)
+        assert status == 400 and doc["error"] == "invalid_request", doc
