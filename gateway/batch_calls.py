@@ -59,7 +59,7 @@ from gateway.metering import StreamMeter, usage_from_body
 from gateway.paywall.call import PaidCall
 from gateway.paywall.metered import metered_charge
 from gateway.paywall.responses import Challenges, client_gone, payment_response_header
-from gateway.proxy import relay, response_headers
+from gateway.proxy import UpstreamAnswer, relay, response_headers
 from gateway.settings import BatchChannels
 from gateway.sse_usage import forwarded_stream
 
@@ -67,7 +67,7 @@ log = logging.getLogger("gateway.batch")
 
 DELIVERY_GRACE_S = 2.0  # how long after charging a call its answer may still be on its way
 
-Forward = Callable[[PaidCall], Awaitable[tuple[aiohttp.ClientResponse, bytes, bytes | None]]]
+Forward = Callable[[PaidCall], Awaitable[tuple[UpstreamAnswer, bytes, bytes | None]]]
 
 
 def chain_id_of(network: str) -> int:
@@ -419,7 +419,7 @@ class BatchCalls:
                                               "was not charged; sign the next voucher from what was charged")
 
     async def _metered_stream(self, call: PaidCall, channel_id: str, hold: Any, deposit: SettleResponse | None,
-                              first: bytes, upstream: aiohttp.ClientResponse,
+                              first: bytes, upstream: UpstreamAnswer,
                               renewal: HoldRenewal) -> AsyncIterator[bytes]:
         """The stream flows as it comes (the channel stays held, so the voucher's maximum backs
         it); its usage is charged when it ends, reported in a final `event: x402.payment`."""

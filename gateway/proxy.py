@@ -14,11 +14,13 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
 from starlette.requests import Request
 
+from facilitator.http11 import Http11Client, HttpError, NotConnectedError, Streamed
 from gateway.errors import GatewayError
 from gateway.errors import GatewayReason as G
 from gateway.settings import Upstream
@@ -79,8 +81,56 @@ def forward_headers(headers: list[tuple[bytes, bytes]], upstream: Upstream) -> d
     return out
 
 
-def response_headers(resp: aiohttp.ClientResponse) -> list[tuple[str, str]]:
+def response_headers(resp: UpstreamAnswer) -> list[tuple[str, str]]:
     return [(k.lower(), v) for k, v in resp.headers.items() if k.lower() not in STRIP_RESPONSE]
+
+
+class UpstreamBody(Protocol):
+    async def readany(self) -> bytes: ...
+
+    def iter_any(self) -> AsyncIterator[bytes]: ...
+
+
+class UpstreamAnswer(Protocol):
+    """What the paywall reads of an upstream's answer: aiohttp's ClientResponse (worker pools,
+    enclaves) or ForwardedAnswer (URL pools). A body read that fails raises aiohttp.ClientError
+    or TimeoutError."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def content(self) -> UpstreamBody: ...
+
+    def release(self) -> Any: ...
+
+
+class ForwardedAnswer:
+    """An answer from a URL pool, read through facilitator/http11.py (a fifth of aiohttp's CPU
+    per call), with the surface of aiohttp's response the paywall reads."""
+
+    def __init__(self, streamed: Streamed) -> None:
+        self.status = streamed.status
+        self.headers = CIMultiDictProxy(CIMultiDict(
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in streamed.raw_headers))
+        self.content = self
+        self._streamed = streamed
+
+    async def readany(self) -> bytes:
+        try:
+            return await self._streamed.read_chunk()
+        except HttpError as exc:  # as aiohttp reports a cut body, so every caller's handling holds
+            raise aiohttp.ClientPayloadError(str(exc)) from exc
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        while chunk := await self.readany():
+            yield chunk
+
+    def release(self) -> None:
+        self._streamed.release()
 
 
 class UpstreamPool:
@@ -89,9 +139,7 @@ class UpstreamPool:
         self.config = upstream
         self._rr = itertools.count()
         self._down_until: dict[str, float] = {}
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=upstream.connect_timeout_s, sock_read=upstream.timeout_s
-        )
+        self._clients: dict[str, Http11Client] = {}
 
     def _order(self) -> list[str]:
         urls = self.config.urls
@@ -101,27 +149,38 @@ class UpstreamPool:
         healthy = [u for u in rotated if self._down_until.get(u, 0) <= now]
         return healthy + [u for u in rotated if u not in healthy]  # all down: try them anyway
 
+    def _client(self, base: str) -> Http11Client:
+        client = self._clients.get(base)
+        if client is None:  # kept-alive connections per URL, as many at once as aiohttp's pool allowed
+            client = self._clients[base] = Http11Client(base, limit=256, timeout_s=self.config.timeout_s,
+                                                        max_bytes=1 << 62)
+        return client
+
     async def open(
         self, session: aiohttp.ClientSession, method: str, path_qs: str, headers: dict[str, str], body: bytes
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamAnswer:
         """The upstream's response with status and headers read, body not yet read."""
         errors: list[str] = []
         for base in self._order():
+            client = self._client(base)
             try:
-                resp = await session.request(
-                    method, base + path_qs, headers=headers, data=body or None, timeout=self._timeout,
-                    allow_redirects=False, auto_decompress=False,
-                )  # fmt: skip
-            except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as exc:
+                streamed = await client.open(method, body, path=client.path.rstrip("/") + path_qs, headers=headers,
+                                             connect_timeout_s=self.config.connect_timeout_s,
+                                             read_timeout_s=self.config.timeout_s)
+            except NotConnectedError as exc:
                 # Not connected, or dropped before answering a fresh connection: nothing ran.
                 self._down_until[base] = time.monotonic() + _COOLDOWN_S
-                errors.append(f"{base}: {type(exc).__name__}")
+                errors.append(f"{base}: {exc}")
                 continue
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                raise UpstreamFailedError(f"{type(exc).__name__}") from exc
+            except HttpError as exc:
+                raise UpstreamFailedError(str(exc)) from exc
             self._down_until.pop(base, None)
-            return resp
+            return ForwardedAnswer(streamed)
         raise UpstreamUnavailableError("; ".join(errors) or "no upstream URL")
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
 
     async def healthy(self, session: aiohttp.ClientSession) -> bool:
         """Reachable means a TCP connection succeeds to at least one URL."""
@@ -135,7 +194,7 @@ class UpstreamPool:
         return False
 
 
-async def read_all(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+async def read_all(resp: UpstreamAnswer, limit: int) -> bytes:
     try:
         chunks: list[bytes] = []
         size = 0
@@ -164,8 +223,7 @@ class Upstreams:
 
     async def close(self) -> None:
         for pool in self.pools.values():
-            if isinstance(pool, WorkerPool | TeePool):
-                await pool.close()
+            await pool.close()
 
     def tee_pool(self, upstream: str) -> TeePool | None:
         pool = self.pools[upstream]
@@ -195,7 +253,7 @@ class Upstreams:
             raise GatewayError(G.UPSTREAM_UNAVAILABLE, str(exc), status=503,
                                headers={"Retry-After": str(exc.retry_after_s or 1)}) from None
 
-    async def open(self, request: Request, upstream: str, body: bytes, request_id: str) -> aiohttp.ClientResponse:
+    async def open(self, request: Request, upstream: str, body: bytes, request_id: str) -> UpstreamAnswer:
         """The upstream answering this request (status and headers read, body not yet), with the
         agent's payment and auth headers replaced by the provider's key."""
         pool = self.pools[upstream]
@@ -218,7 +276,7 @@ class Upstreams:
         return [await pool.healthy(self.session) for pool in self.pools.values()]
 
 
-async def relay(first: bytes, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def relay(first: bytes, upstream: UpstreamAnswer) -> AsyncIterator[bytes]:
     """Stream the upstream's bytes through as they come (no buffering). An upstream that breaks
     off raises aiohttp.ClientError or asyncio.TimeoutError."""
     try:

@@ -31,7 +31,14 @@ from gateway.metrics import GatewayMetrics
 from gateway.paywall.call import load_payment
 from gateway.paywall.metered import capped_body, metered_charge
 from gateway.pricing import Offer, PricingError
-from gateway.proxy import UpstreamFailedError, Upstreams, UpstreamUnavailableError, read_all, response_headers
+from gateway.proxy import (
+    UpstreamAnswer,
+    UpstreamFailedError,
+    Upstreams,
+    UpstreamUnavailableError,
+    read_all,
+    response_headers,
+)
 from gateway.sessions import HoldOutcome, Session, SessionState, SessionStore, exposure_key, new_session_id
 from gateway.settings import GatewaySettings, UptoSessions
 from gateway.sse_usage import forwarded_stream
@@ -167,7 +174,7 @@ class SessionCalls:
                         "X-Upto-Session-Cap": str(session.cap)}
         return Response(content, status_code=upstream.status, headers=out_headers)
 
-    async def _stream(self, upstream: aiohttp.ClientResponse, session: Session, offer: Offer, worst: int, hold: Hold,
+    async def _stream(self, upstream: UpstreamAnswer, session: Session, offer: Offer, worst: int, hold: Hold,
                       request_id: str, finish_by: float):
         meter = StreamMeter()
         finished = cut = deadline_cut = False

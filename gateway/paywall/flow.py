@@ -48,6 +48,7 @@ from gateway.paywall.responses import Challenges, payment_response_header
 from gateway.paywall.settle import RECORD_TTL_S, Settlement
 from gateway.pricing import BATCH_SCHEME, Offer, Pricing
 from gateway.proxy import (
+    UpstreamAnswer,
     UpstreamFailedError,
     Upstreams,
     UpstreamUnavailableError,
@@ -285,7 +286,7 @@ class Paywall:
         body = forwarded_stream(call.request, relay(first, upstream)) if streaming else _once(content or b"")
         return self.settlement.owed_response(body, record, claim, status_code=status, headers=headers)
 
-    async def forward(self, call: PaidCall) -> tuple[aiohttp.ClientResponse, bytes, bytes | None]:
+    async def forward(self, call: PaidCall) -> tuple[UpstreamAnswer, bytes, bytes | None]:
         """(upstream, first stream bytes, whole body or None for a stream); any failure before
         that is refused here (502), not charged."""
         try:

@@ -39,6 +39,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.paywall.call import AnyRequirement, PaidCall, stored_payment
 from gateway.paywall.metered import ChargeDetails, metered_charge
 from gateway.paywall.responses import client_gone, payment_response_header
+from gateway.proxy import UpstreamAnswer
 from gateway.records import PaymentRecord, PaymentRecords, RecordState, RecordStoreUnavailableError
 from gateway.settings import GatewaySettings
 from gateway.tee.check import TeeStreamCheck
@@ -249,7 +250,7 @@ class Settlement:
         """The body of a paid response that is not kept for replays."""
         return OwedResponse(body, self, record, claim, status_code=status_code, headers=headers)
 
-    async def metered_stream(self, call: PaidCall, claim: Claim, first: bytes, upstream: aiohttp.ClientResponse,
+    async def metered_stream(self, call: PaidCall, claim: Claim, first: bytes, upstream: UpstreamAnswer,
                              record: PaymentRecord, requirement: PaymentRequirements, hold: Hold,
                              tee: TeeStreamCheck | None = None) -> AsyncIterator[bytes]:
         """upto + SSE: the tokens flow as they come (the signed permit guarantees payment up to its

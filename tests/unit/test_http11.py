@@ -10,6 +10,7 @@ import datetime
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -17,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from facilitator.http11 import Http11Client, HttpError
+from facilitator.http11 import Http11Client, HttpError, NotConnectedError
 
 Handler = Callable[[bytes, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
 
@@ -285,3 +286,122 @@ def test_a_client_outlives_its_first_event_loop() -> None:
     finally:
         server_loop.call_soon_threadsafe(server_loop.stop)
         thread.join(5)
+
+
+# -- streamed answers (the upstream path) -----------------------------------------------------
+
+
+async def read_all(streamed: Any) -> bytes:
+    out = b""
+    while chunk := await streamed.read_chunk():
+        out += chunk
+    return out
+
+
+async def test_a_streamed_answer_comes_in_pieces_and_its_connection_is_kept(serve) -> None:
+    async def sse(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for piece in (b"data: 1\n\n", b"data: 2\n\n"):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.write(b"0\r\n\r\n")
+        return True
+
+    server, url = await serve(sse, path="/base")
+    client = Http11Client(url)
+    for _ in range(2):
+        streamed = await client.open("POST", b"{}", path="/base/v1/x", headers={"content-type": "application/json"},
+                                     connect_timeout_s=5, read_timeout_s=5)
+        assert streamed.status == 200 and (b"Content-Type", b"text/event-stream") in streamed.raw_headers
+        first = await streamed.read_chunk()
+        assert first == b"data: 1\n\n"  # as it came, before the rest was sent
+        assert await read_all(streamed) == b"data: 2\n\n"
+        streamed.release()
+    assert server.connections == 1 and server.requests[0].startswith(b"POST /base/v1/x HTTP/1.1\r\n")
+    assert b"content-type: application/json\r\n" in server.requests[0] and b"Content-Type" not in server.requests[0]
+
+
+async def test_a_streamed_answer_released_early_closes_its_connection(serve) -> None:
+    server, url = await serve(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc"))  # 3 bytes missing
+    client = Http11Client(url)
+    streamed = await client.open("POST", b"{}", headers={}, connect_timeout_s=5, read_timeout_s=5)
+    assert await streamed.read_chunk() == b"abc"
+    streamed.release()
+    streamed = await client.open("POST", b"{}", headers={}, connect_timeout_s=5, read_timeout_s=5)
+    streamed.release()
+    assert server.connections == 2
+
+
+async def test_a_cut_or_silent_streamed_body_raises(serve) -> None:
+    async def cut(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        return False  # closed mid-body
+
+    _, url = await serve(cut)
+    streamed = await Http11Client(url).open("POST", b"{}", headers={}, connect_timeout_s=5, read_timeout_s=5)
+    with pytest.raises(HttpError, match="middle of the answer"):
+        await read_all(streamed)
+    streamed.release()
+
+    async def silent(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n01")
+        await writer.drain()
+        await asyncio.sleep(2)
+        return False
+
+    _, url = await serve(silent)
+    streamed = await Http11Client(url).open("POST", b"{}", headers={}, connect_timeout_s=5, read_timeout_s=0.2)
+    assert await streamed.read_chunk() == b"01"
+    with pytest.raises(TimeoutError):
+        await streamed.read_chunk()
+    streamed.release()
+
+
+async def test_not_connected_is_told_apart(serve) -> None:
+    async def drop(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        return False  # read the request, answered nothing, closed
+
+    _, url = await serve(drop)
+    with pytest.raises(NotConnectedError, match="dropped before answering"):
+        await Http11Client(url).open("POST", b"{}", headers={}, connect_timeout_s=5, read_timeout_s=5)
+    server, url = await serve(answer(OK))
+    assert server.server is not None
+    server.server.close()
+    await server.server.wait_closed()
+    with pytest.raises(NotConnectedError):
+        await Http11Client(url).open("POST", b"{}", headers={}, connect_timeout_s=5, read_timeout_s=5)
+
+
+async def test_a_big_streamed_answer_read_slowly_arrives_whole(serve) -> None:
+    blob = bytes(range(256)) * 8192  # 2 MiB: the socket is paused and resumed on the way
+
+    async def big(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(blob) + blob)
+        await writer.drain()
+        return True
+
+    _, url = await serve(big)
+    streamed = await Http11Client(url).open("POST", b"{}", headers={}, connect_timeout_s=5, read_timeout_s=5)
+    got = b""
+    while chunk := await streamed.read_chunk():
+        got += chunk
+        await asyncio.sleep(0.001)
+    streamed.release()
+    assert got == blob
+
+
+async def test_until_close_streamed_body(serve) -> None:
+    async def until_close(request: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart1")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"part2")
+        return False
+
+    _, url = await serve(until_close)
+    streamed = await Http11Client(url).open("POST", b"{}", headers={}, connect_timeout_s=5, read_timeout_s=5)
+    assert await read_all(streamed) == b"part1part2"
+    streamed.release()
