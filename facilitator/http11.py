@@ -311,7 +311,7 @@ class Http11Client:
             # server may compress: RFC 9110 §12.5.3); a streamed one sends its caller's headers only.
             kind = f"Content-Type: {content_type}\r\n{_OWN_HEADERS}" if content_type else ""
             start = f"{method} {key[1]} HTTP/1.1\r\n{self._head}\r\n{kind}{extra}Content-Length: ".encode("latin-1")
-            if len(self._starts) < 64:
+            if not extra and len(self._starts) < 64:  # forwarded headers differ per call: not kept
                 self._starts[key] = start
         return b"%s%d\r\n\r\n%s" % (start, len(body), body)
 

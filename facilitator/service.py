@@ -14,7 +14,7 @@ from facilitator.metrics import FacilitatorMetrics
 from facilitator.registry import SchemeRegistry
 from facilitator.schemes.base import PreparedPayment
 from facilitator.settlement import Settler
-from facilitator.store.base import SettlementStore, StoreUnavailableError
+from facilitator.store.base import SettlementState, SettlementStore, StoreUnavailableError
 from facilitator.verified import VerifiedPayments
 from facilitator.x402.errors import UnknownNetworkError
 from facilitator.x402.identity import claimed_payer
@@ -123,7 +123,10 @@ class Facilitator:
             payer = prepared.payer
             check_accepted(payload, requirements)
             record = await self.store.get(prepared.record_key)
-            if record is not None:
+            # Another copy of this nonce that is only being re-checked (it may well be a forgery
+            # that lets go) does not make this one invalid; one that was sent, or this very
+            # payment in settlement, does.
+            if record is not None and (record.digest == prepared.digest or record.state != SettlementState.CLAIMED):
                 raise PaymentInvalidError(R(prepared.nonce_used_reason), "payment already settled or being settled")
             await prepared.confirm(fresh=False)
             if keep and not scheme.amount_is_maximum:  # upto settles another amount: prepared again

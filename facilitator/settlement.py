@@ -91,13 +91,16 @@ class Settler:
             record = claim.record
             assert record is not None
             if record.digest != digest:
-                return self._failure(
-                    chain, prepared.payer, R(prepared.nonce_used_reason),
-                    "another payment with this nonce is being or was settled", final=True,
-                )  # fmt: skip
-            if record.state in TERMINAL:
+                if record.state in TERMINAL or record.state == SettlementState.SUBMITTED:
+                    return self._failure(
+                        chain, prepared.payer, R(prepared.nonce_used_reason),
+                        "another payment with this nonce was settled", final=True,
+                    )  # fmt: skip
+                # Another copy is being checked (a forged or malleated one fails its re-check and
+                # lets go): its outcome is awaited, never taken as this payment's.
+            elif record.state in TERMINAL:
                 return SettleResponse.model_validate_json(record.response)
-            if record.state == SettlementState.SUBMITTED:
+            elif record.state == SettlementState.SUBMITTED:
                 return await self._finish_submitted(chain, record, prepared.payer)
             if time.monotonic() >= give_up:
                 return self._failure(chain, prepared.payer, R.SETTLEMENT_PENDING, "another process is settling this payment")
@@ -115,6 +118,10 @@ class Settler:
         except ChainUnavailableError as exc:
             await self.store.release(key, digest)
             return self._failure(chain, prepared.payer, R.UNEXPECTED_SETTLE_ERROR, f"chain unavailable: {exc}", final=True)
+        except Exception:  # a bug, not the payment's fault: nothing was signed, so the payment is let go
+            log.exception("settle_recheck_failed", extra={"key": key})
+            await self.store.release(key, digest)
+            return self._failure(chain, prepared.payer, R.UNEXPECTED_SETTLE_ERROR, "the re-check failed", final=True)
         if plan.amount == 0 and plan.transfers:  # upto settled at zero: nothing moves, no transaction
             resp = SettleResponse(success=True, payer=plan.payer, transaction="", network=chain.network, amount="0",
                                   extra=plan.extra)

@@ -1,9 +1,11 @@
 """Forwarding to upstreams: TEE-hosted provider proxies and GPU workers.
 
-aiohttp with one pooled session (httpx collapses under concurrency: feasibility.md §6c). A pool
-fails over to its next healthy URL only when the connection could not be made, i.e. before the
-upstream could have done any work; a failure after that is the call's failure, never retried,
-and never charged. The provider's key lives here; the agent's payment and auth headers never
+URL pools go through our kept-alive HTTP/1.1 client (facilitator/http11.py: a fifth of aiohttp's
+CPU per call, loadtests/bench_rpc_transport.py); worker pools and enclaves keep one aiohttp
+session (their slot tracking and pinned TLS are built on it; httpx collapses under concurrency:
+feasibility.md §6c). A pool fails over to its next healthy URL only when the connection could not
+be made, i.e. before the upstream could have done any work; a failure after that is the call's
+failure, never retried, and never charged. The provider's key lives here; the agent's payment and auth headers never
 reach the upstream.
 """
 
@@ -76,6 +78,8 @@ def forward_headers(headers: list[tuple[bytes, bytes]], upstream: Upstream) -> d
         if name not in STRIP_REQUEST:
             out[name] = raw_value.decode("latin-1")
     out["accept-encoding"] = "identity"  # usage and SSE parsing need plain bodies
+    out.setdefault("user-agent", "x402-agent-gateway")  # some providers' front doors refuse a call without one
+    out.setdefault("accept", "*/*")
     if upstream.auth_header and upstream.auth_value is not None:
         out[upstream.auth_header.lower()] = upstream.auth_value.get_secret_value()
     return out

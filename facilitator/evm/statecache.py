@@ -48,6 +48,7 @@ import orjson
 
 from facilitator.evm.eip712 import keccak
 from facilitator.evm.rpc import Call, JsonRpcClient, RpcError, RpcUnavailableError
+from facilitator.x402.types import is_evm_address
 
 log = logging.getLogger("facilitator.statecache")
 
@@ -64,6 +65,7 @@ WATCHED_TOPICS = [_topic(e) for e in (
     "AuthorizationCanceled(address,bytes32)", "UnorderedNonceInvalidation(address,uint256,uint256)",
 )]
 MAX_RANGE = 2_000  # blocks scanned in one eth_getLogs; a longer gap clears the whole cache
+MAX_WATCHED = 512  # contracts whose events one eth_getLogs filters on (Permit2 and the tokens payments name)
 OWN_TXS = 10_000  # our settlement transactions remembered, so that their own events do not drop their payer
 MAX_UINT = 2**256 - 1
 
@@ -127,8 +129,17 @@ class ChainStateCache:
     def usable(self) -> bool:
         return self._block is not None and time.monotonic() - self._synced_at <= self.stale_after_s
 
-    def watch(self, *addresses: str) -> None:
-        self.watched.update(a.lower() for a in addresses)
+    def watch(self, *addresses: str) -> bool:
+        """Watch these contracts' events from now on; False (nothing watched) for an address that
+        is not one, or past MAX_WATCHED (payments name any token: a caller given False reads the
+        chain, not the cache, for it)."""
+        lowered = {a.lower() for a in addresses}
+        if not all(is_evm_address(a) for a in lowered):
+            return False
+        if len(self.watched | lowered) > MAX_WATCHED:
+            return lowered <= self.watched
+        self.watched |= lowered
+        return True
 
     def start(self) -> None:
         if not self.enabled:

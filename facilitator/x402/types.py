@@ -106,6 +106,11 @@ def _check_settled_amount(value: str) -> str:
     return value if value == "" else _check_uint256(value)
 
 
+def is_evm_address(value: object) -> bool:
+    """0x followed by exactly 40 hex digits (any case)."""
+    return isinstance(value, str) and _ADDRESS_RE.fullmatch(value) is not None
+
+
 def _check_address(value: str) -> str:
     if _ADDRESS_RE.fullmatch(value) is None:
         raise PydanticCustomError("evm_address", "must be an EVM address: 0x followed by 40 hex digits")

@@ -291,6 +291,10 @@ async def test_channel_lifecycle_through_our_settle(env: Env, method: str) -> No
     assert balance_of(e.devchain, symbol, e.receiver.address) == receiver_before + 2_500
     nothing = await settle(e, wire(sweep, req), req)
     assert nothing.success and nothing.amount == "0" and nothing.transaction == ""
+    for bad in ("0x" + "zz" * 20, "0x" + "\x00" * 40, "0x" + "ab" * 19):  # the fuzzer's: were a traceback + claimed record
+        for field in ("receiver", "token"):
+            refused = await settle(e, wire(sweep | {field: bad}, req), req)
+            assert not refused.success and refused.error_reason == P + "settle_payload", refused
 
     # cooperative refund: claim the last voucher (3,000) and return exactly the rest (97,000)
     rest = 100_000 - 3_000

@@ -291,3 +291,36 @@ async def test_a_permit2_nonce_burned_by_its_payer_after_caching_is_refused(devc
         assert not refused.is_valid and refused.invalid_reason == R.PERMIT2_INVALID_NONCE.value, refused
     finally:
         await fac.close()
+
+
+@pytest.mark.parametrize("asset", ["0x" + "ab" * 19, "0x" + "ab" * 40, "0x", "USDC", "0x" + "zz" * 20])
+async def test_an_asset_that_is_not_an_address_is_refused_and_never_watched(devchain: dict[str, Any], asset: str) -> None:
+    """Found by a fuzzer: such an asset went into the cache's log filter, after which the node
+    refused every poll until a restart (one request stopped the cache for everyone)."""
+    fac = _facilitator(devchain)
+    chain = next(iter(fac.chains.values()))
+    try:
+        good = await _request(devchain, "USDC", 1_000)
+        bad = good.model_copy(deep=True)
+        bad.payment_requirements.asset = asset
+        bad.payment_payload.accepted.asset = asset  # type: ignore[union-attr]
+        watched = set(chain.state.watched)
+        verdict = await fac.verify(bad)
+        assert not verdict.is_valid and verdict.invalid_reason == R.INVALID_PAYMENT_REQUIREMENTS.value, verdict
+        assert chain.state.watched == watched
+        assert (await fac.verify(good)).is_valid  # the cache still works for everyone
+        assert await chain.state.synced_to(await _head(devchain))
+    finally:
+        await fac.close()
+
+
+def test_the_cache_watches_addresses_only_and_a_bounded_number() -> None:
+    from facilitator.evm.statecache import MAX_WATCHED, ChainStateCache
+
+    cache = ChainStateCache.__new__(ChainStateCache)  # no chain needed to watch
+    cache.watched = set()
+    assert not cache.watch("0x" + "ab" * 19) and not cache.watch("0x" + "zz" * 20) and cache.watched == set()
+    tokens = [f"0x{i:040x}" for i in range(MAX_WATCHED)]
+    assert all(cache.watch(t) for t in tokens)
+    assert not cache.watch(f"0x{MAX_WATCHED:040x}")  # one too many: read from the chain instead
+    assert cache.watch(tokens[0].upper().replace("0X", "0x"))  # one already watched, any case

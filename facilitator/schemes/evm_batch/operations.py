@@ -53,7 +53,7 @@ from facilitator.schemes.evm_batch.channel import (
 from facilitator.schemes.evm_batch.state import ChannelState, read_channel
 from facilitator.x402.identity import eip3009_key, permit2_key
 from facilitator.x402.reasons import ErrorReason as R
-from facilitator.x402.types import PaymentRequirements
+from facilitator.x402.types import PaymentRequirements, is_evm_address
 
 DEADLINE_BUFFER_S = 6  # as the reference: refuse authorizations that expire within 6 s
 MAX_CLAIMS_PER_BATCH = 100
@@ -553,8 +553,8 @@ class SweepOp(_Operation):
 def prepare_sweep(chain: EvmChain, inner: dict[str, Any]) -> SweepOp:
     reason = R.INVALID_BATCH_SETTLEMENT_EVM_SETTLE_PAYLOAD
     receiver, token = inner.get("receiver"), inner.get("token")
-    if not all(isinstance(a, str) and len(a) == 42 and a.startswith("0x") for a in (receiver, token)):
-        raise PaymentInvalidError(reason, "receiver and token must be addresses")
+    if not (is_evm_address(receiver) and is_evm_address(token)):
+        raise PaymentInvalidError(reason, "receiver and token must be addresses: 0x and 40 hex digits")
     assert isinstance(receiver, str) and isinstance(token, str)
     # settle() is idempotent on chain (a second one moves nothing), so each request is its own record.
     key = f"{chain.network}:batch-settle:{receiver.lower()}:{token.lower()}:{secrets.token_hex(8)}"

@@ -32,7 +32,7 @@ from facilitator.schemes.base import SettlementPlan, payment_digest
 from facilitator.schemes.evm_exact.permit2 import DEADLINE_BUFFER_S, _first_error
 from facilitator.x402.identity import eip3009_key
 from facilitator.x402.reasons import ErrorReason as R
-from facilitator.x402.types import ExactEip3009Payload, PaymentRequirements
+from facilitator.x402.types import ExactEip3009Payload, PaymentRequirements, is_evm_address
 
 
 @dataclass(eq=False)
@@ -82,10 +82,9 @@ class Eip3009Payment:
         if check_domain:
             reads.append(Call("eth_call", [{"to": self.asset, "data": contracts.domain_separator()}, "latest"]))
         try:
-            if fresh or not chain.state.enabled:
+            if fresh or not chain.state.enabled or not chain.state.watch(self.asset):
                 results = await chain.rpc.batch(reads)
             else:
-                chain.state.watch(self.asset)
                 results = await chain.state.read(self.payer, reads, optional=(2,))  # the nonce: see statecache
         except RpcUnavailableError as exc:
             raise ChainUnavailableError(str(exc)) from exc
@@ -174,6 +173,8 @@ def prepare_eip3009(chain: EvmChain, raw_payload: dict, requirements: PaymentReq
         payload = ExactEip3009Payload.model_validate(raw_payload)
     except ValidationError as exc:
         raise PaymentInvalidError(R.INVALID_PAYLOAD, _first_error(exc)) from None
+    if not is_evm_address(requirements.asset):  # read on chain and watched by the state cache: never free text
+        raise PaymentInvalidError(R.INVALID_PAYMENT_REQUIREMENTS, "asset must be an EVM address: 0x and 40 hex digits")
     extra = requirements.extra or {}
     name, version = extra.get("name"), extra.get("version")
     if not isinstance(name, str) or not isinstance(version, str):

@@ -72,10 +72,9 @@ class Permit2Payment:
         if check_asset:
             reads.append(Call("eth_getCode", [self.token, "latest"]))
         try:
-            if fresh or not chain.state.enabled:
+            if fresh or not chain.state.enabled or not chain.state.watch(self.token):
                 results = await chain.rpc.batch(reads)
             else:
-                chain.state.watch(self.token)
                 results = await chain.state.read(self.payer, reads, optional=(3,))  # the nonce: see statecache
         except RpcUnavailableError as exc:
             raise ChainUnavailableError(str(exc)) from exc
