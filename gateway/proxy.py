@@ -32,8 +32,9 @@ from gateway.workers.pool import NoWorkerError, PoolRefusal, WorkerCallFailedErr
 # Hop-by-hop headers (RFC 9110 §7.6.1) and what the gateway owns.
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
         "transfer-encoding", "upgrade", "host", "content-length", "accept-encoding"}
+# "expect": the whole body is sent with the request (uvicorn already answered the client's 100-continue).
 STRIP_REQUEST = _HOP | {"payment-signature", "x-payment", "authorization", "x-api-key", "cookie",
-                        "access-control-expose-headers"}
+                        "access-control-expose-headers", "expect"}
 # Date and Server: uvicorn sends its own on every response (paid, replayed, streamed, free); the
 # upstream's would make them appear twice.
 STRIP_RESPONSE = _HOP | {"content-encoding", "set-cookie", "payment-response", "x-payment-response",
