@@ -25,6 +25,7 @@ class Worker:
     ejections: int = 0  # in a row: the back-off doubles with each
     ejected_until: float = 0.0
     draining: bool = False  # left DNS: finishes its calls, gets no new ones
+    down_at: float = 0.0  # when a call last found it unreachable (a probe begun before says nothing newer)
     calls: int = 0
     started: float = field(default_factory=time.monotonic)
 

@@ -142,7 +142,10 @@ class WorkerPool:
         await asyncio.gather(*(self._probe_one(session, w) for w in list(self.workers.values())))
 
     async def _probe_one(self, session: aiohttp.ClientSession, worker: Worker) -> None:
+        started = time.monotonic()
         result = await probe(session, worker.url, self.settings, self._probe_headers)
+        if result.ready and worker.down_at >= started:
+            return  # answered before a call found the worker gone: the next probe decides
         worker.reachable, worker.ready, worker.models, worker.waiting = (
             result.reachable, result.ready, result.models, result.waiting)
         self.known_models |= result.models
@@ -154,8 +157,9 @@ class WorkerPool:
             self._wake()
 
     def _mark_down(self, worker: Worker) -> None:
-        """Not ready until a probe finds it again."""
+        """Not ready until a probe (begun from now on) finds it again."""
         worker.ready = False
+        worker.down_at = time.monotonic()
         if self.metrics is not None:
             self.metrics.worker_ready.labels(self.name, worker.url).set(0)
 

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from gateway.settings import Upstream
+from gateway.workers.balance import Worker
 from gateway.workers.pool import PoolRefusal, TrackedResponse, WorkerPool
 from tests.conftest import ServiceProcess, _port
 
@@ -194,3 +195,29 @@ async def _dns_membership(session: aiohttp.ClientSession, tmp_path: Path, port: 
         assert {(await chat(pool, session, "m1"))[1] for _ in range(5)} == {"w3"}
     finally:
         await pool.close()
+
+
+async def test_a_probe_begun_before_a_call_found_the_worker_gone_does_not_readmit_it(monkeypatch: Any) -> None:
+    """Found by CI: a probe in flight when a worker died answered "ready" after the failed call had
+    marked it down, and the dead worker stayed in rotation until the next probe."""
+    import gateway.workers.pool as pool_module
+    from gateway.workers.probe import Probe
+
+    url = "http://127.0.0.1:9"
+    pool = pool_of([url])
+    release = asyncio.Event()
+
+    async def slow_ready_probe(*args: Any) -> Probe:
+        await release.wait()
+        return Probe(reachable=True, ready=True, models=frozenset({"m"}))
+
+    monkeypatch.setattr(pool_module, "probe", slow_ready_probe)
+    worker = Worker(url=url, ready=True, reachable=True)
+    probing = asyncio.ensure_future(pool._probe_one(None, worker))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    pool._mark_down(worker)  # a call found it gone meanwhile
+    release.set()
+    await probing
+    assert not worker.ready
+    await pool._probe_one(None, worker)  # type: ignore[arg-type]  # a probe begun after: it decides
+    assert worker.ready
