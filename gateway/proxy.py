@@ -15,7 +15,6 @@ import itertools
 import time
 import urllib.parse
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
@@ -48,13 +47,6 @@ class UpstreamUnavailableError(Exception):
 
 class UpstreamFailedError(Exception):
     """The upstream accepted the call and then failed (timeout, reset, truncated body)."""
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamResponse:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
 
 
 def path_of(scope: Any) -> str:
