@@ -256,36 +256,17 @@ def test_under_uvloop_as_the_services_run() -> None:
     uvloop.run(scenario())
 
 
-def test_a_client_outlives_its_first_event_loop() -> None:
+async def test_a_client_outlives_its_first_event_loop(serve) -> None:
     """Connections made under a loop that ended are not reused (a CLI runs asyncio.run twice)."""
-    import threading
-
-    server = RawServer(answer(OK))
-    ready = threading.Event()
-    port: list[int] = []
-    server_loop = asyncio.new_event_loop()
-
-    def serve() -> None:
-        asyncio.set_event_loop(server_loop)
-        port.append(server_loop.run_until_complete(server.start()))
-        ready.set()
-        server_loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(5)
-    client = Http11Client(f"http://127.0.0.1:{port[0]}/")
-
-    async def once() -> int:
-        return (await client.post(b"{}")).status
-
-    try:
-        assert asyncio.run(once()) == 200
-        assert asyncio.run(once()) == 200  # a new connection under the new loop
-        assert server.connections == 2
-    finally:
-        server_loop.call_soon_threadsafe(server_loop.stop)
-        thread.join(5)
+    server, url = await serve(answer(OK))
+    client = Http11Client(url)
+    assert (await client.post(b"{}")).status == 200
+    ended = asyncio.new_event_loop()
+    ended.close()
+    for conn in client._idle:
+        conn.loop = ended  # as if made under a loop that has ended since
+    assert (await client.post(b"{}")).status == 200
+    assert server.connections == 2  # a new connection under this loop
 
 
 # -- streamed answers (the upstream path) -----------------------------------------------------
