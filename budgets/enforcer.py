@@ -16,11 +16,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import cast
 from zoneinfo import ZoneInfo
 
+from budgets.leases import Leases
 from budgets.models import DefaultPolicy, Hold, LedgerEntry, Policy, Refusal, Scope
 from budgets.rate_mirror import RateMirror
-from budgets.store import BudgetStore, BudgetStoreUnavailableError, Check
+from budgets.store import BudgetStore, BudgetStoreUnavailableError, Check, LeaseStore
 from budgets.windows import WindowCache
 
 log = logging.getLogger("budgets.enforcer")
@@ -41,6 +43,8 @@ class BudgetEnforcer:
         defaults: dict[tuple[str, str], DefaultPolicy] | None = None,
         timezone: str = "UTC",
         hold_s: float = 600.0,
+        lease_calls: int = 0,
+        lease_s: float = 2.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -53,6 +57,21 @@ class BudgetEnforcer:
         self.rates = RateMirror()
         self._pending: set[asyncio.Task] = set()  # commits waiting for the store to come back
         self._deferred: dict[str, int] = {}  # agents with such a commit: refused until it lands
+        self.leases: Leases | None = None
+        if lease_calls > 0:
+            if not isinstance(store, LeaseStore):
+                raise ValueError(f"budget leases need a store that can lease (Redis), not {type(store).__name__}")
+            self.leases = Leases(store, self._lease_checks, calls=lease_calls, lease_s=lease_s, hold_s=hold_s,
+                                 clock=clock)
+
+    def _lease_checks(self, agent: str, policy: Policy, group: Policy | None, network: str, asset: str,
+                      now: float) -> list[Check]:
+        return self.checks(agent, policy, group, network, asset, now, with_rate=True)
+
+    async def close(self) -> None:
+        """Give back what leases hold unused (a replica shutting down)."""
+        if self.leases is not None:
+            await self.leases.close()
 
     async def _policy(self, kind: str, id: str, network: str, asset: str) -> Policy | None:
         key = (kind, id.lower() if kind == "agent" else id, network, asset.lower())
@@ -165,6 +184,15 @@ class BudgetEnforcer:
                     raise Refusal("per_call_limit", f"the call costs more than the {who}'s per-call maximum",
                                   status=402, remaining=p.per_call_max)
             now = self.clock()
+            if self.leases is not None and amount > 0:
+                lease = await self.leases.hand_out(payer, network, asset, amount, policy, group, now)
+                if lease is not None:
+                    for c in lease.checks:
+                        if c.rate is not None:
+                            self.rates.took(c.scope, c.rate, now)
+                    return Hold(id=request_id, agent=payer, network=network, asset=asset.lower(), amount=amount,
+                                route=route, model=model, group=policy.group, reserved_at=lease.taken_at,
+                                lease=lease.id)
             checks = self.checks(payer, policy, group, network, asset, now, with_rate=True)
             refusal = await self.store.reserve(checks, amount, request_id, now=now, hold_s=self.hold_s)
         except BudgetStoreUnavailableError as exc:
@@ -261,11 +289,25 @@ class BudgetEnforcer:
                 policy, group = await self._commit_policies(hold)
                 checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False,
                                      for_commit=True)
-                await self.store.commit(checks, hold.id, amount, entry, now=now, once=once)
+                if hold.lease:
+                    await self._lease_store.end_leased(checks, hold.lease, hold.id, hold.amount, amount, entry,
+                                                       now=now, once=once or hold.id)
+                    self._ended(hold)
+                else:
+                    await self.store.commit(checks, hold.id, amount, entry, now=now, once=once)
                 return True
             except BudgetStoreUnavailableError:
                 continue
         return False
+
+    @property
+    def _lease_store(self) -> LeaseStore:
+        # a hold out of a lease was handed out by some replica of this fleet: they share the store
+        return cast(LeaseStore, self.store)
+
+    def _ended(self, hold: Hold) -> None:
+        if self.leases is not None:
+            self.leases.ended(hold)
 
     async def release(self, hold: Hold) -> bool:
         """False when the store cannot be reached: an unpinned hold expires by itself, a pinned
@@ -274,7 +316,11 @@ class BudgetEnforcer:
             policy, group = await self._commit_policies(hold)
             now = self.clock()
             checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False)
-            await self.store.release(checks, hold.id, now=now)
+            if hold.lease:
+                await self._lease_store.end_leased(checks, hold.lease, hold.id, hold.amount, 0, None, now=now)
+                self._ended(hold)
+            else:
+                await self.store.release(checks, hold.id, now=now)
             return True
         except BudgetStoreUnavailableError:
             return False

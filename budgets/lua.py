@@ -293,7 +293,8 @@ def _script(*parts: str) -> str:
     return "".join(parts).replace("%(ttl)d", str(COUNTERS_TTL_S)).replace("%(keep)d", str(HISTORY_HOURS))
 
 
-# ARGV: now, exp, keep, id, amount (decimal), hour, #checks, then the checks (_CHECKS).
+# ARGV: now, exp, keep, id, amount (decimal), hour, #checks, calls (the rate tokens to take: 1, or a
+# lease's calls), then the checks (_CHECKS).
 # Whether a window has room is decided on doubles when the sum is clearly below the limit (each
 # value converted from its limbs or digits is within 2^-52 of the exact one, relatively, and a sum
 # of at most a few thousand such nonnegative terms within 10^-12: a sum below the limit by a
@@ -303,7 +304,8 @@ RESERVE = _script(_DIG, _LIMBS, _HOLDS, _CHECKS, """
 local now, exp, keep, id, amt_s, hour = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4], ARGV[5],
   tonumber(ARGV[6])
 local amt, amt_d = dec_limbs(amt_s), tonumber(amt_s)
-local checks = read_checks(8, tonumber(ARGV[7]))
+local calls = tonumber(ARGV[8])
+local checks = read_checks(9, tonumber(ARGV[7]))
 local held, state = {}, {}
 for ci, c in ipairs(checks) do
   local total, v = holds(c.z, c.h, now, id, c.per_minute > 0)
@@ -330,8 +332,8 @@ for ci, c in ipairs(checks) do
     local per_s = c.per_minute / 60.0
     local tokens, ts = tonumber(state[ci][5]) or cap, tonumber(state[ci][6]) or now
     tokens = math.min(cap, tokens + math.max(0, now - ts) * per_s)
-    if tokens < 1 then return {'rate', ci, 0, tostring(math.ceil((1 - tokens) / per_s))} end
-    left[ci] = tokens - 1
+    if tokens < calls then return {'rate', ci, 0, tostring(math.ceil((calls - tokens) / per_s))} end
+    left[ci] = tokens - calls
   end
 end
 for ci, c in ipairs(checks) do
@@ -380,16 +382,16 @@ local function incr(key, pre, a)
 end
 -- the windows are ARGV[w0..]: 3 values each, marker field, the previous window's marker field
 -- ('' for a rolling window), counter name (a calendar window's key, or `roll:<period>:<bucket>`)
-local function count(key, w0, nw, amt, hour)
+local function count(key, w0, nw, amt, hour, hs)  -- hs: the hour as ARGV has it
   local fields = {'n', 'lo:h'}
   for j = w0, w0 + 3 * (nw - 1), 3 do fields[#fields + 1] = ARGV[j] end
   local vals = redis.call('HMGET', key, unpack(fields))
   local n = tonumber(vals[1]) or 0
-  local top, new_hour = incr(key, 'h' .. ARGV[3] .. '#', amt)
+  local top, new_hour = incr(key, 'h' .. hs .. '#', amt)
   local set, stale = {}, {}
   local lo_h = tonumber(vals[2])
   if not lo_h or hour < lo_h then
-    set[#set + 1] = 'lo:h' set[#set + 1] = ARGV[3]
+    set[#set + 1] = 'lo:h' set[#set + 1] = hs
     new_hour = true  -- the hash may be new
   elseif hour - %(keep)d > lo_h then
     local last = math.min(hour - %(keep)d - 1, lo_h + 50)
@@ -450,17 +452,79 @@ for ci = 1, tonumber(ARGV[6 + m]) do
     w0, nw = a, k
     a = a + 3 * k
   end
-  if first then count(KEYS[3 * ci + 2], w0, nw, amt, hour) end
+  if first then count(KEYS[3 * ci + 2], w0, nw, amt, hour, ARGV[3]) end
 end
 if not first then return 0 end
 redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4])
 return 1
 """)
 
-# KEYS: per check z, h. ARGV: now, id
+# KEYS: per check z, h. ARGV: now, id, then per check the rate tokens to give back (a retired
+# lease's unused calls; 0: none) and the bucket's capacity
 RELEASE = _script(_DIG, _LIMBS, _DROP, """
 local now, id = tonumber(ARGV[1]), ARGV[2]
-for ci = 1, #KEYS / 2 do drop(KEYS[2 * ci - 1], KEYS[2 * ci], id, now) end
+for ci = 1, #KEYS / 2 do
+  drop(KEYS[2 * ci - 1], KEYS[2 * ci], id, now)
+  local back = tonumber(ARGV[1 + 2 * ci]) or 0
+  if back > 0 then
+    local h = KEYS[2 * ci]
+    local tokens = tonumber(redis.call('HGET', h, 'tokens'))
+    -- added to the stored value, then capped: never more than the bucket would hold
+    if tokens then redis.call('HSET', h, 'tokens', math.min(tonumber(ARGV[2 + 2 * ci]), tokens + back)) end
+  end
+end
+return 1
+""")
+
+# a lease (a hold of several calls' amount that one replica hands out) gives up `amt` (decimal)
+_SHRINK = """
+local function limbs_dec(a)
+  if #a == 0 then return '0' end
+  local out = {string.format('%d', a[#a])}
+  for i = #a - 1, 1, -1 do out[#out + 1] = string.format('%09d', a[i]) end
+  return table.concat(out)
+end
+local function shrink(h, lid, amt)
+  local f = 'h:' .. lid
+  local v = redis.call('HMGET', h, f, 't')
+  if not v[1] then return end  -- retired or expired
+  local cur = dec_limbs(v[1])
+  local left = minus(cur, dec_limbs(amt))
+  redis.call('HSET', h, f, limbs_dec(left), 't', table.concat(minus(csv_limbs(v[2]), minus(cur, left)), ','))
+end
+"""
+
+# The end of one call served from a lease: commit (with its ledger entry) or release. The lease
+# gives up the call's reserved amount once per call (the set `out` remembers it: the serving
+# replica and a recovering one may both end it), and a hold of the call's own (a recovery pinned
+# one) is dropped; what was charged is counted once per `done`, as COMMIT does.
+# KEYS: done, ledger, out, then per check z, h, c. ARGV: now, lease id, call id, reserved (decimal),
+# hour, ledger entry (JSON; '' for a release), then as COMMIT from the amount's limbs on
+END = _script(_DIG, _LIMBS, _DROP, _SHRINK, _COUNT, """
+local now, lid, id, reserved, hour = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
+local fresh = redis.call('SADD', KEYS[3], id) == 1
+if fresh then redis.call('EXPIRE', KEYS[3], %(ttl)d) end
+local m = tonumber(ARGV[7])
+local amt = {}
+for i = 1, m do amt[i] = ARGV[7 + i] end
+local first = false
+if ARGV[6] ~= '' then first = redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800) end
+local a = 9 + m
+local w0, nw = a, 0
+for ci = 1, tonumber(ARGV[8 + m]) do
+  local z, h = KEYS[3 * ci + 1], KEYS[3 * ci + 2]
+  if fresh then shrink(h, lid, reserved) end
+  drop(z, h, id, now)
+  local k = tonumber(ARGV[a])
+  a = a + 1
+  if k >= 0 then
+    w0, nw = a, k
+    a = a + 3 * k
+  end
+  if first then count(KEYS[3 * ci + 3], w0, nw, amt, hour, ARGV[5]) end
+end
+if not first then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[6])
 return 1
 """)
 

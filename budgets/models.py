@@ -188,6 +188,7 @@ class Hold:
     model: str | None
     group: str | None = None
     reserved_at: float = 0.0  # the enforcer's clock when reserved (0: unknown, as if long ago)
+    lease: str = ""  # the lease it was handed out of (budgets/leases.py), else "": a hold of its own
 
 
 class BudgetReason(StrEnum):

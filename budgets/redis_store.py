@@ -122,6 +122,7 @@ class RedisBudgetStore:
         self._pin = client.register_script(lua.PIN)
         self._rate = client.register_script(lua.RATE)
         self._usage = client.register_script(lua.USAGE)
+        self._end = client.register_script(lua.END)
         self._indexed: set[str] = set()  # tags known to be in the ledger's index
         # windows as the scripts take them, per tuple of windows (the enforcer's WindowCache hands
         # out the same tuple until a window moves on): keyed by id, the tuple kept to check it
@@ -164,9 +165,13 @@ class RedisBudgetStore:
 
     async def reserve(self, checks: list[Check], amount: int, reservation_id: str, *, now: float,
                       hold_s: float) -> Refusal | None:
+        return await self.reserve_lease(checks, amount, reservation_id, now=now, hold_s=hold_s, calls=1)
+
+    async def reserve_lease(self, checks: list[Check], amount: int, lease_id: str, *, now: float, hold_s: float,
+                            calls: int) -> Refusal | None:
         keys: list[str] = []
-        args: list[str | int | float] = [repr(now), repr(now + hold_s), int(hold_s) + 3600, reservation_id,
-                                         str(amount), int(now // 3600), len(checks)]
+        args: list[str | int | float] = [repr(now), repr(now + hold_s), int(hold_s) + 3600, lease_id,
+                                         str(amount), int(now // 3600), len(checks), calls]
         for c in checks:
             args += self._check_args(c, keys, rate=True)
         res = await self._run(self._reserve, keys, args)
@@ -191,6 +196,12 @@ class RedisBudgetStore:
         keys = [self._k(tag_scope, f"done:{once or reservation_id}"), f"{self._p}b:{{{tag_scope.tag}}}:ledger"]
         args: list[str | int | float] = [repr(now), reservation_id, int(now // 3600), _entry_json(entry),
                                          *_limb_strings(amount), len(checks)]
+        self._commit_args(checks, keys, args)
+        res = await self._run(self._commit, keys, args)
+        await self._index(tag_scope)
+        return res == 1
+
+    def _commit_args(self, checks: list[Check], keys: list[str], args: list[str | int | float]) -> None:
         previous: tuple[Window, ...] | None = None
         for c in checks:
             keys += [self._k(c.scope, "rz"), self._k(c.scope, "rh"), self._k(c.scope, "c")]
@@ -199,7 +210,8 @@ class RedisBudgetStore:
             else:
                 args += self._windows_args(c.windows, True)
             previous = c.windows
-        res = await self._run(self._commit, keys, args)
+
+    async def _index(self, tag_scope: Scope) -> None:
         if tag_scope.tag not in self._indexed:
             try:
                 await self._r.sadd(f"{self._p}ledger:tags", tag_scope.tag)
@@ -209,7 +221,31 @@ class RedisBudgetStore:
                 if len(self._indexed) > 100_000:
                     self._indexed.clear()
                 self._indexed.add(tag_scope.tag)
+
+    async def end_leased(self, checks: list[Check], lease_id: str, call_id: str, reserved: int, amount: int,
+                         entry: LedgerEntry | None, *, now: float, once: str | None = None) -> bool:
+        """The end of a call served from a lease: the lease gives up `reserved` (once per call,
+        whoever ends it), a hold of the call's own is dropped, and with `entry` (a commit) `amount`
+        is counted once per `once` (default the call) with its ledger entry. `checks` as commit
+        takes them. True when counted now."""
+        tag_scope = checks[0].scope
+        keys = [self._k(tag_scope, f"done:{once or call_id}"), f"{self._p}b:{{{tag_scope.tag}}}:ledger",
+                self._k(tag_scope, f"out:{lease_id}")]
+        args: list[str | int | float] = [repr(now), lease_id, call_id, str(reserved), int(now // 3600),
+                                         _entry_json(entry) if entry is not None else "",
+                                         *_limb_strings(amount if entry is not None else 0), len(checks)]
+        self._commit_args(checks, keys, args)
+        res = await self._run(self._end, keys, args)
+        if entry is not None:
+            await self._index(tag_scope)
         return res == 1
+
+    async def retire_lease(self, checks: list[Check], lease_id: str, *, now: float, unused_calls: int) -> None:
+        """Drop what is left of a lease; its unused calls go back to the rate buckets it took them from."""
+        keys, args = self._holds_args(checks, lease_id, now)
+        for c in checks:
+            args += [unused_calls, c.rate.burst or c.rate.per_minute] if c.rate is not None else [0, 0]
+        await self._run(self._release, keys, args)
 
     def _holds_args(self, checks: list[Check], reservation_id: str, now: float) -> tuple[list[str], list[str | int | float]]:
         keys: list[str] = []

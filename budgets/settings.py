@@ -59,6 +59,10 @@ class BudgetSettings(BaseModel):
     store_prefix: str = "x402b:"
     timezone: str = "UTC"
     hold_s: float = Field(default=600.0, gt=0, description="a reservation not committed by then is released")
+    # budget leases (budgets/leases.py; Redis only): one reserve for this many calls of an agent,
+    # handed out by this replica for at most lease_s; 0: every call reserves on its own
+    lease_calls: int = Field(default=0, ge=0, le=10_000)
+    lease_s: float = Field(default=2.0, gt=0, le=60)
     default: Literal["deny", "budget"] = "budget"
     default_daily: str = "1"
     default_per_call: str | None = None

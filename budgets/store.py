@@ -12,7 +12,7 @@ its signed maximum and commits what was used).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import storage
 from budgets.models import BudgetUsage, LedgerEntry, Policy, RateLimit, Refusal, Scope, Window
@@ -33,6 +33,20 @@ class Check:
 class RateState:
     allowed: bool
     retry_after_s: float
+
+
+@runtime_checkable
+class LeaseStore(Protocol):
+    """A store that can lease: one hold for several calls' amount (and rate tokens) that one replica
+    hands out from memory (budgets/leases.py), each call ended in the store once."""
+
+    async def reserve_lease(self, checks: list[Check], amount: int, lease_id: str, *, now: float, hold_s: float,
+                            calls: int) -> Refusal | None: ...
+
+    async def end_leased(self, checks: list[Check], lease_id: str, call_id: str, reserved: int, amount: int,
+                         entry: LedgerEntry | None, *, now: float, once: str | None = None) -> bool: ...
+
+    async def retire_lease(self, checks: list[Check], lease_id: str, *, now: float, unused_calls: int) -> None: ...
 
 
 class BudgetStore(Protocol):

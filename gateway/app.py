@@ -147,7 +147,8 @@ def build_budgets(settings: GatewaySettings):
         (o.network, o.asset.lower()): DefaultPolicy(mode=b.default, policy=b.default_policy(o.network, o.asset, o.decimals))
         for o in settings.accepts
     }
-    return BudgetEnforcer(store, defaults=defaults, timezone=b.timezone, hold_s=b.hold_s)
+    return BudgetEnforcer(store, defaults=defaults, timezone=b.timezone, hold_s=b.hold_s, lease_calls=b.lease_calls,
+                          lease_s=b.lease_s)
 
 
 async def seed_policies(settings: GatewaySettings, enforcer) -> None:
@@ -272,6 +273,7 @@ def create_app(
             if channels is not None:
                 await channels.close()
             if enforcer is not None:
+                await enforcer.close()
                 await enforcer.store.close()
             if sender is not None:
                 await sender.close()

@@ -63,16 +63,21 @@ def served(reply: Reply) -> bool:
 # -- the race -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("lease_calls", [0, 8], ids=["per-call", "leases"])
 async def test_two_replicas_200_concurrent_calls_a_budget_of_exactly_37(
         devchain: dict, devchain_file: str, redis_server: Any, spawn_upstream: Any, spawn_gateway: Any,
-        tmp_path: Path) -> None:
-    agent, payee = derived("race-agent"), derived("race-payee").address
+        tmp_path: Path, lease_calls: int) -> None:
+    """Also with budget leases (budgets/leases.py): each replica hands calls out of leases of 8,
+    the last 5 calls' worth goes one by one; still exactly 37, and nothing left reserved."""
+    label = "race" if not lease_calls else "race-leases"
+    agent, payee = derived(f"{label}-agent"), derived(f"{label}-payee").address
     fund(devchain, agent)
     upstream = spawn_upstream()
-    prefix = unique_prefix("race")
+    prefix = unique_prefix(label)
     config = gateway_config(tmp_path / "gateway.json", devchain, devchain_file, upstream.url, redis_server.url,
                             pay_to=payee, budgets=budgets_section(redis_server.url, prefix,
-                                                                  [opg_policy(devchain, agent.address, 37 * PRICE)]))
+                                                                  [opg_policy(devchain, agent.address, 37 * PRICE)],
+                                                                  lease_calls=lease_calls))
     g1 = spawn_gateway(upstream.url, redis_server.url, config=config, env=gateway_env(devchain, 0, prefix))
     g2 = spawn_gateway(upstream.url, redis_server.url, config=config, env=gateway_env(devchain, 1, prefix))
 

@@ -149,3 +149,44 @@ async def test_a_replica_killed_between_settlement_and_commit_is_committed_once_
     metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(b.url + "/metrics", timeout=5).read().decode())
     assert f'x402_gateway_reconcile_difference_atomic{{asset="{token.lower()}",network="{devchain["network"]}"}} 1234.0' \
         in metrics, [line for line in metrics.splitlines() if "reconcile" in line]
+
+
+async def test_a_replica_killed_after_settling_a_call_out_of_a_budget_lease_is_counted_once(
+        devchain: dict, devchain_file: str, redis_server: Any, spawn_upstream: Any, spawn_gateway: Any,
+        tmp_path: Path) -> None:
+    """Budget leases (budgets/leases.py): A hands the call out of a lease of 4 calls, settles it and
+    dies. B's recovery commits it once from the intent (the hold names the lease); the rest of the
+    dead replica's lease expires with hold_s; then the budget is exact: 9 more calls, not 10."""
+    agent, payee = derived("lease-kill-agent"), derived("lease-kill-payee").address
+    fund(devchain, agent)
+    upstream = spawn_upstream()
+    prefix = unique_prefix("leasekill")
+    budgets = {"store_url": redis_server.url, "store_prefix": f"{prefix}b:", "timezone": "UTC", "default": "deny",
+               "policies": [opg_policy(devchain, agent.address, 10 * PRICE)], "lease_calls": 4, "hold_s": 4}
+    config = gateway_config(tmp_path / "gateway.json", devchain, devchain_file, upstream.url, redis_server.url,
+                            pay_to=payee, budgets=budgets)
+    a = spawn_gateway(upstream.url, redis_server.url, config=config,
+                      env=gateway_env(devchain, 0, prefix) | FAST | {"GATEWAY_FAULT_EXIT_AFTER_SETTLE": "1"})
+    b = spawn_gateway(upstream.url, redis_server.url, config=config, env=gateway_env(devchain, 1, prefix) | FAST)
+    admin = Admin(b.url)
+    requirement = await opg_requirement(a.url + CHAT, devchain)
+    payments = await sign_payments(agent, requirement, 11, a.url + CHAT)
+    payer_before = opg_balance(devchain, agent.address)
+
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.ClientError):
+            await post(http, a.url + CHAT, payment=payments[0])
+        assert a.proc.wait(10) == 70  # exited right after the facilitator said settled
+        entries = await wait_ledger(admin, agent.address, 1, timeout_s=30)
+        assert [int(e["amount"]) for e in entries] == [PRICE], entries
+        u = await admin.wait_usage(agent.address, reserved=0, timeout_s=15)  # the dead lease's rest expired
+        assert (u["spent"], u["reserved"], u["remaining"]) == (PRICE, 0, 9 * PRICE), u
+        replies = [await post(http, b.url + CHAT, payment=p) for p in payments[1:]]
+    assert [r.status for r in replies] == [200] * 9 + [402] and replies[-1].error == "budget_exceeded", replies
+    await asyncio.sleep(1.5)  # more recovery rounds: nothing counted twice
+    entries = await admin.ledger(agent.address)
+    assert len(entries) == 10 and sum(int(e["amount"]) for e in entries) == 10 * PRICE
+    assert payer_before - opg_balance(devchain, agent.address) == 10 * PRICE
+    await asyncio.sleep(2.5)  # B's leases lapse (lease_s 2) and give back what they hold
+    u = await admin.usage(agent.address)
+    assert (u["spent"], u["reserved"], u["remaining"]) == (10 * PRICE, 0, 0), u

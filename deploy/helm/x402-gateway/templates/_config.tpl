@@ -134,7 +134,8 @@ they are "$VAR" references the loaders resolve from the environment, or environm
 {{- $b := $g.budgets }}
 {{- if $b.enabled }}
 {{- $bud := dict "enabled" true "timezone" $b.timezone "default" $b.default "default_daily" $b.defaultDaily
-      "hold_s" $b.holdSeconds "store_prefix" $b.storePrefix "admin_prefix" $b.adminPrefix
+      "hold_s" $b.holdSeconds "lease_calls" (int (default 0 $b.leaseCalls)) "lease_s" (default 2 $b.leaseSeconds)
+      "store_prefix" $b.storePrefix "admin_prefix" $b.adminPrefix
       "reconcile_every_s" $b.reconcileEverySeconds "reconcile_window_blocks" (int $b.reconcileWindowBlocks)
       "reconcile_lag_blocks" (int $b.reconcileLagBlocks) }}
 {{- if $b.defaultPerCall }}{{ $_ := set $bud "default_per_call" $b.defaultPerCall }}{{ end }}

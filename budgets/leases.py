@@ -1,0 +1,185 @@
+"""Budget leases: one hold in the store for several calls, handed out from memory.
+
+A paid call costs the store a reserve and a commit. With leases (`budgets.lease_calls` > 0, a
+store that can lease: Redis), the first call of an agent reserves `lease_calls` times its amount
+(and as many rate tokens) under one lease id, and this replica hands the following calls out of
+it with no round trip; each call is still ended in the store, once (commit with its ledger entry,
+or release), and the lease gives up that call's amount there.
+
+Exact, as the per-call holds are: the store holds the whole lease until each of its calls is
+ended, so a budget is never exceeded, and what a lease holds unused goes back as soon as it stops
+serving: when a call does not fit it (before the store is asked for that call alone), when the
+agent's or group's policy changed, and `lease_s` after it was taken. Until then another replica
+sees that room as reserved (usage reports it so): a call there may be refused for up to `lease_s`
+that would fit once the lease is given back. A lease the store refuses (the room left is smaller
+than a lease, or the rate bucket has fewer tokens) is not asked again for `lease_s`: near a limit
+calls go one by one, as without leases.
+
+Crashes: a lease is a hold like any other, so a replica that dies leaves it to expire (`hold_s`);
+a call it settled is ended by recovery from the intent (the call's hold names its lease), which
+the store counts once whoever ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from budgets.models import Hold, Policy
+from budgets.store import BudgetStoreUnavailableError, Check, LeaseStore
+
+log = logging.getLogger("budgets.leases")
+
+_MAX_REFUSED = 100_000  # remembered refusals (a bound, not a tuning knob)
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    id: str
+    key: tuple[str, str, str]  # agent, network, asset
+    policy: Policy  # what it was taken under: a call under another policy does not use it
+    group: Policy | None
+    checks: list[Check]
+    size: int  # what the store holds for it, less the room given back
+    calls_left: int | None  # rate tokens it holds (None: no rate limit applies)
+    taken_at: float
+    handed: int = 0  # amount handed out to calls
+    open: int = 0  # calls handed out and not ended yet
+    serving: bool = True
+
+
+ChecksFor = Callable[[str, Policy, Policy | None, str, str, float], list[Check]]
+
+
+class Leases:
+    def __init__(self, store: LeaseStore, checks: ChecksFor, *, calls: int, lease_s: float, hold_s: float,
+                 clock: Callable[[], float]) -> None:
+        self.store = store
+        self.checks = checks
+        self.calls = calls
+        self.lease_s = lease_s
+        self.hold_s = hold_s
+        self.clock = clock
+        self._serving: dict[tuple[str, str, str], Lease] = {}
+        self._by_id: dict[str, Lease] = {}  # every lease this replica still has in the store
+        self._taking: dict[tuple[str, str, str], asyncio.Future[None]] = {}
+        self._refused: dict[tuple[str, str, str], float] = {}  # no lease asked for until then
+        self._tasks: set[asyncio.Task] = set()
+
+    async def hand_out(self, agent: str, network: str, asset: str, amount: int, policy: Policy,
+                       group: Policy | None, now: float) -> Lease | None:
+        """The lease this call is handed out of, or None: then it is reserved on its own."""
+        key = (agent.lower(), network, asset.lower())
+        for _ in range(3):
+            lease = self._serving.get(key)
+            if lease is not None and (lease.policy is policy or lease.policy == policy) \
+                    and (lease.group is group or lease.group == group) and now < lease.taken_at + self.lease_s \
+                    and lease.size - lease.handed >= amount and lease.calls_left != 0:
+                lease.handed += amount
+                lease.open += 1
+                if lease.calls_left is not None:
+                    lease.calls_left -= 1
+                return lease
+            if lease is None and self._refused.get(key, 0.0) > now:
+                return None
+            pending = self._taking.get(key)
+            if pending is not None:  # another call of this agent is renewing it: wait, then look again
+                await asyncio.shield(pending)
+                continue
+            async with self._alone(key):
+                if lease is not None:
+                    await self._stop(lease)  # its unused room goes back before the store is asked again
+                if self._refused.get(key, 0.0) > now or \
+                        not await self._take(key, agent, network, asset, amount, policy, group, now):
+                    return None
+        return None
+
+    @contextlib.asynccontextmanager
+    async def _alone(self, key: tuple[str, str, str]) -> AsyncIterator[None]:
+        """One renewal (stop, give back, take) of an agent's lease at a time; its other calls wait."""
+        while (pending := self._taking.get(key)) is not None:
+            await asyncio.shield(pending)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._taking[key] = done
+        try:
+            yield
+        finally:
+            del self._taking[key]
+            done.set_result(None)
+
+    async def _take(self, key: tuple[str, str, str], agent: str, network: str, asset: str, amount: int,
+                    policy: Policy, group: Policy | None, now: float) -> bool:
+        checks = self.checks(agent, policy, group, network, asset, now)
+        lease_id = "lease:" + uuid.uuid4().hex
+        refusal = await self.store.reserve_lease(checks, amount * self.calls, lease_id, now=now, hold_s=self.hold_s,
+                                                 calls=self.calls)
+        if refusal is not None:
+            if len(self._refused) >= _MAX_REFUSED:
+                self._refused.clear()
+            self._refused[key] = now + self.lease_s
+            return False
+        rated = any(c.rate is not None for c in checks)
+        lease = Lease(lease_id, key, policy, group, checks, amount * self.calls, self.calls if rated else None, now)
+        self._serving[key] = self._by_id[lease_id] = lease
+        asyncio.get_running_loop().call_later(self.lease_s, self._lapse, lease)
+        return True
+
+    def _lapse(self, lease: Lease) -> None:
+        if lease.serving:
+            self._background(self._stop_alone(lease))
+
+    async def _stop_alone(self, lease: Lease) -> None:
+        async with self._alone(lease.key):
+            await self._stop(lease)
+
+    async def _stop(self, lease: Lease) -> None:
+        """No more calls out of it; what it holds unused goes back now (all of it once no call is open)."""
+        if not lease.serving:
+            return
+        lease.serving = False
+        if self._serving.get(lease.key) is lease:
+            del self._serving[lease.key]
+        if lease.open == 0:
+            await self._retire(lease)
+            return
+        rest = lease.size - lease.handed
+        if rest > 0:
+            lease.size -= rest
+            try:
+                await self.store.end_leased(lease.checks, lease.id, lease.id + ":rest", rest, 0, None,
+                                            now=self.clock())
+            except BudgetStoreUnavailableError:  # given back with the rest when the lease retires
+                log.warning("budget_lease_not_shrunk", extra={"lease": lease.id, "agent": lease.key[0]})
+
+    async def _retire(self, lease: Lease) -> None:
+        self._by_id.pop(lease.id, None)
+        try:
+            await self.store.retire_lease(lease.checks, lease.id, now=self.clock(), unused_calls=lease.calls_left or 0)
+        except BudgetStoreUnavailableError:  # it expires by itself (hold_s)
+            log.warning("budget_lease_not_retired", extra={"lease": lease.id, "agent": lease.key[0]})
+
+    def ended(self, hold: Hold) -> None:
+        """A call handed out of one of this replica's leases was ended in the store."""
+        lease = self._by_id.get(hold.lease)
+        if lease is None:
+            return
+        lease.open -= 1
+        if lease.open == 0 and not lease.serving:
+            self._background(self._retire(lease))
+
+    def _background(self, work) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Stop every lease; give back what they hold (a lease with a call still open keeps that
+        call's amount: the call, or recovery, ends it)."""
+        for lease in list(self._serving.values()):
+            await self._stop_alone(lease)
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

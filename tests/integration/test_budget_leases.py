@@ -1,0 +1,260 @@
+"""Budget leases (budgets/leases.py) on a real Redis: one reserve for several calls, handed out from
+memory, each call ended once in the store. Exactness is the point: replicas sharing a budget never
+pass it and, calls being equal, use all of it; what a lease holds unused goes back; recovery on
+another replica, a killed replica, a policy change and the rate bucket all come out exact."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from budgets.enforcer import BudgetEnforcer
+from budgets.models import Hold, Limit, Policy, RateLimit, Refusal
+from budgets.redis_store import RedisBudgetStore
+from budgets.sqlite_store import SQLiteBudgetStore
+
+pytestmark = pytest.mark.integration
+
+NET = "eip155:84532"
+ASSET = "0x" + "33" * 20
+CHAT = "POST /v1/chat/completions"
+AMT = 1_000_000_000_000_000  # 0.001 of an 18-decimal token
+
+
+class Clock:
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def wallet() -> str:
+    return "0x" + uuid.uuid4().hex + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+async def store(redis_server: Any) -> AsyncIterator[RedisBudgetStore]:
+    s = RedisBudgetStore.from_url(redis_server.url, prefix=f"lease{uuid.uuid4().hex[:8]}:")
+    yield s
+    await s.close()
+
+
+class Counted:
+    """The store's reserve calls, counted."""
+
+    def __init__(self, store: RedisBudgetStore) -> None:
+        self.leases = self.reserves = 0
+        real_lease = store.reserve_lease
+
+        async def lease(*args: Any, **kwargs: Any) -> Any:
+            self.leases += 1
+            return await real_lease(*args, **kwargs)
+
+        async def reserve(*args: Any, **kwargs: Any) -> Any:
+            self.reserves += 1
+            return await real_lease(*args, **kwargs, calls=1)
+
+        store.reserve_lease = lease  # type: ignore[method-assign]
+        store.reserve = reserve  # type: ignore[method-assign]
+
+
+def enforcer(store: RedisBudgetStore, clock: Clock, *, calls: int = 4, lease_s: float = 30.0,
+             hold_s: float = 600.0) -> BudgetEnforcer:
+    return BudgetEnforcer(store, lease_calls=calls, lease_s=lease_s, hold_s=hold_s, clock=clock)
+
+
+async def put(e: BudgetEnforcer, kind: str, owner: str, **fields: Any) -> None:
+    await e.put_policy(kind, owner, Policy(network=NET, asset=ASSET, **fields))
+
+
+async def reserve(e: BudgetEnforcer, agent: str, amount: int = AMT) -> Hold | Refusal:
+    try:
+        return await e.reserve(agent, NET, ASSET, amount, CHAT, None, f"r-{uuid.uuid4().hex}")
+    except Refusal as refusal:
+        return refusal
+
+
+def granted(result: Hold | Refusal) -> Hold:
+    assert isinstance(result, Hold), f"expected a hold, got {result!r}"
+    return result
+
+
+async def commit(e: BudgetEnforcer, hold: Hold, amount: int | None = None) -> bool:
+    tx = "0x" + uuid.uuid4().hex * 2
+    return await e.commit(hold, hold.amount if amount is None else amount, tx, hold.id, once=tx)
+
+
+async def usage(e: BudgetEnforcer, agent: str) -> tuple[int, int]:
+    """(spent today, reserved) of the agent's budget."""
+    policy, group, _ = await e.policies_for(agent, NET, ASSET)
+    check = e.checks(agent, policy, group, NET, ASSET, e.clock(), with_rate=False)[0]
+    (u,) = await e.store.usage(check, now=e.clock())
+    return u.spent, u.reserved
+
+
+async def test_calls_out_of_a_lease_cost_one_reserve_per_lease_and_count_exactly(store: RedisBudgetStore) -> None:
+    clock = Clock(1_900_000_000.0)
+    e = enforcer(store, clock, calls=4)
+    counted = Counted(store)
+    agent = wallet()
+    await put(e, "agent", agent, limits=[Limit(period="day", amount=1000 * AMT)])
+    for _ in range(8):
+        hold = granted(await reserve(e, agent))
+        assert hold.lease
+        assert await commit(e, hold)
+    assert (counted.leases, counted.reserves) == (2, 0)
+    spent, reserved = await usage(e, agent)
+    assert (spent, reserved) == (8 * AMT, 0)  # the second lease is used up: nothing left held
+    hold = granted(await reserve(e, agent))  # a third lease: 4 held, 1 in use
+    assert await usage(e, agent) == (8 * AMT, 4 * AMT)
+    await e.release(hold)
+    assert await usage(e, agent) == (8 * AMT, 3 * AMT)
+    await e.close()  # a replica shutting down gives back what its leases hold
+    assert await usage(e, agent) == (8 * AMT, 0)
+    ledger = await store.ledger(agent=agent, start=clock.t - 60, end=clock.t + 60, limit=100)
+    assert [x.amount for x in ledger] == [AMT] * 8
+
+
+async def test_two_replicas_sharing_a_budget_never_pass_it_and_use_all_of_it(store: RedisBudgetStore,
+                                                                            redis_server: Any) -> None:
+    """200 concurrent calls, 100 on each replica, for a budget of exactly 37 calls: 37 served."""
+    clock = Clock(1_900_000_000.0)
+    other = RedisBudgetStore.from_url(redis_server.url, prefix=store._p)
+    a, b = enforcer(store, clock, calls=5), enforcer(other, clock, calls=5)
+    agent = wallet()
+    await put(a, "agent", agent, limits=[Limit(period="day", amount=37 * AMT)])
+
+    async def call(e: BudgetEnforcer) -> bool:
+        hold = await reserve(e, agent)
+        if isinstance(hold, Refusal):
+            assert hold.reason == "budget_exceeded", hold
+            return False
+        await asyncio.sleep(0.01)  # the upstream and the settlement
+        assert await commit(e, hold)
+        return True
+
+    served = await asyncio.gather(*(call((a, b)[i % 2]) for i in range(200)))
+    assert sum(served) == 37
+    await a.close()
+    await b.close()
+    assert await usage(a, agent) == (37 * AMT, 0)
+    ledger = await store.ledger(agent=agent, start=clock.t - 60, end=clock.t + 60, limit=100)
+    assert sum(x.amount for x in ledger) == 37 * AMT and len(ledger) == 37
+    await other.close()
+
+
+async def test_a_lease_gives_back_its_room_before_a_call_that_does_not_fit_it_is_refused(
+        store: RedisBudgetStore) -> None:
+    clock = Clock(1_900_000_000.0)
+    e = enforcer(store, clock, calls=4)
+    agent = wallet()
+    await put(e, "agent", agent, limits=[Limit(period="day", amount=10 * AMT)])
+    first = granted(await reserve(e, agent))  # a lease of 4: 3 unused
+    assert first.lease and await usage(e, agent) == (0, 4 * AMT)
+    big = granted(await reserve(e, agent, 7 * AMT))  # 10 - 1 in use = 9 left: fits once the 3 go back
+    assert not big.lease  # a lease of 28 does not fit: reserved on its own
+    assert await usage(e, agent) == (0, 8 * AMT)
+    assert isinstance(await reserve(e, agent, 3 * AMT), Refusal)
+    await commit(e, first)
+    await commit(e, big)
+    await e.close()
+    assert await usage(e, agent) == (8 * AMT, 0)
+
+
+async def test_another_replica_ending_a_leased_call_counts_it_once(store: RedisBudgetStore, redis_server: Any) -> None:
+    """Recovery: the replica that handed the call out was slow, and another one took its intent
+    and committed it; then the first commits it too."""
+    clock = Clock(1_900_000_000.0)
+    other = RedisBudgetStore.from_url(redis_server.url, prefix=store._p)
+    a, b = enforcer(store, clock), enforcer(other, clock)
+    agent = wallet()
+    await put(a, "agent", agent, limits=[Limit(period="day", amount=100 * AMT)])
+    hold = granted(await reserve(a, agent))
+    await b.pin(hold)  # recovery pins first: the call gets a hold of its own, pinned
+    assert await usage(a, agent) == (0, 5 * AMT)
+    tx = "0x" + "ab" * 32
+    assert await b.commit(hold, AMT, tx, hold.id, once=tx)
+    assert await usage(a, agent) == (AMT, 3 * AMT)  # the lease's other 3 calls
+    assert await a.commit(hold, AMT, tx, hold.id, once=tx)
+    assert await usage(a, agent) == (AMT, 3 * AMT)
+    await a.close()
+    assert await usage(a, agent) == (AMT, 0)
+    ledger = await store.ledger(agent=agent, start=clock.t - 60, end=clock.t + 60, limit=10)
+    assert [x.tx_hash for x in ledger] == [tx]
+    await other.close()
+
+
+async def test_a_killed_replica_s_lease_expires_and_recovery_still_counts_its_call(store: RedisBudgetStore,
+                                                                                    redis_server: Any) -> None:
+    clock = Clock(1_900_000_000.0)
+    other = RedisBudgetStore.from_url(redis_server.url, prefix=store._p)
+    a, b = enforcer(store, clock, hold_s=60), enforcer(other, clock, calls=0)
+    agent = wallet()
+    await put(b, "agent", agent, limits=[Limit(period="day", amount=4 * AMT)])
+    hold = granted(await reserve(a, agent))  # the whole budget leased; then the replica is killed
+    assert isinstance(await reserve(b, agent), Refusal)
+    clock.t += 61
+    assert await usage(b, agent) == (0, 0)
+    tx = "0x" + "cd" * 32
+    assert await b.commit(hold, AMT, tx, hold.id, once=tx)  # its intent, recovered
+    assert await usage(b, agent) == (AMT, 0)
+    for _ in range(3):
+        granted(await reserve(b, agent))
+    assert isinstance(await reserve(b, agent), Refusal)
+    await other.close()
+
+
+async def test_a_policy_change_stops_the_lease(store: RedisBudgetStore) -> None:
+    clock = Clock(1_900_000_000.0)
+    e = enforcer(store, clock, calls=4)
+    agent = wallet()
+    await put(e, "agent", agent, limits=[Limit(period="day", amount=100 * AMT)])
+    hold = granted(await reserve(e, agent))
+    await put(e, "agent", agent, limits=[Limit(period="day", amount=2 * AMT)])  # the operator lowers it
+    assert isinstance(await reserve(e, agent), Hold)  # 2 fit: 1 in use, 1 more (reserved on its own)
+    assert isinstance(await reserve(e, agent), Refusal)
+    await commit(e, hold)
+    await e.close()
+
+
+async def test_rate_tokens_a_lease_did_not_use_go_back(store: RedisBudgetStore, redis_server: Any) -> None:
+    clock = Clock(1_900_000_000.0)
+    other = RedisBudgetStore.from_url(redis_server.url, prefix=store._p)
+    a, b = enforcer(store, clock, calls=4), enforcer(other, clock, calls=0)
+    agent = wallet()
+    await put(a, "agent", agent, limits=[Limit(period="day", amount=100 * AMT)],
+              rate_limit=RateLimit(per_minute=10, burst=10))
+    hold = granted(await reserve(a, agent))  # 4 tokens taken
+    assert hold.lease
+    await commit(a, hold)
+    await a.close()  # 3 go back
+    for _ in range(9):
+        granted(await reserve(b, agent))
+    refusal = await reserve(b, agent)
+    assert isinstance(refusal, Refusal) and refusal.reason == "rate_limited", refusal
+    await other.close()
+
+
+async def test_a_lease_lapses_after_lease_s_and_gives_back_its_room(store: RedisBudgetStore) -> None:
+    clock = Clock(1_900_000_000.0)
+    e = enforcer(store, clock, calls=4, lease_s=0.2)
+    agent = wallet()
+    await put(e, "agent", agent, limits=[Limit(period="day", amount=100 * AMT)])
+    hold = granted(await reserve(e, agent))
+    await asyncio.sleep(0.4)
+    assert await usage(e, agent) == (0, AMT)  # the 3 unused went back; the open call keeps its own
+    await commit(e, hold)
+    await asyncio.sleep(0.05)
+    assert await usage(e, agent) == (AMT, 0)
+
+
+async def test_leases_need_a_store_that_can_lease(tmp_path: Any) -> None:
+    store = SQLiteBudgetStore(str(tmp_path / "b.sqlite3"))
+    with pytest.raises(ValueError, match="lease"):
+        BudgetEnforcer(store, lease_calls=4)
+    await store.close()
