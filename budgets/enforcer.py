@@ -315,11 +315,13 @@ class BudgetEnforcer:
         try:
             policy, group = await self._commit_policies(hold)
             now = self.clock()
-            checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False)
-            if hold.lease:
+            if hold.lease:  # batched with commits (budgets/redis_store.py): with the windows they count in
+                checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False,
+                                     for_commit=True)
                 await self._lease_store.end_leased(checks, hold.lease, hold.id, hold.amount, 0, None, now=now)
                 self._ended(hold)
             else:
+                checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False)
                 await self.store.release(checks, hold.id, now=now)
             return True
         except BudgetStoreUnavailableError:

@@ -476,7 +476,7 @@ end
 return 1
 """)
 
-# a lease (a hold of several calls' amount that one replica hands out) gives up `amt` (decimal)
+# a lease (a hold of several calls' amount that one replica hands out) gives up `amt` (limbs)
 _SHRINK = """
 local function limbs_dec(a)
   if #a == 0 then return '0' end
@@ -484,48 +484,88 @@ local function limbs_dec(a)
   for i = #a - 1, 1, -1 do out[#out + 1] = string.format('%09d', a[i]) end
   return table.concat(out)
 end
-local function shrink(h, lid, amt)
+local function shrink(h, lid, amt)  -- amt: limbs
   local f = 'h:' .. lid
   local v = redis.call('HMGET', h, f, 't')
   if not v[1] then return end  -- retired or expired
   local cur = dec_limbs(v[1])
-  local left = minus(cur, dec_limbs(amt))
+  local left = minus(cur, amt)
   redis.call('HSET', h, f, limbs_dec(left), 't', table.concat(minus(csv_limbs(v[2]), minus(cur, left)), ','))
 end
 """
 
-# The end of one call served from a lease: commit (with its ledger entry) or release. The lease
-# gives up the call's reserved amount once per call (the set `out` remembers it: the serving
-# replica and a recovering one may both end it), and a hold of the call's own (a recovery pinned
-# one) is dropped; what was charged is counted once per `done`, as COMMIT does.
-# KEYS: done, ledger, out, then per check z, h, c. ARGV: now, lease id, call id, reserved (decimal),
-# hour, ledger entry (JSON; '' for a release), then as COMMIT from the amount's limbs on
+# The end of calls served from leases, several at once (the calls of one hash tag that were ended
+# while the previous batch ran): each a commit (with its ledger entry) or a release. A lease gives up
+# a call's reserved amount once per call (the set `out` remembers the call: the serving replica and
+# a recovering one may both end it), a hold of the call's own (a recovery pinned one) is dropped,
+# and what was charged is counted once per `done`, as COMMIT does; amounts are summed per lease and
+# per scope first, so each lease shrinks once and each scope counts once per batch.
+# KEYS: ledger, then per call its done and out keys, then per scope z, h, c. ARGV: now, hour,
+# #calls, #scopes, per scope its windows (as COMMIT: #windows or -1 for the previous scope's, then
+# 3 values each), then per call: lease id, call id, reserved (decimal), ledger entry (JSON; '' for
+# a release), its time (the ledger's score), the charged amount's limbs (their number, then each,
+# lowest first), #scopes, their indexes. Returns per call 1 if it was counted now, else 0. The calls
+# of one END share the hour and the windows (the store batches only those).
 END = _script(_DIG, _LIMBS, _DROP, _SHRINK, _COUNT, """
-local now, lid, id, reserved, hour = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local fresh = redis.call('SADD', KEYS[3], id) == 1
-if fresh then redis.call('EXPIRE', KEYS[3], %(ttl)d) end
-local m = tonumber(ARGV[7])
-local amt = {}
-for i = 1, m do amt[i] = ARGV[7 + i] end
-local first = false
-if ARGV[6] ~= '' then first = redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800) end
-local a = 9 + m
+local now, hour, hs = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[2]
+local nc, ns = tonumber(ARGV[3]), tonumber(ARGV[4])
+local a = 5
+local sw = {}
 local w0, nw = a, 0
-for ci = 1, tonumber(ARGV[8 + m]) do
-  local z, h = KEYS[3 * ci + 1], KEYS[3 * ci + 2]
-  if fresh then shrink(h, lid, reserved) end
-  drop(z, h, id, now)
+for si = 1, ns do
   local k = tonumber(ARGV[a])
   a = a + 1
   if k >= 0 then
     w0, nw = a, k
     a = a + 3 * k
   end
-  if first then count(KEYS[3 * ci + 3], w0, nw, amt, hour, ARGV[5]) end
+  sw[si] = {w0, nw}
 end
-if not first then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[6])
-return 1
+local zbase = 1 + 2 * nc
+local sums, gives, out = {}, {}, {}
+for i = 1, nc do
+  local lid, id, reserved, entry, ts, m = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4],
+    tonumber(ARGV[a + 5])
+  local amt = a + 6
+  a = amt + m
+  local fresh = redis.call('SADD', KEYS[2 * i + 1], id) == 1
+  if fresh then redis.call('EXPIRE', KEYS[2 * i + 1], %(ttl)d) end
+  local first = false
+  if entry ~= '' then first = redis.call('SET', KEYS[2 * i], '1', 'NX', 'EX', 604800) end
+  local k = tonumber(ARGV[a])
+  a = a + 1
+  for _ = 1, k do
+    local si = tonumber(ARGV[a])
+    a = a + 1
+    local h = KEYS[zbase + 3 * si - 1]
+    if fresh then
+      local g = gives[si] or {}
+      gives[si] = g
+      g[lid] = plus(g[lid] or {}, dec_limbs(reserved))
+    end
+    drop(KEYS[zbase + 3 * si - 2], h, id, now)
+    if first then
+      local sum = sums[si] or {}
+      sums[si] = sum
+      for li = 1, m do sum[li] = (sum[li] or 0) + tonumber(ARGV[amt + li - 1]) end
+    end
+  end
+  if first then
+    redis.call('ZADD', KEYS[1], ts, entry)
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+for si, g in pairs(gives) do
+  for lid, amt in pairs(g) do shrink(KEYS[zbase + 3 * si - 1], lid, amt) end
+end
+for si, sum in pairs(sums) do
+  local amt = {}
+  for li, x in ipairs(normalize(sum, #sum)) do amt[li] = string.format('%d', x) end
+  count(KEYS[zbase + 3 * si], sw[si][1], sw[si][2], amt, hour, hs)
+end
+return out
 """)
 
 # Pin a live hold: its expiry score becomes +inf, which the sweep never reaches, and the keys lose

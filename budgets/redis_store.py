@@ -11,6 +11,8 @@ process (a set only grows, so knowing a tag is in it is never stale).
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass
 from typing import cast
 
 import orjson
@@ -112,6 +114,21 @@ def entry_from(doc: dict) -> LedgerEntry:
                        tx_hash=doc["tx_hash"], request_id=doc["request_id"], extra=doc.get("extra") or {})
 
 
+_MAX_ENDS = 256  # calls per END script (a bound on one script's run, not a tuning knob)
+
+
+@dataclass(slots=True)
+class _Ending:
+    checks: list[Check]
+    lease_id: str
+    call_id: str
+    reserved: int
+    amount: int
+    entry: LedgerEntry | None
+    once: str
+    now: float
+
+
 class RedisBudgetStore:
     def __init__(self, client: RedisClient, *, prefix: str = "x402b:") -> None:
         self._r = client
@@ -122,7 +139,11 @@ class RedisBudgetStore:
         self._pin = client.register_script(lua.PIN)
         self._rate = client.register_script(lua.RATE)
         self._usage = client.register_script(lua.USAGE)
-        self._end = client.register_script(lua.END)
+        self._end_script = client.register_script(lua.END)
+        # (tag, hour, windows) -> calls waiting for an END, and those with an END running
+        self._ending: dict[tuple[str, int, int], list[tuple[_Ending, asyncio.Future[bool]]]] = {}
+        self._flushing: set[tuple[str, int, int]] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._indexed: set[str] = set()  # tags known to be in the ledger's index
         # windows as the scripts take them, per tuple of windows (the enforcer's WindowCache hands
         # out the same tuple until a window moves on): keyed by id, the tuple kept to check it
@@ -227,18 +248,74 @@ class RedisBudgetStore:
         """The end of a call served from a lease: the lease gives up `reserved` (once per call,
         whoever ends it), a hold of the call's own is dropped, and with `entry` (a commit) `amount`
         is counted once per `once` (default the call) with its ledger entry. `checks` as commit
-        takes them. True when counted now."""
-        tag_scope = checks[0].scope
-        keys = [self._k(tag_scope, f"done:{once or call_id}"), f"{self._p}b:{{{tag_scope.tag}}}:ledger",
-                self._k(tag_scope, f"out:{lease_id}")]
-        args: list[str | int | float] = [repr(now), lease_id, call_id, str(reserved), int(now // 3600),
-                                         _entry_json(entry) if entry is not None else "",
-                                         *_limb_strings(amount if entry is not None else 0), len(checks)]
-        self._commit_args(checks, keys, args)
-        res = await self._run(self._end, keys, args)
-        if entry is not None:
-            await self._index(tag_scope)
-        return res == 1
+        takes them. True when counted now.
+
+        Calls of one hash tag ended while an END of that tag runs go together in the next one (one
+        script, each lease shrunk and each scope counted once): no call waits for a timer, and
+        under load a round trip ends many calls."""
+        # one END counts in one set of windows at one hour: calls are batched by those too
+        tag = (checks[0].scope.tag, int(now // 3600), id(checks[0].windows))
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._ending.setdefault(tag, []).append(
+            (_Ending(checks, lease_id, call_id, reserved, amount, entry, once or call_id, now), done))
+        if tag not in self._flushing:
+            self._flushing.add(tag)
+            task = asyncio.ensure_future(self._end_batches(tag))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await done
+
+    async def _end_batches(self, tag: tuple[str, int, int]) -> None:
+        try:
+            while batch := self._ending.pop(tag, None):
+                if len(batch) > _MAX_ENDS:
+                    self._ending[tag] = batch[_MAX_ENDS:] + self._ending.get(tag, [])
+                    batch = batch[:_MAX_ENDS]
+                try:
+                    counted = await self._end([e for e, _ in batch])
+                except BaseException as exc:  # every caller gets it (BudgetStoreUnavailableError: retried)
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, done), c in zip(batch, counted, strict=True):
+                    if not done.done():
+                        done.set_result(c == 1)
+        finally:
+            self._flushing.discard(tag)
+
+    async def _end(self, ends: list[_Ending]) -> list[int]:
+        first = ends[0].checks[0].scope
+        keys = [f"{self._p}b:{{{first.tag}}}:ledger"]
+        for e in ends:
+            keys += [self._k(first, f"done:{e.once}"), self._k(first, f"out:{e.lease_id}")]
+        scopes: dict[str, int] = {}
+        scope_args: list[str | int | float] = []
+        call_args: list[str | int | float] = []
+        previous: tuple[Window, ...] | None = None
+        for e in ends:
+            own = []
+            for c in e.checks:
+                si = scopes.get(c.scope.name)
+                if si is None:
+                    si = scopes[c.scope.name] = len(scopes) + 1
+                    keys += [self._k(c.scope, "rz"), self._k(c.scope, "rh"), self._k(c.scope, "c")]
+                    if c.windows is previous or c.windows == previous:
+                        scope_args.append(-1)
+                    else:
+                        scope_args += self._windows_args(c.windows, True)
+                    previous = c.windows
+                own.append(si)
+            call_args += [e.lease_id, e.call_id, str(e.reserved), _entry_json(e.entry) if e.entry is not None else "",
+                          repr(e.now), *_limb_strings(e.amount if e.entry is not None else 0), len(own), *own]
+        now = ends[0].now
+        args: list[str | int | float] = [repr(now), int(now // 3600), len(ends), len(scopes), *scope_args, *call_args]
+        res = await self._run(self._end_script, keys, args)
+        if any(e.entry is not None for e in ends):
+            await self._index(first)
+        return [int(x) for x in res]
 
     async def retire_lease(self, checks: list[Check], lease_id: str, *, now: float, unused_calls: int) -> None:
         """Drop what is left of a lease; its unused calls go back to the rate buckets it took them from."""

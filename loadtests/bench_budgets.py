@@ -223,9 +223,10 @@ async def store_run(kind: str, op: str, conc: int, ctx: dict[str, Any], rep: int
     label = f"{op.replace('+', '_')}-{conc}-{rep}"
     store = open_store(kind, ctx, label)
     try:
-        enforcer = BudgetEnforcer(store, timezone="UTC")
+        leased = op == "enforcer-leases"
+        enforcer = BudgetEnforcer(store, timezone="UTC", lease_calls=args.lease_calls if leased else 0)
         wl = Workload(enforcer, f"{kind}-{label}")
-        if op == "enforcer":
+        if op.startswith("enforcer"):
             for g, (_pol, gpol) in wl.pol.items():
                 await store.put_policy("group", g, gpol)
             for a in wl.agents:
@@ -260,12 +261,13 @@ async def store_run(kind: str, op: str, conc: int, ctx: dict[str, Any], rep: int
             await enforcer.commit(hold, AMOUNT, "0x" + "ab" * 32, rid)
             return True, ""
 
-        fns = {"reserve": reserve, "reserve+commit": pair, "enforcer": enforced, "evalsha": floor}
+        fns = {"reserve": reserve, "reserve+commit": pair, "enforcer": enforced, "enforcer-leases": enforced,
+               "evalsha": floor}
         fn = fns[op]
         max_ops = args.store_max_ops if op != "reserve" else args.reserve_max_ops
         # warm-up (connections, statement cache), on other ids
         warm = Workload(enforcer, f"{kind}-{label}-warm", agents=16, groups=1)
-        if op == "enforcer":
+        if op.startswith("enforcer"):
             for a in warm.agents:
                 await store.put_policy("agent", a, warm.pol[warm.group_of[a]][0])
             await store.put_policy("group", warm.groups[0], warm.pol[warm.groups[0]][1])
@@ -293,7 +295,7 @@ async def store_run(kind: str, op: str, conc: int, ctx: dict[str, Any], rep: int
             stats = await redis_stats(ctx)
             row["redis_commandstats"] = stats
             # EVALSHA's time includes the commands its script runs (also listed on their own: not summed)
-            top = [stats[c] for c in ("evalsha", "eval", "sadd") if c in stats]
+            top = [stats[c] for c in ("evalsha", "eval") if c in stats]  # a script's commands are in its time
             n = res.ops or float("nan")
             row["redis_usec_per_op"] = sum(v["usec"] for v in top) / n
             row["redis_scripts_per_op"] = sum(stats[c]["calls"] for c in ("evalsha", "eval") if c in stats) / n
@@ -304,6 +306,7 @@ async def store_run(kind: str, op: str, conc: int, ctx: dict[str, Any], rep: int
                                             / max(1, sum(stats[c]["calls"] for c in ("evalsha", "eval") if c in stats)))
         return row
     finally:
+        await enforcer.close()
         await store.close()
 
 
@@ -432,6 +435,8 @@ async def gateway_part(args: argparse.Namespace, ctx: dict[str, Any], stack: con
         "no budgets": None,
         "budgets, SQLite": budgets_section(devchain, f"sqlite://{log_dir}/gw-budgets.sqlite3", f"bench:{ctx['run_id']}:"),
         "budgets, Redis": budgets_section(devchain, ctx["redis"].url, f"bench:{ctx['run_id']}:gw:"),
+        "budgets, Redis, leases": budgets_section(devchain, ctx["redis"].url, f"bench:{ctx['run_id']}:gwl:")
+        | {"lease_calls": args.lease_calls},
     }
     gws = {}
     for i, (name, section) in enumerate(configs.items()):
@@ -456,9 +461,18 @@ async def gateway_part(args: argparse.Namespace, ctx: dict[str, Any], stack: con
                 pids = {"client": None, "gateway": gw.pid, "upstream": up.pid, "facilitator_standin": fac.pid}
                 if "Redis" in name:
                     pids["redis"] = ctx["redis"].pid
+                if "Redis" in name:
+                    await redis_stats(ctx, reset=True)
                 out = await measure(Target(name, gw.url + CHAT, True, pools[name], pids), conc, max_ops=n,
                                     max_seconds=args.gw_seconds if conc > 1 else args.gw_seconds * 3, warmup=warm)
                 row = {"rep": rep, "gateway": name, "concurrency": conc, **out.summary}
+                if "Redis" in name:  # the gateway's only Redis work here is budgets (records: memory://)
+                    stats = await redis_stats(ctx)
+                    calls = out.summary["ops"] + warm
+                    row["redis_script_usec_per_call"] = sum(stats[c]["usec"] for c in ("evalsha", "eval")
+                                                            if c in stats) / calls
+                    row["redis_scripts_per_call"] = sum(stats[c]["calls"] for c in ("evalsha", "eval")
+                                                        if c in stats) / calls
                 if out.first_errors:
                     row["first_errors"] = out.first_errors
                 if conc == 1:
@@ -485,7 +499,7 @@ async def run_benchmark(args: argparse.Namespace, ctx: dict[str, Any], stack: co
         for kind in (stores if rep % 2 == 0 else stores[::-1]):
             for op in ops:
                 for conc in concs:
-                    if op == "evalsha" and kind != "redis":
+                    if op in ("evalsha", "enforcer-leases") and kind != "redis":
                         continue
                     row = await store_run(kind, op, conc, ctx, rep, args)
                     store_runs.append(row)
@@ -575,6 +589,10 @@ def summarize(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                 "gw_cpu_us": median(r["cpu_us_per_op"].get("gateway") or float("nan") for r in tp),
                 "redis_cpu_us": (median((r["cpu_us_per_op"].get("redis") or float("nan")) for r in tp)
                                  if "Redis" in name else None),
+                "redis_script_us": (median(r.get("redis_script_usec_per_call", float("nan")) for r in tp)
+                                    if "Redis" in name else None),
+                "redis_scripts": (median(r.get("redis_scripts_per_call", float("nan")) for r in tp)
+                                  if "Redis" in name else None),
                 "ok": sum(r["ok"] for r in lat + tp), "ops": sum(r["ops"] for r in lat + tp),
             })
         out["gateway"] = table
@@ -584,7 +602,8 @@ def summarize(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 def render(data: dict[str, Any], args: argparse.Namespace) -> str:
     s, m, res = data["summary"], data["machine"], data["result"]
     label = {"reserve+commit": "reserve + commit", "reserve": "reserve alone",
-             "enforcer": "enforcer: precheck + reserve + commit", "evalsha": "trivial EVALSHA (floor)"}
+             "enforcer": "enforcer: precheck + reserve + commit",
+             "enforcer-leases": "enforcer with leases (budgets/leases.py)", "evalsha": "trivial EVALSHA (floor)"}
     rows = []
     for r in s["stores"]:
         cpu = f"client {fmt(r['client_cpu_us'])}" + (f", redis {fmt(r['redis_cpu_us'])}" if r["redis_cpu_us"] is not None else "")
@@ -644,7 +663,8 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> str:
     if g:
         lines += ["#### Added latency of budget enforcement on a paid call", "",
                   "`x402-gateway serve --config FILE` (a JSON file from `dev_settings(...).model_dump(mode=\"json\")`), "
-                  "identical but for the `budgets` section: none, SQLite, Redis; each of the dev chain's "
+                  "identical but for the `budgets` section: none, SQLite, Redis (per-call holds, and leases of "
+                  f"{args.lease_calls} calls: budgets/leases.py); each of the dev chain's "
                   f"{args.agents} agents listed with a daily limit, a rate limit and the group `bench-team` (which has "
                   "its own daily limit), so a call does the agent + group check. The facilitator is the instant "
                   "stand-in of bench_gateway.py (answers verify and settle without work), so the differences are "
@@ -660,10 +680,13 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> str:
                          "—" if base else f"{r['d_added_p50_ms']:+.3f} / {r['d_settle_p50_ms']:+.3f}",
                          fmt(r["tp"]), "—" if base else f"{r['tp_ratio'] * 100:.0f} %",
                          fmt(r["gw_cpu_us"]) + (f" (+ redis {fmt(r['redis_cpu_us'])})" if r["redis_cpu_us"] else ""),
+                         "—" if r.get("redis_script_us") is None else
+                         f"{fmt(r['redis_script_us'])} µs: {r['redis_scripts']:.2f} scripts",
                          f"{r['ok']}/{r['ops']}"])
         lines += [md_table(["gateway", "p50 ms (c=1)", "p99 ms (c=1)", "Δ p50 ms", "Δ p99 ms",
                             "Δ p50 outside / inside settle ms", f"calls/s (c={args.gw_conc})", "vs no budgets",
-                            f"gateway CPU µs/call (c={args.gw_conc})", "ok"], grow), ""]
+                            f"gateway CPU µs/call (c={args.gw_conc})",
+                            f"Redis script time per call (c={args.gw_conc}, commandstats)", "ok"], grow), ""]
         pu = res["gateway"]["payments_used"]
         lines += [f"Payments: {sum(pu.values()):,} distinct Permit2 payloads signed before timing.", ""]
     return "\n".join(lines)
@@ -676,7 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--stores", default="sqlite,redis")
-    p.add_argument("--ops", default="reserve+commit,reserve,enforcer,evalsha")
+    p.add_argument("--ops", default="reserve+commit,reserve,enforcer,enforcer-leases,evalsha")
+    p.add_argument("--lease-calls", type=int, default=16, help="calls per lease in the leased rows")
     p.add_argument("--conc", default="1,64")
     p.add_argument("--store-seconds", type=float, default=1.5, help="time bound of each store run")
     p.add_argument("--store-max-ops", type=int, default=3000)

@@ -85,6 +85,45 @@ class BoundedRedisCluster(RedisCluster):
             return await super().execute_command(*args, **kwargs)
 
 
+class LinearPack:
+    """redis-py's `pack_command` joins its whole buffer again for every argument (quadratic in a
+    command's length) and encodes each through a generic method: a budget script's 60 arguments
+    cost more there than the round trip. This packs the same bytes in one pass and one join."""
+
+    encoder: Any
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        first = args[0]
+        if isinstance(first, str):
+            args = tuple(first.encode().split()) + args[1:]
+        elif b" " in first:
+            args = tuple(first.split()) + args[1:]
+        out = [b"*%d\r\n" % len(args)]
+        encode = self.encoder.encode
+        for arg in args:
+            kind = type(arg)
+            if kind is str:
+                b = arg.encode(self.encoder.encoding, self.encoder.encoding_errors)
+            elif kind is bytes:
+                b = arg
+            elif kind is int:
+                b = b"%d" % arg
+            else:  # floats, memoryviews, bool (refused), anything else: as redis-py has it
+                b = bytes(encode(arg))
+            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+        return [b"".join(out)]
+
+
+_LINEAR: dict[type, type] = {}
+
+
+def linear_packing(cls: type) -> type:
+    """`cls` (a redis-py connection class) with LinearPack's pack_command."""
+    if cls not in _LINEAR:
+        _LINEAR[cls] = type(cls.__name__, (LinearPack, cls), {})
+    return _LINEAR[cls]
+
+
 class BlockingSentinelConnectionPool(SentinelConnectionPool, aioredis.BlockingConnectionPool):
     """The Sentinel pool, but callers queue for a connection (up to `timeout`) like the single-server
     pool, instead of failing with "Too many connections" under load."""
@@ -113,8 +152,10 @@ def redis_from_url(url: str, *, decode_responses: bool = True, max_connections: 
             service, connection_pool_class=BlockingSentinelConnectionPool, max_connections=max_connections, timeout=2.0,
             password=password, db=db, decode_responses=decode_responses, ssl=url.startswith("rediss+"), **_retry(),
         )
+        master.connection_pool.connection_class = linear_packing(master.connection_pool.connection_class)
         return master
     pool = aioredis.BlockingConnectionPool.from_url(
         url, decode_responses=decode_responses, max_connections=max_connections, timeout=2.0, **TIMEOUTS, **_retry()
     )
+    pool.connection_class = linear_packing(pool.connection_class)
     return aioredis.Redis.from_pool(pool)  # owns the pool: close() disconnects it

@@ -258,3 +258,59 @@ async def test_leases_need_a_store_that_can_lease(tmp_path: Any) -> None:
     with pytest.raises(ValueError, match="lease"):
         BudgetEnforcer(store, lease_calls=4)
     await store.close()
+
+
+async def test_commits_and_releases_ended_together_count_exactly(store: RedisBudgetStore, redis_server: Any) -> None:
+    """Three agents of one group on two replicas, calls of different sizes, some released: the
+    calls ended while an END runs go together in the next (one hash tag), each lease shrunk and each
+    scope counted once per batch; the totals are still exact, per agent and for the group."""
+    clock = Clock(1_900_000_000.0)
+    other = RedisBudgetStore.from_url(redis_server.url, prefix=store._p)
+    a, b = enforcer(store, clock, calls=3), enforcer(other, clock, calls=3)
+    team, agents = f"team-{uuid.uuid4().hex[:6]}", [wallet() for _ in range(3)]
+    await put(a, "group", team, limits=[Limit(period="day", amount=60 * AMT)])
+    for agent in agents:
+        await put(a, "agent", agent, limits=[Limit(period="day", amount=30 * AMT)], group=team)
+    ends: list[int] = []
+    batches: list[int] = []
+    real_end = store._end
+
+    async def end(calls: list[Any]) -> list[int]:
+        batches.append(len(calls))
+        return await real_end(calls)
+
+    store._end = end  # type: ignore[method-assign]
+
+    async def call(i: int) -> None:
+        e, agent = (a, b)[i % 2], agents[i % 3]
+        amount = (1 + i % 4) * AMT // 2
+        hold = await reserve(e, agent, amount)
+        if isinstance(hold, Refusal):
+            return
+        await asyncio.sleep(0.001 * (i % 5))
+        if i % 5 == 0:
+            assert await e.release(hold)
+        else:
+            charged = amount - (AMT // 4 if i % 3 == 0 else 0)  # upto: less than reserved
+            assert await commit(e, hold, charged)
+            ends.append(charged)
+
+    await asyncio.gather(*(call(i) for i in range(300)))
+    await a.close()
+    await b.close()
+    assert max(batches) > 1  # calls did go together
+    total = sum(ends)
+    assert total <= 60 * AMT
+    ledger = []
+    for agent in agents:
+        entries = await store.ledger(agent=agent, start=clock.t - 60, end=clock.t + 60, limit=1000)
+        spent, reserved = await usage(a, agent)
+        assert (spent, reserved) == (sum(x.amount for x in entries), 0)
+        assert spent <= 30 * AMT
+        ledger += entries
+    assert sum(x.amount for x in ledger) == total and len(ledger) == len(ends)
+    policy, group, _ = await a.policies_for(agents[0], NET, ASSET)
+    check = a.checks(agents[0], policy, group, NET, ASSET, clock.t, with_rate=False)[1]
+    (u,) = await store.usage(check, now=clock.t)
+    assert (u.spent, u.reserved) == (total, 0)
+    await other.close()
