@@ -290,9 +290,7 @@ class BudgetEnforcer:
                 checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False,
                                      for_commit=True)
                 if hold.lease:
-                    await self._lease_store.end_leased(checks, hold.lease, hold.id, hold.amount, amount, entry,
-                                                       now=now, once=once or hold.id)
-                    self._ended(hold)
+                    await self._end_leased(checks, hold, amount, entry, now, once or hold.id)
                 else:
                     await self.store.commit(checks, hold.id, amount, entry, now=now, once=once)
                 return True
@@ -300,14 +298,18 @@ class BudgetEnforcer:
                 continue
         return False
 
-    @property
-    def _lease_store(self) -> LeaseStore:
-        # a hold out of a lease was handed out by some replica of this fleet: they share the store
-        return cast(LeaseStore, self.store)
-
-    def _ended(self, hold: Hold) -> None:
-        if self.leases is not None:
-            self.leases.ended(hold)
+    async def _end_leased(self, checks: list[Check], hold: Hold, amount: int, entry: LedgerEntry | None, now: float,
+                          once: str | None) -> None:
+        """End a call handed out of a lease (some replica's: they share the store). Once it is
+        ended in the store, this replica's lease (if it is one) counts it ended, even if the caller
+        was cancelled meanwhile: else the lease would never be retired."""
+        store = cast(LeaseStore, self.store)
+        end = asyncio.ensure_future(store.end_leased(checks, hold.lease, hold.id, hold.amount, amount, entry, now=now,
+                                                     once=once))
+        leases = self.leases
+        if leases is not None:
+            end.add_done_callback(lambda f: None if f.cancelled() or f.exception() else leases.ended(hold))
+        await asyncio.shield(end)
 
     async def release(self, hold: Hold) -> bool:
         """False when the store cannot be reached: an unpinned hold expires by itself, a pinned
@@ -318,8 +320,7 @@ class BudgetEnforcer:
             if hold.lease:  # batched with commits (budgets/redis_store.py): with the windows they count in
                 checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False,
                                      for_commit=True)
-                await self._lease_store.end_leased(checks, hold.lease, hold.id, hold.amount, 0, None, now=now)
-                self._ended(hold)
+                await self._end_leased(checks, hold, 0, None, now, None)
             else:
                 checks = self.checks(hold.agent, policy, group, hold.network, hold.asset, now, with_rate=False)
                 await self.store.release(checks, hold.id, now=now)

@@ -608,8 +608,7 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> str:
     for r in s["stores"]:
         cpu = f"client {fmt(r['client_cpu_us'])}" + (f", redis {fmt(r['redis_cpu_us'])}" if r["redis_cpu_us"] is not None else "")
         rs = ("—" if r["redis_usec_per_op"] is None else
-              f"{fmt(r['redis_usec_per_op'])} µs: {r['redis_scripts_per_op']:.1f} scripts"
-              + (f" + {r['redis_sadd_per_op']:.1f} SADD" if r["redis_sadd_per_op"] else ""))
+              f"{fmt(r['redis_usec_per_op'])} µs: {r['redis_scripts_per_op']:.1f} scripts")
         redis_row = r["store"] == "redis"
         rows.append([r["store"], label[r["op"]], r["concurrency"], fmt(r["ops_per_s"]),
                      f"{r['vs_evalsha']:.3f}×" if redis_row else "—", fmt(r["p50_ms"], 3),

@@ -314,3 +314,21 @@ async def test_commits_and_releases_ended_together_count_exactly(store: RedisBud
     (u,) = await store.usage(check, now=clock.t)
     assert (u.spent, u.reserved) == (total, 0)
     await other.close()
+
+
+async def test_a_commit_whose_caller_went_away_still_ends_the_call_and_the_lease_retires(
+        store: RedisBudgetStore) -> None:
+    clock = Clock(1_900_000_000.0)
+    e = enforcer(store, clock, calls=4)
+    agent = wallet()
+    await put(e, "agent", agent, limits=[Limit(period="day", amount=100 * AMT)])
+    hold = granted(await reserve(e, agent))
+    task = asyncio.ensure_future(commit(e, hold))
+    await asyncio.sleep(0)  # the END is on its way
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    await e.close()
+    assert await usage(e, agent) == (AMT, 0)  # counted, and nothing left held by the lease
+    assert e.leases is not None and not e.leases._by_id  # retired (its unused rate tokens went back)
