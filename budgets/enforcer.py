@@ -53,6 +53,8 @@ class BudgetEnforcer:
         self.hold_s = hold_s
         self.clock = clock
         self._cache: dict[tuple[str, str, str, str], tuple[float, Policy | None]] = {}
+        self._resolved: dict[tuple[str, str, str], tuple[float, tuple[Policy, Policy | None, bool]]] = {}
+        self._scopes: dict[tuple[str, str | None, str, str], tuple[Scope, Scope | None]] = {}
         self.windows = WindowCache(self.tz)
         self.rates = RateMirror()
         self._pending: set[asyncio.Task] = set()  # commits waiting for the store to come back
@@ -74,19 +76,24 @@ class BudgetEnforcer:
             await self.leases.close()
 
     async def _policy(self, kind: str, id: str, network: str, asset: str) -> Policy | None:
+        return (await self._policy_until(kind, id, network, asset))[1]
+
+    async def _policy_until(self, kind: str, id: str, network: str, asset: str) -> tuple[float, Policy | None]:
+        """(until when it may be used, the policy)."""
         key = (kind, id.lower() if kind == "agent" else id, network, asset.lower())
         now = time.monotonic()
         hit = self._cache.get(key)
         if hit is not None and hit[0] > now:
-            return hit[1]
+            return hit
         policy = await self.store.get_policy(kind, id, network, asset)
         if len(self._cache) > 100_000:
             self._cache.clear()
-        self._cache[key] = (now + POLICY_CACHE_S, policy)
-        return policy
+        entry = self._cache[key] = (now + POLICY_CACHE_S, policy)
+        return entry
 
     def invalidate(self) -> None:
         self._cache.clear()
+        self._resolved.clear()
 
     async def put_policy(self, kind: str, owner: str, policy: Policy) -> None:
         """Store a policy (the operator's way: admin API, config). An agent that joins or leaves a
@@ -103,22 +110,42 @@ class BudgetEnforcer:
         self.invalidate()
 
     async def policies_for(self, agent: str, network: str, asset: str) -> tuple[Policy, Policy | None, bool]:
-        """(agent policy, group policy, listed). Unlisted agents get the default, or are refused."""
-        policy = await self._policy("agent", agent, network, asset)
+        """(agent policy, group policy, listed). Unlisted agents get the default, or are refused.
+        A paid call asks three times (pre-check, reserve, commit): the answer is kept as long as
+        both policies it was made of may be."""
+        key = (agent, network, asset)
+        now = time.monotonic()
+        hit = self._resolved.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        until, policy = await self._policy_until("agent", agent, network, asset)
         listed = policy is not None
         if policy is None:
             default = self.defaults.get((network, asset.lower()))
             if default is None or default.mode == "deny" or default.policy is None:
                 raise Refusal("agent_not_allowed", "this wallet has no budget with this gateway", status=402)
             policy = default.policy
-        group = await self._policy("group", policy.group, network, asset) if policy.group else None
-        return policy, group, listed
+        group = None
+        if policy.group:
+            group_until, group = await self._policy_until("group", policy.group, network, asset)
+            until = min(until, group_until)
+        if len(self._resolved) > 100_000:
+            self._resolved.clear()
+        answer = policy, group, listed
+        self._resolved[key] = (until, answer)
+        return answer
 
     def scopes(self, agent: str, policy: Policy, network: str, asset: str) -> tuple[Scope, Scope | None]:
-        tag = f"g:{policy.group}" if policy.group else f"a:{agent.lower()}"
-        agent_scope = Scope("agent", agent.lower(), network, asset.lower(), tag)
-        group_scope = Scope("group", policy.group, network, asset.lower(), tag) if policy.group else None
-        return agent_scope, group_scope
+        key = (agent, policy.group, network, asset)
+        hit = self._scopes.get(key)
+        if hit is None:
+            tag = f"g:{policy.group}" if policy.group else f"a:{agent.lower()}"
+            agent_scope = Scope("agent", agent.lower(), network, asset.lower(), tag)
+            group_scope = Scope("group", policy.group, network, asset.lower(), tag) if policy.group else None
+            if len(self._scopes) > 100_000:
+                self._scopes.clear()
+            hit = self._scopes[key] = (agent_scope, group_scope)
+        return hit
 
     def checks(self, agent: str, policy: Policy, group: Policy | None, network: str, asset: str, now: float,
                *, with_rate: bool, for_commit: bool = False) -> list[Check]:
