@@ -431,34 +431,6 @@ local function count(key, w0, nw, amt, hour, hs)  -- hs: the hour as ARGV has it
 end
 """
 
-# KEYS: done, ledger, then per check z, h, c. ARGV: now, id, hour, ledger entry (JSON), the amount's
-# limbs (their number, then each as a decimal string, lowest first), #checks, then per check:
-# #windows (-1: the previous check's), then its windows (3 values each, as `count` reads them)
-COMMIT = _script(_DIG, _LIMBS, _DROP, _COUNT, """
-local now, id, hour = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3])
-local m = tonumber(ARGV[5])
-local amt = {}
-for i = 1, m do amt[i] = ARGV[5 + i] end
--- counted once per `done` (the settlement's transaction): a second hold for the same payment
--- (a resend that took over a stalled claim, and recovery of the first) is only dropped
-local first = redis.call('SET', KEYS[1], '1', 'NX', 'EX', 604800)
-local a = 7 + m
-local w0, nw = a, 0
-for ci = 1, tonumber(ARGV[6 + m]) do
-  drop(KEYS[3 * ci], KEYS[3 * ci + 1], id, now)
-  local k = tonumber(ARGV[a])
-  a = a + 1
-  if k >= 0 then  -- else: the same windows as the check before
-    w0, nw = a, k
-    a = a + 3 * k
-  end
-  if first then count(KEYS[3 * ci + 2], w0, nw, amt, hour, ARGV[3]) end
-end
-if not first then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4])
-return 1
-""")
-
 # KEYS: per check z, h. ARGV: now, id, then per check the rate tokens to give back (a retired
 # lease's unused calls; 0: none) and the bucket's capacity
 RELEASE = _script(_DIG, _LIMBS, _DROP, """
@@ -494,14 +466,16 @@ local function shrink(h, lid, amt)  -- amt: limbs
 end
 """
 
-# The end of calls served from leases, several at once (the calls of one hash tag that were ended
-# while the previous batch ran): each a commit (with its ledger entry) or a release. A lease gives up
+# The end of calls, several at once (the calls of one hash tag that were ended while the previous
+# batch ran): each a commit (with its ledger entry) or a release of a call out of a lease, or the
+# commit of a hold of its own (lease id ''; its hold is dropped as a release drops it). A lease gives up
 # a call's reserved amount once per call (the set `out` remembers the call: the serving replica and
 # a recovering one may both end it), a hold of the call's own (a recovery pinned one) is dropped,
-# and what was charged is counted once per `done`, as COMMIT does; amounts are summed per lease and
-# per scope first, so each lease shrinks once and each scope counts once per batch.
+# and what was charged is counted once per `done` (the settlement's transaction: two holds for one
+# payment count it once); amounts are summed per lease and per scope first, so each lease shrinks
+# once and each scope counts once per batch.
 # KEYS: ledger, then per call its done and out keys, then per scope z, h, c. ARGV: now, hour,
-# #calls, #scopes, per scope its windows (as COMMIT: #windows or -1 for the previous scope's, then
+# #calls, #scopes, per scope its windows (#windows or -1 for the previous scope's, then
 # 3 values each), then per call: lease id, call id, reserved (decimal), ledger entry (JSON; '' for
 # a release), its time (the ledger's score), the charged amount's limbs (their number, then each,
 # lowest first), #scopes, their indexes. Returns per call 1 if it was counted now, else 0. The calls
@@ -528,8 +502,11 @@ for i = 1, nc do
     tonumber(ARGV[a + 5])
   local amt = a + 6
   a = amt + m
-  local fresh = redis.call('SADD', KEYS[2 * i + 1], id) == 1
-  if fresh then redis.call('EXPIRE', KEYS[2 * i + 1], %(ttl)d) end
+  local fresh = false  -- a hold of its own (lease id ''): nothing to give up
+  if lid ~= '' then
+    fresh = redis.call('SADD', KEYS[2 * i + 1], id) == 1
+    if fresh then redis.call('EXPIRE', KEYS[2 * i + 1], %(ttl)d) end
+  end
   local first = false
   if entry ~= '' then first = redis.call('SET', KEYS[2 * i], '1', 'NX', 'EX', 604800) end
   local k = tonumber(ARGV[a])

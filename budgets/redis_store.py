@@ -56,7 +56,7 @@ def _limbs_to_read(windows: tuple[Window, ...]) -> int:
 
 
 def _commit_window_args(w: Window) -> tuple[str, str, str]:
-    """A window as COMMIT takes it: its marker field, the previous window's marker field ('' for a
+    """A window as END counts in it: its marker field, the previous window's marker field ('' for a
     rolling window), its counter's name."""
     if w.rolling:
         return f"lo:{w.key}", "", f"{w.key}:{w.bucket}"
@@ -64,7 +64,7 @@ def _commit_window_args(w: Window) -> tuple[str, str, str]:
 
 
 def _limb_strings(amount: int) -> list[str | int]:
-    """The amount's limbs for COMMIT: their number, then each as a decimal string, lowest first."""
+    """The amount's limbs for END: their number, then each as a decimal string, lowest first."""
     limbs = _limbs(amount)
     return [limbs[0], *(str(x) for x in limbs[1:])]
 
@@ -134,7 +134,6 @@ class RedisBudgetStore:
         self._r = client
         self._p = prefix
         self._reserve = client.register_script(lua.RESERVE)
-        self._commit = client.register_script(lua.COMMIT)
         self._release = client.register_script(lua.RELEASE)
         self._pin = client.register_script(lua.PIN)
         self._rate = client.register_script(lua.RATE)
@@ -212,25 +211,10 @@ class RedisBudgetStore:
     async def commit(self, checks: list[Check], reservation_id: str, amount: int, entry: LedgerEntry,
                      *, now: float, once: str | None = None) -> bool:
         """Counts in the windows of `checks` that the scope is limited by (tracked); pass every
-        period's window (the enforcer's `for_commit`), so a period tracked since is counted too."""
-        tag_scope = checks[0].scope
-        keys = [self._k(tag_scope, f"done:{once or reservation_id}"), f"{self._p}b:{{{tag_scope.tag}}}:ledger"]
-        args: list[str | int | float] = [repr(now), reservation_id, int(now // 3600), _entry_json(entry),
-                                         *_limb_strings(amount), len(checks)]
-        self._commit_args(checks, keys, args)
-        res = await self._run(self._commit, keys, args)
-        await self._index(tag_scope)
-        return res == 1
-
-    def _commit_args(self, checks: list[Check], keys: list[str], args: list[str | int | float]) -> None:
-        previous: tuple[Window, ...] | None = None
-        for c in checks:
-            keys += [self._k(c.scope, "rz"), self._k(c.scope, "rh"), self._k(c.scope, "c")]
-            if c.windows is previous or c.windows == previous:  # the enforcer's commit: the same windows
-                args.append(-1)
-            else:
-                args += self._windows_args(c.windows, True)
-            previous = c.windows
+        period's window (the enforcer's `for_commit`), so a period tracked since is counted too.
+        The END script, as a call out of a lease has it, without a lease: batched with the other
+        ends of its hash tag."""
+        return await self.end_leased(checks, "", reservation_id, 0, amount, entry, now=now, once=once)
 
     async def _index(self, tag_scope: Scope) -> None:
         if tag_scope.tag not in self._indexed:
@@ -290,7 +274,8 @@ class RedisBudgetStore:
         first = ends[0].checks[0].scope
         keys = [f"{self._p}b:{{{first.tag}}}:ledger"]
         for e in ends:
-            keys += [self._k(first, f"done:{e.once}"), self._k(first, f"out:{e.lease_id}")]
+            done = self._k(first, f"done:{e.once}")  # a hold of its own: no `out` set (its slot is filled)
+            keys += [done, self._k(first, f"out:{e.lease_id}") if e.lease_id else done]
         scopes: dict[str, int] = {}
         scope_args: list[str | int | float] = []
         call_args: list[str | int | float] = []
