@@ -330,13 +330,10 @@ class BudgetEnforcer:
         """End a call handed out of a lease (some replica's: they share the store). Once it is
         ended in the store, this replica's lease (if it is one) counts it ended, even if the caller
         was cancelled meanwhile: else the lease would never be retired."""
-        store = cast(LeaseStore, self.store)
-        end = asyncio.ensure_future(store.end_leased(checks, hold.lease, hold.id, hold.amount, amount, entry, now=now,
-                                                     once=once))
         leases = self.leases
-        if leases is not None:
-            end.add_done_callback(lambda f: None if f.cancelled() or f.exception() else leases.ended(hold))
-        await asyncio.shield(end)
+        await cast(LeaseStore, self.store).end_leased(
+            checks, hold.lease, hold.id, hold.amount, amount, entry, now=now, once=once,
+            ended=None if leases is None else (lambda: leases.ended(hold)))
 
     async def release(self, hold: Hold) -> bool:
         """False when the store cannot be reached: an unpinned hold expires by itself, a pinned

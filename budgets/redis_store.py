@@ -12,6 +12,7 @@ process (a set only grows, so knowing a tag is in it is never stale).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -127,6 +128,7 @@ class _Ending:
     entry: LedgerEntry | None
     once: str
     now: float
+    ended: Callable[[], None] | None
 
 
 class RedisBudgetStore:
@@ -228,11 +230,13 @@ class RedisBudgetStore:
                 self._indexed.add(tag_scope.tag)
 
     async def end_leased(self, checks: list[Check], lease_id: str, call_id: str, reserved: int, amount: int,
-                         entry: LedgerEntry | None, *, now: float, once: str | None = None) -> bool:
+                         entry: LedgerEntry | None, *, now: float, once: str | None = None,
+                         ended: Callable[[], None] | None = None) -> bool:
         """The end of a call served from a lease: the lease gives up `reserved` (once per call,
         whoever ends it), a hold of the call's own is dropped, and with `entry` (a commit) `amount`
         is counted once per `once` (default the call) with its ledger entry. `checks` as commit
-        takes them. True when counted now.
+        takes them. True when counted now. `ended` is called once the call is ended in the store,
+        even if the caller stopped waiting.
 
         Calls of one hash tag ended while an END of that tag runs go together in the next one (one
         script, each lease shrunk and each scope counted once): no call waits for a timer, and
@@ -241,7 +245,7 @@ class RedisBudgetStore:
         tag = (checks[0].scope.tag, int(now // 3600), id(checks[0].windows))
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._ending.setdefault(tag, []).append(
-            (_Ending(checks, lease_id, call_id, reserved, amount, entry, once or call_id, now), done))
+            (_Ending(checks, lease_id, call_id, reserved, amount, entry, once or call_id, now, ended), done))
         if tag not in self._flushing:
             self._flushing.add(tag)
             task = asyncio.ensure_future(self._end_batches(tag))
@@ -264,7 +268,9 @@ class RedisBudgetStore:
                     if not isinstance(exc, Exception):
                         raise
                     continue
-                for (_, done), c in zip(batch, counted, strict=True):
+                for (e, done), c in zip(batch, counted, strict=True):
+                    if e.ended is not None:
+                        e.ended()
                     if not done.done():
                         done.set_result(c == 1)
         finally:

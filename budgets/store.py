@@ -11,6 +11,7 @@ its signed maximum and commits what was used).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -44,7 +45,8 @@ class LeaseStore(Protocol):
                             calls: int) -> Refusal | None: ...
 
     async def end_leased(self, checks: list[Check], lease_id: str, call_id: str, reserved: int, amount: int,
-                         entry: LedgerEntry | None, *, now: float, once: str | None = None) -> bool: ...
+                         entry: LedgerEntry | None, *, now: float, once: str | None = None,
+                         ended: Callable[[], None] | None = None) -> bool: ...
 
     async def retire_lease(self, checks: list[Check], lease_id: str, *, now: float, unused_calls: int) -> None: ...
 
