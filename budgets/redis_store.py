@@ -275,6 +275,10 @@ class RedisBudgetStore:
                         done.set_result(c == 1)
         finally:
             self._flushing.discard(tag)
+            # stopped early (the loop is going away): nobody would send what is still queued
+            for _, done in self._ending.pop(tag, []):
+                if not done.done():
+                    done.set_exception(BudgetStoreUnavailableError("the budget store is closing"))
 
     async def _end(self, ends: list[_Ending]) -> list[int]:
         first = ends[0].checks[0].scope
@@ -447,4 +451,6 @@ class RedisBudgetStore:
         await self._r.ping()
 
     async def close(self) -> None:
+        if self._tasks:  # ends on their way finish first
+            await asyncio.wait(list(self._tasks), timeout=5)
         await self._r.aclose()
