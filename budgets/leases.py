@@ -27,9 +27,9 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from budgets.models import Hold, Policy
+from budgets.models import Hold, Policy, Refusal
 from budgets.store import BudgetStoreUnavailableError, Check, LeaseStore
 
 log = logging.getLogger("budgets.leases")
@@ -50,6 +50,7 @@ class Lease:
     handed: int = 0  # amount handed out to calls
     open: int = 0  # calls handed out and not ended yet
     serving: bool = True
+    ended: set[str] = field(default_factory=set)  # calls ended (a call may be ended twice: once counts)
 
 
 ChecksFor = Callable[[str, Policy, Policy | None, str, str, float], list[Check]]
@@ -74,7 +75,8 @@ class Leases:
                        group: Policy | None, now: float) -> Lease | None:
         """The lease this call is handed out of, or None: then it is reserved on its own."""
         key = (agent.lower(), network, asset.lower())
-        for _ in range(3):
+        renewals = 0
+        while True:  # ends: each turn hands out, gives up, waits for a renewal, or renews (twice at most)
             lease = self._serving.get(key)
             if lease is not None and (lease.policy is policy or lease.policy == policy) \
                     and (lease.group is group or lease.group == group) and now < lease.taken_at + self.lease_s \
@@ -90,13 +92,15 @@ class Leases:
             if pending is not None:  # another call of this agent is renewing it: wait, then look again
                 await asyncio.shield(pending)
                 continue
+            if renewals == 2:
+                return None
+            renewals += 1
             async with self._alone(key):
                 if lease is not None:
                     await self._stop(lease)  # its unused room goes back before the store is asked again
                 if self._refused.get(key, 0.0) > now or \
                         not await self._take(key, agent, network, asset, amount, policy, group, now):
                     return None
-        return None
 
     @contextlib.asynccontextmanager
     async def _alone(self, key: tuple[str, str, str]) -> AsyncIterator[None]:
@@ -115,14 +119,24 @@ class Leases:
                     policy: Policy, group: Policy | None, now: float) -> bool:
         checks = self.checks(agent, policy, group, network, asset, now)
         lease_id = "lease:" + uuid.uuid4().hex
-        refusal = await self.store.reserve_lease(checks, amount * self.calls, lease_id, now=now, hold_s=self.hold_s,
-                                                 calls=self.calls)
+        rated = any(c.rate is not None for c in checks)
+        taking = asyncio.ensure_future(self.store.reserve_lease(checks, amount * self.calls, lease_id, now=now,
+                                                                hold_s=self.hold_s, calls=self.calls))
+        try:
+            refusal = await asyncio.shield(taking)
+        except asyncio.CancelledError:  # the caller went away: a lease granted anyway goes back whole
+
+            def give_back(t: asyncio.Future[Refusal | None]) -> None:
+                if not t.cancelled() and t.exception() is None and t.result() is None:
+                    self._background(self._retire_quietly(checks, lease_id, self.calls if rated else 0))
+
+            taking.add_done_callback(give_back)
+            raise
         if refusal is not None:
             if len(self._refused) >= _MAX_REFUSED:
                 self._refused.clear()
             self._refused[key] = now + self.lease_s
             return False
-        rated = any(c.rate is not None for c in checks)
         lease = Lease(lease_id, key, policy, group, checks, amount * self.calls, self.calls if rated else None, now)
         self._serving[key] = self._by_id[lease_id] = lease
         asyncio.get_running_loop().call_later(self.lease_s, self._lapse, lease)
@@ -157,16 +171,21 @@ class Leases:
 
     async def _retire(self, lease: Lease) -> None:
         self._by_id.pop(lease.id, None)
+        # shielded: a caller that goes away meanwhile does not leave the lease held until hold_s
+        await asyncio.shield(self._retire_quietly(lease.checks, lease.id, lease.calls_left or 0))
+
+    async def _retire_quietly(self, checks: list[Check], lease_id: str, unused_calls: int) -> None:
         try:
-            await self.store.retire_lease(lease.checks, lease.id, now=self.clock(), unused_calls=lease.calls_left or 0)
+            await self.store.retire_lease(checks, lease_id, now=self.clock(), unused_calls=unused_calls)
         except BudgetStoreUnavailableError:  # it expires by itself (hold_s)
-            log.warning("budget_lease_not_retired", extra={"lease": lease.id, "agent": lease.key[0]})
+            log.warning("budget_lease_not_retired", extra={"lease": lease_id})
 
     def ended(self, hold: Hold) -> None:
         """A call handed out of one of this replica's leases was ended in the store."""
         lease = self._by_id.get(hold.lease)
-        if lease is None:
+        if lease is None or hold.id in lease.ended:
             return
+        lease.ended.add(hold.id)
         lease.open -= 1
         if lease.open == 0 and not lease.serving:
             self._background(self._retire(lease))

@@ -284,8 +284,11 @@ class RedisBudgetStore:
         first = ends[0].checks[0].scope
         keys = [f"{self._p}b:{{{first.tag}}}:ledger"]
         for e in ends:
-            done = self._k(first, f"done:{e.once}")  # a hold of its own: no `out` set (its slot is filled)
-            keys += [done, self._k(first, f"out:{e.lease_id}") if e.lease_id else done]
+            # each under its own call's agent scope (as every end of that call names them), not the
+            # batch's first: a batch mixes the agents of a group
+            agent = e.checks[0].scope
+            done = self._k(agent, f"done:{e.once}")  # a hold of its own: no `out` set (its slot is filled)
+            keys += [done, self._k(agent, f"out:{e.lease_id}") if e.lease_id else done]
         scopes: dict[str, int] = {}
         scope_args: list[str | int | float] = []
         call_args: list[str | int | float] = []

@@ -332,3 +332,93 @@ async def test_a_commit_whose_caller_went_away_still_ends_the_call_and_the_lease
     await e.close()
     assert await usage(e, agent) == (AMT, 0)  # counted, and nothing left held by the lease
     assert e.leases is not None and not e.leases._by_id  # retired (its unused rate tokens went back)
+
+
+# -- found by review: each fails on the first version of the batched END / leases -------------------
+
+
+async def test_a_settlement_committed_in_a_batch_behind_another_agent_and_again_by_recovery_counts_once(
+        store: RedisBudgetStore, redis_server: Any) -> None:
+    """No leases: A's commit goes in an END whose first call is B's (one group, one hash tag); then
+    recovery commits the same settlement alone. Its `done` key must be A's either way."""
+    clock = Clock(1_900_000_000.0)
+    other = RedisBudgetStore.from_url(redis_server.url, prefix=store._p)
+    serving, recovery = enforcer(store, clock, calls=0), enforcer(other, clock, calls=0)
+    team, a, b = f"team-{uuid.uuid4().hex[:6]}", wallet(), wallet()
+    await put(serving, "group", team, limits=[Limit(period="day", amount=100 * AMT)])
+    for w in (a, b):
+        await put(serving, "agent", w, limits=[Limit(period="day", amount=100 * AMT)], group=team)
+    ha, hb = granted(await reserve(serving, a)), granted(await reserve(serving, b))
+    ta, tb = "0x" + "a1" * 32, "0x" + "b1" * 32
+    assert await asyncio.gather(serving.commit(hb, AMT, tb, hb.id, once=tb),
+                                serving.commit(ha, AMT, ta, ha.id, once=ta)) == [True, True]
+    clock.t += 5
+    await recovery.commit(ha, AMT, ta, ha.id, once=ta)
+    ledger = await store.ledger(agent=a, start=clock.t - 60, end=clock.t + 60, limit=100)
+    assert (await usage(serving, a), len(ledger)) == ((AMT, 0), 1)
+    await other.close()
+
+
+async def test_a_leased_call_ended_in_two_batches_shrinks_its_lease_once(store: RedisBudgetStore,
+                                                                          redis_server: Any) -> None:
+    clock = Clock(1_900_000_000.0)
+    other = RedisBudgetStore.from_url(redis_server.url, prefix=store._p)
+    serving, recovery = enforcer(store, clock, calls=4), enforcer(other, clock, calls=0)
+    team, a, b = f"team-{uuid.uuid4().hex[:6]}", wallet(), wallet()
+    await put(serving, "group", team, limits=[Limit(period="day", amount=100 * AMT)])
+    await put(serving, "agent", a, limits=[Limit(period="day", amount=4 * AMT)], group=team)
+    await put(serving, "agent", b, limits=[Limit(period="day", amount=100 * AMT)], group=team)
+    holds = [granted(await reserve(serving, a)) for _ in range(4)]  # one lease of 4, all handed out
+    assert {h.lease for h in holds} == {holds[0].lease}
+    hb = granted(await reserve(serving, b))
+    tb, t0 = "0x" + "b2" * 32, "0x" + "a2" * 32
+    await asyncio.gather(serving.commit(hb, AMT, tb, hb.id, once=tb),
+                         serving.commit(holds[0], AMT, t0, holds[0].id, once=t0))
+    await recovery.commit(holds[0], AMT, t0, holds[0].id, once=t0)
+    assert await usage(serving, a) == (AMT, 3 * AMT)  # the 3 calls in flight stay held
+    await other.close()
+
+
+async def test_a_call_ended_twice_on_one_replica_does_not_retire_its_lease_early(store: RedisBudgetStore) -> None:
+    """The serving path's late commit and this replica's own recovery both end one call: the lease
+    must still hold the other call in flight, so the limit holds when it is committed."""
+    clock = Clock(1_900_000_000.0)
+    e = enforcer(store, clock, calls=4, lease_s=2)
+    agent = wallet()
+    await put(e, "agent", agent, limits=[Limit(period="day", amount=4 * AMT)])
+    h1, h2 = granted(await reserve(e, agent)), granted(await reserve(e, agent))
+    assert h1.lease and h1.lease == h2.lease
+    t1 = "0x" + "c1" * 32
+    assert await e.commit(h1, AMT, t1, h1.id, once=t1)
+    assert await e.commit(h1, AMT, t1, h1.id, once=t1)
+    clock.t += 3  # the lease lapses
+    for hold in [h for h in [await reserve(e, agent) for _ in range(3)] if isinstance(h, Hold)]:
+        await commit(e, hold)
+    await commit(e, h2)  # in flight all along
+    await e.close()
+    assert (await usage(e, agent))[0] <= 4 * AMT
+
+
+async def test_a_lease_granted_to_a_caller_that_went_away_goes_back(store: RedisBudgetStore) -> None:
+    clock = Clock(1_900_000_000.0)
+    e = enforcer(store, clock, calls=10)
+    agent = wallet()
+    await put(e, "agent", agent, limits=[Limit(period="day", amount=10 * AMT)])
+    real = store.reserve_lease
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        granted_ = asyncio.ensure_future(real(*args, **kwargs))  # it reaches Redis
+        await asyncio.sleep(0.2)
+        return await granted_
+
+    store.reserve_lease = slow  # type: ignore[method-assign]
+    task = asyncio.ensure_future(reserve(e, agent))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.sleep(0.3)
+    store.reserve_lease = real  # type: ignore[method-assign]
+    assert await usage(e, agent) == (0, 0)
+    hold = granted(await reserve(e, agent))  # the whole budget is there again
+    await e.release(hold)
+    await e.close()
+    assert await usage(e, agent) == (0, 0)
