@@ -20,7 +20,7 @@ from typing import cast
 from zoneinfo import ZoneInfo
 
 from budgets.leases import Leases
-from budgets.models import DefaultPolicy, Hold, LedgerEntry, Policy, Refusal, Scope
+from budgets.models import DefaultPolicy, Hold, LedgerEntry, Policy, Refusal, Scope, hold_id_for
 from budgets.rate_mirror import RateMirror
 from budgets.store import BudgetStore, BudgetStoreUnavailableError, Check, LeaseStore
 from budgets.windows import WindowCache
@@ -201,6 +201,7 @@ class BudgetEnforcer:
             # Its last spend is not counted yet (the store was down): no new spend until it is.
             raise Refusal("budget_store_unavailable", "budgets are catching up after a store outage; retry shortly",
                           status=503, retry_after_s=1)
+        hold_id = hold_id_for(request_id)
         try:
             policy, group, _ = await self.policies_for(payer, network, asset)
             self._allowed(policy, route, model, "agent")
@@ -217,11 +218,11 @@ class BudgetEnforcer:
                     for c in lease.checks:
                         if c.rate is not None:
                             self.rates.took(c.scope, c.rate, now)
-                    return Hold(id=request_id, agent=payer, network=network, asset=asset.lower(), amount=amount,
+                    return Hold(id=hold_id, agent=payer, network=network, asset=asset.lower(), amount=amount,
                                 route=route, model=model, group=policy.group, reserved_at=lease.taken_at,
                                 lease=lease.id)
             checks = self.checks(payer, policy, group, network, asset, now, with_rate=True)
-            refusal = await self.store.reserve(checks, amount, request_id, now=now, hold_s=self.hold_s)
+            refusal = await self.store.reserve(checks, amount, hold_id, now=now, hold_s=self.hold_s)
         except BudgetStoreUnavailableError as exc:
             raise _unavailable(exc) from exc
         if refusal is not None:
@@ -233,7 +234,7 @@ class BudgetEnforcer:
         for c in checks:
             if c.rate is not None:
                 self.rates.took(c.scope, c.rate, now)
-        return Hold(id=request_id, agent=payer, network=network, asset=asset.lower(), amount=amount, route=route,
+        return Hold(id=hold_id, agent=payer, network=network, asset=asset.lower(), amount=amount, route=route,
                     model=model, group=policy.group, reserved_at=now)
 
     async def pin(self, hold: Hold, *, within_s: float | None = None) -> None:

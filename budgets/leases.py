@@ -67,13 +67,16 @@ class Leases:
         self.clock = clock
         self._serving: dict[tuple[str, str, str], Lease] = {}
         self._by_id: dict[str, Lease] = {}  # every lease this replica still has in the store
-        self._taking: dict[tuple[str, str, str], asyncio.Future[None]] = {}
+        self._taking: dict[tuple[str, str, str], asyncio.Future[bool]] = {}  # renewals: did it go through
         self._refused: dict[tuple[str, str, str], float] = {}  # no lease asked for until then
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Future] = set()  # takes, give-backs and retires on their way
+        self._closed = False
 
     async def hand_out(self, agent: str, network: str, asset: str, amount: int, policy: Policy,
                        group: Policy | None, now: float) -> Lease | None:
         """The lease this call is handed out of, or None: then it is reserved on its own."""
+        if self._closed:
+            return None
         key = (agent.lower(), network, asset.lower())
         renewals = 0
         while True:  # ends: each turn hands out, gives up, waits for a renewal, or renews (twice at most)
@@ -90,7 +93,8 @@ class Leases:
                 return None
             pending = self._taking.get(key)
             if pending is not None:  # another call of this agent is renewing it: wait, then look again
-                await asyncio.shield(pending)
+                if not await asyncio.shield(pending):  # it failed (the store is away): no renewal after it
+                    return None
                 continue
             if renewals == 2:
                 return None
@@ -104,24 +108,27 @@ class Leases:
 
     @contextlib.asynccontextmanager
     async def _alone(self, key: tuple[str, str, str]) -> AsyncIterator[None]:
-        """One renewal (stop, give back, take) of an agent's lease at a time; its other calls wait."""
+        """One renewal (stop, give back, take) of an agent's lease at a time; its other calls wait
+        for it, and learn whether it failed (then they do not renew one after another)."""
         while (pending := self._taking.get(key)) is not None:
             await asyncio.shield(pending)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._taking[key] = done
+        ok = False
         try:
             yield
+            ok = True
         finally:
             del self._taking[key]
-            done.set_result(None)
+            done.set_result(ok)
 
     async def _take(self, key: tuple[str, str, str], agent: str, network: str, asset: str, amount: int,
                     policy: Policy, group: Policy | None, now: float) -> bool:
         checks = self.checks(agent, policy, group, network, asset, now)
         lease_id = "lease:" + uuid.uuid4().hex
         rated = any(c.rate is not None for c in checks)
-        taking = asyncio.ensure_future(self.store.reserve_lease(checks, amount * self.calls, lease_id, now=now,
-                                                                hold_s=self.hold_s, calls=self.calls))
+        taking = self._track(asyncio.ensure_future(self.store.reserve_lease(
+            checks, amount * self.calls, lease_id, now=now, hold_s=self.hold_s, calls=self.calls)))
         try:
             refusal = await asyncio.shield(taking)
         except asyncio.CancelledError:  # the caller went away: a lease granted anyway goes back whole
@@ -172,7 +179,8 @@ class Leases:
     async def _retire(self, lease: Lease) -> None:
         self._by_id.pop(lease.id, None)
         # shielded: a caller that goes away meanwhile does not leave the lease held until hold_s
-        await asyncio.shield(self._retire_quietly(lease.checks, lease.id, lease.calls_left or 0))
+        await asyncio.shield(self._track(asyncio.ensure_future(
+            self._retire_quietly(lease.checks, lease.id, lease.calls_left or 0))))
 
     async def _retire_quietly(self, checks: list[Check], lease_id: str, unused_calls: int) -> None:
         try:
@@ -191,14 +199,20 @@ class Leases:
             self._background(self._retire(lease))
 
     def _background(self, work) -> None:
-        task = asyncio.ensure_future(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._track(asyncio.ensure_future(work))
+
+    def _track(self, fut: asyncio.Future) -> asyncio.Future:
+        self._tasks.add(fut)
+        fut.add_done_callback(self._tasks.discard)
+        return fut
 
     async def close(self) -> None:
         """Stop every lease; give back what they hold (a lease with a call still open keeps that
         call's amount: the call, or recovery, ends it)."""
+        self._closed = True  # no lease is taken from now on
+        while self._taking:  # renewals on their way land (or fail) first
+            await asyncio.gather(*(asyncio.shield(f) for f in list(self._taking.values())), return_exceptions=True)
         for lease in list(self._serving.values()):
             await self._stop_alone(lease)
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks:  # a give-back may schedule a retire: until nothing is left on its way
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

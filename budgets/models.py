@@ -16,6 +16,7 @@ limited by plus the spend of each hour, from which it rebuilds a window limited 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -173,6 +174,13 @@ class Reservation:
     scopes: tuple[Scope, ...]
     amount: int
     expires_at: float
+
+
+def hold_id_for(request_id: str) -> str:
+    """A hold's id: the request's, made unique. A request id may come from the client
+    (X-Request-Id): two calls sent with one must not share a hold (a reserve of an id replaces
+    that hold) nor a settlement intent (keyed by the hold)."""
+    return f"{request_id}.{os.urandom(6).hex()}"
 
 
 @dataclass(frozen=True, slots=True)

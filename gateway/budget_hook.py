@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from budgets.models import Hold, Refusal
+from budgets.models import Hold, Refusal, hold_id_for
 
 __all__ = ["BudgetHook", "Hold", "NoBudgets", "Refusal"]
 
@@ -20,7 +20,8 @@ class BudgetHook(Protocol):
 
     async def reserve(self, payer: str, network: str, asset: str, amount: int, route: str, model: str | None,
                       request_id: str) -> Hold:
-        """Raise Refusal if `amount` does not fit every budget that applies."""
+        """Raise Refusal if `amount` does not fit every budget that applies. The hold's id is
+        unique per call (`hold_id_for`), whatever the request id."""
         ...
 
     async def pin(self, hold: Hold, *, within_s: float | None = None) -> None:
@@ -48,7 +49,8 @@ class NoBudgets:
 
     async def reserve(self, payer: str, network: str, asset: str, amount: int, route: str, model: str | None,
                       request_id: str) -> Hold:
-        return Hold(id=request_id, agent=payer, network=network, asset=asset, amount=amount, route=route, model=model)
+        return Hold(id=hold_id_for(request_id), agent=payer, network=network, asset=asset, amount=amount, route=route,
+                    model=model)
 
     async def pin(self, hold: Hold, *, within_s: float | None = None) -> None:
         return None

@@ -72,9 +72,9 @@ async def put(e: BudgetEnforcer, kind: str, owner: str, **fields: Any) -> None:
     await e.put_policy(kind, owner, Policy(network=NET, asset=ASSET, **fields))
 
 
-async def reserve(e: BudgetEnforcer, agent: str, amount: int = AMT) -> Hold | Refusal:
+async def reserve(e: BudgetEnforcer, agent: str, amount: int = AMT, *, rid: str | None = None) -> Hold | Refusal:
     try:
-        return await e.reserve(agent, NET, ASSET, amount, CHAT, None, f"r-{uuid.uuid4().hex}")
+        return await e.reserve(agent, NET, ASSET, amount, CHAT, None, rid or f"r-{uuid.uuid4().hex}")
     except Refusal as refusal:
         return refusal
 
@@ -422,3 +422,106 @@ async def test_a_lease_granted_to_a_caller_that_went_away_goes_back(store: Redis
     await e.release(hold)
     await e.close()
     assert await usage(e, agent) == (0, 0)
+
+
+# -- found by the second review ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("calls", [0, 4], ids=["per-call", "leases"])
+async def test_calls_sent_with_one_request_id_hold_the_budget_each(store: RedisBudgetStore, calls: int) -> None:
+    """X-Request-Id comes from the client: two calls in flight with one must each hold their
+    amount (a reserve of an id would replace the other's hold), and both end."""
+    clock = Clock(1_900_000_000.0)
+    e = enforcer(store, clock, calls=calls)
+    agent = wallet()
+    await put(e, "agent", agent, limits=[Limit(period="day", amount=(4 if calls else 1) * AMT)])
+    holds = [await reserve(e, agent, rid="client-fixed-id-0001") for _ in range(5 if calls else 2)]
+    assert [isinstance(h, Hold) for h in holds] == ([True] * 4 + [False] if calls else [True, False])
+    for h in holds:
+        if isinstance(h, Hold):
+            await commit(e, h)
+    await e.close()
+    assert await usage(e, agent) == ((4 if calls else 1) * AMT, 0)
+
+
+async def test_a_failed_renewal_is_not_retried_by_every_call_waiting_for_it(store: RedisBudgetStore) -> None:
+    """The store is away: the calls of one agent that waited for a lease renewal do not each try
+    one after it failed (each would wait out the store's timeout in turn)."""
+    from budgets.store import BudgetStoreUnavailableError
+
+    clock = Clock(1_900_000_000.0)
+    e = enforcer(store, clock, calls=10)
+    agent = wallet()
+    await put(e, "agent", agent, limits=[Limit(period="day", amount=1000 * AMT)])
+    await e.policies_for(agent, NET, ASSET)  # cached before the store goes away
+    takes: list[int] = []
+
+    async def away(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("calls", 1) > 1:
+            takes.append(1)
+        await asyncio.sleep(0.05)
+        raise BudgetStoreUnavailableError("Timeout reading from socket")
+
+    store.reserve_lease = away  # type: ignore[method-assign]
+    results = await asyncio.gather(*(reserve(e, agent) for _ in range(20)))
+    assert {r.reason for r in results if isinstance(r, Refusal)} == {"budget_store_unavailable"}
+    assert len(takes) == 1
+
+
+async def test_a_replica_closing_while_a_lease_is_taken_gives_it_back(store: RedisBudgetStore) -> None:
+    """Shutdown: the call taking a lease is cancelled, then the enforcer closes: the lease the
+    store granted meanwhile does not stay held until hold_s."""
+    clock = Clock(1_900_000_000.0)
+    e = enforcer(store, clock, calls=10)
+    agent = wallet()
+    await put(e, "agent", agent, limits=[Limit(period="day", amount=10 * AMT)])
+    real = store.reserve_lease
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        granted_ = asyncio.ensure_future(real(*args, **kwargs))
+        await asyncio.sleep(0.2)
+        return await granted_
+
+    store.reserve_lease = slow  # type: ignore[method-assign]
+    task = asyncio.ensure_future(reserve(e, agent))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await e.close()
+    assert await usage(e, agent) == (0, 0)
+    assert isinstance(await reserve(e, agent), Hold) and e.leases is not None and not e.leases._by_id  # closed: no lease
+
+
+async def test_two_replicas_with_a_round_trip_still_use_all_of_a_budget(store: RedisBudgetStore,
+                                                                        redis_server: Any) -> None:
+    """As the race of 37 above, with 2 ms added to every store call (a network between the
+    replicas and Redis): calls waiting for their agent's renewal wait it out instead of falling
+    back while a new lease goes unused (the first version served 27)."""
+    clock = Clock(1_900_000_000.0)
+    other = RedisBudgetStore.from_url(redis_server.url, prefix=store._p)
+    for s in (store, other):
+        for name in ("reserve_lease", "_end"):
+            real = getattr(s, name)
+
+            async def slowed(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+                await asyncio.sleep(0.002)
+                return await _real(*args, **kwargs)
+
+            setattr(s, name, slowed)
+    a, b = enforcer(store, clock, calls=5), enforcer(other, clock, calls=5)
+    agent = wallet()
+    await put(a, "agent", agent, limits=[Limit(period="day", amount=37 * AMT)])
+
+    async def call(e: BudgetEnforcer) -> bool:
+        hold = await reserve(e, agent)
+        if isinstance(hold, Refusal):
+            return False
+        await asyncio.sleep(0.01)
+        assert await commit(e, hold)
+        return True
+
+    served = await asyncio.gather(*(call((a, b)[i % 2]) for i in range(200)))
+    await a.close()
+    await b.close()
+    assert sum(served) == 37 and await usage(a, agent) == (37 * AMT, 0)
+    await other.close()
