@@ -150,8 +150,10 @@ class Reply:
 
 
 async def post(http: aiohttp.ClientSession, url: str, body: bytes = CHAT_BODY, *, payment: str | None = None,
-               fault: str | None = None) -> Reply:
+               fault: str | None = None, request_id: str | None = None) -> Reply:
     headers = {"Content-Type": "application/json"}
+    if request_id is not None:
+        headers["X-Request-Id"] = request_id
     if payment is not None:
         headers["PAYMENT-SIGNATURE"] = payment
     if fault is not None:

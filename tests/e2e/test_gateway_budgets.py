@@ -161,6 +161,27 @@ async def charged(devchain: dict, s: Single, payer_before: int) -> tuple[int, in
             sum(int(e["amount"]) for e in ledger))
 
 
+async def test_two_calls_sent_with_one_request_id_cannot_share_a_budget_hold(devchain: dict,
+                                                                            single: Single) -> None:
+    """X-Request-Id is the client's: two paid calls in flight with the same one (and the budget
+    room for exactly one more) must not both be served: each holds its own amount."""
+    s = single
+    payments = await sign_payments(s.agent, await opg_requirement(s.url, devchain), 11, s.url)
+    payer_before = opg_balance(devchain, s.agent.address)
+    async with aiohttp.ClientSession() as http:
+        for p in payments[:9]:  # 9 of the 10 calls' budget spent
+            assert served(await post(http, s.url, payment=p))
+        replies = await asyncio.gather(*(post(http, s.url, payment=p, fault="slow:300", request_id="agent-fixed-id-1")
+                                         for p in payments[9:]))
+    assert sorted(served(r) for r in replies) == [False, True], replies
+    (refused,) = [r for r in replies if not served(r)]
+    assert refused.status == 402 and refused.error == "budget_exceeded", refused
+    u = await s.admin.usage(s.agent.address)
+    assert (u["spent"], u["reserved"], u["remaining"]) == (10 * PRICE, 0, 0), u
+    assert payer_before - opg_balance(devchain, s.agent.address) == 10 * PRICE
+    assert len(await s.admin.ledger(s.agent.address)) == 10
+
+
 async def test_an_upstream_5xx_releases_the_reservation(devchain: dict, single: Single) -> None:
     s = single
     (payment,) = await sign_payments(s.agent, await opg_requirement(s.url, devchain), 1, s.url)
