@@ -7,6 +7,8 @@
     default_daily = "1"                   # display units of each accepted asset per day
     default_per_call = "0.1"
     default_rate_per_minute = 60
+    lease_calls = 16                      # Redis only: one reserve per 16 calls of an agent (budgets/leases.py); 0: off
+    lease_s = 2                           # a lease hands out calls this long, then gives back what is unused
 
     [[budgets.policies]]                  # loaded at start (GitOps); the admin API persists changes
     agent = "0xAgent…"                    # a group's own policy names group_name = "team-a" instead
