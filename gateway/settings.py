@@ -53,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 from budgets.settings import BudgetSettings
 from facilitator.settings import resolve_env
+from storage import is_redis_url
 
 ADDRESS = r"^0x[0-9a-fA-F]{40}$"
 
@@ -402,6 +403,10 @@ class GatewaySettings(_Model):
                 if missing:
                     raise ValueError(f"metered route {r.path}: no quote rate for {', '.join(missing)}"
                                      " (quote.rates or quote.feed_url)")
+        b = self.budgets
+        if b is not None and b.enabled and b.lease_calls and not is_redis_url(b.store_url or self.store_url):
+            raise ValueError("budgets.lease_calls needs budgets on Redis (budgets.store_url, or the gateway's"
+                             " store_url, a redis:// URL): the embedded store has no leases")
         for opt in self.accepts:
             for r in self.routes:
                 for price in [p for p in [r.price, *r.models.values()] if p is not None]:

@@ -101,3 +101,18 @@ def test_digit_strings_and_whole_numbers_are_amounts(tmp_path: Path) -> None:
     assert [(lim.period, lim.amount, lim.rolling) for lim in policy.limits] == [
         ("day", 5 * 10**21, False), ("hour", 7, True)]
     assert policy.per_call_max == 12 and policy.suspended is False
+
+
+
+@pytest.mark.parametrize("store,ok", [('store_url = "memory://"', False), ('store_url = "sqlite://b.sqlite3"', False),
+                                      ('store_url = "redis://127.0.0.1:6379/0"', True)])
+def test_budget_leases_need_budgets_on_redis(tmp_path: Path, store: str, ok: bool) -> None:
+    """lease_calls on the embedded store is a configuration error when the file is read, not a
+    crash when the gateway starts."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(TOML_HEAD.replace('store_url = "memory://"', store + "\nlease_calls = 8"))
+    if ok:
+        assert load_gateway_settings(str(path), env={}).budgets.lease_calls == 8  # type: ignore[union-attr]
+    else:
+        with pytest.raises(ValueError, match="lease_calls needs budgets on Redis"):
+            load_gateway_settings(str(path), env={})
