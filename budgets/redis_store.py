@@ -101,6 +101,11 @@ def _merge_counters(src: dict[str, str], dst: dict[str, str]) -> dict[str, str |
     return out
 
 
+def _glob_escape(text: str) -> str:
+    """`text` matched literally by a Redis glob (SCAN MATCH)."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
 def _entry_json(entry: LedgerEntry) -> str:
     return orjson.dumps({
         "ts": entry.ts, "agent": entry.agent, "group": entry.group, "route": entry.route, "model": entry.model,
@@ -404,6 +409,26 @@ class RedisBudgetStore:
                 await self._r.persist(new_z)
             else:
                 await self._r.expire(new_h, max(await self._r.ttl(new_h), 3600))
+        await self._carry_ends(old, new)
+
+    async def _carry_ends(self, old: Scope, new: Scope) -> None:
+        """The scope's `done:` keys (settlements counted) and `out:` sets (leased calls ended) go
+        with its spend: else a settlement ended before the move and again after it (recovery) would
+        be counted twice, and a leased call's lease shrink twice."""
+        base = self._k(old, "")
+        for kind in ("done:", "out:"):
+            async for key in self._r.scan_iter(match=_glob_escape(base + kind) + "*", count=1000):
+                target = self._k(new, key[len(base):])
+                ttl = await self._r.pttl(key)
+                if kind == "done:":
+                    await self._r.set(target, "1", nx=True, px=ttl if ttl > 0 else None)
+                else:
+                    members = cast(set[str], await self._r.smembers(key))
+                    if members:
+                        await self._r.sadd(target, *members)
+                        if ttl > 0:
+                            await self._r.pexpire(target, ttl)
+                await self._r.delete(key)
 
     def _pk(self, kind: str, id: str, network: str, asset: str) -> str:
         return f"{self._p}pol:{kind}:{id.lower() if kind == 'agent' else id}:{network}:{asset.lower()}"

@@ -233,3 +233,19 @@ async def test_outstanding_holds_stay_exact_through_every_way_a_hold_ends(store:
             assert usage.reserved == sum(a for ag, a, _ in live.values() if ag == agent), (step, agent)
         (usage,) = await store.usage(checks(agents[0])[1], now=now)
         assert usage.reserved == sum(a for _, a, _ in live.values()), step
+
+
+async def test_a_settlement_committed_before_and_after_a_group_move_counts_once(store: BudgetStore, t0: float) -> None:
+    """An agent that joins a group moves to the group's hash tag on Redis: what was counted goes
+    with its spend, so the same settlement committed again (recovery) after the move is not."""
+    limits = [Limit(period="day", amount=100)]
+    before = agent_check("0xb1", limits, t0)
+    after = agent_check("0xb1", limits, t0, group="team-b1")
+    assert await store.reserve([before], 10, "r", now=t0, hold_s=60) is None
+    tx = "0x" + "b1" * 32
+    assert await store.commit([before], "r", 10, entry("0xb1", 10, "r", t0), now=t0, once=tx)
+    await store.move_spend(before.scope, after.scope, before.windows)
+    assert not await store.commit([after], "r", 10, entry("0xb1", 10, "r", t0), now=t0, once=tx)
+    (usage,) = await store.usage(after, now=t0)
+    assert (usage.spent, usage.reserved) == (10, 0)
+    assert len(await store.ledger(agent="0xb1", start=t0 - 60, end=t0 + 60, limit=10)) == 1

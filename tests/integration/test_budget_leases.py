@@ -525,3 +525,26 @@ async def test_two_replicas_with_a_round_trip_still_use_all_of_a_budget(store: R
     await b.close()
     assert sum(served) == 37 and await usage(a, agent) == (37 * AMT, 0)
     await other.close()
+
+
+@pytest.mark.parametrize("calls", [0, 4], ids=["per-call", "leases"])
+async def test_a_settlement_ended_before_and_after_its_agent_joins_a_group_counts_once(
+        store: RedisBudgetStore, calls: int) -> None:
+    """An agent's keys carry its group's hash tag: joining one moves its spend and holds, and the
+    record of what was counted (`done:`) and of which leased calls ended (`out:`) must go with them,
+    else recovery committing the same settlement after the move counts it again."""
+    clock = Clock(1_900_000_000.0)
+    e = enforcer(store, clock, calls=calls)
+    agent, team = wallet(), f"team-{uuid.uuid4().hex[:6]}"
+    await put(e, "group", team, limits=[Limit(period="day", amount=100 * AMT)])
+    await put(e, "agent", agent, limits=[Limit(period="day", amount=10 * AMT)])
+    hold, other = granted(await reserve(e, agent)), granted(await reserve(e, agent))
+    tx = "0x" + "d1" * 32
+    assert await e.commit(hold, AMT, tx, hold.id, once=tx)
+    await put(e, "agent", agent, limits=[Limit(period="day", amount=10 * AMT)], group=team)  # joins the team
+    assert await e.commit(hold, AMT, tx, hold.id, once=tx)  # recovery ends it again
+    await commit(e, other)
+    await e.close()
+    spent, _ = await usage(e, agent)
+    ledger = await store.ledger(agent=agent, start=clock.t - 60, end=clock.t + 60, limit=10)
+    assert (spent, len(ledger)) == (2 * AMT, 2)
