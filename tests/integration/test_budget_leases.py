@@ -16,6 +16,7 @@ from budgets.enforcer import BudgetEnforcer
 from budgets.models import Hold, Limit, Policy, RateLimit, Refusal
 from budgets.redis_store import RedisBudgetStore
 from budgets.sqlite_store import SQLiteBudgetStore
+from tests.integration.test_budget_enforcer import Clock, wallet
 
 pytestmark = pytest.mark.integration
 
@@ -23,18 +24,6 @@ NET = "eip155:84532"
 ASSET = "0x" + "33" * 20
 CHAT = "POST /v1/chat/completions"
 AMT = 1_000_000_000_000_000  # 0.001 of an 18-decimal token
-
-
-class Clock:
-    def __init__(self, t: float) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def wallet() -> str:
-    return "0x" + uuid.uuid4().hex + uuid.uuid4().hex[:8]
 
 
 @pytest.fixture
