@@ -596,6 +596,7 @@ async def run_benchmark(args: argparse.Namespace, log_dir: Path, stack: contextl
             Target("gateway_anvil", gw_a.url + CHAT, True, pool_a,
                    common | {"gateway": gw_a.pid, "anvil": chain_used.pid}),
         ]
+        targets = [t for t in targets if args.targets is None or t.name in args.targets.split(",")]
         order = targets[rep % len(targets):] + targets[: rep % len(targets)]
         for conc in concs:
             for t in order:
@@ -951,6 +952,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paced-ms", type=float, default=10.0, help="pause after each call in paced runs")
     p.add_argument("--agents", type=int, default=16)
     p.add_argument("--log-level", default="info", help="gateway log level (info is the default of `serve`)")
+    p.add_argument("--targets", help=f"only these targets (comma-separated: {','.join(TARGETS)}); a quick look, "
+                   "not a recorded result")
     p.add_argument("--profile", metavar="DIR", help="also py-spy the instant gateway at concurrency 16 into DIR")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)

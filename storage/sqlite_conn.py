@@ -18,6 +18,10 @@ def connect_sqlite(path: str, schema: str) -> sqlite3.Connection:
     if path != ":memory:":
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+    # Before the first table (a file's page size is fixed when it is created): records of ~2 kB
+    # (a signed payment, a kept response) on 4 kB pages made each insert slower as the table
+    # grew (10 -> 33 us at 60k rows in memory); on 16 kB pages it stays near 6-9 us.
+    db.execute("PRAGMA page_size=16384")
     if path != ":memory:":
         db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
