@@ -7,7 +7,8 @@
 
 Every Lua script of the project touches keys of one hash slot only (see each store), so the same
 scripts run unchanged on all three. Single servers use a blocking pool: callers queue for a
-connection instead of failing with "Too many connections" under load.
+connection instead of failing with "Too many connections" under load. Over plain TCP (single
+servers, Sentinel masters) the scripts run on one multiplexed connection (storage/resp.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from storage.resp import ScriptedRedis, pack_command
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://", "rediss+sentinel://", "redis+cluster://",
                  "rediss+cluster://")
@@ -86,32 +89,13 @@ class BoundedRedisCluster(RedisCluster):
 
 
 class LinearPack:
-    """redis-py's `pack_command` joins its whole buffer again for every argument (quadratic in a
-    command's length) and encodes each through a generic method: a budget script's 60 arguments
-    cost more there than the round trip. This packs the same bytes in one pass and one join."""
+    """redis-py's connection with storage.resp's one-pass `pack_command` (redis-py's re-joins its
+    buffer for every argument: a budget script's 60 arguments cost more there than the round trip)."""
 
     encoder: Any
 
     def pack_command(self, *args: Any) -> list[bytes]:
-        first = args[0]
-        if isinstance(first, str):
-            args = tuple(first.encode().split()) + args[1:]
-        elif b" " in first:
-            args = tuple(first.split()) + args[1:]
-        out = [b"*%d\r\n" % len(args)]
-        encode = self.encoder.encode
-        for arg in args:
-            kind = type(arg)
-            if kind is str:
-                b = arg.encode(self.encoder.encoding, self.encoder.encoding_errors)
-            elif kind is bytes:
-                b = arg
-            elif kind is int:
-                b = b"%d" % arg
-            else:  # floats, memoryviews, bool (refused), anything else: as redis-py has it
-                b = bytes(encode(arg))
-            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-        return [b"".join(out)]
+        return [pack_command(self.encoder, args)]
 
 
 _LINEAR: dict[type, type] = {}
@@ -148,9 +132,11 @@ def redis_from_url(url: str, *, decode_responses: bool = True, max_connections: 
             raise ValueError("redis+sentinel:// URLs name the service: redis+sentinel://host:port/service_name[/db]")
         service, db = path[0], int(path[1]) if len(path) > 1 else 0
         sentinel = Sentinel(hosts, sentinel_kwargs=dict(TIMEOUTS), **TIMEOUTS)
+        tls = url.startswith("rediss+")
         master: aioredis.Redis = sentinel.master_for(
-            service, connection_pool_class=BlockingSentinelConnectionPool, max_connections=max_connections, timeout=2.0,
-            password=password, db=db, decode_responses=decode_responses, ssl=url.startswith("rediss+"), **_retry(),
+            service, redis_class=aioredis.Redis if tls else ScriptedRedis,
+            connection_pool_class=BlockingSentinelConnectionPool, max_connections=max_connections, timeout=2.0,
+            password=password, db=db, decode_responses=decode_responses, ssl=tls, **_retry(),
         )
         master.connection_pool.connection_class = linear_packing(master.connection_pool.connection_class)
         return master
@@ -158,4 +144,6 @@ def redis_from_url(url: str, *, decode_responses: bool = True, max_connections: 
         url, decode_responses=decode_responses, max_connections=max_connections, timeout=2.0, **TIMEOUTS, **_retry()
     )
     pool.connection_class = linear_packing(pool.connection_class)
-    return aioredis.Redis.from_pool(pool)  # owns the pool: close() disconnects it
+    # Plain TCP: the scripts run multiplexed (storage/resp.py); TLS and unix sockets: redis-py's path.
+    client_class = ScriptedRedis if url.startswith("redis://") else aioredis.Redis
+    return client_class.from_pool(pool)  # owns the pool: close() disconnects it

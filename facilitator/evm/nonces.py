@@ -3,8 +3,8 @@
 A signer's "take a nonce, persist the signed transaction, broadcast it" step runs under a lock
 on that signer, with a nonce counter that survives the step:
 - `LocalNonces`: an asyncio lock and an in-memory counter (one process: the embedded store);
-- `RedisNonces`: a Redis lock (SET NX PX, released by a compare-and-delete script) and a shared
-  counter, so facilitator replicas (or gateway replicas with the facilitator in-process) can all
+- `RedisNonces`: a Redis lock (taken and released by scripts that compare the holder's token) and a
+  shared counter, so facilitator replicas (or gateway replicas with the facilitator in-process) can all
   use every key without ever sending two transactions with one nonce. Any replica can settle for
   any signer, which `upto` needs (the signed witness names the signer).
 The counter is seeded from the chain's pending count when missing, and re-seeded after a nonce
@@ -74,10 +74,19 @@ class LocalNonces:
         return self._next.get(key)
 
 
+# Taking is idempotent per token: a retried attempt whose first one ran (its reply lost to a broken
+# connection) finds its own token and holds the lock, instead of waiting for itself until it expires.
+_LOCK = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 _UNLOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+UNLOCK_RETRY_S = 0.1
 
 
 class RedisNonces:
@@ -87,8 +96,10 @@ class RedisNonces:
         self._p = prefix
         self._ttl = lock_ttl_ms
         self._wait = wait_s
+        self._lock = client.register_script(_LOCK)
         self._unlock = client.register_script(_UNLOCK)
         self._owner = f"{os.getpid()}:{uuid.uuid4().hex}"
+        self._releasing: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "x402:") -> RedisNonces:
@@ -105,16 +116,36 @@ class RedisNonces:
         deadline = loop.time() + self._wait
         delay = 0.001
         with _errors:
-            while not await self._r.set(lock, token, nx=True, px=self._ttl):
+            while not await self._lock(keys=[lock], args=[token, self._ttl]):
                 if loop.time() > deadline:
                     raise NonceUnavailableError(f"signer {key} stayed locked for {self._wait}s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.02)
+        taken = loop.time()
         try:
             yield
         finally:
-            with contextlib.suppress(RedisError):
+            try:
                 await self._unlock(keys=[lock], args=[token])
+            except RedisError:
+                self._release_later(lock, token, until=taken + self._ttl / 1000)
+
+    def _release_later(self, lock: str, token: str, *, until: float) -> None:
+        """A release lost to a Redis blip would leave the signer locked for the rest of the lock's
+        ttl (every settlement of that signer failing meanwhile): it is retried until it lands or
+        the lock expired by itself."""
+
+        async def release() -> None:
+            loop = asyncio.get_running_loop()
+            while loop.time() < until:
+                await asyncio.sleep(UNLOCK_RETRY_S)
+                with contextlib.suppress(RedisError):
+                    await self._unlock(keys=[lock], args=[token])
+                    return
+
+        task = asyncio.ensure_future(release())
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
 
     async def current(self, key: str, chain_count: ChainCount) -> int:
         with _errors:
@@ -140,4 +171,6 @@ class RedisNonces:
         return int(stored) if stored is not None else None
 
     async def close(self) -> None:
+        for task in list(self._releasing):
+            task.cancel()
         await self._r.aclose()
