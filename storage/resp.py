@@ -19,6 +19,7 @@ it ran), NOSCRIPT answered by loading the script, and a Sentinel master found ag
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -153,7 +154,10 @@ class ScriptConnection:
             raise RedisConnectionError("the redis client is closed")
         proto = self._proto
         if proto is not None and proto.broken is None:
-            return proto
+            if proto.loop is asyncio.get_running_loop():
+                return proto
+            with contextlib.suppress(RuntimeError):  # opened on another (e.g. a finished asyncio.run's) loop
+                proto.fail(RedisConnectionError("opened on another event loop"))
         if self._opening is None:  # one connect at a time; concurrent callers wait for it
             self._opening = asyncio.ensure_future(self._connect())
         opening = self._opening
@@ -205,7 +209,8 @@ class ScriptConnection:
     async def close(self) -> None:
         self._closed = True
         if self._proto is not None:
-            self._proto.fail(RedisConnectionError("the redis client is closed"))
+            with contextlib.suppress(RuntimeError):  # its loop may be gone already
+                self._proto.fail(RedisConnectionError("the redis client is closed"))
 
 
 class MultiplexedScript:

@@ -172,3 +172,11 @@ async def test_a_closed_client_refuses_scripts(redis_server: RedisServer) -> Non
     await client.aclose()
     with pytest.raises(RedisConnectionError):
         await script(keys=["a"], args=["b"])
+
+
+def test_a_client_used_from_a_second_event_loop_opens_its_own_connection(redis_server: RedisServer) -> None:
+    client = redis_from_url(redis_server.url)
+    script = client.register_script(ECHO)
+    assert asyncio.run(script(keys=["a"], args=["1"])) == ["a", "1"]
+    assert asyncio.run(script(keys=["a"], args=["2"])) == ["a", "2"]
+    asyncio.run(client.aclose())
