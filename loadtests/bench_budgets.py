@@ -11,8 +11,10 @@ how their cost grows with state, and the latency budget enforcement adds to a pa
    - "enforcer": what the gateway does per paid call through `BudgetEnforcer`: precheck (policy
      lookups, rate limit), reserve, commit — with the policies in the store;
    - "evalsha" (Redis only): a trivial script (`return 1`) through the same client, the floor one
-     round trip to Redis costs at that concurrency; the enforcer's rate is reported against it.
-   Round trips per operation are counted at the client (every command redis-py sends).
+     round trip to Redis costs at that concurrency; the enforcer's rate is reported against it;
+   - "evalsha-redis-py": the same through redis-py's own client and Script (the floor before the
+     project's scripts ran on one multiplexed connection, storage/resp.py), reported too.
+   Round trips per operation are counted at the client (redis-py's commands and the scripts).
    Sequential (concurrency 1) and concurrency 64 (asyncio tasks sharing one store object).
 2. Scaling (sequential, one store call at a time): reserve latency as reservations accumulate in
    one group, and SQLite commit latency as the counters table grows.
@@ -248,10 +250,20 @@ async def store_run(kind: str, op: str, conc: int, ctx: dict[str, Any], rep: int
             return ok, "" if ok else "commit_not_applied"
 
         noop = store._r.register_script("return 1") if kind == "redis" else None
+        # The same trivial script through redis-py's own client and Script (pooled connections),
+        # what the project used before storage/resp.py and what the issue's floor was measured with.
+        import redis.asyncio as aioredis
+
+        plain = aioredis.Redis.from_url(ctx["redis"].url, max_connections=64) if op == "evalsha-redis-py" else None
+        plain_noop = plain.register_script("return 1") if plain is not None else None
 
         async def floor(item: tuple[str, str]) -> tuple[bool, str]:
             assert noop is not None
             return await noop() == 1, ""
+
+        async def floor_redis_py(item: tuple[str, str]) -> tuple[bool, str]:
+            assert plain_noop is not None
+            return await plain_noop() == 1, ""
 
         async def enforced(item: tuple[str, str]) -> tuple[bool, str]:
             agent, rid = item
@@ -262,7 +274,7 @@ async def store_run(kind: str, op: str, conc: int, ctx: dict[str, Any], rep: int
             return True, ""
 
         fns = {"reserve": reserve, "reserve+commit": pair, "enforcer": enforced, "enforcer-leases": enforced,
-               "evalsha": floor}
+               "evalsha": floor, "evalsha-redis-py": floor_redis_py}
         fn = fns[op]
         max_ops = args.store_max_ops if op != "reserve" else args.reserve_max_ops
         # warm-up (connections, statement cache), on other ids
@@ -287,6 +299,15 @@ async def store_run(kind: str, op: str, conc: int, ctx: dict[str, Any], rep: int
                 return await send(*a, **kw)
 
             store._r.execute_command = counted  # type: ignore[method-assign]
+            if hasattr(store._r, "script_connection"):  # scripts on the multiplexed connection (storage/resp.py)
+                mux = store._r.script_connection()
+                call = mux.call
+
+                async def counted_script(packed: bytes) -> Any:
+                    sent[0] += 1
+                    return await call(packed)
+
+                mux.call = counted_script  # type: ignore[method-assign]
         res = await run_load(fn, wl.items(), concurrency=conc, max_ops=max_ops, max_seconds=args.store_seconds,
                              cpu=CpuMeter(pids))
         row = {"rep": rep, "store": kind, "op": op, "concurrency": conc, **res.summary(),
@@ -306,6 +327,8 @@ async def store_run(kind: str, op: str, conc: int, ctx: dict[str, Any], rep: int
                                             / max(1, sum(stats[c]["calls"] for c in ("evalsha", "eval") if c in stats)))
         return row
     finally:
+        if plain is not None:
+            await plain.aclose()
         await enforcer.close()
         await store.close()
 
@@ -499,7 +522,7 @@ async def run_benchmark(args: argparse.Namespace, ctx: dict[str, Any], stack: co
         for kind in (stores if rep % 2 == 0 else stores[::-1]):
             for op in ops:
                 for conc in concs:
-                    if op in ("evalsha", "enforcer-leases") and kind != "redis":
+                    if op in ("evalsha", "evalsha-redis-py", "enforcer-leases") and kind != "redis":
                         continue
                     row = await store_run(kind, op, conc, ctx, rep, args)
                     store_runs.append(row)
@@ -524,9 +547,9 @@ async def run_benchmark(args: argparse.Namespace, ctx: dict[str, Any], stack: co
 # Report
 
 
-def _vs_floor(row: dict[str, Any], runs: list[dict[str, Any]]) -> float:
+def _vs_floor(row: dict[str, Any], runs: list[dict[str, Any]], floor: str = "evalsha") -> float:
     """ops/s of `row` over the trivial EVALSHA's at the same concurrency in the same repetition."""
-    base = [r for r in runs if r["store"] == "redis" and r["op"] == "evalsha" and r["rep"] == row["rep"]
+    base = [r for r in runs if r["store"] == "redis" and r["op"] == floor and r["rep"] == row["rep"]
             and r["concurrency"] == row["concurrency"]]
     return row["ops_per_s"] / base[0]["ops_per_s"] if base and base[0]["ops_per_s"] else float("nan")
 
@@ -556,6 +579,8 @@ def summarize(res: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
                      "redis_commands_per_op": median(r.get("redis_commands_per_op", float("nan")) for r in sel)
                      if store == "redis" else None,
                      "vs_evalsha": median(_vs_floor(r, sr) for r in sel) if store == "redis" else None,
+                     "vs_evalsha_redis_py": median(_vs_floor(r, sr, "evalsha-redis-py") for r in sel)
+                     if store == "redis" else None,
                      "windows": f"{sel[0]['windows_per_reserve']} / {sel[0]['windows_per_commit']}"})
     out: dict[str, Any] = {"stores": rows}
     g = res.get("gateway")
@@ -603,7 +628,8 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> str:
     s, m, res = data["summary"], data["machine"], data["result"]
     label = {"reserve+commit": "reserve + commit", "reserve": "reserve alone",
              "enforcer": "enforcer: precheck + reserve + commit",
-             "enforcer-leases": "enforcer with leases (budgets/leases.py)", "evalsha": "trivial EVALSHA (floor)"}
+             "enforcer-leases": "enforcer with leases (budgets/leases.py)", "evalsha": "trivial EVALSHA (floor)",
+             "evalsha-redis-py": "trivial EVALSHA, redis-py's client (the floor before storage/resp.py)"}
     rows = []
     for r in s["stores"]:
         cpu = f"client {fmt(r['client_cpu_us'])}" + (f", redis {fmt(r['redis_cpu_us'])}" if r["redis_cpu_us"] is not None else "")
@@ -611,7 +637,8 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> str:
               f"{fmt(r['redis_usec_per_op'])} µs: {r['redis_scripts_per_op']:.1f} scripts")
         redis_row = r["store"] == "redis"
         rows.append([r["store"], label[r["op"]], r["concurrency"], fmt(r["ops_per_s"]),
-                     f"{r['vs_evalsha']:.3f}×" if redis_row else "—", fmt(r["p50_ms"], 3),
+                     f"{r['vs_evalsha']:.3f}×" if redis_row else "—",
+                     f"{r['vs_evalsha_redis_py']:.3f}×" if redis_row else "—", fmt(r["p50_ms"], 3),
                      fmt(r["p99_ms"], 3), f"{r['ok']}/{r['ops']}", cpu, rs,
                      f"{r['round_trips_per_op']:.2f}" if redis_row else "—",
                      f"{r['redis_commands_per_op']:.1f}" if redis_row else "—", r["windows"]])
@@ -634,9 +661,12 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> str:
         "of the benchmark process (client: the store's Python side) and of redis-server; Redis execution is its own "
         "time running the Lua scripts (EVALSHA) and the other top-level commands per operation (INFO "
         "commandstats), without network I/O. \"vs trivial EVALSHA\": ops/s over a `return 1` script's "
-        "through the same client at the same concurrency (same repetition). Round trips: commands redis-py "
-        "sent per operation (counted at the client).", "",
-        md_table(["store", "operation", "concurrency", "ops/s", "vs trivial EVALSHA", "p50 ms", "p99 ms", "ok",
+        "through the same client at the same concurrency (same repetition); \"vs redis-py EVALSHA\": over the same script "
+        "through redis-py's own client and Script (the floor as the issue measured it, before the project's scripts "
+        "ran on one multiplexed connection: storage/resp.py). Round trips: commands sent per operation (counted at "
+        "the client: redis-py's and the multiplexed scripts').", "",
+        md_table(["store", "operation", "concurrency", "ops/s", "vs trivial EVALSHA", "vs redis-py EVALSHA", "p50 ms",
+                  "p99 ms", "ok",
                   "CPU µs/op", "Redis execution per op (commandstats)", "round trips per op",
                   "Redis commands per op (in scripts + top level)", "windows"], rows), "",
     ]
@@ -698,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--stores", default="sqlite,redis")
-    p.add_argument("--ops", default="reserve+commit,reserve,enforcer,enforcer-leases,evalsha")
+    p.add_argument("--ops", default="reserve+commit,reserve,enforcer,enforcer-leases,evalsha,evalsha-redis-py")
     p.add_argument("--lease-calls", type=int, default=16, help="calls per lease in the leased rows")
     p.add_argument("--conc", default="1,64")
     p.add_argument("--store-seconds", type=float, default=1.5, help="time bound of each store run")
