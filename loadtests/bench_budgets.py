@@ -646,7 +646,9 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> str:
         f"### Budgets benchmark — {data['finished']}", "",
         f"`loadtests/bench_budgets.py {' '.join(sys.argv[1:])}` — {data['elapsed_s']:.0f} s. {args.reps} repetitions, "
         f"medians shown. SQLite: a WAL file in a temporary directory (the embedded store). Redis: {res['redis_version']}, "
-        "a private server on a free loopback port (`--save \"\" --appendonly no`), redis-py asyncio (hiredis), pool of 64. "
+        "a private server on a free loopback port (`--save \"\" --appendonly no`); the project's client "
+        "(storage/redis_client.py: scripts on one multiplexed connection with hiredis, storage/resp.py; "
+        "other commands redis-py asyncio, pool of 64). "
         "Event loop uvloop.", "",
         "#### Machine", "", md_machine(m), "",
         "#### Budget store operations", "",
