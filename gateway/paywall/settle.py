@@ -85,7 +85,8 @@ class Settlement:
         """Ask the facilitator, never longer than settle_timeout_s (an answer that does not come
         in time is treated as the money possibly having moved)."""
         try:
-            return await asyncio.wait_for(self.facilitator.settle(call.payload, requirement), self.settings.settle_timeout_s)
+            async with asyncio.timeout(self.settings.settle_timeout_s):  # no task per call, as wait_for makes
+                return await self.facilitator.settle(call.payload, requirement)
         except TimeoutError:
             return SettleResponse(success=False, error_reason=R.UNEXPECTED_SETTLE_ERROR.value,
                                   error_message="the facilitator did not answer in time", transaction="", network=call.network)

@@ -53,6 +53,7 @@ class StandInFacilitator:
         self.settled: dict[str, tuple[str, SettleResponse]] = {}  # payment key -> (digest, first result)
         self.settle_mode = "success"  # success | pending | refuse
         self.calls = {"verify": 0, "settle": 0}
+        self.delay_s = {"verify": 0.0, "settle": 0.0}  # a facilitator that answers late
 
     def _identity(self, payload: Any, requirements: Any) -> tuple[str, str, str]:
         payer, key = payment_identity(payload.payload, requirements.network, requirements.asset)
@@ -60,6 +61,7 @@ class StandInFacilitator:
 
     async def verify(self, payload: Any, requirements: Any) -> VerifyResponse:
         self.calls["verify"] += 1
+        await asyncio.sleep(self.delay_s["verify"])
         payer, key, digest = self._identity(payload, requirements)
         if digest not in self.genuine:
             return VerifyResponse(is_valid=False, invalid_reason=R.INVALID_PERMIT2_SIGNATURE.value, payer=payer)
@@ -69,6 +71,7 @@ class StandInFacilitator:
 
     async def settle(self, payload: Any, requirements: Any) -> SettleResponse:
         self.calls["settle"] += 1
+        await asyncio.sleep(self.delay_s["settle"])
         payer, key, digest = self._identity(payload, requirements)
         if key in self.settled:
             first_digest, first = self.settled[key]
@@ -126,7 +129,7 @@ def facilitator() -> StandInFacilitator:
 @pytest.fixture
 def gateway(upstream_url: str, facilitator: StandInFacilitator, tmp_path: Path) -> Iterator[TestClient]:
     settings = GatewaySettings.model_validate({
-        "pay_to": PAY_TO,
+        "pay_to": PAY_TO, "verify_timeout_s": 0.5, "settle_timeout_s": 0.5,
         "store_url": f"sqlite://{tmp_path / 'records.sqlite3'}",
         "accepts": [{"network": "eip155:8453", "asset": OPG, "symbol": "OPG", "decimals": 18,
                      "transfer_method": "permit2", "eip712_name": "OpenGradient", "eip712_version": "1"}],
@@ -222,6 +225,36 @@ def test_a_pending_settlement_is_never_served_until_settled(gateway: TestClient,
     facilitator.settle_mode = "success"
     served = send(gateway, payment)
     assert served.status_code == 200 and b"Echo" in served.content
+
+
+def test_a_verify_answered_too_late_is_refused_and_frees_the_payment(gateway: TestClient,
+                                                                     facilitator: StandInFacilitator) -> None:
+    payment = pay(gateway, facilitator)
+    facilitator.delay_s["verify"] = 2.0
+    started = time.monotonic()
+    r = send(gateway, payment)
+    assert time.monotonic() - started < 1.5  # verify_timeout_s, not the facilitator's pace
+    assert r.status_code == 402 and r.json()["error"] == R.UNEXPECTED_VERIFY_ERROR and b"Echo" not in r.content
+    assert facilitator.calls["settle"] == 0
+    facilitator.delay_s["verify"] = 0.0
+    assert send(gateway, payment).status_code == 200  # nothing was claimed
+
+
+def test_a_settlement_answered_too_late_is_pending_never_served_then_served_once(
+        gateway: TestClient, facilitator: StandInFacilitator) -> None:
+    payment = pay(gateway, facilitator)
+    facilitator.delay_s["settle"] = 2.0
+    started = time.monotonic()
+    r = send(gateway, payment)
+    assert time.monotonic() - started < 1.5  # settle_timeout_s
+    # The money may have moved: not served, not free, the same payment to be resent.
+    assert r.status_code == 402 and r.json()["error"] == R.UNEXPECTED_SETTLE_ERROR and b"Echo" not in r.content
+    facilitator.delay_s["settle"] = 0.0
+    served = send(gateway, payment)
+    assert served.status_code == 200 and b"Echo" in served.content
+    replayed = send(gateway, payment)
+    assert replayed.status_code == 200 and replayed.headers["PAYMENT-RESPONSE"] == served.headers["PAYMENT-RESPONSE"]
+    assert len(facilitator.settled) == 1
 
 
 def test_an_upstream_failure_is_not_charged(gateway: TestClient, facilitator: StandInFacilitator) -> None:
