@@ -69,7 +69,9 @@ class _Protocol(asyncio.Protocol):
     """One connection: replies go to the waiting callers in the order their commands were sent."""
 
     def __init__(self, encoding: str | None, errors: str, timeout_s: float) -> None:
-        self.reader = hiredis.Reader(encoding=encoding, errors=errors) if encoding else hiredis.Reader()
+        # Errors nested in a reply (a script's returned table) come as ResponseError, as in redis-py.
+        self.reader = (hiredis.Reader(replyError=ResponseError, encoding=encoding, errors=errors) if encoding
+                       else hiredis.Reader(replyError=ResponseError))
         self.waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.transport: asyncio.Transport | None = None
         self.broken: Exception | None = None
@@ -90,7 +92,7 @@ class _Protocol(asyncio.Protocol):
             future, _ = waiting.popleft()
             if future.done():  # its caller was cancelled or timed out; the reply is dropped
                 continue
-            if isinstance(reply, hiredis.ReplyError):
+            if isinstance(reply, ResponseError):
                 future.set_exception(_error(str(reply)))
             else:
                 future.set_result(reply)
@@ -146,26 +148,44 @@ class ScriptConnection:
         self._timeout_s = timeout_s
         self._connect_timeout_s = connect_timeout_s
         self._proto: _Protocol | None = None
-        self._opening: asyncio.Future[_Protocol] | None = None
+        self._opening: asyncio.Task[_Protocol] | None = None
         self._closed = False
 
     async def _open(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
         if self._closed:
             raise RedisConnectionError("the redis client is closed")
         proto = self._proto
         if proto is not None and proto.broken is None:
-            if proto.loop is asyncio.get_running_loop():
+            if proto.loop is loop:
                 return proto
-            with contextlib.suppress(RuntimeError):  # opened on another (e.g. a finished asyncio.run's) loop
-                proto.fail(RedisConnectionError("opened on another event loop"))
-        if self._opening is None:  # one connect at a time; concurrent callers wait for it
-            self._opening = asyncio.ensure_future(self._connect())
+            self._drop(RedisConnectionError("opened on another event loop"))  # e.g. a finished asyncio.run's
         opening = self._opening
-        try:
-            return await asyncio.shield(opening)
-        finally:
-            if opening.done() and self._opening is opening:
-                self._opening = None
+        if opening is None or opening.get_loop() is not loop:  # one connect at a time; concurrent callers share it
+            opening = self._opening = loop.create_task(self._connect())
+            opening.add_done_callback(self._opened)
+        proto = await asyncio.shield(opening)  # a caller that leaves does not stop the others' connect
+        if proto.broken is not None:  # lost at once, or the client was closed while it connected
+            raise RedisConnectionError(f"connection to redis not usable: {proto.broken}")
+        return proto
+
+    def _opened(self, task: asyncio.Task[_Protocol]) -> None:
+        """The connect ended, whoever still waits for it: keep its connection, or let the next
+        caller connect again (its error is read here, so none is left unretrieved)."""
+        if self._opening is task:
+            self._opening = None
+        if task.cancelled() or task.exception() is not None:
+            return
+        self._drop(RedisConnectionError("replaced"))
+        self._proto = task.result()
+        if self._closed:  # closed while connecting: this connection is nobody's
+            self._drop(RedisConnectionError("the redis client is closed"))
+
+    def _drop(self, error: Exception) -> None:
+        proto, self._proto = self._proto, None
+        if proto is not None:
+            with contextlib.suppress(RuntimeError):  # its loop may be gone already
+                proto.fail(error)
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -188,7 +208,6 @@ class ScriptConnection:
             if isinstance(exc, OSError):
                 raise RedisConnectionError(f"cannot connect to redis: {exc}") from exc
             raise
-        self._proto = proto
         return proto
 
     async def call(self, packed: bytes) -> Any:
@@ -208,9 +227,7 @@ class ScriptConnection:
 
     async def close(self) -> None:
         self._closed = True
-        if self._proto is not None:
-            with contextlib.suppress(RuntimeError):  # its loop may be gone already
-                self._proto.fail(RedisConnectionError("the redis client is closed"))
+        self._drop(RedisConnectionError("the redis client is closed"))  # one still connecting: when it ends
 
 
 class MultiplexedScript:

@@ -116,32 +116,46 @@ class RedisNonces:
         deadline = loop.time() + self._wait
         delay = 0.001
         with _errors:
-            while not await self._lock(keys=[lock], args=[token, self._ttl]):
+            while True:
+                try:
+                    taken = await self._lock(keys=[lock], args=[token, self._ttl])
+                except BaseException:  # a timeout or a cancel: the take may still run in Redis
+                    self._release_later(lock, token, until=loop.time() + self._ttl / 1000)
+                    raise
+                if taken:
+                    break
                 if loop.time() > deadline:
                     raise NonceUnavailableError(f"signer {key} stayed locked for {self._wait}s")
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.02)
-        taken = loop.time()
+        until = loop.time() + self._ttl / 1000
         try:
             yield
         finally:
             try:
                 await self._unlock(keys=[lock], args=[token])
             except RedisError:
-                self._release_later(lock, token, until=taken + self._ttl / 1000)
+                self._release_later(lock, token, until=until)
+            except asyncio.CancelledError:
+                self._release_later(lock, token, until=until)
+                raise
 
     def _release_later(self, lock: str, token: str, *, until: float) -> None:
-        """A release lost to a Redis blip would leave the signer locked for the rest of the lock's
-        ttl (every settlement of that signer failing meanwhile): it is retried until it lands or
-        the lock expired by itself."""
+        """A release lost to a Redis blip (or a take whose outcome is unknown) would leave the
+        signer locked for the rest of the lock's ttl, every settlement of that signer failing
+        meanwhile: it is retried until it lands or the lock expired by itself. It deletes the lock
+        only while it holds this token."""
 
         async def release() -> None:
-            loop = asyncio.get_running_loop()
+            # Until it deleted the lock or the lock expired: a lost take sent on a connection that
+            # broke may still run after an attempt here found nothing to delete.
+            loop, delay = asyncio.get_running_loop(), UNLOCK_RETRY_S
             while loop.time() < until:
-                await asyncio.sleep(UNLOCK_RETRY_S)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
                 with contextlib.suppress(RedisError):
-                    await self._unlock(keys=[lock], args=[token])
-                    return
+                    if await self._unlock(keys=[lock], args=[token]):
+                        return
 
         task = asyncio.ensure_future(release())
         self._releasing.add(task)

@@ -180,3 +180,62 @@ def test_a_client_used_from_a_second_event_loop_opens_its_own_connection(redis_s
     assert asyncio.run(script(keys=["a"], args=["1"])) == ["a", "1"]
     assert asyncio.run(script(keys=["a"], args=["2"])) == ["a", "2"]
     asyncio.run(client.aclose())
+
+
+# Found by review (each failed before its fix).
+
+
+async def test_a_connect_whose_callers_all_left_does_not_hand_out_a_dead_connection(private_redis: RedisServer) -> None:
+    client = redis_from_url(private_redis.url)
+    script = client.register_script("return 1")
+    first = asyncio.ensure_future(script())
+    await asyncio.sleep(0)  # waiting for the connect
+    first.cancel()  # e.g. its HTTP request went away
+    await asyncio.gather(first, return_exceptions=True)
+    await asyncio.sleep(0.1)
+    assert await script() == 1
+    admin = aioredis.Redis(port=private_redis.port)
+    for c in await admin.client_list():
+        if c["cmd"] == "evalsha":
+            await admin.client_kill_filter(_id=c["id"])
+    await admin.aclose()
+    await asyncio.sleep(0.1)  # the connection is known lost
+    started = time.monotonic()
+    assert await script() == 1  # a new connection at once, not the dead one
+    assert time.monotonic() - started < 1.0
+    await client.aclose()
+
+
+async def test_closing_while_connecting_leaves_no_connection_open(private_redis: RedisServer) -> None:
+    client = redis_from_url(private_redis.url)
+    script = client.register_script("return redis.call('INCR', KEYS[1])")
+    call = asyncio.ensure_future(script(keys=["after_close"]))
+    await asyncio.sleep(0)
+    await client.aclose()
+    result = (await asyncio.gather(call, return_exceptions=True))[0]
+    assert isinstance(result, RedisError) or result == 1
+    await asyncio.sleep(0.2)
+    admin = aioredis.Redis(port=private_redis.port)
+    open_cmds = [c["cmd"] for c in await admin.client_list() if c["cmd"] != "client|list"]
+    await admin.aclose()
+    assert open_cmds == []
+
+
+def test_a_connect_cut_short_by_a_finished_event_loop_is_not_left_to_the_next_one(redis_server: RedisServer) -> None:
+    client = redis_from_url(redis_server.url)
+    script = client.register_script(ECHO)
+
+    async def leave_while_connecting() -> None:
+        asyncio.ensure_future(script(keys=["a"], args=["1"]))
+        await asyncio.sleep(0)  # asyncio.run ends now, cancelling the connect
+
+    asyncio.run(leave_while_connecting())
+    assert asyncio.run(script(keys=["a"], args=["2"])) == ["a", "2"]
+    asyncio.run(client.aclose())
+
+
+async def test_an_error_inside_a_returned_table_is_a_response_error(redis_server: RedisServer) -> None:
+    client = redis_from_url(redis_server.url)
+    reply = await client.register_script("return {1, redis.error_reply('NESTED oops')}")()
+    assert reply[0] == 1 and isinstance(reply[1], ResponseError)
+    await client.aclose()
