@@ -36,7 +36,7 @@ from gateway.paywall.responses import Challenges, json_error, render_refusal
 from gateway.paywall.settle import Settlement
 from gateway.pricing import Pricing
 from gateway.proxy import UpstreamPool, Upstreams
-from gateway.records import PaymentRecords, open_records
+from gateway.records import PaymentRecords, open_records, sweep_forever
 from gateway.refusals import RefusalLog, open_refusals
 from gateway.session_calls import SessionCalls
 from gateway.session_funds import FundsWatch
@@ -210,6 +210,7 @@ def create_app(
         if enforcer is not None:
             await seed_policies(settings, enforcer)
         background.append(asyncio.create_task(refusals.flush_forever()))
+        background.append(asyncio.create_task(sweep_forever(records)))
         if any(r.metered and "upto" in r.schemes for r in settings.routes):
             pricing.upto_signers = await fac.upto_signers()
         if settings.quote.feed_url:

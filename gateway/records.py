@@ -94,12 +94,19 @@ class PaymentRecords(Protocol):
         """Delete the record if `owner` holds it and it is not SETTLED: nothing was charged."""
         ...
 
-    async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False) -> str:
-        """Bind a payment-identifier to a payment key; returns the key it is bound to (an earlier
-        one if the id was used before, unless `replace`)."""
+    async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False,
+                      now_ms: int | None = None) -> str:
+        """Bind a payment-identifier to a payment key for `ttl_s` from the caller's now (`now_ms`,
+        else the real clock); returns the key it is bound to (an earlier one if the id was used
+        before, unless `replace`)."""
         ...
 
     async def get(self, key: str) -> PaymentRecord | None: ...
+
+    async def sweep(self, *, now_ms: int, limit: int = 1000) -> int:
+        """Forget up to `limit` records and as many payment ids past their expiry; how many went.
+        Redis expires its keys by itself (0)."""
+        ...
 
     async def ping(self) -> None: ...
 
@@ -128,6 +135,8 @@ _RECORDS_SCHEMA = """
                 digest TEXT NOT NULL DEFAULT '', owner TEXT NOT NULL DEFAULT '',
                 expires_ms INTEGER NOT NULL DEFAULT 0);
             CREATE TABLE IF NOT EXISTS payment_ids (id TEXT PRIMARY KEY, key TEXT NOT NULL, expires_ms INTEGER NOT NULL);
+            CREATE INDEX IF NOT EXISTS records_expiry ON records (expires_ms) WHERE expires_ms > 0;
+            CREATE INDEX IF NOT EXISTS payment_ids_expiry ON payment_ids (expires_ms);
             """
 
 
@@ -215,10 +224,11 @@ class SQLitePaymentRecords:
     async def abandon(self, key: str, owner: str) -> None:
         self._db.execute("DELETE FROM records WHERE key = ? AND owner = ? AND state != 'settled'", (key, owner))
 
-    async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False) -> str:
+    async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False,
+                      now_ms: int | None = None) -> str:
         import time
 
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000) if now_ms is None else now_ms
         with immediate(self._db, RecordStoreUnavailableError):
             self._db.execute("DELETE FROM payment_ids WHERE id = ? AND (expires_ms < ? OR ?)", (payment_id, now, replace))
             self._db.execute(
@@ -231,6 +241,14 @@ class SQLitePaymentRecords:
     @_errors
     async def get(self, key: str) -> PaymentRecord | None:
         return self._row(key)
+
+    @_errors
+    async def sweep(self, *, now_ms: int, limit: int = 1000) -> int:
+        # Bounded by `limit` (through the expiry indexes): the event loop is never held long.
+        gone = self._db.execute("DELETE FROM records WHERE rowid IN (SELECT rowid FROM records"
+                                " WHERE expires_ms > 0 AND expires_ms < ? LIMIT ?)", (now_ms, limit)).rowcount
+        return gone + self._db.execute("DELETE FROM payment_ids WHERE rowid IN (SELECT rowid FROM payment_ids"
+                                       " WHERE expires_ms < ? LIMIT ?)", (now_ms, limit)).rowcount
 
     @_errors
     async def ping(self) -> None:
@@ -350,7 +368,8 @@ class RedisPaymentRecords:
         await self._script(self._abandon, [self._key(key)], [owner])
 
     @_errors
-    async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False) -> str:
+    async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False,
+                      now_ms: int | None = None) -> str:
         k = f"{self._prefix}pid:{{{payment_id}}}"
         await self._redis.set(k, key, nx=not replace, ex=ttl_s)
         # This client returns bytes (decode_responses=False); redis-py types replies `bytes | str`.
@@ -362,12 +381,30 @@ class RedisPaymentRecords:
         raw = cast(dict[bytes, bytes], await self._redis.hgetall(self._key(key)))
         return self._record(key, raw) if raw else None
 
+    async def sweep(self, *, now_ms: int, limit: int = 1000) -> int:
+        return 0  # every key carries its own expiry
+
     @_errors
     async def ping(self) -> None:
         await self._redis.ping()
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+async def sweep_forever(records: PaymentRecords, *, interval_s: float = 30.0, limit: int = 1000) -> None:
+    """Expired records leave the embedded store (without it, a SQLite or memory:// store only ever
+    grows: a record is read, and deleted when expired, only if its payment comes again)."""
+    import asyncio
+    import time
+
+    pause = interval_s
+    while True:
+        await asyncio.sleep(pause)
+        try:  # a full batch: more to go, soon (calls run in between)
+            pause = 0.0 if await records.sweep(now_ms=int(time.time() * 1000), limit=limit) >= limit else interval_s
+        except RecordStoreUnavailableError:
+            pause = interval_s
 
 
 def open_records(url: str, *, prefix: str = "x402gw:") -> PaymentRecords:

@@ -98,3 +98,22 @@ async def test_concurrent_acquires_have_one_owner(records: PaymentRecords, begin
                        ttl_s=600, now_ms=now_ms())
     results = await asyncio.gather(*(records.acquire("owed", str(i), now_ms=now_ms(), lease_ms=60_000) for i in range(50)))
     assert sum(r is not None for r in results) == 1
+
+
+async def test_expired_records_and_payment_ids_are_swept(records: PaymentRecords, begin, now_ms) -> None:
+    from gateway.records import SQLitePaymentRecords
+
+    if not isinstance(records, SQLitePaymentRecords):
+        assert await records.sweep(now_ms=now_ms()) == 0  # Redis: every key expires by itself
+        return
+    day = 86_400_000
+    for key, at in (("old", now_ms() - 2 * day), ("new", now_ms())):
+        assert await begin(records, key, at=at) is None
+        await records.save(PaymentRecord(key=key, state=RecordState.SETTLED, request_fp="fp", digest="d1"),
+                           ttl_s=86_400, now_ms=at)
+    await records.link_id("id-new", "new", ttl_s=3600, now_ms=now_ms())
+    assert await records.sweep(now_ms=now_ms(), limit=1) == 1
+    assert await records.get("old") is None and await records.get("new") is not None
+    assert await records.sweep(now_ms=now_ms() + 2 * day) == 2  # the record and the id, once expired
+    assert await records.get("new") is None
+    assert await records.link_id("id-new", "other", ttl_s=3600, now_ms=now_ms() + 2 * day) == "other"
