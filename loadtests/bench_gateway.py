@@ -146,7 +146,7 @@ def serve_facilitator(port: int) -> None:
                 log_level="warning")
 
 
-def serve_gateway_inproc(port: int, devchain_file: str, upstream: str, log_level: str) -> None:
+def serve_gateway_inproc(port: int, devchain_file: str, upstream: str, log_level: str, store: str = "memory://") -> None:
     """The gateway app exactly as `x402-gateway serve` runs it (same settings, uvicorn options),
     but with a FacilitatorClient stand-in passed to create_app that answers verify and settle at
     once, in-process: the gateway's own ceiling without any facilitator hop."""
@@ -180,7 +180,7 @@ def serve_gateway_inproc(port: int, devchain_file: str, upstream: str, log_level
             return None
 
     settings = dev_settings(load_description(devchain_file), devchain_file=devchain_file, upstream_urls=[upstream],
-                            store_url="memory://", port=port, facilitator_url="http://127.0.0.1:9/unused")
+                            store_url=store, port=port, facilitator_url="http://127.0.0.1:9/unused")
     settings = settings.model_copy(update={"log_level": log_level, "host": HOST})
     configure_logging(settings.log_level)
     uvicorn.run(create_app(settings, facilitator=InstantFacilitator()), host=HOST, port=port, loop="uvloop",
@@ -268,11 +268,13 @@ def standin_proc(log_dir: Path) -> Proc:
                                         "--port", str(port)], port, log_dir)
 
 
-def inproc_gateway_proc(log_dir: Path, devchain_file: str, upstream_url: str, log_level: str) -> Proc:
+def inproc_gateway_proc(log_dir: Path, devchain_file: str, upstream_url: str, log_level: str,
+                        store: str = "memory://") -> Proc:
     port = free_port()
-    return Proc("gateway-inproc-instant", [sys.executable, str(Path(__file__).resolve()), "_serve-gateway-inproc",
-                                           "--port", str(port), "--devchain", devchain_file, "--upstream", upstream_url,
-                                           "--log-level", log_level], port, log_dir)
+    name = "gateway-inproc-instant" + ("-redis" if store.startswith("redis") else "")
+    return Proc(name, [sys.executable, str(Path(__file__).resolve()), "_serve-gateway-inproc",
+                       "--port", str(port), "--devchain", devchain_file, "--upstream", upstream_url,
+                       "--log-level", log_level, "--store", store], port, log_dir)
 
 
 def gateway_proc(log_dir: Path, name: str, devchain_file: str, *, upstream_url: str | None = None,
@@ -560,6 +562,14 @@ async def run_benchmark(args: argparse.Namespace, log_dir: Path, stack: contextl
     stack.callback(gw_i.stop)
     gw_p = inproc_gateway_proc(log_dir, dc_file, up.url, args.log_level).start()
     stack.callback(gw_p.stop)
+    # The same with its records, intents and refusals on a private Redis: what a replicated
+    # deployment runs (each of them a script on one multiplexed connection, storage/resp.py).
+    from bench_budgets import RedisProc
+
+    redis = RedisProc(log_dir).start()
+    stack.callback(redis.stop)
+    gw_r = inproc_gateway_proc(log_dir, dc_file, up.url, args.log_level, store=redis.url).start()
+    stack.callback(gw_r.stop)
 
     opg = devchain["tokens"]["OPG"]["address"]
     accepted, resource = offered_requirement(gw_i.url, opg)
@@ -567,6 +577,7 @@ async def run_benchmark(args: argparse.Namespace, log_dir: Path, stack: contextl
     pool_i = PaymentPool(PaymentSigner(devchain, accepted, resource, keys))
     pool_a = PaymentPool(PaymentSigner(devchain, accepted, resource, keys))
     pool_p = PaymentPool(PaymentSigner(devchain, accepted, resource, keys))
+    pool_r = PaymentPool(PaymentSigner(devchain, accepted, resource, keys))
     t0 = time.perf_counter()
     pool_i.ensure(1000)
     sign_us = (time.perf_counter() - t0) / 1000 * 1e6
@@ -591,6 +602,7 @@ async def run_benchmark(args: argparse.Namespace, log_dir: Path, stack: contextl
             Target("direct", up.url + CHAT, False, None, dict(common)),
             Target("bare_proxy", proxy.url + CHAT, False, None, common | {"proxy": proxy.pid}),
             Target("gateway_inproc", gw_p.url + CHAT, True, pool_p, common | {"gateway": gw_p.pid}),
+            Target("gateway_redis", gw_r.url + CHAT, True, pool_r, common | {"gateway": gw_r.pid, "redis": redis.pid}),
             Target("gateway_instant", gw_i.url + CHAT, True, pool_i,
                    common | {"gateway": gw_i.pid, "facilitator_standin": fac.pid}),
             Target("gateway_anvil", gw_a.url + CHAT, True, pool_a,
@@ -643,12 +655,14 @@ async def run_benchmark(args: argparse.Namespace, log_dir: Path, stack: contextl
     profiles = None
     if args.profile:
         profiles = await profile_gateways(args, log_dir, stack, {"gateway_inproc": (gw_p, pool_p),
+                                                                  "gateway_redis": (gw_r, pool_r),
                                                                   "gateway_instant": (gw_i, pool_i)}, accepted, resource,
                                           devchain, keys, up)
 
     return {
         "runs": runs, "paced_runs": paced, "sign_us_per_payment": sign_us, "signing_check": sign_check, "accepted": accepted,
-        "payments_used": {"gateway_inproc": pool_p.used, "gateway_instant": pool_i.used, "gateway_anvil": pool_a.used},
+        "payments_used": {"gateway_inproc": pool_p.used,
+                          "gateway_redis": pool_r.used, "gateway_instant": pool_i.used, "gateway_anvil": pool_a.used},
         "profiles": profiles, "elapsed_s": time.monotonic() - t_start,
     }
 
@@ -706,10 +720,11 @@ async def profile_gateways(args: argparse.Namespace, log_dir: Path, stack: conte
 # =============================================================================================
 # Report
 
-TARGETS = ["direct", "bare_proxy", "gateway_inproc", "gateway_instant", "gateway_anvil"]
-GATEWAYS = ["gateway_inproc", "gateway_instant", "gateway_anvil"]
+TARGETS = ["direct", "bare_proxy", "gateway_inproc", "gateway_redis", "gateway_instant", "gateway_anvil"]
+GATEWAYS = ["gateway_inproc", "gateway_redis", "gateway_instant", "gateway_anvil"]
 LABEL = {"direct": "direct to upstream", "bare_proxy": "bare aiohttp proxy",
          "gateway_inproc": "gateway, instant facilitator in-process",
+         "gateway_redis": "gateway, instant facilitator in-process, records on Redis",
          "gateway_instant": "gateway, instant facilitator over HTTP (`--facilitator-url`)",
          "gateway_anvil": "gateway, in-process facilitator on anvil (real verify + settlement)"}
 
@@ -748,7 +763,7 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
                 "p99_ms": _agg(runs, t, conc, "p99_ms"),
                 "ok": sum(r["ok"] for r in sel), "ops": sum(r["ops"] for r in sel),
                 "cpu_us_per_call": {p: _cpu(runs, t, conc, p) for p in
-                                    ("client", "upstream", "proxy", "gateway", "facilitator_standin", "anvil")
+                                    ("client", "upstream", "proxy", "gateway", "redis", "facilitator_standin", "anvil")
                                     if any(p in r["cpu_us_per_op"] for r in sel)},
             })
     added: dict[str, dict[str, Any]] = {}
@@ -800,7 +815,7 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
         if conc == 1:
             continue
         px = _cpu(runs, "bare_proxy", conc, "proxy")
-        for t in ("gateway_inproc", "gateway_instant"):
+        for t in ("gateway_inproc", "gateway_redis", "gateway_instant"):
             gw = _cpu(runs, t, conc, "gateway")
             cpu[f"{t}, concurrency {conc}"] = {"gateway_us": gw, "proxy_us": px,
                                                "proxy_over_gateway": px / gw if gw == gw and gw else float("nan")}
@@ -824,7 +839,10 @@ def render(data: dict[str, Any], args: argparse.Namespace) -> str:
         f"`loadtests/bench_gateway.py {' '.join(sys.argv[1:])}` — {data['elapsed_s']:.0f} s. "
         f"{args.reps} repetitions, medians shown (each repetition runs every target back to back, the order rotated "
         f"between repetitions). {args.agents} agents; one uvicorn worker (uvloop + httptools) per server; gateway log "
-        f"level `{args.log_level}`; gateway records `memory://`. Load: an aiohttp client in the benchmark process.",
+        f"level `{args.log_level}`; gateway records `memory://` (SQLite in memory), except \"records on Redis\": "
+        "records, intents and refusals on a private redis-server (`--save \"\" --appendonly no`), whose CPU is "
+        "counted. Load: an aiohttp client in the "
+        "benchmark process.",
         "",
         "#### Machine", "", md_machine(m), "",
         "#### Throughput and latency", "",
@@ -931,13 +949,14 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--upstream")
         p.add_argument("--devchain")
         p.add_argument("--log-level", default="info")
+        p.add_argument("--store", default="memory://")
         a = p.parse_args(argv[1:])
         if argv[0] == "_serve-proxy":
             serve_proxy(a.port, a.upstream)
         elif argv[0] == "_serve-facilitator":
             serve_facilitator(a.port)
         else:
-            serve_gateway_inproc(a.port, a.devchain, a.upstream, a.log_level)
+            serve_gateway_inproc(a.port, a.devchain, a.upstream, a.log_level, a.store)
         return 0
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
