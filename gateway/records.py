@@ -18,10 +18,14 @@ payment it belongs to, so only the very payment that was recorded ever gets its 
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, cast
+
+import orjson
 
 import storage
 from storage import BackendErrors, RedisClient, connect_sqlite, immediate, redis_from_url
@@ -114,14 +118,10 @@ class PaymentRecords(Protocol):
 
 
 def _encode_headers(headers: list[tuple[str, str]]) -> str:
-    import orjson
-
     return orjson.dumps(headers).decode()
 
 
 def _decode_headers(raw: str | bytes) -> list[tuple[str, str]]:
-    import orjson
-
     return [tuple(h) for h in orjson.loads(raw)] if raw else []
 
 
@@ -210,8 +210,6 @@ class SQLitePaymentRecords:
 
     async def save(self, record: PaymentRecord, *, ttl_s: int, owner: str | None = None,
                    now_ms: int | None = None) -> bool:
-        import time
-
         now = int(time.time() * 1000) if now_ms is None else now_ms
         with _errors:  # one statement, atomic: kept only while `owner` holds the record
             if owner is None:
@@ -226,8 +224,6 @@ class SQLitePaymentRecords:
 
     async def link_id(self, payment_id: str, key: str, *, ttl_s: int, replace: bool = False,
                       now_ms: int | None = None) -> str:
-        import time
-
         now = int(time.time() * 1000) if now_ms is None else now_ms
         with immediate(self._db, RecordStoreUnavailableError):
             self._db.execute("DELETE FROM payment_ids WHERE id = ? AND (expires_ms < ? OR ?)", (payment_id, now, replace))
@@ -395,9 +391,6 @@ class RedisPaymentRecords:
 async def sweep_forever(records: PaymentRecords, *, interval_s: float = 30.0, limit: int = 1000) -> None:
     """Expired records leave the embedded store (without it, a SQLite or memory:// store only ever
     grows: a record is read, and deleted when expired, only if its payment comes again)."""
-    import asyncio
-    import time
-
     pause = interval_s
     while True:
         await asyncio.sleep(pause)

@@ -117,3 +117,25 @@ async def test_expired_records_and_payment_ids_are_swept(records: PaymentRecords
     assert await records.sweep(now_ms=now_ms() + 2 * day) == 2  # the record and the id, once expired
     assert await records.get("new") is None
     assert await records.link_id("id-new", "other", ttl_s=3600, now_ms=now_ms() + 2 * day) == "other"
+
+
+async def test_the_gateways_sweep_loop_forgets_expired_records(records: PaymentRecords) -> None:
+    import time
+
+    from gateway.records import SQLitePaymentRecords, sweep_forever
+
+    if not isinstance(records, SQLitePaymentRecords):
+        return  # Redis keys expire by themselves
+    now = int(time.time() * 1000)  # the loop reads the real clock, as the gateway runs it
+    for key, at in (("stale", now - 2 * 86_400_000), ("fresh", now)):
+        await records.save(PaymentRecord(key=key, state=RecordState.SETTLED, request_fp="fp", digest="d1"),
+                           ttl_s=86_400, now_ms=at)
+    loop = asyncio.ensure_future(sweep_forever(records, interval_s=0.02, limit=1))
+    try:
+        for _ in range(100):
+            if await records.get("stale") is None:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        loop.cancel()
+    assert await records.get("stale") is None and await records.get("fresh") is not None
